@@ -1,0 +1,249 @@
+//! Shapes, constants and the split-KV scheduler shared by the etap kernels and the host.
+//!
+//! This crate is `no_std` and has no dependencies, so the very same code is compiled into the
+//! device crate (for `nvptx64-nvidia-cuda`, where the scheduler runs as a one-thread kernel) and
+//! into the host crate (where property tests check it and the CPU emulation of split + combine
+//! uses it). One implementation, tested on the CPU, run on the GPU.
+#![no_std]
+
+/// Rows of one page of the paged KV cache. It is also the wgmma M dimension: ETAP puts one page
+/// of KV rows on M, so one page is exactly one m64 tile.
+pub const PAGE_ROWS: usize = 64;
+/// Width of a latent KV row and of a query row: 512 (the compressed latent, which is also V)
+/// plus 64 (the decoupled RoPE part).
+pub const D_QK: usize = 576;
+/// Width of V, the first `D_V` columns of each cache row, and of the output.
+pub const D_V: usize = 512;
+/// Width of the RoPE part of a row (`D_QK - D_V`).
+pub const D_ROPE: usize = D_QK - D_V;
+/// Elements of a 16-bit type in one 128-byte swizzle row: the tiles are stored as column blocks
+/// this wide, the unit of the 128-byte-swizzled shared-memory layout and of one TMA box.
+pub const BLOCK_COLS: usize = 64;
+/// Column blocks of a 576-wide row (9).
+pub const QK_BLOCKS: usize = D_QK / BLOCK_COLS;
+/// Column blocks of the 512-wide V part (8).
+pub const V_BLOCKS: usize = D_V / BLOCK_COLS;
+
+/// (token, head) columns handled by one CTA: two consumer warpgroups of 32 columns each. Wider
+/// problems (s_q * h_q > 64) are split into column groups of this size.
+pub const COLS_PER_CTA: usize = 64;
+/// Head counts the kernels support: 128 heads split over tensor parallelism 16/8/4/2/1.
+pub const SUPPORTED_HEADS: [usize; 5] = [8, 16, 32, 64, 128];
+/// Query tokens per request the kernels support (1 = plain decode, 2..4 = multi-token prediction).
+pub const MAX_S_Q: usize = 4;
+
+/// Scheduler cost of starting a split, in page-equivalents: loading Q, finishing the softmax and
+/// writing one (partial) output. It keeps the scheduler from cutting a request into slivers.
+pub const SPLIT_COST_PAGES: u32 = 2;
+
+/// Number of pages a request of `seqlen` rows occupies, with `seqlen` clamped to
+/// `[0, max_pages * PAGE_ROWS]` (a negative length is an empty request; a length past the block
+/// table's capacity is cut to it: the host API rejects it before any launch, and the clamp keeps a
+/// device-resident length that nobody checked from reaching past the block table).
+#[inline]
+pub fn pages_of(seqlen: i32, max_pages: u32) -> u32 {
+    if seqlen <= 0 {
+        0
+    } else {
+        let pages = (seqlen as u32).div_ceil(PAGE_ROWS as u32);
+        if pages > max_pages {
+            max_pages
+        } else {
+            pages
+        }
+    }
+}
+
+/// The rows of a request that the kernels read: `seqlen` clamped as in [`pages_of`].
+#[inline]
+pub fn rows_of(seqlen: i32, max_pages: u32) -> u32 {
+    if seqlen <= 0 {
+        0
+    } else {
+        let cap = max_pages * PAGE_ROWS as u32;
+        let s = seqlen as u32;
+        if s > cap {
+            cap
+        } else {
+            s
+        }
+    }
+}
+
+/// The contiguous run of work one CTA (a "part") owns: pages `[begin_page, ..)` of request
+/// `begin_req`, every page of the requests in between, and pages `[.., end_page)` of request
+/// `end_req` (inclusive). Requests are visited in order; a request with no pages inside the run
+/// contributes nothing. `first_split` is the split index, within `begin_req`, of the part's first
+/// segment; every later segment of the part starts its request and so has split index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkRange {
+    pub begin_req: u32,
+    pub begin_page: u32,
+    pub end_req: u32,
+    pub end_page: u32,
+    pub first_split: u32,
+    /// 1 when the part has no work at all.
+    pub empty: u32,
+    pub _pad: [u32; 2],
+}
+
+impl WorkRange {
+    pub const EMPTY: WorkRange = WorkRange {
+        begin_req: 0,
+        begin_page: 0,
+        end_req: 0,
+        end_page: 0,
+        first_split: 0,
+        empty: 1,
+        _pad: [0; 2],
+    };
+
+    /// The page range `[lo, hi)` of request `r` inside this run (`lo == hi` when none), for a
+    /// request `r` in `begin_req..=end_req` that has `pages` pages.
+    #[inline]
+    pub fn segment(&self, r: u32, pages: u32) -> (u32, u32) {
+        let lo = if r == self.begin_req {
+            self.begin_page
+        } else {
+            0
+        };
+        let hi = if r == self.end_req {
+            self.end_page
+        } else {
+            pages
+        };
+        if lo >= hi {
+            (lo, lo)
+        } else {
+            (lo, hi)
+        }
+    }
+}
+
+/// The cost the scheduler balances: pages plus [`SPLIT_COST_PAGES`] per non-empty request.
+pub fn total_cost(seqlens: &[i32], max_pages: u32) -> u32 {
+    let mut total = 0u32;
+    for &s in seqlens {
+        let p = pages_of(s, max_pages);
+        if p > 0 {
+            total += p + SPLIT_COST_PAGES;
+        }
+    }
+    total
+}
+
+/// Split every request's KV pages over `ranges.len()` parts (CTAs) in balanced pieces.
+///
+/// Writes one [`WorkRange`] per part and `split_offsets` (length `seqlens.len() + 1`): the
+/// number of splits of request `r` is `split_offsets[r + 1] - split_offsets[r]`, and its
+/// partial results live in slots `split_offsets[r]..split_offsets[r + 1]` of the accumulation
+/// buffers. A request with one split is written straight to the output by the decode kernel; a
+/// request with none (no rows) gets zeros and `-inf` from the combine kernel.
+///
+/// Greedy and in request order, like FlashMLA's `get_mla_metadata`: each part gets a budget of
+/// `ceil(total / parts) + SPLIT_COST_PAGES` cost units; it takes whole requests while they fit
+/// and cuts the request that does not, as long as at least one page fits. The last part takes
+/// whatever is left, so every page is covered exactly once.
+///
+/// Returns the total number of splits (`split_offsets[b]`), at most `b + parts - 1`.
+pub fn schedule(
+    seqlens: &[i32],
+    max_pages: u32,
+    ranges: &mut [WorkRange],
+    split_offsets: &mut [u32],
+) -> u32 {
+    let b = seqlens.len();
+    let parts = ranges.len();
+    debug_assert!(split_offsets.len() == b + 1);
+    let total = total_cost(seqlens, max_pages);
+    let parts_u = if parts == 0 { 1 } else { parts as u32 };
+    let budget = total.div_ceil(parts_u) + SPLIT_COST_PAGES;
+    for o in split_offsets.iter_mut() {
+        *o = 0;
+    }
+
+    // Walk the requests; `r` is the current request, `page` its next unassigned page and
+    // `split` the split index its next segment gets.
+    // split_offsets[r + 1] holds request r's split count until the prefix sum at the end.
+    let mut r = 0usize;
+    while r < b && pages_of(seqlens[r], max_pages) == 0 {
+        r += 1;
+    }
+    let mut page = 0u32;
+    let mut split = 0u32;
+    for (p, range) in ranges.iter_mut().enumerate() {
+        if r >= b {
+            *range = WorkRange::EMPTY;
+            continue;
+        }
+        let last_part = p + 1 == parts;
+        *range = WorkRange {
+            begin_req: r as u32,
+            begin_page: page,
+            end_req: r as u32,
+            end_page: page,
+            first_split: split,
+            empty: 0,
+            _pad: [0; 2],
+        };
+        let mut remaining = budget;
+        loop {
+            let np = pages_of(seqlens[r], max_pages);
+            let left = np - page;
+            let cost = left + SPLIT_COST_PAGES;
+            if last_part || cost <= remaining {
+                // The rest of request r fits: finish it here.
+                remaining = remaining.saturating_sub(cost);
+                range.end_req = r as u32;
+                range.end_page = np;
+                split_offsets[r + 1] = split + 1;
+                r += 1;
+                page = 0;
+                split = 0;
+                while r < b && pages_of(seqlens[r], max_pages) == 0 {
+                    r += 1;
+                }
+                if r >= b || (!last_part && remaining <= SPLIT_COST_PAGES) {
+                    break;
+                }
+            } else {
+                // Cut request r: take as many pages as the budget leaves room for (at least
+                // one: a part starts with `budget > SPLIT_COST_PAGES`, and continues to a new
+                // request only while `remaining > SPLIT_COST_PAGES`).
+                let take = remaining - SPLIT_COST_PAGES;
+                page += take;
+                range.end_req = r as u32;
+                range.end_page = page;
+                split += 1;
+                break;
+            }
+        }
+    }
+    // Counts to offsets.
+    split_offsets[0] = 0;
+    for i in 0..b {
+        split_offsets[i + 1] += split_offsets[i];
+    }
+    split_offsets[b]
+}
+
+/// Upper bound on the number of splits [`schedule`] produces for `b` requests over `parts`
+/// parts: each part cuts at most one request, so the splits are at most `b + parts - 1`.
+pub const fn max_splits(b: usize, parts: usize) -> usize {
+    b + parts
+}
+
+/// Column layout: the kernels see a request's `s_q * h_q` query rows as columns
+/// `n = token * h_q + head` (the order of q's `[s_q, h_q, 576]` rows). Query token `t` of a
+/// request with `rows` cache rows sees rows `j < rows - s_q + t + 1` (causal, as FlashMLA); this
+/// returns that bound, 0 when the token sees nothing.
+#[inline]
+pub fn visible_rows(rows: u32, s_q: u32, token: u32) -> u32 {
+    let v = rows as i64 - s_q as i64 + token as i64 + 1;
+    if v <= 0 {
+        0
+    } else {
+        v as u32
+    }
+}

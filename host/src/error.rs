@@ -1,0 +1,116 @@
+//! The one error type of the host API.
+use crate::dtype::Dtype;
+use std::fmt;
+
+/// Everything that can go wrong, each naming the argument at fault. Input errors are reported
+/// before any launch, and nothing is written to the caller's buffers then.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EtapError {
+    /// The batch has no requests.
+    EmptyBatch,
+    /// A head dimension other than the MLA ones (576 for q/K, 512 for V/out).
+    HeadDim {
+        arg: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    /// `h_q` outside [8, 16, 32, 64, 128].
+    UnsupportedHeads { h_q: usize },
+    /// `s_q` outside 1..=4.
+    UnsupportedSeqQ { s_q: usize },
+    /// A buffer whose length does not match the shape.
+    Length {
+        arg: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    /// A buffer of the wrong element type.
+    Dtype {
+        arg: &'static str,
+        expected: Dtype,
+        got: Dtype,
+    },
+    /// A shape field that must be positive is zero (pages in the cache, block-table width).
+    Zero { arg: &'static str },
+    /// A negative sequence length.
+    NegativeSeqlen { request: usize, seqlen: i32 },
+    /// A sequence length longer than the request's block table can hold.
+    SeqlenBeyondTable {
+        request: usize,
+        seqlen: i32,
+        capacity: usize,
+    },
+    /// A block-table entry (within the request's used pages) outside the cache.
+    BlockTableEntry {
+        request: usize,
+        slot: usize,
+        page: i32,
+        num_pages: usize,
+    },
+    /// The plan was made for another shape than the decode call's.
+    PlanMismatch { what: &'static str },
+    /// No CUDA device, or one that is not Hopper (compute capability 9.0).
+    Device(String),
+    /// A CUDA driver call failed.
+    Cuda(cust::error::CudaError),
+}
+
+impl fmt::Display for EtapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use EtapError::*;
+        match self {
+            EmptyBatch => write!(f, "empty batch: batch must be at least 1"),
+            HeadDim { arg, expected, got } => write!(
+                f,
+                "{arg}: head dimension {got} is not supported (MLA needs {expected})"
+            ),
+            UnsupportedHeads { h_q } => write!(
+                f,
+                "h_q = {h_q} is not supported (supported: 8, 16, 32, 64, 128)"
+            ),
+            UnsupportedSeqQ { s_q } => {
+                write!(f, "s_q = {s_q} is not supported (supported: 1 to 4)")
+            }
+            Length { arg, expected, got } => write!(
+                f,
+                "{arg}: expected {expected} elements for this shape, got {got}"
+            ),
+            Dtype { arg, expected, got } => {
+                write!(f, "{arg}: expected {expected} elements, got {got}")
+            }
+            Zero { arg } => write!(f, "{arg} must be positive"),
+            NegativeSeqlen { request, seqlen } => {
+                write!(f, "cache_seqlens[{request}] = {seqlen} is negative")
+            }
+            SeqlenBeyondTable {
+                request,
+                seqlen,
+                capacity,
+            } => {
+                write!(f, "cache_seqlens[{request}] = {seqlen} exceeds the block table's capacity of {capacity} rows")
+            }
+            BlockTableEntry {
+                request,
+                slot,
+                page,
+                num_pages,
+            } => {
+                write!(f, "block_table[{request}][{slot}] = {page} is outside the cache's {num_pages} pages")
+            }
+            PlanMismatch { what } => write!(f, "the plan was made for a different {what}"),
+            Device(msg) => write!(f, "device: {msg}"),
+            Cuda(e) => write!(f, "CUDA error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for EtapError {}
+
+impl From<cust::error::CudaError> for EtapError {
+    fn from(e: cust::error::CudaError) -> Self {
+        EtapError::Cuda(e)
+    }
+}
+
+/// Result with [`EtapError`].
+pub type Result<T> = std::result::Result<T, EtapError>;

@@ -1,0 +1,25 @@
+//! # etap: ETAP MLA decode for NVIDIA Hopper, in Rust
+//!
+//! Multi-head latent attention decode (DeepSeek-V3/R1) with the Efficient Transpose Attention
+//! Pipeline: KV rows on the wgmma M dimension, (token, head) pairs on N, so 16 heads waste
+//! nothing. Kernels are Rust compiled to PTX (embedded at build time, see [`PTX`]).
+//!
+//! The API is FlashMLA's two calls: [`Decoder::plan`] splits the KV of every request over the
+//! SMs (on the GPU, from the device seqlens), then [`Decoder::decode`] runs the split-KV kernel
+//! and the combine kernel. [`reference::mla_decode`] is the CPU reference with the same
+//! semantics, public so deployments can validate themselves.
+pub mod dtype;
+pub mod emulate;
+pub mod error;
+pub mod gpu;
+pub mod reference;
+pub mod shape;
+pub mod validate;
+
+pub use dtype::{Bf16, Dtype, Element, F16};
+pub use error::{EtapError, Result};
+pub use gpu::Decoder;
+pub use shape::DecodeShape;
+
+/// The kernels' PTX for sm_90a, built from `kernels/` by `build.rs`.
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/etap_kernels.ptx"));

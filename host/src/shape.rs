@@ -1,0 +1,61 @@
+//! The shape of one decode step, in FlashMLA's terms.
+use etap_core::{D_QK, D_V, PAGE_ROWS};
+
+/// Shape of a decode step:
+/// - q: `[batch, s_q, h_q, d_qk]`
+/// - paged cache: `[num_pages, 64, 1, d_qk]` (one latent KV head; V = first `d_v` columns)
+/// - block_table: `[batch, max_pages]` i32
+/// - cache_seqlens: `[batch]` i32
+/// - out: `[batch, s_q, h_q, d_v]`, lse: `[batch, h_q, s_q]` f32
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecodeShape {
+    pub batch: usize,
+    pub s_q: usize,
+    pub h_q: usize,
+    /// Head dimension of q and the cache rows: must be 576.
+    pub d_qk: usize,
+    /// Head dimension of V and out: must be 512.
+    pub d_v: usize,
+    /// Pages in the paged cache.
+    pub num_pages: usize,
+    /// Width of the block table: pages per request at most.
+    pub max_pages: usize,
+}
+
+impl DecodeShape {
+    /// A shape with the MLA head dimensions (576, 512).
+    pub fn new(batch: usize, s_q: usize, h_q: usize, num_pages: usize, max_pages: usize) -> Self {
+        DecodeShape {
+            batch,
+            s_q,
+            h_q,
+            d_qk: D_QK,
+            d_v: D_V,
+            num_pages,
+            max_pages,
+        }
+    }
+    /// (token, head) columns per request: `s_q * h_q`.
+    pub fn cols(&self) -> usize {
+        self.s_q * self.h_q
+    }
+    pub fn q_len(&self) -> usize {
+        self.batch * self.s_q * self.h_q * self.d_qk
+    }
+    pub fn cache_len(&self) -> usize {
+        self.num_pages * PAGE_ROWS * self.d_qk
+    }
+    pub fn block_table_len(&self) -> usize {
+        self.batch * self.max_pages
+    }
+    pub fn out_len(&self) -> usize {
+        self.batch * self.s_q * self.h_q * self.d_v
+    }
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.h_q * self.s_q
+    }
+    /// Rows the block table can hold per request.
+    pub fn capacity(&self) -> usize {
+        self.max_pages * PAGE_ROWS
+    }
+}

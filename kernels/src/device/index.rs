@@ -1,0 +1,45 @@
+//! Thread, warp and block coordinates (PTX special registers).
+use core::arch::asm;
+
+macro_rules! special_reg {
+    ($(#[$m:meta])* $name:ident, $reg:literal) => {
+        $(#[$m])*
+        #[inline(always)]
+        pub fn $name() -> u32 {
+            let r: u32;
+            // SAFETY: reading a special register has no side effects.
+            unsafe { asm!(concat!("mov.u32 {0}, ", $reg, ";"), out(reg32) r, options(pure, nomem, nostack)) };
+            r
+        }
+    };
+}
+
+special_reg!(/// `threadIdx.x`.
+    thread_x, "%tid.x");
+special_reg!(/// `blockIdx.x`.
+    block_x, "%ctaid.x");
+special_reg!(/// `blockIdx.y`.
+    block_y, "%ctaid.y");
+special_reg!(/// `blockIdx.z`.
+    block_z, "%ctaid.z");
+special_reg!(/// `gridDim.x`.
+    grid_x, "%nctaid.x");
+special_reg!(/// `blockDim.x`.
+    block_dim_x, "%ntid.x");
+
+/// Threads in a warp.
+pub const WARP: u32 = 32;
+/// Threads in a warpgroup: the four consecutive warps that issue one `wgmma` together.
+pub const WARPGROUP: u32 = 128;
+
+/// Lane within the warp.
+#[inline(always)]
+pub fn lane() -> u32 {
+    thread_x() % WARP
+}
+
+/// Warp index within the CTA.
+#[inline(always)]
+pub fn warp() -> u32 {
+    thread_x() / WARP
+}

@@ -1,0 +1,57 @@
+//! Fast math and conversions.
+use core::arch::asm;
+
+/// 2^x, the SFU's approximation (max relative error 2^-22), as the softmax uses it.
+#[inline(always)]
+pub fn exp2(x: f32) -> f32 {
+    let r: f32;
+    // SAFETY: pure arithmetic.
+    unsafe { asm!("ex2.approx.ftz.f32 {0}, {1};", out(reg32) r, in(reg32) x, options(pure, nomem, nostack)) };
+    r
+}
+
+/// Natural logarithm through `lg2.approx` (the lse output).
+#[inline(always)]
+pub fn ln(x: f32) -> f32 {
+    let r: f32;
+    // SAFETY: pure arithmetic.
+    unsafe { asm!("lg2.approx.ftz.f32 {0}, {1};", out(reg32) r, in(reg32) x, options(pure, nomem, nostack)) };
+    r * core::f32::consts::LN_2
+}
+
+/// Round `lo`, `hi` to bf16 (nearest even) and pack them, `lo` in the low half.
+#[inline(always)]
+pub fn pack_bf16x2(lo: f32, hi: f32) -> u32 {
+    let r: u32;
+    // SAFETY: pure arithmetic.
+    unsafe { asm!("cvt.rn.bf16x2.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) hi, in(reg32) lo, options(pure, nomem, nostack)) };
+    r
+}
+
+/// Round `lo`, `hi` to fp16 (nearest even) and pack them, `lo` in the low half.
+#[inline(always)]
+pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
+    let r: u32;
+    // SAFETY: pure arithmetic.
+    unsafe { asm!("cvt.rn.f16x2.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) hi, in(reg32) lo, options(pure, nomem, nostack)) };
+    r
+}
+
+/// Pack a pair in the element type: fp16 when `F16`, else bf16.
+#[inline(always)]
+pub fn pack2<const F16: bool>(lo: f32, hi: f32) -> u32 {
+    if F16 {
+        pack_f16x2(lo, hi)
+    } else {
+        pack_bf16x2(lo, hi)
+    }
+}
+
+/// Larger of two floats (`max.f32`; NaN-aware like `fmaxf`).
+#[inline(always)]
+pub fn fmax(a: f32, b: f32) -> f32 {
+    let r: f32;
+    // SAFETY: pure arithmetic.
+    unsafe { asm!("max.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) a, in(reg32) b, options(pure, nomem, nostack)) };
+    r
+}

@@ -1,0 +1,51 @@
+//! Barriers, fences and warp shuffles.
+use core::arch::asm;
+
+/// `__syncthreads()`: barrier 0 over the whole CTA.
+#[inline(always)]
+pub fn sync_threads() {
+    // SAFETY: every thread of the CTA reaches this barrier (callers keep it out of divergent code).
+    unsafe { asm!("bar.sync 0;", options(nostack)) };
+}
+
+/// Named barrier `id` (1..16) over `count` threads (a multiple of 32): lets one warpgroup
+/// synchronize without stopping the others.
+#[inline(always)]
+pub fn bar_sync(id: u32, count: u32) {
+    // SAFETY: exactly `count` threads use barrier `id` at this point of the program.
+    unsafe { asm!("bar.sync {0}, {1};", in(reg32) id, in(reg32) count, options(nostack)) };
+}
+
+/// Make this thread's ordinary shared-memory writes visible to the async proxy (the tensor
+/// cores reading wgmma operands, the TMA engine). Put it before the barrier that hands the data
+/// over.
+#[inline(always)]
+pub fn fence_proxy_async_shared() {
+    // SAFETY: a fence has no operands.
+    unsafe { asm!("fence.proxy.async.shared::cta;", options(nostack)) };
+}
+
+/// Order the initialization of mbarriers before their use by other threads and the TMA engine.
+#[inline(always)]
+pub fn fence_mbarrier_init() {
+    // SAFETY: a fence has no operands.
+    unsafe { asm!("fence.mbarrier_init.release.cluster;", options(nostack)) };
+}
+
+/// Butterfly shuffle of an f32 within the warp (all 32 lanes take part).
+#[inline(always)]
+pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
+    let r: f32;
+    // SAFETY: all lanes of the warp execute it (full member mask).
+    unsafe {
+        asm!("shfl.sync.bfly.b32 {0}, {1}, {2}, 0x1f, 0xffffffff;", out(reg32) r, in(reg32) v, in(reg32) mask, options(nostack))
+    };
+    r
+}
+
+/// Stop the kernel with an error (the launch then fails with an illegal-instruction error).
+#[inline(always)]
+pub fn trap() -> ! {
+    // SAFETY: `trap` aborts the kernel; nothing runs after it.
+    unsafe { asm!("trap;", options(noreturn, nostack)) }
+}

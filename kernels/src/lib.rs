@@ -1,0 +1,20 @@
+//! etap's device code: ETAP MLA decode kernels for Hopper (sm_90a), in Rust.
+//!
+//! - [`device`]: our small device runtime (indices, barriers, mbarrier, TMA, wgmma).
+//! - [`tile`]: the named tile operations the kernels are written in (load tile,
+//!   S^T = K·Q^T, column softmax, O^T += V^T·P^T, store), as ThunderKittens keeps its tile ops.
+//! - [`decode`]: the split-KV ETAP decode kernel.
+//! - [`combine`]: merges the splits of each (request, token, head) by their lse.
+//! - [`schedule`]: the one-thread kernel that runs `etap_core::schedule` on device seqlens.
+//! - [`tile_gemm`]: a test kernel proving descriptors and layouts on the hardware.
+#![no_std]
+#![feature(abi_ptx, asm_experimental_arch)]
+#![allow(clippy::missing_safety_doc)]
+
+pub mod device;
+pub mod tile_gemm;
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    device::sync::trap()
+}

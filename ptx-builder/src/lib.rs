@@ -1,0 +1,316 @@
+//! Builds the etap device crate (`kernels/`) to PTX for `sm_90a` with rustc's own NVPTX backend,
+//! and inspects the result with NVIDIA's `ptxas`/`cuobjdump` where they are installed.
+//!
+//! One implementation serves both `host/build.rs` (which embeds the PTX, so `cargo build` and
+//! `cargo test` need no separate step) and `cargo xtask build-ptx`. docs/build.md explains why
+//! this replaces rust-cuda's `cuda_builder`.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The NVPTX target triple the kernels are built for.
+pub const TARGET: &str = "nvptx64-nvidia-cuda";
+/// The GPU architecture: Hopper with its architecture-specific features (wgmma, setmaxnreg).
+pub const ARCH: &str = "sm_90a";
+/// File name of the PTX the builder leaves at a stable path under `target/ptx/`.
+pub const PTX_NAME: &str = "etap_kernels.ptx";
+
+/// The workspace root (the folder holding the top-level Cargo.toml).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("ptx-builder lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Folders whose files are inputs of the PTX build (for `cargo:rerun-if-changed`).
+pub fn source_dirs() -> Vec<PathBuf> {
+    let root = workspace_root();
+    vec![
+        root.join("kernels/src"),
+        root.join("kernels/Cargo.toml"),
+        root.join("core/src"),
+        root.join("core/Cargo.toml"),
+    ]
+}
+
+/// Environment variables an enclosing cargo (build script, clippy, a coverage tool) sets that
+/// must not leak into the nested kernel build: they name the host's rustc wrapper, flags and
+/// target, which mean nothing for nvptx.
+const SCRUBBED_ENV: &[&str] = &[
+    "RUSTC",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "RUSTFLAGS",
+    "RUSTDOCFLAGS",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_BUILD_TARGET",
+    "CARGO_BUILD_RUSTFLAGS",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET_DIR",
+    "CARGO_MAKEFLAGS",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "RUSTC_LINKER",
+    "TARGET",
+    "HOST",
+    "OUT_DIR",
+    "PROFILE",
+    "OPT_LEVEL",
+    "DEBUG",
+    "NUM_JOBS",
+];
+
+/// Build the kernels to PTX and return the path of the PTX file
+/// (`<root>/target/ptx/etap_kernels.ptx`).
+///
+/// Runs `cargo rustc` on `kernels/Cargo.toml` for `nvptx64-nvidia-cuda` with
+/// `-Zbuild-std=core` and `-C target-cpu=sm_90a`. The unstable flags (`-Zbuild-std`, the
+/// `abi_ptx` and `asm_experimental_arch` features) are enabled with `RUSTC_BOOTSTRAP=1` for this
+/// build only. The nested build uses its own target folder, so a build script can call it
+/// without waiting on the lock of the build that runs the script.
+pub fn build_ptx() -> Result<PathBuf, String> {
+    let root = workspace_root();
+    let target_dir = root.join("target").join("ptx");
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    for var in SCRUBBED_ENV {
+        cmd.env_remove(var);
+    }
+    // Cargo's per-package variables (CARGO_PKG_*, CARGO_CFG_*, DEP_*) are harmless, but the
+    // build-script ones that name features would confuse nothing either; leave them.
+    cmd.current_dir(root.join("kernels"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .arg("rustc")
+        .arg("--manifest-path")
+        .arg(root.join("kernels").join("Cargo.toml"))
+        .arg("--release")
+        .arg("--target")
+        .arg(TARGET)
+        .arg("-Zbuild-std=core")
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .arg("--")
+        .arg("-C")
+        .arg(format!("target-cpu={ARCH}"));
+    let out = cmd
+        .output()
+        .map_err(|e| format!("could not run cargo for the kernel build: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "kernel build failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let built = target_dir.join(TARGET).join("release").join(PTX_NAME);
+    let stable = target_dir.join(PTX_NAME);
+    fs::copy(&built, &stable)
+        .map_err(|e| format!("copying {} to {}: {e}", built.display(), stable.display()))?;
+    Ok(stable)
+}
+
+/// Where to look for NVIDIA's command-line tools: `ETAP_NVTOOLS` (a folder searched
+/// recursively, as filled by `pip install --target`), the PyPI wheels that `.ci/run` installs
+/// under `target/nvtools`, `CUDA_HOME`/`CUDA_PATH`, `/usr/local/cuda`, then `PATH`.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    if let Some(p) = env::var_os(format!("ETAP_{}", name.to_uppercase())) {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Some(p) = env::var_os("ETAP_NVTOOLS") {
+        roots.push(PathBuf::from(p));
+    }
+    roots.push(workspace_root().join("target").join("nvtools"));
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(p) = env::var_os(var) {
+            roots.push(PathBuf::from(p));
+        }
+    }
+    roots.push(PathBuf::from("/usr/local/cuda"));
+    for r in &roots {
+        if let Some(found) = find_file(r, name, 6) {
+            return Some(found);
+        }
+    }
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn find_file(dir: &Path, name: &str, depth: u32) -> Option<PathBuf> {
+    let direct = dir.join("bin").join(name);
+    if direct.is_file() {
+        return Some(direct);
+    }
+    if depth == 0 {
+        return None;
+    }
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for e in entries {
+        if e.is_dir() {
+            if let Some(f) = find_file(&e, name, depth - 1) {
+                return Some(f);
+            }
+        }
+    }
+    None
+}
+
+/// What `ptxas -v` says about one kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelReport {
+    pub name: String,
+    pub registers: u32,
+    pub shared_bytes: u32,
+    pub stack_frame_bytes: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+    /// Local memory (`lmem`), a sign of a register array indexed at run time.
+    pub local_bytes: u32,
+}
+
+impl KernelReport {
+    /// True when the kernel keeps everything in registers and shared memory.
+    pub fn is_clean(&self) -> bool {
+        self.spill_stores == 0
+            && self.spill_loads == 0
+            && self.stack_frame_bytes == 0
+            && self.local_bytes == 0
+    }
+}
+
+/// Assemble `ptx` for sm_90a with `ptxas -v`, write the cubin to `cubin`, and parse the
+/// per-kernel resource report.
+pub fn assemble(ptxas: &Path, ptx: &Path, cubin: &Path) -> Result<Vec<KernelReport>, String> {
+    let out = Command::new(ptxas)
+        .arg(format!("-arch={ARCH}"))
+        .arg("-v")
+        .arg("-warn-spills")
+        .arg("-warn-lmem-usage")
+        .arg(ptx)
+        .arg("-o")
+        .arg(cubin)
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", ptxas.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        return Err(format!("ptxas failed ({}):\n{text}", out.status));
+    }
+    Ok(parse_ptxas_report(&text))
+}
+
+/// Parse `ptxas -v` output into one report per kernel.
+pub fn parse_ptxas_report(text: &str) -> Vec<KernelReport> {
+    let mut reports: Vec<KernelReport> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            reports.push(KernelReport {
+                name,
+                ..Default::default()
+            });
+            continue;
+        }
+        let Some(cur) = reports.last_mut() else {
+            continue;
+        };
+        if line.contains("bytes stack frame") {
+            cur.stack_frame_bytes = number_before(line, "bytes stack frame");
+            cur.spill_stores = number_before(line, "bytes spill stores");
+            cur.spill_loads = number_before(line, "bytes spill loads");
+        }
+        if line.contains("Used") && line.contains("registers") {
+            cur.registers = number_before(line, "registers");
+            cur.shared_bytes = number_before(line, "bytes smem");
+            cur.local_bytes = number_before(line, "bytes lmem");
+        }
+    }
+    reports
+}
+
+fn number_before(line: &str, key: &str) -> u32 {
+    let Some(pos) = line.find(key) else { return 0 };
+    line[..pos]
+        .trim_end()
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Disassemble a cubin to SASS with `cuobjdump -sass`.
+pub fn sass(cuobjdump: &Path, cubin: &Path) -> Result<String, String> {
+    let out = Command::new(cuobjdump)
+        .arg("-sass")
+        .arg(cubin)
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", cuobjdump.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cuobjdump failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Split `cuobjdump -sass` output into (kernel name, SASS text) pairs.
+pub fn sass_by_function(sass: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in sass.lines() {
+        if let Some(rest) = line.trim().strip_prefix("Function : ") {
+            out.push((rest.trim().to_string(), String::new()));
+        } else if let Some((_, body)) = out.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_ptxas_report() {
+        let text = "ptxas info    : Compiling entry function 'etap_decode' for 'sm_90a'\n\
+ptxas info    : Function properties for etap_decode\n\
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+ptxas info    : Used 168 registers, used 1 barriers, 40 bytes lmem, 1024 bytes smem\n\
+ptxas info    : Compiling entry function 'etap_combine' for 'sm_90a'\n\
+ptxas info    : Function properties for etap_combine\n\
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 30 registers, used 0 barriers\n";
+        let r = parse_ptxas_report(text);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].name, "etap_decode");
+        assert_eq!(r[0].registers, 168);
+        assert_eq!(r[0].stack_frame_bytes, 8);
+        assert_eq!(r[0].spill_stores, 4);
+        assert_eq!(r[0].spill_loads, 12);
+        assert_eq!(r[0].local_bytes, 40);
+        assert_eq!(r[0].shared_bytes, 1024);
+        assert!(!r[0].is_clean());
+        assert_eq!(r[1].registers, 30);
+        assert!(r[1].is_clean());
+    }
+}
