@@ -49,7 +49,9 @@ pub enum EtapError {
     },
     /// The plan was made for another shape than the decode call's.
     PlanMismatch { what: &'static str },
-    /// No CUDA device, or one that is not Hopper (compute capability 9.0).
+    /// The machine has no CUDA device.
+    NoDevice,
+    /// A CUDA device that is not Hopper (compute capability 9.0).
     Device(String),
     /// A CUDA driver call failed.
     Cuda(cust::error::CudaError),
@@ -98,6 +100,7 @@ impl fmt::Display for EtapError {
                 write!(f, "block_table[{request}][{slot}] = {page} is outside the cache's {num_pages} pages")
             }
             PlanMismatch { what } => write!(f, "the plan was made for a different {what}"),
+            NoDevice => write!(f, "no CUDA device"),
             Device(msg) => write!(f, "device: {msg}"),
             Cuda(e) => write!(f, "CUDA error: {e}"),
         }

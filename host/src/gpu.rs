@@ -15,7 +15,14 @@ impl Decoder {
     /// Initialize CUDA on device 0, check that it is Hopper (compute capability 9.x), and load
     /// the embedded PTX.
     pub fn new() -> Result<Self> {
-        cust::init(cust::CudaFlags::empty())?;
+        match cust::init(cust::CudaFlags::empty()) {
+            Ok(()) => {}
+            Err(cust::error::CudaError::NoDevice) => return Err(EtapError::NoDevice),
+            Err(e) => return Err(e.into()),
+        }
+        if Device::num_devices()? == 0 {
+            return Err(EtapError::NoDevice);
+        }
         let device = Device::get_device(0)?;
         let major = device.get_attribute(cust::device::DeviceAttribute::ComputeCapabilityMajor)?;
         let minor = device.get_attribute(cust::device::DeviceAttribute::ComputeCapabilityMinor)?;
@@ -45,4 +52,35 @@ impl Decoder {
     pub fn module(&self) -> &Module {
         &self.module
     }
+}
+
+/// For tests and tools: the decoder when a device is present, `None` (after printing why) when
+/// the machine has no CUDA device, and a panic when a device is present but unusable (not
+/// Hopper, or the module fails to load): a wrong device must fail, not skip.
+pub fn decoder_or_skip(what: &str) -> Option<Decoder> {
+    match Decoder::new() {
+        Ok(d) => Some(d),
+        Err(EtapError::NoDevice) => {
+            println!("SKIP {what}: no CUDA device on this machine");
+            None
+        }
+        Err(e) => panic!("{what}: a CUDA device is present but unusable: {e}"),
+    }
+}
+
+/// Raise a kernel's dynamic shared-memory limit (above the default 48 KiB) to `bytes`.
+pub fn set_dynamic_smem(func: &cust::function::Function, bytes: u32) -> Result<()> {
+    use cust::sys::{cuFuncSetAttribute, CUfunction_attribute, CUresult};
+    // SAFETY: `func` is a live function handle of a loaded module; the attribute takes an int.
+    let rc = unsafe {
+        cuFuncSetAttribute(
+            func.to_raw(),
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+    };
+    if rc != CUresult::CUDA_SUCCESS {
+        return Err(EtapError::Device(format!("cuFuncSetAttribute(max dynamic smem = {bytes}) failed: {rc:?}")));
+    }
+    Ok(())
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod gpu;
 pub mod reference;
 pub mod shape;
+pub mod tma;
 pub mod validate;
 
 pub use dtype::{Bf16, Dtype, Element, F16};

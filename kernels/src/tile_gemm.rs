@@ -26,6 +26,8 @@ unsafe fn tile_gemm<const N: usize, const TA: u32, const F16: bool>(a_map: *cons
         sync::trap();
     }
     if t == 0 {
+        tma::acquire_map(a_map);
+        tma::acquire_map(b_map);
         mbarrier::init(bar, 1);
         sync::fence_mbarrier_init();
     }

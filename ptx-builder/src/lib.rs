@@ -14,6 +14,10 @@ use std::process::Command;
 pub const TARGET: &str = "nvptx64-nvidia-cuda";
 /// The GPU architecture: Hopper with its architecture-specific features (wgmma, setmaxnreg).
 pub const ARCH: &str = "sm_90a";
+/// The PTX ISA version the kernels need (LLVM's NVPTX feature name): 8.3 for
+/// `fence.proxy.tensormap`. rustc calls it an unstable target feature and warns; it is passed
+/// to LLVM as is.
+pub const PTX_ISA: &str = "ptx83";
 /// File name of the PTX the builder leaves at a stable path under `target/ptx/`.
 pub const PTX_NAME: &str = "etap_kernels.ptx";
 
@@ -95,7 +99,10 @@ pub fn build_ptx() -> Result<PathBuf, String> {
         .arg(&target_dir)
         .arg("--")
         .arg("-C")
-        .arg(format!("target-cpu={ARCH}"));
+        .arg(format!("target-cpu={ARCH}"))
+        // PTX ISA 8.3 for `fence.proxy.tensormap` (tensor maps kept in global memory).
+        .arg("-C")
+        .arg(format!("target-feature=+{PTX_ISA}"));
     let out = cmd
         .output()
         .map_err(|e| format!("could not run cargo for the kernel build: {e}"))?;

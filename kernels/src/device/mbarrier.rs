@@ -55,5 +55,17 @@ pub unsafe fn try_wait(addr: u32, parity: u32) -> bool {
 /// `addr` is an initialized barrier.
 #[inline(always)]
 pub unsafe fn wait(addr: u32, parity: u32) {
-    while !try_wait(addr, parity) {}
+    let mut tries = 0u32;
+    while !try_wait(addr, parity) {
+        tries += 1;
+        // Each try_wait suspends the thread for a while in hardware; this many failed tries
+        // means seconds of waiting, so the phase will never complete (a bug, or a fault in
+        // the copy engine). Fail the launch instead of hanging the GPU.
+        if tries == WAIT_LIMIT {
+            super::sync::trap();
+        }
+    }
 }
+
+/// Failed `try_wait`s after which [`wait`] gives up and traps.
+pub const WAIT_LIMIT: u32 = 1 << 26;

@@ -1,11 +1,17 @@
 //! Barriers, fences and warp shuffles.
 use core::arch::asm;
 
+// Barriers use `barrier.sync`, not `bar.sync`: `bar.sync` is `barrier.sync.aligned`, which
+// requires every thread of a warp to execute the *same* instruction. Inline asm cannot be
+// marked convergent, so LLVM may duplicate a barrier into both arms of a divergent branch
+// (it does: tail duplication after `if thread == 0 { .. }`), and with `.aligned` that hangs
+// the CTA. The non-aligned form is defined for divergent warps (sm_70+).
+
 /// `__syncthreads()`: barrier 0 over the whole CTA.
 #[inline(always)]
 pub fn sync_threads() {
-    // SAFETY: every thread of the CTA reaches this barrier (callers keep it out of divergent code).
-    unsafe { asm!("bar.sync 0;", options(nostack)) };
+    // SAFETY: every thread of the CTA reaches this barrier.
+    unsafe { asm!("barrier.sync 0;", options(nostack)) };
 }
 
 /// Named barrier `id` (1..16) over `count` threads (a multiple of 32): lets one warpgroup
@@ -13,7 +19,7 @@ pub fn sync_threads() {
 #[inline(always)]
 pub fn bar_sync(id: u32, count: u32) {
     // SAFETY: exactly `count` threads use barrier `id` at this point of the program.
-    unsafe { asm!("bar.sync {0}, {1};", in(reg32) id, in(reg32) count, options(nostack)) };
+    unsafe { asm!("barrier.sync {0}, {1};", in(reg32) id, in(reg32) count, options(nostack)) };
 }
 
 /// Make this thread's ordinary shared-memory writes visible to the async proxy (the tensor

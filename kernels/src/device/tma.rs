@@ -29,6 +29,17 @@ pub unsafe fn load_2d(map: *const TensorMap, dst: u32, bar: u32, col: i32, row: 
     );
 }
 
+/// Acquire a tensor map that the host wrote to global memory (with a copy) for the tensormap
+/// proxy the copy engine reads it through. Required once per CTA before the map's first use;
+/// without it the engine may see stale bytes.
+///
+/// # Safety
+/// `map` points to a valid tensor map in global memory.
+#[inline(always)]
+pub unsafe fn acquire_map(map: *const TensorMap) {
+    asm!("fence.proxy.tensormap::generic.acquire.sys [{0}], 128;", in(reg64) map, options(nostack));
+}
+
 /// Bring the tensor map into the TMA unit's cache ahead of its first use.
 ///
 /// # Safety
