@@ -47,6 +47,8 @@ pub enum EtapError {
         page: i32,
         num_pages: usize,
     },
+    /// A request index past the batch (for the per-request reference).
+    RequestIndex { request: usize, batch: usize },
     /// The plan was made for another shape than the decode call's.
     PlanMismatch { what: &'static str },
     /// The machine has no CUDA device.
@@ -98,6 +100,12 @@ impl fmt::Display for EtapError {
                 num_pages,
             } => {
                 write!(f, "block_table[{request}][{slot}] = {page} is outside the cache's {num_pages} pages")
+            }
+            RequestIndex { request, batch } => {
+                write!(
+                    f,
+                    "request {request} is out of range for a batch of {batch}"
+                )
             }
             PlanMismatch { what } => write!(f, "the plan was made for a different {what}"),
             NoDevice => write!(f, "no CUDA device"),

@@ -1,1 +1,366 @@
-//! (in progress)
+//! The CPU reference of `flash_mla_with_kvcache`: the same semantics as the GPU path, computed
+//! with f64 accumulation. It is public so that deployments can check the kernels on their own
+//! shapes, and cheap enough per request ([`mla_decode_request`]) to check sampled requests of a
+//! large batch.
+//!
+//! The reference never reads a cache row at or past a request's sequence length, nor a
+//! block-table slot past its used pages: tests poison both with NaN or junk.
+use crate::dtype::Element;
+use crate::error::{EtapError, Result};
+use crate::shape::DecodeShape;
+use crate::validate::validate_all;
+use etap_core::{visible_rows, COLS_PER_CTA, D_QK, D_V, PAGE_ROWS};
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// FlashMLA's default softmax scale, `1 / sqrt(576)`.
+pub fn default_softmax_scale() -> f32 {
+    1.0 / (D_QK as f32).sqrt()
+}
+
+/// Online-softmax state of a range of columns of one request, after some pages: per column the
+/// running max `m` of the scaled scores, the sum `l` of `exp(score - m)`, and the unnormalized
+/// output `acc` (`d_v` values), plus whether the column saw any row at all.
+pub(crate) struct ColState {
+    pub cols: Range<usize>,
+    pub m: Vec<f64>,
+    pub l: Vec<f64>,
+    pub acc: Vec<f64>,
+    pub seen: Vec<bool>,
+}
+
+impl ColState {
+    /// The (normalized out, lse) of column `i` (an index into `cols`): `out = acc / l`,
+    /// `lse = m + ln l`; zeros and `-inf` for a column that saw no row.
+    pub fn finish(&self, i: usize, out: &mut [f64]) -> f64 {
+        let acc = &self.acc[i * D_V..][..D_V];
+        if !self.seen[i] {
+            out.fill(0.0);
+            return f64::NEG_INFINITY;
+        }
+        let inv = 1.0 / self.l[i];
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a * inv;
+        }
+        self.m[i] + self.l[i].ln()
+    }
+}
+
+#[inline]
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut s = [0f64; 8];
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for k in 0..8 {
+            s[k] += ca[k] * cb[k];
+        }
+    }
+    let mut t = 0.0;
+    for v in s {
+        t += v;
+    }
+    t
+}
+
+/// Attention of columns `cols` of request `r` over its pages `pages` (page indices into the
+/// request's block-table row), masked causally. Inputs must have been validated.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    cache: &[T],
+    block_table: &[i32],
+    seqlens: &[i32],
+    scale: f64,
+    r: usize,
+    cols: Range<usize>,
+    pages: Range<usize>,
+) -> ColState {
+    let ncols = cols.len();
+    let seqlen = seqlens[r].max(0) as usize;
+    let mut st = ColState {
+        cols: cols.clone(),
+        m: vec![f64::NEG_INFINITY; ncols],
+        l: vec![0.0; ncols],
+        acc: vec![0.0; ncols * D_V],
+        seen: vec![false; ncols],
+    };
+    // Visible-row bound of each column.
+    let vis: Vec<usize> = cols
+        .clone()
+        .map(|n| visible_rows(seqlen as u32, shape.s_q as u32, (n / shape.h_q) as u32) as usize)
+        .collect();
+    let max_vis = vis.iter().copied().max().unwrap_or(0).min(seqlen);
+    let first_row = pages.start * PAGE_ROWS;
+    if max_vis <= first_row || ncols == 0 {
+        return st;
+    }
+    // Query rows, in f64.
+    let mut qf = vec![0f64; ncols * D_QK];
+    for (i, n) in cols.clone().enumerate() {
+        let src = &q[(r * shape.cols() + n) * D_QK..][..D_QK];
+        for (d, s) in qf[i * D_QK..][..D_QK].iter_mut().zip(src) {
+            *d = s.to_f32() as f64;
+        }
+    }
+    let mut kbuf = vec![0f64; PAGE_ROWS * D_QK];
+    let mut scores = [0f64; PAGE_ROWS];
+    for pi in pages {
+        let row0 = pi * PAGE_ROWS;
+        if row0 >= max_vis {
+            break;
+        }
+        let nrows = (max_vis - row0).min(PAGE_ROWS);
+        let page = block_table[r * shape.max_pages + pi] as usize;
+        // Only rows < max_vis <= seqlen of the page are read.
+        let src = &cache[page * PAGE_ROWS * D_QK..][..nrows * D_QK];
+        for (d, s) in kbuf[..nrows * D_QK].iter_mut().zip(src) {
+            *d = s.to_f32() as f64;
+        }
+        for i in 0..ncols {
+            let nv = vis[i].saturating_sub(row0).min(nrows);
+            if nv == 0 {
+                continue;
+            }
+            let qi = &qf[i * D_QK..][..D_QK];
+            let mut bm = f64::NEG_INFINITY;
+            for (k, s) in scores[..nv].iter_mut().enumerate() {
+                *s = scale * dot(qi, &kbuf[k * D_QK..][..D_QK]);
+                if *s > bm {
+                    bm = *s;
+                }
+            }
+            let acc = &mut st.acc[i * D_V..][..D_V];
+            if bm > st.m[i] {
+                let f = (st.m[i] - bm).exp();
+                st.l[i] *= f;
+                for a in acc.iter_mut() {
+                    *a *= f;
+                }
+                st.m[i] = bm;
+            }
+            st.seen[i] = true;
+            let m = st.m[i];
+            for (k, &s) in scores[..nv].iter().enumerate() {
+                let p = (s - m).exp();
+                st.l[i] += p;
+                let v = &kbuf[k * D_QK..][..D_V];
+                for (a, &x) in acc.iter_mut().zip(v) {
+                    *a += p * x;
+                }
+            }
+        }
+    }
+    st
+}
+
+/// Run `f(0..n)` on all cores when `work` (a rough count of multiply-adds) is large enough to
+/// pay for threads; results come back in index order.
+pub(crate) fn run_units<R: Send, F: Fn(usize) -> R + Sync>(n: usize, work: u64, f: F) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map(|t| t.get())
+        .unwrap_or(1)
+        .min(n);
+    if threads <= 1 || work < (1 << 26) {
+        return (0..n).map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        mine.push((i, f(i)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("reference worker panicked"))
+            .collect()
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Column chunks of a request, the unit of parallel work.
+fn col_chunks(cols: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..cols)
+        .step_by(COLS_PER_CTA)
+        .map(move |c| c..(c + COLS_PER_CTA).min(cols))
+}
+
+/// Compute the requests `reqs` into `out` / `lse` (full-batch buffers, or one request's
+/// buffers when `base` is that request). Inputs must have been validated.
+#[allow(clippy::too_many_arguments)]
+fn compute<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    cache: &[T],
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+    reqs: Range<usize>,
+    out: &mut [f64],
+    lse: &mut [f64],
+) {
+    let cols = shape.cols();
+    let base = reqs.start;
+    let units: Vec<(usize, Range<usize>)> = reqs
+        .clone()
+        .flat_map(|r| col_chunks(cols).map(move |c| (r, c)))
+        .collect();
+    let work: u64 = units
+        .iter()
+        .map(|(r, c)| seqlens[*r].max(0) as u64 * c.len() as u64 * (D_QK + D_V) as u64)
+        .sum();
+    let states = run_units(units.len(), work, |u| {
+        let (r, c) = units[u].clone();
+        let pages = (seqlens[r].max(0) as usize).div_ceil(PAGE_ROWS);
+        attend(
+            shape,
+            q,
+            cache,
+            block_table,
+            seqlens,
+            softmax_scale as f64,
+            r,
+            c,
+            0..pages,
+        )
+    });
+    for ((r, _), st) in units.iter().zip(&states) {
+        let lr = r - base;
+        for (i, n) in st.cols.clone().enumerate() {
+            let l = st.finish(i, &mut out[(lr * cols + n) * D_V..][..D_V]);
+            let (t, h) = (n / shape.h_q, n % shape.h_q);
+            lse[(lr * shape.h_q + h) * shape.s_q + t] = l;
+        }
+    }
+}
+
+pub(crate) fn to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+/// MLA decode on the CPU: `(out, lse)` with out `[batch, s_q, h_q, 512]` and lse
+/// `[batch, h_q, s_q]` (natural log). Validates every input first (see [`crate::validate`]).
+pub fn mla_decode<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    cache: &[T],
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (out, lse) = mla_decode_f64(shape, q, cache, block_table, seqlens, softmax_scale)?;
+    Ok((to_f32(&out), to_f32(&lse)))
+}
+
+/// [`mla_decode`] before the final rounding to f32: for comparisons tighter than f32 allows
+/// (the split-KV emulation against the reference, say).
+pub fn mla_decode_f64<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    cache: &[T],
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    validate_all(
+        shape,
+        q,
+        cache,
+        block_table,
+        seqlens,
+        shape.out_len(),
+        shape.lse_len(),
+    )?;
+    let mut out = vec![0f64; shape.out_len()];
+    let mut lse = vec![0f64; shape.lse_len()];
+    compute(
+        shape,
+        q,
+        cache,
+        block_table,
+        seqlens,
+        softmax_scale,
+        0..shape.batch,
+        &mut out,
+        &mut lse,
+    );
+    Ok((out, lse))
+}
+
+/// [`mla_decode`] into caller buffers. On error nothing is written.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_decode_into<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    cache: &[T],
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    validate_all(shape, q, cache, block_table, seqlens, out.len(), lse.len())?;
+    let (o, l) = mla_decode_f64(shape, q, cache, block_table, seqlens, softmax_scale)?;
+    for (d, s) in out.iter_mut().zip(&o) {
+        *d = *s as f32;
+    }
+    for (d, s) in lse.iter_mut().zip(&l) {
+        *d = *s as f32;
+    }
+    Ok(())
+}
+
+/// The reference for request `r` alone: out `[s_q * h_q * 512]` (column order
+/// `n = token * h_q + head`, i.e. `out[r]` of the full result) and lse `[h_q * s_q]` (`[head][token]`,
+/// i.e. `lse[r]`). Validates the whole batch's inputs, and `r < batch`
+/// ([`EtapError::RequestIndex`]).
+pub fn mla_decode_request<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    cache: &[T],
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+    r: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    validate_all(
+        shape,
+        q,
+        cache,
+        block_table,
+        seqlens,
+        shape.out_len(),
+        shape.lse_len(),
+    )?;
+    if r >= shape.batch {
+        return Err(EtapError::RequestIndex {
+            request: r,
+            batch: shape.batch,
+        });
+    }
+    let mut out = vec![0f64; shape.cols() * D_V];
+    let mut lse = vec![0f64; shape.cols()];
+    compute(
+        shape,
+        q,
+        cache,
+        block_table,
+        seqlens,
+        softmax_scale,
+        r..r + 1,
+        &mut out,
+        &mut lse,
+    );
+    Ok((to_f32(&out), to_f32(&lse)))
+}

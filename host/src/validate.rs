@@ -1,1 +1,130 @@
-//! (in progress)
+//! Input checks shared by the GPU path and the CPU reference. Every function is pure and
+//! reports the first problem it finds as an [`EtapError`] naming the argument at fault.
+use crate::error::{EtapError, Result};
+use crate::shape::DecodeShape;
+use etap_core::{D_QK, D_V, MAX_S_Q, PAGE_ROWS, SUPPORTED_HEADS};
+
+/// Check the shape itself: a non-empty batch, the MLA head dimensions (576 / 512), a supported
+/// head count and query length, and a cache and block table with at least one page.
+pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
+    if shape.batch == 0 {
+        return Err(EtapError::EmptyBatch);
+    }
+    if shape.d_qk != D_QK {
+        return Err(EtapError::HeadDim {
+            arg: "q/cache head dim",
+            expected: D_QK,
+            got: shape.d_qk,
+        });
+    }
+    if shape.d_v != D_V {
+        return Err(EtapError::HeadDim {
+            arg: "v head dim",
+            expected: D_V,
+            got: shape.d_v,
+        });
+    }
+    if !SUPPORTED_HEADS.contains(&shape.h_q) {
+        return Err(EtapError::UnsupportedHeads { h_q: shape.h_q });
+    }
+    if !(1..=MAX_S_Q).contains(&shape.s_q) {
+        return Err(EtapError::UnsupportedSeqQ { s_q: shape.s_q });
+    }
+    if shape.num_pages == 0 {
+        return Err(EtapError::Zero { arg: "num_pages" });
+    }
+    if shape.max_pages == 0 {
+        return Err(EtapError::Zero { arg: "max_pages" });
+    }
+    Ok(())
+}
+
+fn check_len(arg: &'static str, expected: usize, got: usize) -> Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(EtapError::Length { arg, expected, got })
+    }
+}
+
+/// Check that every buffer has the length the shape asks for, in argument order: `q`,
+/// `kv_cache`, `block_table`, `cache_seqlens`, `out`, `lse`.
+pub fn validate_lengths(
+    shape: &DecodeShape,
+    q_len: usize,
+    cache_len: usize,
+    block_table_len: usize,
+    seqlens_len: usize,
+    out_len: usize,
+    lse_len: usize,
+) -> Result<()> {
+    check_len("q", shape.q_len(), q_len)?;
+    check_len("kv_cache", shape.cache_len(), cache_len)?;
+    check_len("block_table", shape.block_table_len(), block_table_len)?;
+    check_len("cache_seqlens", shape.batch, seqlens_len)?;
+    check_len("out", shape.out_len(), out_len)?;
+    check_len("lse", shape.lse_len(), lse_len)?;
+    Ok(())
+}
+
+/// Check the sequence lengths and the used part of the block table, request by request: each
+/// length must be in `[0, max_pages * 64]`, and each entry in the slots the request uses
+/// (`[0, ceil(seqlen / 64))`) must be a page of the cache, `[0, num_pages)`. Slots past a
+/// request's used pages are never read and may hold anything.
+///
+/// `block_table` and `seqlens` must have the shape's lengths (see [`validate_lengths`]); a
+/// mismatch is reported as [`EtapError::Length`] rather than a panic.
+pub fn validate_tables(shape: &DecodeShape, block_table: &[i32], seqlens: &[i32]) -> Result<()> {
+    check_len("block_table", shape.block_table_len(), block_table.len())?;
+    check_len("cache_seqlens", shape.batch, seqlens.len())?;
+    let capacity = shape.capacity();
+    for (request, &seqlen) in seqlens.iter().enumerate() {
+        if seqlen < 0 {
+            return Err(EtapError::NegativeSeqlen { request, seqlen });
+        }
+        if seqlen as usize > capacity {
+            return Err(EtapError::SeqlenBeyondTable {
+                request,
+                seqlen,
+                capacity,
+            });
+        }
+        let used = (seqlen as usize).div_ceil(PAGE_ROWS);
+        let row = &block_table[request * shape.max_pages..][..used];
+        for (slot, &page) in row.iter().enumerate() {
+            if page < 0 || page as usize >= shape.num_pages {
+                return Err(EtapError::BlockTableEntry {
+                    request,
+                    slot,
+                    page,
+                    num_pages: shape.num_pages,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// All the checks of a decode call, in order: shape, lengths, then tables.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn validate_all<T>(
+    shape: &DecodeShape,
+    q: &[T],
+    cache: &[T],
+    block_table: &[i32],
+    seqlens: &[i32],
+    out_len: usize,
+    lse_len: usize,
+) -> Result<()> {
+    validate_shape(shape)?;
+    validate_lengths(
+        shape,
+        q.len(),
+        cache.len(),
+        block_table.len(),
+        seqlens.len(),
+        out_len,
+        lse_len,
+    )?;
+    validate_tables(shape, block_table, seqlens)
+}

@@ -1,1 +1,306 @@
-//! Shared test support (in progress).
+//! Shared test support for etap: seeded random decode cases with a poisoned paged cache and a
+//! shuffled block table, and error metrics. Used by the CPU property tests and the GPU tests.
+use etap::{DecodeShape, Element};
+use etap_core::{pages_of, PAGE_ROWS};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+/// How to build a [`Case`]. [`CaseSpec::new`] gives the defaults; change fields as needed.
+#[derive(Clone, Debug)]
+pub struct CaseSpec {
+    pub batch: usize,
+    pub s_q: usize,
+    pub h_q: usize,
+    /// One length per request (`batch` of them).
+    pub seqlens: Vec<i32>,
+    pub seed: u64,
+    /// Pages in the cache that no request uses (filled with NaN when `poison`).
+    pub extra_pages: usize,
+    /// Block-table slots per request beyond the longest request's pages (filled with junk).
+    pub extra_slots: usize,
+    /// Standard deviation of q's and of the cache's values.
+    pub q_std: f32,
+    pub kv_std: f32,
+    /// Fill cache rows past each seqlen and unused pages with NaN, and unused block-table slots
+    /// with -1 or out-of-range junk. On by default: nothing may read them.
+    pub poison: bool,
+    /// Softmax scale; `None` = `1 / sqrt(576)`.
+    pub softmax_scale: Option<f32>,
+}
+
+impl CaseSpec {
+    pub fn new(s_q: usize, h_q: usize, seqlens: &[i32], seed: u64) -> Self {
+        CaseSpec {
+            batch: seqlens.len(),
+            s_q,
+            h_q,
+            seqlens: seqlens.to_vec(),
+            seed,
+            extra_pages: 3,
+            extra_slots: 1,
+            q_std: 1.0,
+            kv_std: 1.0,
+            poison: true,
+            softmax_scale: None,
+        }
+    }
+}
+
+/// One decode step's inputs, in FlashMLA's layouts (see [`DecodeShape`]).
+#[derive(Clone, Debug)]
+pub struct Case<T: Element> {
+    pub shape: DecodeShape,
+    pub q: Vec<T>,
+    pub cache: Vec<T>,
+    pub block_table: Vec<i32>,
+    pub seqlens: Vec<i32>,
+    pub softmax_scale: f32,
+    pub seed: u64,
+}
+
+/// A normal-ish sample (Box-Muller) that is not zero once rounded to `T`.
+pub fn nonzero_normal<T: Element>(rng: &mut StdRng, std: f32) -> T {
+    loop {
+        let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+        let u2: f64 = rng.gen();
+        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        let v = T::from_f32(z as f32 * std);
+        let f = v.to_f32();
+        if f != 0.0 && f.is_finite() {
+            return v;
+        }
+    }
+}
+
+/// A block-table entry for a slot no request uses: -1 or junk outside the cache.
+fn junk_entry(rng: &mut StdRng, num_pages: usize) -> i32 {
+    match rng.gen_range(0..4) {
+        0 => -1,
+        1 => i32::MAX,
+        2 => i32::MIN,
+        _ => num_pages as i32 + rng.gen_range(0..1000),
+    }
+}
+
+impl<T: Element> Case<T> {
+    /// The default case for these sizes (see [`CaseSpec::new`]).
+    pub fn new(s_q: usize, h_q: usize, seqlens: &[i32], seed: u64) -> Self {
+        Self::from_spec(&CaseSpec::new(s_q, h_q, seqlens, seed))
+    }
+
+    /// Build a case: random q, a cache of `used pages + extra_pages` pages holding each
+    /// request's rows on randomly permuted (non-contiguous) pages, poisoned leftovers.
+    pub fn from_spec(spec: &CaseSpec) -> Self {
+        assert_eq!(spec.batch, spec.seqlens.len(), "one seqlen per request");
+        let mut rng = StdRng::seed_from_u64(spec.seed);
+        let needed = spec
+            .seqlens
+            .iter()
+            .map(|&s| (s.max(0) as usize).div_ceil(PAGE_ROWS))
+            .max()
+            .unwrap_or(0);
+        let max_pages = (needed + spec.extra_slots).max(1);
+        let used: Vec<usize> = spec
+            .seqlens
+            .iter()
+            .map(|&s| pages_of(s, max_pages as u32) as usize)
+            .collect();
+        let total_used: usize = used.iter().sum();
+        let num_pages = (total_used + spec.extra_pages).max(1);
+        let shape = DecodeShape::new(spec.batch, spec.s_q, spec.h_q, num_pages, max_pages);
+
+        let q: Vec<T> = (0..shape.q_len())
+            .map(|_| nonzero_normal(&mut rng, spec.q_std))
+            .collect();
+        let mut cache: Vec<T> = (0..shape.cache_len())
+            .map(|_| nonzero_normal(&mut rng, spec.kv_std))
+            .collect();
+
+        let mut perm: Vec<usize> = (0..num_pages).collect();
+        perm.shuffle(&mut rng);
+        let mut block_table = vec![0i32; shape.block_table_len()];
+        let mut next = 0usize;
+        let row_len = shape.d_qk;
+        for (r, &np) in used.iter().enumerate() {
+            let seqlen = spec.seqlens[r].max(0) as usize;
+            for slot in 0..max_pages {
+                let e = &mut block_table[r * max_pages + slot];
+                if slot < np {
+                    let page = perm[next];
+                    next += 1;
+                    *e = page as i32;
+                    if spec.poison {
+                        // Rows of the last page past seqlen.
+                        let first_dead = seqlen.saturating_sub(slot * PAGE_ROWS).min(PAGE_ROWS);
+                        let start = (page * PAGE_ROWS + first_dead) * row_len;
+                        let end = (page + 1) * PAGE_ROWS * row_len;
+                        cache[start..end].fill(T::nan());
+                    }
+                } else {
+                    *e = if spec.poison {
+                        junk_entry(&mut rng, num_pages)
+                    } else {
+                        0
+                    };
+                }
+            }
+        }
+        if spec.poison {
+            for &page in &perm[next..] {
+                cache[page * PAGE_ROWS * row_len..(page + 1) * PAGE_ROWS * row_len].fill(T::nan());
+            }
+        }
+        Case {
+            shape,
+            q,
+            cache,
+            block_table,
+            seqlens: spec.seqlens.clone(),
+            softmax_scale: spec
+                .softmax_scale
+                .unwrap_or_else(etap::reference::default_softmax_scale),
+            seed: spec.seed,
+        }
+    }
+
+    /// The CPU reference's (out, lse) for this case.
+    pub fn reference(&self) -> (Vec<f32>, Vec<f32>) {
+        etap::reference::mla_decode(
+            &self.shape,
+            &self.q,
+            &self.cache,
+            &self.block_table,
+            &self.seqlens,
+            self.softmax_scale,
+        )
+        .expect("a generated case is valid")
+    }
+
+    /// The CPU reference for request `r` only (out `[s_q*h_q*512]`, lse `[h_q*s_q]`).
+    pub fn reference_request(&self, r: usize) -> (Vec<f32>, Vec<f32>) {
+        etap::reference::mla_decode_request(
+            &self.shape,
+            &self.q,
+            &self.cache,
+            &self.block_table,
+            &self.seqlens,
+            self.softmax_scale,
+            r,
+        )
+        .expect("a generated case is valid")
+    }
+
+    /// Pages the requests use in all.
+    pub fn used_pages(&self) -> usize {
+        self.seqlens
+            .iter()
+            .map(|&s| pages_of(s, self.shape.max_pages as u32) as usize)
+            .sum()
+    }
+}
+
+/// `batch` random sequence lengths in `0..=max`, with some zeros and page-boundary lengths mixed
+/// in (when `max` allows).
+pub fn random_seqlens(rng: &mut StdRng, batch: usize, max: i32) -> Vec<i32> {
+    (0..batch)
+        .map(|_| {
+            let pick = match rng.gen_range(0..8) {
+                0 => 0,
+                1 => 1,
+                2 => PAGE_ROWS as i32 * rng.gen_range(1..=4),
+                3 => PAGE_ROWS as i32 * rng.gen_range(1..=4) + 1,
+                _ => rng.gen_range(0..=max),
+            };
+            pick.min(max)
+        })
+        .collect()
+}
+
+/// Norm-wise relative error `|a - b| / |b|` (Euclidean norms). Infinity when the lengths
+/// differ, or when `a` is NaN or infinite where `b` is finite; when `b` is all zeros it is
+/// `|a|`. Non-finite reference entries must be matched exactly.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let mut num = 0f64;
+    let mut den = 0f64;
+    for (&x, &y) in a.iter().zip(b) {
+        if !y.is_finite() {
+            if x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()) {
+                continue;
+            }
+            return f64::INFINITY;
+        }
+        if !x.is_finite() {
+            return f64::INFINITY;
+        }
+        let d = x as f64 - y as f64;
+        num += d * d;
+        den += y as f64 * y as f64;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// [`rel_err`] for f64 buffers.
+pub fn rel_err_f64(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let mut num = 0f64;
+    let mut den = 0f64;
+    for (&x, &y) in a.iter().zip(b) {
+        if !y.is_finite() {
+            if x == y || (x.is_nan() && y.is_nan()) {
+                continue;
+            }
+            return f64::INFINITY;
+        }
+        if !x.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Largest `|a - b|` over two lse buffers, where equal infinities (`-inf == -inf`) count as 0
+/// and a NaN, a length mismatch, or an infinity on one side only counts as infinity.
+pub fn max_abs_diff_lse(a: &[f32], b: &[f32]) -> f64 {
+    let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+    let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+    max_abs_diff_lse_f64(&a, &b)
+}
+
+/// [`max_abs_diff_lse`] for f64 buffers.
+pub fn max_abs_diff_lse_f64(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let mut worst = 0f64;
+    for (&x, &y) in a.iter().zip(b) {
+        let d = if x.is_nan() || y.is_nan() {
+            f64::INFINITY
+        } else if x.is_infinite() || y.is_infinite() {
+            if x == y {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            (x - y).abs()
+        };
+        worst = worst.max(d);
+    }
+    worst
+}

@@ -1,0 +1,1015 @@
+//! CPU-only property tests: the split-KV scheduler, the split/combine emulation against the
+//! reference, the reference against a naive implementation and hand-computed cases, and input
+//! validation.
+use etap::emulate::{mla_decode_split, mla_decode_split_f64, split_partials};
+use etap::reference::{mla_decode, mla_decode_f64, mla_decode_into, mla_decode_request};
+use etap::validate::{validate_lengths, validate_shape, validate_tables};
+use etap::{Bf16, DecodeShape, Element, EtapError, F16};
+use etap_core::{
+    max_splits, pages_of, schedule, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS,
+    SPLIT_COST_PAGES, SUPPORTED_HEADS,
+};
+use etap_tests::{max_abs_diff_lse, max_abs_diff_lse_f64, rel_err, rel_err_f64, Case, CaseSpec};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+
+// ---------------------------------------------------------------------------------------------
+// Scheduler
+// ---------------------------------------------------------------------------------------------
+
+/// Check every scheduler invariant for one input.
+fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(), TestCaseError> {
+    let b = seqlens.len();
+    let mut ranges = vec![WorkRange::default(); num_parts];
+    let mut offsets = vec![u32::MAX; b + 1];
+    let total = schedule(seqlens, max_pages, &mut ranges, &mut offsets);
+    let pages: Vec<u32> = seqlens.iter().map(|&s| pages_of(s, max_pages)).collect();
+
+    // split_offsets is a prefix sum ending at the returned total.
+    prop_assert_eq!(offsets[0], 0);
+    for r in 0..b {
+        prop_assert!(
+            offsets[r] <= offsets[r + 1],
+            "offsets not monotone at {}",
+            r
+        );
+    }
+    prop_assert_eq!(offsets[b], total);
+    prop_assert!(
+        total as usize <= b + num_parts,
+        "{} splits > b + parts",
+        total
+    );
+    prop_assert!(total as usize <= max_splits(b, num_parts));
+
+    // Walk the parts: coverage, split indices in part order, per-part cost.
+    let mut covered: Vec<Vec<u8>> = pages.iter().map(|&p| vec![0u8; p as usize]).collect();
+    let mut split_seq: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut part_costs = Vec::with_capacity(num_parts);
+    for (p, range) in ranges.iter().enumerate() {
+        if range.empty != 0 {
+            prop_assert_eq!(*range, WorkRange::EMPTY, "part {} empty but not EMPTY", p);
+            part_costs.push(0u64);
+            continue;
+        }
+        prop_assert!(
+            range.begin_req <= range.end_req,
+            "part {}: reversed range",
+            p
+        );
+        prop_assert!(
+            (range.end_req as usize) < b,
+            "part {}: end_req past batch",
+            p
+        );
+        let mut cost = 0u64;
+        let mut first = true;
+        for r in range.begin_req..=range.end_req {
+            let (lo, hi) = range.segment(r, pages[r as usize]);
+            prop_assert!(
+                hi <= pages[r as usize],
+                "part {} request {}: page {} past end",
+                p,
+                r,
+                hi
+            );
+            if r == range.begin_req {
+                prop_assert!(lo < hi, "part {}: its first request has no pages", p);
+            }
+            if lo == hi {
+                continue;
+            }
+            for pg in lo..hi {
+                covered[r as usize][pg as usize] += 1;
+            }
+            let split = if first { range.first_split } else { 0 };
+            first = false;
+            split_seq[r as usize].push(split);
+            cost += (hi - lo) as u64 + SPLIT_COST_PAGES as u64;
+        }
+        part_costs.push(cost);
+    }
+    for (r, c) in covered.iter().enumerate() {
+        for (pg, &n) in c.iter().enumerate() {
+            prop_assert_eq!(n, 1, "request {} page {} covered {} times", r, pg, n);
+        }
+    }
+    for r in 0..b {
+        let n = offsets[r + 1] - offsets[r];
+        let expected: Vec<u32> = (0..n).collect();
+        prop_assert_eq!(
+            &split_seq[r],
+            &expected,
+            "request {} ({} pages): split indices in part order",
+            r,
+            pages[r]
+        );
+        prop_assert_eq!(n == 0, pages[r] == 0, "request {}: splits iff pages", r);
+    }
+    // Balance.
+    let total_cost: u64 = pages
+        .iter()
+        .filter(|&&p| p > 0)
+        .map(|&p| p as u64 + SPLIT_COST_PAGES as u64)
+        .sum();
+    let bound = 2 * total_cost.div_ceil(num_parts as u64) + 2 * SPLIT_COST_PAGES as u64;
+    for (p, &c) in part_costs.iter().enumerate() {
+        prop_assert!(
+            c <= bound,
+            "part {} cost {} > bound {} (total {})",
+            p,
+            c,
+            bound,
+            total_cost
+        );
+    }
+    Ok(())
+}
+
+fn sched_seqlen() -> impl Strategy<Value = i32> {
+    prop_oneof![
+        2 => Just(0),
+        2 => 1..=130i32,
+        2 => (1..=320i32).prop_map(|p| p * 64),
+        1 => (1..=320i32).prop_map(|p| p * 64 + 1),
+        5 => 0..=20000i32,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    #[test]
+    fn schedule_invariants(
+        seqlens in prop::collection::vec(sched_seqlen(), 1..=64),
+        extra_slots in 0u32..3,
+        num_parts in prop_oneof![1..=8usize, 1..=264usize, Just(132usize), Just(264usize)],
+    ) {
+        let needed = seqlens.iter().map(|&s| pages_of(s, u32::MAX)).max().unwrap();
+        let max_pages = (needed + extra_slots).max(1);
+        check_schedule(&seqlens, max_pages, num_parts)?;
+    }
+}
+
+#[test]
+fn schedule_fixed_cases() {
+    let cases: Vec<(Vec<i32>, usize)> = vec![
+        (vec![20000; 64], 264),
+        (vec![20000; 64], 1),
+        (vec![0; 10], 5),
+        (vec![1], 264),
+        (vec![0, 0, 5000, 0], 3),
+        (vec![4096; 64], 132),
+        (vec![64, 1, 0, 128, 129, 20000, 7], 132),
+        ((0..64).map(|i| i * 311).collect(), 78),
+    ];
+    for (seqlens, parts) in cases {
+        let max_pages = seqlens
+            .iter()
+            .map(|&s| pages_of(s, u32::MAX))
+            .max()
+            .unwrap()
+            .max(1);
+        check_schedule(&seqlens, max_pages, parts)
+            .unwrap_or_else(|e| panic!("{seqlens:?} over {parts} parts: {e}"));
+    }
+}
+
+#[test]
+fn schedule_clamps_to_block_table() {
+    // Lengths past the table are cut to it (the host API rejects them; the clamp protects a
+    // device-resident length nobody checked): still every page exactly once.
+    check_schedule(&[10_000, -5, 3], 4, 7).unwrap();
+    check_schedule(&[i32::MAX, 1], 2, 3).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Naive reference (independent of etap::reference) and the case helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Straight from the definition: per (request, token, head) a two-pass softmax in f64.
+fn naive<T: Element>(c: &Case<T>) -> (Vec<f64>, Vec<f64>) {
+    let sh = c.shape;
+    let scale = c.softmax_scale as f64;
+    let mut out = vec![0.0; sh.out_len()];
+    let mut lse = vec![f64::NEG_INFINITY; sh.lse_len()];
+    for r in 0..sh.batch {
+        let l = c.seqlens[r] as i64;
+        for t in 0..sh.s_q {
+            let vis = (l - sh.s_q as i64 + t as i64 + 1).max(0) as usize;
+            for h in 0..sh.h_q {
+                if vis == 0 {
+                    continue;
+                }
+                let qrow = &c.q[((r * sh.s_q + t) * sh.h_q + h) * D_QK..][..D_QK];
+                let rows: Vec<&[T]> = (0..vis)
+                    .map(|j| {
+                        let page = c.block_table[r * sh.max_pages + j / PAGE_ROWS] as usize;
+                        &c.cache[(page * PAGE_ROWS + j % PAGE_ROWS) * D_QK..][..D_QK]
+                    })
+                    .collect();
+                let s: Vec<f64> = rows
+                    .iter()
+                    .map(|k| {
+                        scale
+                            * qrow
+                                .iter()
+                                .zip(k.iter())
+                                .map(|(a, b)| a.to_f32() as f64 * b.to_f32() as f64)
+                                .sum::<f64>()
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                lse[(r * sh.h_q + h) * sh.s_q + t] = m + sum.ln();
+                let o = &mut out[((r * sh.s_q + t) * sh.h_q + h) * D_V..][..D_V];
+                for (k, &sj) in rows.iter().zip(&s) {
+                    let p = (sj - m).exp() / sum;
+                    for d in 0..D_V {
+                        o[d] += p * k[d].to_f32() as f64;
+                    }
+                }
+            }
+        }
+    }
+    (out, lse)
+}
+
+fn case_any<T: Element>(s_q: usize, h_q: usize, seqlens: &[i32], seed: u64) -> Case<T> {
+    Case::new(s_q, h_q, seqlens, seed)
+}
+
+/// f32 lse within one f32 rounding of the f64 value.
+fn lse_f32_close(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(&x, &y)| {
+            (x == f32::NEG_INFINITY && y == f32::NEG_INFINITY)
+                || (x.is_finite()
+                    && y.is_finite()
+                    && (x - y).abs() <= 2.0 * f32::EPSILON * y.abs().max(1.0))
+        })
+}
+
+fn check_split_matches<T: Element>(c: &Case<T>, num_parts: usize) -> Result<(), TestCaseError> {
+    let args = (
+        &c.shape,
+        &c.q[..],
+        &c.cache[..],
+        &c.block_table[..],
+        &c.seqlens[..],
+    );
+    let (ro, rl) = mla_decode_f64(args.0, args.1, args.2, args.3, args.4, c.softmax_scale).unwrap();
+    let (so, sl) = mla_decode_split_f64(
+        args.0,
+        args.1,
+        args.2,
+        args.3,
+        args.4,
+        c.softmax_scale,
+        num_parts,
+    )
+    .unwrap();
+    let e = rel_err_f64(&so, &ro);
+    prop_assert!(
+        e < 1e-9,
+        "out rel err {} (parts {}, seed {})",
+        e,
+        num_parts,
+        c.seed
+    );
+    let d = max_abs_diff_lse_f64(&sl, &rl);
+    prop_assert!(
+        d < 1e-9,
+        "lse diff {} (parts {}, seed {})",
+        d,
+        num_parts,
+        c.seed
+    );
+    // The f32 API too.
+    let (ro32, rl32) = mla_decode(args.0, args.1, args.2, args.3, args.4, c.softmax_scale).unwrap();
+    let (so32, sl32) = mla_decode_split(
+        args.0,
+        args.1,
+        args.2,
+        args.3,
+        args.4,
+        c.softmax_scale,
+        num_parts,
+    )
+    .unwrap();
+    let e = rel_err(&so32, &ro32);
+    prop_assert!(e < 1e-9, "f32 out rel err {}", e);
+    prop_assert!(lse_f32_close(&sl32, &rl32), "f32 lse differ");
+    prop_assert!(max_abs_diff_lse(&sl32, &rl32) < 1e-5);
+    Ok(())
+}
+
+fn check_against_naive<T: Element>(c: &Case<T>) -> Result<(), TestCaseError> {
+    let (no, nl) = naive(c);
+    let (ro, rl) = mla_decode_f64(
+        &c.shape,
+        &c.q,
+        &c.cache,
+        &c.block_table,
+        &c.seqlens,
+        c.softmax_scale,
+    )
+    .unwrap();
+    let e = rel_err_f64(&ro, &no);
+    prop_assert!(
+        e < 1e-12,
+        "reference vs naive: out rel err {} (seed {})",
+        e,
+        c.seed
+    );
+    let d = max_abs_diff_lse_f64(&rl, &nl);
+    prop_assert!(
+        d < 1e-12,
+        "reference vs naive: lse diff {} (seed {})",
+        d,
+        c.seed
+    );
+    Ok(())
+}
+
+fn emu_seqlen() -> impl Strategy<Value = i32> {
+    prop_oneof![
+        1 => Just(0),
+        1 => 1..=4i32,
+        1 => 62..=66i32,
+        1 => 126..=130i32,
+        4 => 0..=600i32,
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Emulated split + combine == reference; reference == naive
+// ---------------------------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn split_combine_matches_reference(
+        h_idx in 0..SUPPORTED_HEADS.len(),
+        s_q in 1..=4usize,
+        seqlens in prop::collection::vec(emu_seqlen(), 1..=3),
+        num_parts in prop_oneof![1..=4usize, 1..=40usize, Just(132usize)],
+        seed in any::<u64>(),
+        bf16 in any::<bool>(),
+    ) {
+        let h_q = SUPPORTED_HEADS[h_idx];
+        if bf16 {
+            check_split_matches(&case_any::<Bf16>(s_q, h_q, &seqlens, seed), num_parts)?;
+        } else {
+            check_split_matches(&case_any::<F16>(s_q, h_q, &seqlens, seed), num_parts)?;
+        }
+    }
+
+    #[test]
+    fn reference_matches_naive(
+        h_idx in 0..3usize,
+        s_q in 1..=4usize,
+        seqlens in prop::collection::vec(emu_seqlen(), 1..=3),
+        seed in any::<u64>(),
+        bf16 in any::<bool>(),
+    ) {
+        let h_q = SUPPORTED_HEADS[h_idx];
+        if bf16 {
+            check_against_naive(&case_any::<Bf16>(s_q, h_q, &seqlens, seed))?;
+        } else {
+            check_against_naive(&case_any::<F16>(s_q, h_q, &seqlens, seed))?;
+        }
+    }
+}
+
+#[test]
+fn split_combine_fixed_cases() {
+    let c = Case::<Bf16>::new(4, 128, &[0, 1, 64, 65, 600, 1000], 0xE7A9);
+    for parts in [1, 7, 132] {
+        check_split_matches(&c, parts).unwrap();
+    }
+    let c = Case::<F16>::new(1, 16, &[3000, 5, 129], 42);
+    for parts in [2, 31, 264] {
+        check_split_matches(&c, parts).unwrap();
+    }
+    // Every request cut into many splits, including ones whose pages are all masked for the
+    // early tokens of an s_q = 4 request.
+    let c = Case::<Bf16>::new(4, 8, &[2, 3, 700], 7);
+    for parts in [5, 50] {
+        check_split_matches(&c, parts).unwrap();
+    }
+}
+
+#[test]
+fn reference_fixed_cases_match_naive() {
+    check_against_naive(&Case::<Bf16>::new(
+        4,
+        64,
+        &[0, 1, 2, 3, 4, 5, 64, 65, 300],
+        1,
+    ))
+    .unwrap();
+    check_against_naive(&Case::<F16>::new(2, 128, &[129, 1], 2)).unwrap();
+    let mut spec = CaseSpec::new(1, 32, &[200, 100], 3);
+    // Large logits: exercises the max subtraction.
+    spec.q_std = 8.0;
+    spec.kv_std = 4.0;
+    check_against_naive(&Case::<Bf16>::from_spec(&spec)).unwrap();
+}
+
+#[test]
+fn request_reference_is_a_slice_of_the_batch() {
+    let c = Case::<Bf16>::new(3, 16, &[70, 0, 2, 200], 11);
+    let (out, lse) = c.reference();
+    let cols = c.shape.cols();
+    for r in 0..c.shape.batch {
+        let (o, l) = c.reference_request(r);
+        assert_eq!(
+            &o[..],
+            &out[r * cols * D_V..][..cols * D_V],
+            "request {r} out"
+        );
+        let l_full = &lse[r * cols..][..cols];
+        assert_eq!(max_abs_diff_lse(&l, l_full), 0.0, "request {r} lse");
+    }
+    assert_eq!(
+        mla_decode_request(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, 1.0, 4),
+        Err(EtapError::RequestIndex {
+            request: 4,
+            batch: 4
+        })
+    );
+}
+
+#[test]
+fn split_partials_layout() {
+    let c = Case::<Bf16>::new(2, 8, &[300, 0, 64], 5);
+    let p = split_partials(
+        &c.shape,
+        &c.q,
+        &c.cache,
+        &c.block_table,
+        &c.seqlens,
+        c.softmax_scale,
+        3,
+    )
+    .unwrap();
+    let ns = p.num_splits();
+    assert_eq!(p.split_offsets.len(), 4);
+    assert_eq!(p.split_offsets[1], p.split_offsets[2], "seqlen 0: no split");
+    assert!(
+        ns >= 3,
+        "300 rows over 3 parts are cut: {:?}",
+        p.split_offsets
+    );
+    assert_eq!(p.out.len(), ns * c.shape.cols() * D_V);
+    assert_eq!(p.lse.len(), ns * c.shape.cols());
+    assert!(p.out.iter().all(|x| x.is_finite()));
+    assert_eq!(
+        split_partials(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, 1.0, 0),
+        Err(EtapError::Zero { arg: "num_parts" })
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reference sanity: hand-computable cases
+// ---------------------------------------------------------------------------------------------
+
+fn row<T: Element>(c: &Case<T>, r: usize, j: usize) -> &[T] {
+    let page = c.block_table[r * c.shape.max_pages + j / PAGE_ROWS] as usize;
+    &c.cache[(page * PAGE_ROWS + j % PAGE_ROWS) * D_QK..][..D_QK]
+}
+
+fn qrow<T: Element>(c: &Case<T>, r: usize, t: usize, h: usize) -> &[T] {
+    let sh = &c.shape;
+    &c.q[((r * sh.s_q + t) * sh.h_q + h) * D_QK..][..D_QK]
+}
+
+fn dot64<T: Element>(a: &[T], b: &[T]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.to_f32() as f64 * y.to_f32() as f64)
+        .sum()
+}
+
+#[test]
+fn seqlen_one_gives_v_row_zero() {
+    let c = Case::<Bf16>::new(1, 8, &[1, 1], 99);
+    let (out, lse) = c.reference();
+    let (_, lse64) = mla_decode_f64(
+        &c.shape,
+        &c.q,
+        &c.cache,
+        &c.block_table,
+        &c.seqlens,
+        c.softmax_scale,
+    )
+    .unwrap();
+    for r in 0..2 {
+        let k = row(&c, r, 0);
+        for h in 0..8 {
+            let o = &out[(r * 8 + h) * D_V..][..D_V];
+            for d in 0..D_V {
+                assert_eq!(o[d], k[d].to_f32(), "r {r} h {h} d {d}");
+            }
+            let expected = c.softmax_scale as f64 * dot64(qrow(&c, r, 0, h), k);
+            assert!((lse64[r * 8 + h] - expected).abs() < 1e-12);
+            assert!((lse[r * 8 + h] as f64 - expected).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn two_rows_by_hand() {
+    let c = Case::<F16>::new(1, 8, &[2], 123);
+    let (out, lse) = mla_decode_f64(
+        &c.shape,
+        &c.q,
+        &c.cache,
+        &c.block_table,
+        &c.seqlens,
+        c.softmax_scale,
+    )
+    .unwrap();
+    let (k0, k1) = (row(&c, 0, 0), row(&c, 0, 1));
+    for h in 0..8 {
+        let s0 = c.softmax_scale as f64 * dot64(qrow(&c, 0, 0, h), k0);
+        let s1 = c.softmax_scale as f64 * dot64(qrow(&c, 0, 0, h), k1);
+        let z = s0.exp() + s1.exp();
+        assert!((lse[h] - z.ln()).abs() < 1e-12);
+        for d in 0..D_V {
+            let e = (s0.exp() * k0[d].to_f32() as f64 + s1.exp() * k1[d].to_f32() as f64) / z;
+            assert!((out[h * D_V + d] - e).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn causal_mask_hides_the_last_row_from_token_zero() {
+    let seqlen = 70; // the last row is row 5 of the second page
+    let c = Case::<Bf16>::new(2, 16, &[seqlen], 8);
+    let (out, lse) = c.reference();
+    let mut poisoned = c.clone();
+    let last = seqlen as usize - 1;
+    let page = poisoned.block_table[last / PAGE_ROWS] as usize;
+    poisoned.cache[(page * PAGE_ROWS + last % PAGE_ROWS) * D_QK..][..D_QK].fill(Bf16::nan());
+    let (pout, plse) = poisoned.reference();
+    let h_q = 16;
+    for h in 0..h_q {
+        // Token 0 (columns 0..16): unaffected.
+        assert_eq!(
+            &pout[h * D_V..][..D_V],
+            &out[h * D_V..][..D_V],
+            "token 0 head {h} read the last row"
+        );
+        assert_eq!(plse[h * 2], lse[h * 2]);
+        // Token 1 (columns 16..32) sees it.
+        assert!(pout[(h_q + h) * D_V..][..D_V].iter().all(|x| x.is_nan()));
+        assert!(plse[h * 2 + 1].is_nan());
+    }
+    // And token 0 equals a one-token decode over seqlen - 1 rows with the same query.
+    let mut single = c.clone();
+    single.shape.s_q = 1;
+    single.q.truncate(h_q * D_QK);
+    single.seqlens = vec![seqlen - 1];
+    let (sout, slse) = single.reference();
+    assert_eq!(&sout[..], &out[..h_q * D_V]);
+    for h in 0..h_q {
+        assert_eq!(slse[h], lse[h * 2]);
+    }
+}
+
+#[test]
+fn tokens_that_see_nothing_get_zeros_and_neg_inf() {
+    // s_q = 4 with 2 rows: tokens 0 and 1 see nothing, token 2 sees row 0, token 3 rows 0..2.
+    let c = Case::<Bf16>::new(4, 8, &[2], 31);
+    assert_eq!(visible_rows(2, 4, 1), 0);
+    let (out, lse) = c.reference();
+    for t in 0..4 {
+        for h in 0..8 {
+            let o = &out[(t * 8 + h) * D_V..][..D_V];
+            let l = lse[h * 4 + t];
+            match t {
+                0 | 1 => {
+                    assert!(o.iter().all(|&x| x == 0.0));
+                    assert_eq!(l, f32::NEG_INFINITY);
+                }
+                2 => {
+                    let k = row(&c, 0, 0);
+                    assert!(o.iter().zip(k).all(|(&x, y)| x == y.to_f32()));
+                    assert!(l.is_finite());
+                }
+                _ => assert!(l.is_finite() && o.iter().all(|x| x.is_finite())),
+            }
+        }
+    }
+}
+
+#[test]
+fn seqlen_zero_gives_zeros_and_neg_inf() {
+    let c = Case::<F16>::new(2, 32, &[0, 5, 0], 77);
+    let (out, lse) = c.reference();
+    let cols = c.shape.cols();
+    for r in [0, 2] {
+        assert!(out[r * cols * D_V..][..cols * D_V]
+            .iter()
+            .all(|&x| x == 0.0));
+        assert!(lse[r * cols..][..cols]
+            .iter()
+            .all(|&x| x == f32::NEG_INFINITY));
+    }
+    assert!(out[cols * D_V..][..cols * D_V]
+        .iter()
+        .all(|x| x.is_finite()));
+    assert!(lse[cols..][..cols].iter().all(|x| x.is_finite()));
+    // And the split path agrees.
+    let (so, sl) = mla_decode_split(
+        &c.shape,
+        &c.q,
+        &c.cache,
+        &c.block_table,
+        &c.seqlens,
+        c.softmax_scale,
+        4,
+    )
+    .unwrap();
+    assert!(rel_err(&so, &out) < 1e-9);
+    assert!(max_abs_diff_lse(&sl, &lse) < 1e-6);
+}
+
+#[test]
+fn case_generator_poisons_what_nobody_may_read() {
+    let c = Case::<Bf16>::new(1, 8, &[65, 0, 130], 4);
+    assert!(c
+        .q
+        .iter()
+        .all(|x| x.to_f32() != 0.0 && x.to_f32().is_finite()));
+    assert_eq!(c.used_pages(), 2 + 3);
+    assert!(c.shape.num_pages > c.used_pages());
+    // Used pages are distinct and not all in order.
+    let mut used: Vec<i32> = vec![c.block_table[0], c.block_table[1]];
+    used.extend(&c.block_table[2 * c.shape.max_pages..][..3]);
+    let mut sorted = used.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 5);
+    // Row 65 of request 0 (second page, row 1) is NaN, row 64 is not.
+    let page = c.block_table[1] as usize;
+    assert!(c.cache[(page * PAGE_ROWS + 1) * D_QK].to_f32().is_nan());
+    assert!(c.cache[(page * PAGE_ROWS) * D_QK].to_f32().is_finite());
+    // Request 1 has no pages: all its slots are junk.
+    assert!(c.block_table[c.shape.max_pages..][..c.shape.max_pages]
+        .iter()
+        .all(|&e| e < 0 || e as usize >= c.shape.num_pages));
+    // Outputs are finite: nothing poisoned was read.
+    let (out, lse) = c.reference();
+    assert!(out.iter().all(|x| x.is_finite()));
+    assert_eq!(lse.iter().filter(|x| x.is_finite()).count(), 16);
+}
+
+#[test]
+fn metrics() {
+    assert_eq!(rel_err(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+    assert!(rel_err(&[f32::NAN, 2.0], &[1.0, 2.0]).is_infinite());
+    assert!(rel_err(&[1.0], &[1.0, 2.0]).is_infinite());
+    assert!((rel_err(&[3.0, 4.0], &[0.0, 0.0]) - 5.0).abs() < 1e-12);
+    assert!((rel_err(&[1.1], &[1.0]) - 0.1).abs() < 1e-6);
+    let ninf = f32::NEG_INFINITY;
+    assert_eq!(max_abs_diff_lse(&[ninf, 1.0], &[ninf, 1.0]), 0.0);
+    assert!(max_abs_diff_lse(&[ninf], &[1.0]).is_infinite());
+    assert!(max_abs_diff_lse(&[f32::NAN], &[1.0]).is_infinite());
+    assert!((max_abs_diff_lse(&[1.5], &[1.0]) - 0.5).abs() < 1e-12);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------------
+
+/// seqlens [100, 0, 130]: max_pages 4 (3 + 1 spare), 2 + 0 + 3 used pages + 3 spare.
+fn base_case() -> Case<Bf16> {
+    Case::new(2, 16, &[100, 0, 130], 2024)
+}
+
+fn decode<T: Element>(c: &Case<T>) -> etap::Result<(Vec<f32>, Vec<f32>)> {
+    mla_decode(
+        &c.shape,
+        &c.q,
+        &c.cache,
+        &c.block_table,
+        &c.seqlens,
+        c.softmax_scale,
+    )
+}
+
+#[test]
+fn shape_errors() {
+    let ok = DecodeShape::new(2, 1, 16, 4, 4);
+    assert_eq!(validate_shape(&ok), Ok(()));
+    for h in SUPPORTED_HEADS {
+        assert_eq!(validate_shape(&DecodeShape { h_q: h, ..ok }), Ok(()));
+    }
+    for s in 1..=4 {
+        assert_eq!(validate_shape(&DecodeShape { s_q: s, ..ok }), Ok(()));
+    }
+    assert_eq!(
+        validate_shape(&DecodeShape { batch: 0, ..ok }),
+        Err(EtapError::EmptyBatch)
+    );
+    assert_eq!(
+        validate_shape(&DecodeShape { d_qk: 512, ..ok }),
+        Err(EtapError::HeadDim {
+            arg: "q/cache head dim",
+            expected: 576,
+            got: 512
+        })
+    );
+    assert_eq!(
+        validate_shape(&DecodeShape { d_v: 576, ..ok }),
+        Err(EtapError::HeadDim {
+            arg: "v head dim",
+            expected: 512,
+            got: 576
+        })
+    );
+    for h in [0, 1, 4, 12, 24, 96, 256] {
+        assert_eq!(
+            validate_shape(&DecodeShape { h_q: h, ..ok }),
+            Err(EtapError::UnsupportedHeads { h_q: h })
+        );
+    }
+    for s in [0, 5, 8] {
+        assert_eq!(
+            validate_shape(&DecodeShape { s_q: s, ..ok }),
+            Err(EtapError::UnsupportedSeqQ { s_q: s })
+        );
+    }
+    assert_eq!(
+        validate_shape(&DecodeShape { num_pages: 0, ..ok }),
+        Err(EtapError::Zero { arg: "num_pages" })
+    );
+    assert_eq!(
+        validate_shape(&DecodeShape { max_pages: 0, ..ok }),
+        Err(EtapError::Zero { arg: "max_pages" })
+    );
+    // Through the reference: an empty batch with empty buffers.
+    let empty = DecodeShape::new(0, 1, 16, 1, 1);
+    let cache = vec![Bf16::default(); empty.cache_len()];
+    assert_eq!(
+        mla_decode::<Bf16>(&empty, &[], &cache, &[], &[], 1.0),
+        Err(EtapError::EmptyBatch)
+    );
+}
+
+#[test]
+fn length_errors_name_the_buffer() {
+    let c = base_case();
+    let sh = c.shape;
+    let good = [
+        sh.q_len(),
+        sh.cache_len(),
+        sh.block_table_len(),
+        sh.batch,
+        sh.out_len(),
+        sh.lse_len(),
+    ];
+    let names = [
+        "q",
+        "kv_cache",
+        "block_table",
+        "cache_seqlens",
+        "out",
+        "lse",
+    ];
+    let check = |l: [usize; 6]| validate_lengths(&sh, l[0], l[1], l[2], l[3], l[4], l[5]);
+    assert_eq!(check(good), Ok(()));
+    for i in 0..6 {
+        for got in [good[i] - 1, good[i] + 1, 0] {
+            let mut l = good;
+            l[i] = got;
+            assert_eq!(
+                check(l),
+                Err(EtapError::Length {
+                    arg: names[i],
+                    expected: good[i],
+                    got
+                }),
+                "{}",
+                names[i]
+            );
+        }
+    }
+    // Through the reference.
+    let mut q = c.q.clone();
+    q.pop();
+    assert!(matches!(
+        mla_decode(&sh, &q, &c.cache, &c.block_table, &c.seqlens, 1.0),
+        Err(EtapError::Length { arg: "q", .. })
+    ));
+    assert!(matches!(
+        mla_decode(&sh, &c.q, &c.cache[1..], &c.block_table, &c.seqlens, 1.0),
+        Err(EtapError::Length {
+            arg: "kv_cache",
+            ..
+        })
+    ));
+    assert!(matches!(
+        mla_decode(&sh, &c.q, &c.cache, &c.block_table[1..], &c.seqlens, 1.0),
+        Err(EtapError::Length {
+            arg: "block_table",
+            ..
+        })
+    ));
+    assert!(matches!(
+        mla_decode(&sh, &c.q, &c.cache, &c.block_table, &c.seqlens[1..], 1.0),
+        Err(EtapError::Length {
+            arg: "cache_seqlens",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn table_errors() {
+    let c = base_case();
+    let mp = c.shape.max_pages;
+    assert_eq!(mp, 4);
+    assert!(decode(&c).is_ok());
+
+    let mut bad = c.clone();
+    bad.seqlens[1] = -1;
+    assert_eq!(
+        decode(&bad),
+        Err(EtapError::NegativeSeqlen {
+            request: 1,
+            seqlen: -1
+        })
+    );
+
+    let mut bad = c.clone();
+    bad.seqlens[0] = 4 * 64 + 1;
+    assert_eq!(
+        decode(&bad),
+        Err(EtapError::SeqlenBeyondTable {
+            request: 0,
+            seqlen: 257,
+            capacity: 256
+        })
+    );
+
+    // A length of exactly the capacity is fine once its slots hold real pages.
+    let mut full = c.clone();
+    full.seqlens[1] = 256;
+    let mut r1 = Vec::new();
+    for slot in 0..4 {
+        full.block_table[mp + slot] = c.block_table[slot % 2];
+        r1.push(c.block_table[slot % 2]);
+    }
+    // (page contents past the first request's seqlen are NaN, so only validity is checked)
+    assert_eq!(
+        validate_tables(&full.shape, &full.block_table, &full.seqlens),
+        Ok(())
+    );
+
+    let n = c.shape.num_pages as i32;
+    for (r, slot) in [(0usize, 0usize), (0, 1), (2, 0), (2, 2)] {
+        for page in [-1, n, n + 100, i32::MIN, i32::MAX] {
+            let mut bad = c.clone();
+            bad.block_table[r * mp + slot] = page;
+            assert_eq!(
+                decode(&bad),
+                Err(EtapError::BlockTableEntry {
+                    request: r,
+                    slot,
+                    page,
+                    num_pages: n as usize
+                }),
+                "request {r} slot {slot} page {page}"
+            );
+        }
+    }
+    // Junk in unused slots (request 0's slots 2, 3; all of request 1's; request 2's slot 3).
+    for (r, slot) in [(0usize, 2usize), (0, 3), (1, 0), (1, 3), (2, 3)] {
+        for page in [-1, n, i32::MIN, i32::MAX] {
+            let mut junk = c.clone();
+            junk.block_table[r * mp + slot] = page;
+            assert_eq!(decode(&junk).map(|_| ()), Ok(()), "request {r} slot {slot}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    #[test]
+    fn block_table_entries_checked_only_in_used_slots(
+        seqlens in prop::collection::vec(0..=400i32, 1..=6),
+        r_pick in any::<prop::sample::Index>(),
+        slot_pick in any::<prop::sample::Index>(),
+        page in prop_oneof![Just(-1i32), any::<i32>(), 0..20i32],
+        extra_pages in 0usize..4,
+    ) {
+        let b = seqlens.len();
+        let max_pages = seqlens.iter().map(|&s| (s as usize).div_ceil(64)).max().unwrap().max(1) + 1;
+        let used: Vec<usize> = seqlens.iter().map(|&s| (s as usize).div_ceil(64)).collect();
+        let num_pages = used.iter().sum::<usize>() + extra_pages + 1;
+        let shape = DecodeShape::new(b, 1, 8, num_pages, max_pages);
+        // A valid table: page i for the i-th used slot, -1 elsewhere.
+        let mut bt = vec![-1i32; b * max_pages];
+        let mut next = 0;
+        for r in 0..b {
+            for s in 0..used[r] {
+                bt[r * max_pages + s] = next;
+                next += 1;
+            }
+        }
+        prop_assert_eq!(validate_tables(&shape, &bt, &seqlens), Ok(()));
+        let r = r_pick.index(b);
+        let slot = slot_pick.index(max_pages);
+        bt[r * max_pages + slot] = page;
+        let res = validate_tables(&shape, &bt, &seqlens);
+        if slot < used[r] && (page < 0 || page as usize >= num_pages) {
+            prop_assert_eq!(res, Err(EtapError::BlockTableEntry { request: r, slot, page, num_pages }));
+        } else {
+            prop_assert_eq!(res, Ok(()));
+        }
+    }
+}
+
+#[test]
+fn decode_into_writes_nothing_on_error() {
+    let c = base_case();
+    let sh = c.shape;
+    let poison_out = 777.25f32;
+    let poison_lse = f32::from_bits(0x7fc0_1234);
+    type Mutate = Box<dyn Fn(&mut Case<Bf16>, &mut usize, &mut usize)>;
+    let mutations: Vec<(&str, Mutate)> = vec![
+        ("negative seqlen", Box::new(|c, _, _| c.seqlens[2] = -3)),
+        ("seqlen beyond", Box::new(|c, _, _| c.seqlens[2] = 10_000)),
+        (
+            "bad entry",
+            Box::new(|c, _, _| c.block_table[2 * 4 + 2] = -1),
+        ),
+        (
+            "bad entry high",
+            Box::new(|c, _, _| c.block_table[1] = 1 << 20),
+        ),
+        (
+            "q length",
+            Box::new(|c, _, _| {
+                c.q.pop();
+            }),
+        ),
+        (
+            "cache length",
+            Box::new(|c, _, _| {
+                c.cache.pop();
+            }),
+        ),
+        ("seqlens length", Box::new(|c, _, _| c.seqlens.push(1))),
+        ("out length", Box::new(|_, o, _| *o -= 1)),
+        ("lse length", Box::new(|_, _, l| *l += 1)),
+        ("heads", Box::new(|c, _, _| c.shape.h_q = 12)),
+        ("s_q", Box::new(|c, _, _| c.shape.s_q = 5)),
+    ];
+    for (name, m) in mutations {
+        let mut bad = c.clone();
+        let (mut ol, mut ll) = (sh.out_len(), sh.lse_len());
+        m(&mut bad, &mut ol, &mut ll);
+        let mut out = vec![poison_out; ol];
+        let mut lse = vec![poison_lse; ll];
+        let res = mla_decode_into(
+            &bad.shape,
+            &bad.q,
+            &bad.cache,
+            &bad.block_table,
+            &bad.seqlens,
+            bad.softmax_scale,
+            &mut out,
+            &mut lse,
+        );
+        assert!(res.is_err(), "{name}: accepted");
+        assert!(
+            out.iter().all(|x| x.to_bits() == poison_out.to_bits()),
+            "{name}: out written"
+        );
+        assert!(
+            lse.iter().all(|x| x.to_bits() == poison_lse.to_bits()),
+            "{name}: lse written"
+        );
+    }
+    // And on success it writes exactly the reference.
+    let mut out = vec![poison_out; sh.out_len()];
+    let mut lse = vec![poison_lse; sh.lse_len()];
+    mla_decode_into(
+        &sh,
+        &c.q,
+        &c.cache,
+        &c.block_table,
+        &c.seqlens,
+        c.softmax_scale,
+        &mut out,
+        &mut lse,
+    )
+    .unwrap();
+    let (ro, rl) = c.reference();
+    assert_eq!(out, ro);
+    assert_eq!(max_abs_diff_lse(&lse, &rl), 0.0);
+}
