@@ -109,8 +109,7 @@ pub fn build_ptx() -> Result<PathBuf, String> {
     }
     let built = target_dir.join(TARGET).join("release").join(PTX_NAME);
     let stable = target_dir.join(PTX_NAME);
-    fs::copy(&built, &stable)
-        .map_err(|e| format!("copying {} to {}: {e}", built.display(), stable.display()))?;
+    fs::copy(&built, &stable).map_err(|e| format!("copying {} to {}: {e}", built.display(), stable.display()))?;
     Ok(stable)
 }
 
@@ -141,9 +140,7 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
         }
     }
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 fn find_file(dir: &Path, name: &str, depth: u32) -> Option<PathBuf> {
@@ -154,11 +151,7 @@ fn find_file(dir: &Path, name: &str, depth: u32) -> Option<PathBuf> {
     if depth == 0 {
         return None;
     }
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
+    let mut entries: Vec<_> = fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).collect();
     entries.sort();
     for e in entries {
         if e.is_dir() {
@@ -186,10 +179,7 @@ pub struct KernelReport {
 impl KernelReport {
     /// True when the kernel keeps everything in registers and shared memory.
     pub fn is_clean(&self) -> bool {
-        self.spill_stores == 0
-            && self.spill_loads == 0
-            && self.stack_frame_bytes == 0
-            && self.local_bytes == 0
+        self.spill_stores == 0 && self.spill_loads == 0 && self.stack_frame_bytes == 0 && self.local_bytes == 0
     }
 }
 
@@ -264,10 +254,7 @@ pub fn sass(cuobjdump: &Path, cubin: &Path) -> Result<String, String> {
         .output()
         .map_err(|e| format!("could not run {}: {e}", cuobjdump.display()))?;
     if !out.status.success() {
-        return Err(format!(
-            "cuobjdump failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        return Err(format!("cuobjdump failed: {}", String::from_utf8_lossy(&out.stderr)));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
