@@ -103,16 +103,8 @@ impl WorkRange {
     /// request `r` in `begin_req..=end_req` that has `pages` pages.
     #[inline]
     pub fn segment(&self, r: u32, pages: u32) -> (u32, u32) {
-        let lo = if r == self.begin_req {
-            self.begin_page
-        } else {
-            0
-        };
-        let hi = if r == self.end_req {
-            self.end_page
-        } else {
-            pages
-        };
+        let lo = if r == self.begin_req { self.begin_page } else { 0 };
+        let hi = if r == self.end_req { self.end_page } else { pages };
         if lo >= hi {
             (lo, lo)
         } else {
@@ -147,12 +139,7 @@ pub fn total_cost(seqlens: &[i32], max_pages: u32) -> u32 {
 /// whatever is left, so every page is covered exactly once.
 ///
 /// Returns the total number of splits (`split_offsets[b]`), at most `b + parts - 1`.
-pub fn schedule(
-    seqlens: &[i32],
-    max_pages: u32,
-    ranges: &mut [WorkRange],
-    split_offsets: &mut [u32],
-) -> u32 {
+pub fn schedule(seqlens: &[i32], max_pages: u32, ranges: &mut [WorkRange], split_offsets: &mut [u32]) -> u32 {
     let b = seqlens.len();
     let parts = ranges.len();
     debug_assert!(split_offsets.len() == b + 1);

@@ -64,21 +64,14 @@ impl fmt::Display for EtapError {
         use EtapError::*;
         match self {
             EmptyBatch => write!(f, "empty batch: batch must be at least 1"),
-            HeadDim { arg, expected, got } => write!(
-                f,
-                "{arg}: head dimension {got} is not supported (MLA needs {expected})"
-            ),
-            UnsupportedHeads { h_q } => write!(
-                f,
-                "h_q = {h_q} is not supported (supported: 8, 16, 32, 64, 128)"
-            ),
+            HeadDim { arg, expected, got } => {
+                write!(f, "{arg}: head dimension {got} is not supported (MLA needs {expected})")
+            }
+            UnsupportedHeads { h_q } => write!(f, "h_q = {h_q} is not supported (supported: 8, 16, 32, 64, 128)"),
             UnsupportedSeqQ { s_q } => {
                 write!(f, "s_q = {s_q} is not supported (supported: 1 to 4)")
             }
-            Length { arg, expected, got } => write!(
-                f,
-                "{arg}: expected {expected} elements for this shape, got {got}"
-            ),
+            Length { arg, expected, got } => write!(f, "{arg}: expected {expected} elements for this shape, got {got}"),
             Dtype { arg, expected, got } => {
                 write!(f, "{arg}: expected {expected} elements, got {got}")
             }
@@ -91,7 +84,10 @@ impl fmt::Display for EtapError {
                 seqlen,
                 capacity,
             } => {
-                write!(f, "cache_seqlens[{request}] = {seqlen} exceeds the block table's capacity of {capacity} rows")
+                write!(
+                    f,
+                    "cache_seqlens[{request}] = {seqlen} exceeds the block table's capacity of {capacity} rows"
+                )
             }
             BlockTableEntry {
                 request,
@@ -99,7 +95,10 @@ impl fmt::Display for EtapError {
                 page,
                 num_pages,
             } => {
-                write!(f, "block_table[{request}][{slot}] = {page} is outside the cache's {num_pages} pages")
+                write!(
+                    f,
+                    "block_table[{request}][{slot}] = {page} is outside the cache's {num_pages} pages"
+                )
             }
             RequestIndex { request, batch } => {
                 write!(

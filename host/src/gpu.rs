@@ -32,8 +32,7 @@ impl Decoder {
                 device.name().unwrap_or_default()
             )));
         }
-        let num_sms =
-            device.get_attribute(cust::device::DeviceAttribute::MultiprocessorCount)? as u32;
+        let num_sms = device.get_attribute(cust::device::DeviceAttribute::MultiprocessorCount)? as u32;
         let ctx = Context::new(device)?;
         let module = Module::from_ptx(crate::PTX, &[])?;
         Ok(Decoder {

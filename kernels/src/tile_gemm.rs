@@ -16,7 +16,11 @@ const STEPS_PER_BLOCK: usize = BLOCK_COLS / K_STEP;
 
 /// The kernel body; `TA` = 1 when A arrives as A^T (M-major).
 #[inline(always)]
-unsafe fn tile_gemm<const N: usize, const TA: u32, const F16: bool>(a_map: *const TensorMap, b_map: *const TensorMap, c: *mut f32) {
+unsafe fn tile_gemm<const N: usize, const TA: u32, const F16: bool>(
+    a_map: *const TensorMap,
+    b_map: *const TensorMap,
+    c: *mut f32,
+) {
     let t = index::thread_x();
     let a_tile = smem::base();
     let b_tile = a_tile + QK_BLOCKS as u32 * BLOCK_BYTES;

@@ -116,8 +116,7 @@ pub fn build_ptx() -> Result<PathBuf, String> {
     }
     let built = target_dir.join(TARGET).join("release").join(PTX_NAME);
     let stable = target_dir.join(PTX_NAME);
-    fs::copy(&built, &stable)
-        .map_err(|e| format!("copying {} to {}: {e}", built.display(), stable.display()))?;
+    fs::copy(&built, &stable).map_err(|e| format!("copying {} to {}: {e}", built.display(), stable.display()))?;
     Ok(stable)
 }
 
@@ -148,9 +147,7 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
         }
     }
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 fn find_file(dir: &Path, name: &str, depth: u32) -> Option<PathBuf> {
@@ -161,11 +158,7 @@ fn find_file(dir: &Path, name: &str, depth: u32) -> Option<PathBuf> {
     if depth == 0 {
         return None;
     }
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
+    let mut entries: Vec<_> = fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).collect();
     entries.sort();
     for e in entries {
         if e.is_dir() {
@@ -188,15 +181,15 @@ pub struct KernelReport {
     pub spill_loads: u32,
     /// Local memory (`lmem`), a sign of a register array indexed at run time.
     pub local_bytes: u32,
+    /// ptxas's numbered advisories about this kernel, e.g. `(C7519) warpgroup.arrive is
+    /// injected ...` or `(C7510) ... wgmma.mma_async instructions are serialized ...`.
+    pub advisories: Vec<String>,
 }
 
 impl KernelReport {
     /// True when the kernel keeps everything in registers and shared memory.
     pub fn is_clean(&self) -> bool {
-        self.spill_stores == 0
-            && self.spill_loads == 0
-            && self.stack_frame_bytes == 0
-            && self.local_bytes == 0
+        self.spill_stores == 0 && self.spill_loads == 0 && self.stack_frame_bytes == 0 && self.local_bytes == 0
     }
 }
 
@@ -240,9 +233,11 @@ pub fn parse_ptxas_report(text: &str) -> Vec<KernelReport> {
             continue;
         };
         if line.contains("bytes stack frame") {
-            cur.stack_frame_bytes = number_before(line, "bytes stack frame");
-            cur.spill_stores = number_before(line, "bytes spill stores");
-            cur.spill_loads = number_before(line, "bytes spill loads");
+            // `max`, so the properties of a non-inlined `.func` listed under an entry cannot
+            // hide the entry's own (or the other way round).
+            cur.stack_frame_bytes = cur.stack_frame_bytes.max(number_before(line, "bytes stack frame"));
+            cur.spill_stores = cur.spill_stores.max(number_before(line, "bytes spill stores"));
+            cur.spill_loads = cur.spill_loads.max(number_before(line, "bytes spill loads"));
         }
         if line.contains("Used") && line.contains("registers") {
             cur.registers = number_before(line, "registers");
@@ -250,7 +245,40 @@ pub fn parse_ptxas_report(text: &str) -> Vec<KernelReport> {
             cur.local_bytes = number_before(line, "bytes lmem");
         }
     }
+    for line in text.lines() {
+        const KEY: &str = "function '";
+        let (Some(code_at), Some(fn_at)) = (line.find("(C"), line.rfind(KEY)) else {
+            continue;
+        };
+        let name = line[fn_at + KEY.len()..].split('\'').next().unwrap_or("");
+        if let Some(r) = reports.iter_mut().find(|r| r.name == name) {
+            r.advisories.push(line[code_at..].trim().to_string());
+        }
+    }
     reports
+}
+
+/// The names of the kernels (`.entry` functions) in PTX text, in file order.
+pub fn entry_points(ptx: &str) -> Vec<String> {
+    ptx.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.by_ref().find(|w| *w == ".entry")?;
+            let name = words.next()?.split('(').next()?;
+            (!name.is_empty()).then(|| name.to_string())
+        })
+        .collect()
+}
+
+/// True under continuous integration (env `CI` set, and not to `""`, `0` or `false`). The
+/// ptxas/SASS checks then treat missing NVIDIA tools as an error instead of skipping.
+pub fn in_ci() -> bool {
+    env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false" | "FALSE" | "False"))
+}
+
+/// Count of HGMMA (wgmma) instructions in a function's SASS.
+pub fn hgmma_count(sass: &str) -> usize {
+    sass.lines().filter(|l| l.contains("HGMMA")).count()
 }
 
 fn number_before(line: &str, key: &str) -> u32 {
@@ -271,10 +299,7 @@ pub fn sass(cuobjdump: &Path, cubin: &Path) -> Result<String, String> {
         .output()
         .map_err(|e| format!("could not run {}: {e}", cuobjdump.display()))?;
     if !out.status.success() {
-        return Err(format!(
-            "cuobjdump failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        return Err(format!("cuobjdump failed: {}", String::from_utf8_lossy(&out.stderr)));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -319,5 +344,26 @@ ptxas info    : Used 30 registers, used 0 barriers\n";
         assert!(!r[0].is_clean());
         assert_eq!(r[1].registers, 30);
         assert!(r[1].is_clean());
+    }
+
+    #[test]
+    fn attaches_advisories_to_their_kernel() {
+        let text = "ptxas info    : (C7519) warpgroup.arrive is injected in around line 4096 by compiler \
+to allow use of registers in GMMA in function 'k2'\n\
+ptxas info    : Compiling entry function 'k1' for 'sm_90a'\n\
+ptxas info    : Used 30 registers, used 1 barriers\n\
+ptxas info    : Compiling entry function 'k2' for 'sm_90a'\n\
+ptxas info    : Used 40 registers, used 1 barriers\n";
+        let r = parse_ptxas_report(text);
+        assert!(r[0].advisories.is_empty());
+        assert_eq!(r[1].advisories.len(), 1);
+        assert!(r[1].advisories[0].starts_with("(C7519) warpgroup.arrive"));
+    }
+
+    #[test]
+    fn finds_entry_points() {
+        let ptx = ".version 8.0\n.target sm_90a\n.visible .entry etap_a(\n.param .u64 p\n)\n\
+.entry etap_b()\n.visible .func helper(\n";
+        assert_eq!(entry_points(ptx), ["etap_a", "etap_b"]);
     }
 }

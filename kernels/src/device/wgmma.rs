@@ -82,7 +82,12 @@ pub trait Elem: Copy {
 /// As [`ops::mma_bf16_n8`]: the whole warpgroup, between `fence` and `commit_group`, with
 /// descriptors into valid shared memory.
 #[inline(always)]
-pub unsafe fn mma<const N: usize, const TA: u32, const F16: bool>(d: &mut [f32; 32], a: Desc, b: Desc, accumulate: bool) {
+pub unsafe fn mma<const N: usize, const TA: u32, const F16: bool>(
+    d: &mut [f32; 32],
+    a: Desc,
+    b: Desc,
+    accumulate: bool,
+) {
     let acc = accumulate as u32;
     macro_rules! arm {
         ($bf:ident, $hf:ident, $k:literal) => {{
