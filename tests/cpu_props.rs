@@ -6,8 +6,7 @@ use etap::reference::{mla_decode, mla_decode_f64, mla_decode_into, mla_decode_re
 use etap::validate::{validate_lengths, validate_shape, validate_tables};
 use etap::{Bf16, DecodeShape, Element, EtapError, F16};
 use etap_core::{
-    max_splits, pages_of, schedule, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS,
-    SPLIT_COST_PAGES, SUPPORTED_HEADS,
+    max_splits, pages_of, schedule, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, SPLIT_COST_PAGES, SUPPORTED_HEADS,
 };
 use etap_tests::{max_abs_diff_lse, max_abs_diff_lse_f64, rel_err, rel_err_f64, Case, CaseSpec};
 use proptest::prelude::*;
@@ -28,18 +27,10 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
     // split_offsets is a prefix sum ending at the returned total.
     prop_assert_eq!(offsets[0], 0);
     for r in 0..b {
-        prop_assert!(
-            offsets[r] <= offsets[r + 1],
-            "offsets not monotone at {}",
-            r
-        );
+        prop_assert!(offsets[r] <= offsets[r + 1], "offsets not monotone at {}", r);
     }
     prop_assert_eq!(offsets[b], total);
-    prop_assert!(
-        total as usize <= b + num_parts,
-        "{} splits > b + parts",
-        total
-    );
+    prop_assert!(total as usize <= b + num_parts, "{} splits > b + parts", total);
     prop_assert!(total as usize <= max_splits(b, num_parts));
 
     // Walk the parts: coverage, split indices in part order, per-part cost.
@@ -52,16 +43,8 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
             part_costs.push(0u64);
             continue;
         }
-        prop_assert!(
-            range.begin_req <= range.end_req,
-            "part {}: reversed range",
-            p
-        );
-        prop_assert!(
-            (range.end_req as usize) < b,
-            "part {}: end_req past batch",
-            p
-        );
+        prop_assert!(range.begin_req <= range.end_req, "part {}: reversed range", p);
+        prop_assert!((range.end_req as usize) < b, "part {}: end_req past batch", p);
         let mut cost = 0u64;
         let mut first = true;
         for r in range.begin_req..=range.end_req {
@@ -163,14 +146,8 @@ fn schedule_fixed_cases() {
         ((0..64).map(|i| i * 311).collect(), 78),
     ];
     for (seqlens, parts) in cases {
-        let max_pages = seqlens
-            .iter()
-            .map(|&s| pages_of(s, u32::MAX))
-            .max()
-            .unwrap()
-            .max(1);
-        check_schedule(&seqlens, max_pages, parts)
-            .unwrap_or_else(|e| panic!("{seqlens:?} over {parts} parts: {e}"));
+        let max_pages = seqlens.iter().map(|&s| pages_of(s, u32::MAX)).max().unwrap().max(1);
+        check_schedule(&seqlens, max_pages, parts).unwrap_or_else(|e| panic!("{seqlens:?} over {parts} parts: {e}"));
     }
 }
 
@@ -243,59 +220,21 @@ fn lse_f32_close(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(&x, &y)| {
             (x == f32::NEG_INFINITY && y == f32::NEG_INFINITY)
-                || (x.is_finite()
-                    && y.is_finite()
-                    && (x - y).abs() <= 2.0 * f32::EPSILON * y.abs().max(1.0))
+                || (x.is_finite() && y.is_finite() && (x - y).abs() <= 2.0 * f32::EPSILON * y.abs().max(1.0))
         })
 }
 
 fn check_split_matches<T: Element>(c: &Case<T>, num_parts: usize) -> Result<(), TestCaseError> {
-    let args = (
-        &c.shape,
-        &c.q[..],
-        &c.cache[..],
-        &c.block_table[..],
-        &c.seqlens[..],
-    );
+    let args = (&c.shape, &c.q[..], &c.cache[..], &c.block_table[..], &c.seqlens[..]);
     let (ro, rl) = mla_decode_f64(args.0, args.1, args.2, args.3, args.4, c.softmax_scale).unwrap();
-    let (so, sl) = mla_decode_split_f64(
-        args.0,
-        args.1,
-        args.2,
-        args.3,
-        args.4,
-        c.softmax_scale,
-        num_parts,
-    )
-    .unwrap();
+    let (so, sl) = mla_decode_split_f64(args.0, args.1, args.2, args.3, args.4, c.softmax_scale, num_parts).unwrap();
     let e = rel_err_f64(&so, &ro);
-    prop_assert!(
-        e < 1e-9,
-        "out rel err {} (parts {}, seed {})",
-        e,
-        num_parts,
-        c.seed
-    );
+    prop_assert!(e < 1e-9, "out rel err {} (parts {}, seed {})", e, num_parts, c.seed);
     let d = max_abs_diff_lse_f64(&sl, &rl);
-    prop_assert!(
-        d < 1e-9,
-        "lse diff {} (parts {}, seed {})",
-        d,
-        num_parts,
-        c.seed
-    );
+    prop_assert!(d < 1e-9, "lse diff {} (parts {}, seed {})", d, num_parts, c.seed);
     // The f32 API too.
     let (ro32, rl32) = mla_decode(args.0, args.1, args.2, args.3, args.4, c.softmax_scale).unwrap();
-    let (so32, sl32) = mla_decode_split(
-        args.0,
-        args.1,
-        args.2,
-        args.3,
-        args.4,
-        c.softmax_scale,
-        num_parts,
-    )
-    .unwrap();
+    let (so32, sl32) = mla_decode_split(args.0, args.1, args.2, args.3, args.4, c.softmax_scale, num_parts).unwrap();
     let e = rel_err(&so32, &ro32);
     prop_assert!(e < 1e-9, "f32 out rel err {}", e);
     prop_assert!(lse_f32_close(&sl32, &rl32), "f32 lse differ");
@@ -305,29 +244,11 @@ fn check_split_matches<T: Element>(c: &Case<T>, num_parts: usize) -> Result<(), 
 
 fn check_against_naive<T: Element>(c: &Case<T>) -> Result<(), TestCaseError> {
     let (no, nl) = naive(c);
-    let (ro, rl) = mla_decode_f64(
-        &c.shape,
-        &c.q,
-        &c.cache,
-        &c.block_table,
-        &c.seqlens,
-        c.softmax_scale,
-    )
-    .unwrap();
+    let (ro, rl) = mla_decode_f64(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, c.softmax_scale).unwrap();
     let e = rel_err_f64(&ro, &no);
-    prop_assert!(
-        e < 1e-12,
-        "reference vs naive: out rel err {} (seed {})",
-        e,
-        c.seed
-    );
+    prop_assert!(e < 1e-12, "reference vs naive: out rel err {} (seed {})", e, c.seed);
     let d = max_abs_diff_lse_f64(&rl, &nl);
-    prop_assert!(
-        d < 1e-12,
-        "reference vs naive: lse diff {} (seed {})",
-        d,
-        c.seed
-    );
+    prop_assert!(d < 1e-12, "reference vs naive: lse diff {} (seed {})", d, c.seed);
     Ok(())
 }
 
@@ -401,13 +322,7 @@ fn split_combine_fixed_cases() {
 
 #[test]
 fn reference_fixed_cases_match_naive() {
-    check_against_naive(&Case::<Bf16>::new(
-        4,
-        64,
-        &[0, 1, 2, 3, 4, 5, 64, 65, 300],
-        1,
-    ))
-    .unwrap();
+    check_against_naive(&Case::<Bf16>::new(4, 64, &[0, 1, 2, 3, 4, 5, 64, 65, 300], 1)).unwrap();
     check_against_naive(&Case::<F16>::new(2, 128, &[129, 1], 2)).unwrap();
     let mut spec = CaseSpec::new(1, 32, &[200, 100], 3);
     // Large logits: exercises the max subtraction.
@@ -423,44 +338,24 @@ fn request_reference_is_a_slice_of_the_batch() {
     let cols = c.shape.cols();
     for r in 0..c.shape.batch {
         let (o, l) = c.reference_request(r);
-        assert_eq!(
-            &o[..],
-            &out[r * cols * D_V..][..cols * D_V],
-            "request {r} out"
-        );
+        assert_eq!(&o[..], &out[r * cols * D_V..][..cols * D_V], "request {r} out");
         let l_full = &lse[r * cols..][..cols];
         assert_eq!(max_abs_diff_lse(&l, l_full), 0.0, "request {r} lse");
     }
     assert_eq!(
         mla_decode_request(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, 1.0, 4),
-        Err(EtapError::RequestIndex {
-            request: 4,
-            batch: 4
-        })
+        Err(EtapError::RequestIndex { request: 4, batch: 4 })
     );
 }
 
 #[test]
 fn split_partials_layout() {
     let c = Case::<Bf16>::new(2, 8, &[300, 0, 64], 5);
-    let p = split_partials(
-        &c.shape,
-        &c.q,
-        &c.cache,
-        &c.block_table,
-        &c.seqlens,
-        c.softmax_scale,
-        3,
-    )
-    .unwrap();
+    let p = split_partials(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, c.softmax_scale, 3).unwrap();
     let ns = p.num_splits();
     assert_eq!(p.split_offsets.len(), 4);
     assert_eq!(p.split_offsets[1], p.split_offsets[2], "seqlen 0: no split");
-    assert!(
-        ns >= 3,
-        "300 rows over 3 parts are cut: {:?}",
-        p.split_offsets
-    );
+    assert!(ns >= 3, "300 rows over 3 parts are cut: {:?}", p.split_offsets);
     assert_eq!(p.out.len(), ns * c.shape.cols() * D_V);
     assert_eq!(p.lse.len(), ns * c.shape.cols());
     assert!(p.out.iter().all(|x| x.is_finite()));
@@ -495,15 +390,7 @@ fn dot64<T: Element>(a: &[T], b: &[T]) -> f64 {
 fn seqlen_one_gives_v_row_zero() {
     let c = Case::<Bf16>::new(1, 8, &[1, 1], 99);
     let (out, lse) = c.reference();
-    let (_, lse64) = mla_decode_f64(
-        &c.shape,
-        &c.q,
-        &c.cache,
-        &c.block_table,
-        &c.seqlens,
-        c.softmax_scale,
-    )
-    .unwrap();
+    let (_, lse64) = mla_decode_f64(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, c.softmax_scale).unwrap();
     for r in 0..2 {
         let k = row(&c, r, 0);
         for h in 0..8 {
@@ -521,15 +408,7 @@ fn seqlen_one_gives_v_row_zero() {
 #[test]
 fn two_rows_by_hand() {
     let c = Case::<F16>::new(1, 8, &[2], 123);
-    let (out, lse) = mla_decode_f64(
-        &c.shape,
-        &c.q,
-        &c.cache,
-        &c.block_table,
-        &c.seqlens,
-        c.softmax_scale,
-    )
-    .unwrap();
+    let (out, lse) = mla_decode_f64(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, c.softmax_scale).unwrap();
     let (k0, k1) = (row(&c, 0, 0), row(&c, 0, 1));
     for h in 0..8 {
         let s0 = c.softmax_scale as f64 * dot64(qrow(&c, 0, 0, h), k0);
@@ -610,28 +489,13 @@ fn seqlen_zero_gives_zeros_and_neg_inf() {
     let (out, lse) = c.reference();
     let cols = c.shape.cols();
     for r in [0, 2] {
-        assert!(out[r * cols * D_V..][..cols * D_V]
-            .iter()
-            .all(|&x| x == 0.0));
-        assert!(lse[r * cols..][..cols]
-            .iter()
-            .all(|&x| x == f32::NEG_INFINITY));
+        assert!(out[r * cols * D_V..][..cols * D_V].iter().all(|&x| x == 0.0));
+        assert!(lse[r * cols..][..cols].iter().all(|&x| x == f32::NEG_INFINITY));
     }
-    assert!(out[cols * D_V..][..cols * D_V]
-        .iter()
-        .all(|x| x.is_finite()));
+    assert!(out[cols * D_V..][..cols * D_V].iter().all(|x| x.is_finite()));
     assert!(lse[cols..][..cols].iter().all(|x| x.is_finite()));
     // And the split path agrees.
-    let (so, sl) = mla_decode_split(
-        &c.shape,
-        &c.q,
-        &c.cache,
-        &c.block_table,
-        &c.seqlens,
-        c.softmax_scale,
-        4,
-    )
-    .unwrap();
+    let (so, sl) = mla_decode_split(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, c.softmax_scale, 4).unwrap();
     assert!(rel_err(&so, &out) < 1e-9);
     assert!(max_abs_diff_lse(&sl, &lse) < 1e-6);
 }
@@ -639,10 +503,7 @@ fn seqlen_zero_gives_zeros_and_neg_inf() {
 #[test]
 fn case_generator_poisons_what_nobody_may_read() {
     let c = Case::<Bf16>::new(1, 8, &[65, 0, 130], 4);
-    assert!(c
-        .q
-        .iter()
-        .all(|x| x.to_f32() != 0.0 && x.to_f32().is_finite()));
+    assert!(c.q.iter().all(|x| x.to_f32() != 0.0 && x.to_f32().is_finite()));
     assert_eq!(c.used_pages(), 2 + 3);
     assert!(c.shape.num_pages > c.used_pages());
     // Used pages are distinct and not all in order.
@@ -690,14 +551,7 @@ fn base_case() -> Case<Bf16> {
 }
 
 fn decode<T: Element>(c: &Case<T>) -> etap::Result<(Vec<f32>, Vec<f32>)> {
-    mla_decode(
-        &c.shape,
-        &c.q,
-        &c.cache,
-        &c.block_table,
-        &c.seqlens,
-        c.softmax_scale,
-    )
+    mla_decode(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, c.softmax_scale)
 }
 
 #[test]
@@ -771,14 +625,7 @@ fn length_errors_name_the_buffer() {
         sh.out_len(),
         sh.lse_len(),
     ];
-    let names = [
-        "q",
-        "kv_cache",
-        "block_table",
-        "cache_seqlens",
-        "out",
-        "lse",
-    ];
+    let names = ["q", "kv_cache", "block_table", "cache_seqlens", "out", "lse"];
     let check = |l: [usize; 6]| validate_lengths(&sh, l[0], l[1], l[2], l[3], l[4], l[5]);
     assert_eq!(check(good), Ok(()));
     for i in 0..6 {
@@ -806,17 +653,11 @@ fn length_errors_name_the_buffer() {
     ));
     assert!(matches!(
         mla_decode(&sh, &c.q, &c.cache[1..], &c.block_table, &c.seqlens, 1.0),
-        Err(EtapError::Length {
-            arg: "kv_cache",
-            ..
-        })
+        Err(EtapError::Length { arg: "kv_cache", .. })
     ));
     assert!(matches!(
         mla_decode(&sh, &c.q, &c.cache, &c.block_table[1..], &c.seqlens, 1.0),
-        Err(EtapError::Length {
-            arg: "block_table",
-            ..
-        })
+        Err(EtapError::Length { arg: "block_table", .. })
     ));
     assert!(matches!(
         mla_decode(&sh, &c.q, &c.cache, &c.block_table, &c.seqlens[1..], 1.0),
@@ -836,13 +677,7 @@ fn table_errors() {
 
     let mut bad = c.clone();
     bad.seqlens[1] = -1;
-    assert_eq!(
-        decode(&bad),
-        Err(EtapError::NegativeSeqlen {
-            request: 1,
-            seqlen: -1
-        })
-    );
+    assert_eq!(decode(&bad), Err(EtapError::NegativeSeqlen { request: 1, seqlen: -1 }));
 
     let mut bad = c.clone();
     bad.seqlens[0] = 4 * 64 + 1;
@@ -864,10 +699,7 @@ fn table_errors() {
         r1.push(c.block_table[slot % 2]);
     }
     // (page contents past the first request's seqlen are NaN, so only validity is checked)
-    assert_eq!(
-        validate_tables(&full.shape, &full.block_table, &full.seqlens),
-        Ok(())
-    );
+    assert_eq!(validate_tables(&full.shape, &full.block_table, &full.seqlens), Ok(()));
 
     let n = c.shape.num_pages as i32;
     for (r, slot) in [(0usize, 0usize), (0, 1), (2, 0), (2, 2)] {
@@ -943,14 +775,8 @@ fn decode_into_writes_nothing_on_error() {
     let mutations: Vec<(&str, Mutate)> = vec![
         ("negative seqlen", Box::new(|c, _, _| c.seqlens[2] = -3)),
         ("seqlen beyond", Box::new(|c, _, _| c.seqlens[2] = 10_000)),
-        (
-            "bad entry",
-            Box::new(|c, _, _| c.block_table[2 * 4 + 2] = -1),
-        ),
-        (
-            "bad entry high",
-            Box::new(|c, _, _| c.block_table[1] = 1 << 20),
-        ),
+        ("bad entry", Box::new(|c, _, _| c.block_table[2 * 4 + 2] = -1)),
+        ("bad entry high", Box::new(|c, _, _| c.block_table[1] = 1 << 20)),
         (
             "q length",
             Box::new(|c, _, _| {

@@ -70,7 +70,9 @@ fn run<T: Element>(dec: &etap::Decoder, dtype: &str, n: usize, m_major: bool, se
 
 #[test]
 fn tile_gemm_matches_cpu_for_every_n_layout_and_dtype() {
-    let Some(dec) = decoder_or_skip("tile_gemm") else { return };
+    let Some(dec) = decoder_or_skip("tile_gemm") else {
+        return;
+    };
     let seed0: u64 = rand::random();
     println!("seed base {seed0}");
     let mut worst = 0f64;
@@ -78,8 +80,14 @@ fn tile_gemm_matches_cpu_for_every_n_layout_and_dtype() {
         for m_major in [false, true] {
             let e1 = run::<Bf16>(&dec, "bf16", n, m_major, seed0 + 4 * i as u64);
             let e2 = run::<F16>(&dec, "f16", n, m_major, seed0 + 4 * i as u64 + 1);
-            println!("n={n:2} A {}: rel err bf16 {e1:.2e}, f16 {e2:.2e}", if m_major { "M-major" } else { "K-major" });
-            assert!(e1 < 1e-5 && e2 < 1e-5, "n={n} m_major={m_major}: rel err {e1:e} / {e2:e}");
+            println!(
+                "n={n:2} A {}: rel err bf16 {e1:.2e}, f16 {e2:.2e}",
+                if m_major { "M-major" } else { "K-major" }
+            );
+            assert!(
+                e1 < 1e-5 && e2 < 1e-5,
+                "n={n} m_major={m_major}: rel err {e1:e} / {e2:e}"
+            );
             worst = worst.max(e1).max(e2);
         }
     }

@@ -54,15 +54,7 @@ pub fn split_partials<T: Element>(
     softmax_scale: f32,
     num_parts: usize,
 ) -> Result<SplitPartials> {
-    validate_all(
-        shape,
-        q,
-        cache,
-        block_table,
-        seqlens,
-        shape.out_len(),
-        shape.lse_len(),
-    )?;
+    validate_all(shape, q, cache, block_table, seqlens, shape.out_len(), shape.lse_len())?;
     if num_parts == 0 {
         return Err(EtapError::Zero { arg: "num_parts" });
     }
@@ -84,11 +76,7 @@ pub fn split_partials<T: Element>(
             if lo == hi {
                 continue;
             }
-            let split = if r == range.begin_req {
-                range.first_split
-            } else {
-                0
-            };
+            let split = if r == range.begin_req { range.first_split } else { 0 };
             let (s0, s1) = (
                 split_offsets[r as usize] as usize,
                 split_offsets[r as usize + 1] as usize,
@@ -167,11 +155,7 @@ pub fn combine_f64(shape: &DecodeShape, partials: &SplitPartials) -> Result<(Vec
             Err(EtapError::Length { arg, expected, got })
         }
     };
-    check(
-        "split_offsets",
-        shape.batch + 1,
-        partials.split_offsets.len(),
-    )?;
+    check("split_offsets", shape.batch + 1, partials.split_offsets.len())?;
     let ns = partials.num_splits();
     check("partial out", ns * cols * D_V, partials.out.len())?;
     check("partial lse", ns * cols, partials.lse.len())?;
@@ -193,10 +177,7 @@ pub fn combine_f64(shape: &DecodeShape, partials: &SplitPartials) -> Result<(Vec
             if max == f64::NEG_INFINITY {
                 continue; // zeros, -inf
             }
-            let sum: f64 = parts
-                .clone()
-                .map(|s| (partials.lse[s * cols + n] - max).exp())
-                .sum();
+            let sum: f64 = parts.clone().map(|s| (partials.lse[s * cols + n] - max).exp()).sum();
             let total = max + sum.ln();
             let acc = &mut out[(r * cols + n) * D_V..][..D_V];
             for s in parts {
@@ -204,10 +185,7 @@ pub fn combine_f64(shape: &DecodeShape, partials: &SplitPartials) -> Result<(Vec
                 if w == 0.0 {
                     continue;
                 }
-                for (a, &o) in acc
-                    .iter_mut()
-                    .zip(&partials.out[(s * cols + n) * D_V..][..D_V])
-                {
+                for (a, &o) in acc.iter_mut().zip(&partials.out[(s * cols + n) * D_V..][..D_V]) {
                     *a += w * o;
                 }
             }
@@ -228,15 +206,7 @@ pub fn mla_decode_split<T: Element>(
     softmax_scale: f32,
     num_parts: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let partials = split_partials(
-        shape,
-        q,
-        cache,
-        block_table,
-        seqlens,
-        softmax_scale,
-        num_parts,
-    )?;
+    let partials = split_partials(shape, q, cache, block_table, seqlens, softmax_scale, num_parts)?;
     combine(shape, &partials)
 }
 
@@ -250,14 +220,6 @@ pub fn mla_decode_split_f64<T: Element>(
     softmax_scale: f32,
     num_parts: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let partials = split_partials(
-        shape,
-        q,
-        cache,
-        block_table,
-        seqlens,
-        softmax_scale,
-        num_parts,
-    )?;
+    let partials = split_partials(shape, q, cache, block_table, seqlens, softmax_scale, num_parts)?;
     combine_f64(shape, &partials)
 }

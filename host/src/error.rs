@@ -101,10 +101,7 @@ impl fmt::Display for EtapError {
                 )
             }
             RequestIndex { request, batch } => {
-                write!(
-                    f,
-                    "request {request} is out of range for a batch of {batch}"
-                )
+                write!(f, "request {request} is out of range for a batch of {batch}")
             }
             PlanMismatch { what } => write!(f, "the plan was made for a different {what}"),
             NoDevice => write!(f, "no CUDA device"),

@@ -4,6 +4,12 @@ use cust::context::Context;
 use cust::device::Device;
 use cust::module::Module;
 
+/// The register cap at kernel entry (see `etap_ptx_builder::MAX_REGISTERS`, which must agree:
+/// 65536 registers over the decode kernel's 384 threads).
+const fn etap_ptx_cap() -> u32 {
+    168
+}
+
 /// Owns the CUDA context and the loaded kernel module.
 pub struct Decoder {
     module: Module,
@@ -34,7 +40,12 @@ impl Decoder {
         }
         let num_sms = device.get_attribute(cust::device::DeviceAttribute::MultiprocessorCount)? as u32;
         let ctx = Context::new(device)?;
-        let module = Module::from_ptx(crate::PTX, &[])?;
+        // The decode kernel trades registers between warpgroups with setmaxnreg, which needs a
+        // register cap at entry: the module is compiled with the cap the PTX checks assume.
+        let module = Module::from_ptx(
+            crate::PTX,
+            &[cust::module::ModuleJitOption::MaxRegisters(etap_ptx_cap())],
+        )?;
         Ok(Decoder {
             module,
             num_sms,
@@ -79,7 +90,9 @@ pub fn set_dynamic_smem(func: &cust::function::Function, bytes: u32) -> Result<(
         )
     };
     if rc != CUresult::CUDA_SUCCESS {
-        return Err(EtapError::Device(format!("cuFuncSetAttribute(max dynamic smem = {bytes}) failed: {rc:?}")));
+        return Err(EtapError::Device(format!(
+            "cuFuncSetAttribute(max dynamic smem = {bytes}) failed: {rc:?}"
+        )));
     }
     Ok(())
 }

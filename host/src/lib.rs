@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod emulate;
 pub mod error;
 pub mod gpu;
+pub mod plan;
 pub mod reference;
 pub mod shape;
 pub mod tma;
@@ -20,6 +21,7 @@ pub mod validate;
 pub use dtype::{Bf16, Dtype, Element, F16};
 pub use error::{EtapError, Result};
 pub use gpu::Decoder;
+pub use plan::{Plan, RawBuffers};
 pub use shape::DecodeShape;
 
 /// The kernels' PTX for sm_90a, built from `kernels/` by `build.rs`.

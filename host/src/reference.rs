@@ -273,15 +273,7 @@ pub fn mla_decode_f64<T: Element>(
     seqlens: &[i32],
     softmax_scale: f32,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    validate_all(
-        shape,
-        q,
-        cache,
-        block_table,
-        seqlens,
-        shape.out_len(),
-        shape.lse_len(),
-    )?;
+    validate_all(shape, q, cache, block_table, seqlens, shape.out_len(), shape.lse_len())?;
     let mut out = vec![0f64; shape.out_len()];
     let mut lse = vec![0f64; shape.lse_len()];
     compute(
@@ -334,15 +326,7 @@ pub fn mla_decode_request<T: Element>(
     softmax_scale: f32,
     r: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    validate_all(
-        shape,
-        q,
-        cache,
-        block_table,
-        seqlens,
-        shape.out_len(),
-        shape.lse_len(),
-    )?;
+    validate_all(shape, q, cache, block_table, seqlens, shape.out_len(), shape.lse_len())?;
     if r >= shape.batch {
         return Err(EtapError::RequestIndex {
             request: r,

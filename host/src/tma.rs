@@ -79,7 +79,9 @@ pub fn encode_2d(addr: u64, rows: u64, cols: u64, box_rows: u32) -> Result<Tenso
         )
     };
     if rc != 0 {
-        return Err(EtapError::Device(format!("cuTensorMapEncodeTiled failed with CUresult {rc}")));
+        return Err(EtapError::Device(format!(
+            "cuTensorMapEncodeTiled failed with CUresult {rc}"
+        )));
     }
     Ok(map)
 }
@@ -92,7 +94,9 @@ pub struct DeviceTensorMap {
 impl DeviceTensorMap {
     pub fn new(addr: u64, rows: u64, cols: u64, box_rows: u32) -> Result<Self> {
         let map = encode_2d(addr, rows, cols, box_rows)?;
-        Ok(DeviceTensorMap { buf: DeviceBox::new(&map)? })
+        Ok(DeviceTensorMap {
+            buf: DeviceBox::new(&map)?,
+        })
     }
     /// Device address of the map.
     pub fn ptr(&self) -> u64 {

@@ -11,7 +11,11 @@
 #![feature(abi_ptx, asm_experimental_arch)]
 #![allow(clippy::missing_safety_doc)]
 
+pub mod combine;
+pub mod decode;
 pub mod device;
+pub mod schedule;
+pub mod tile;
 pub mod tile_gemm;
 
 #[panic_handler]

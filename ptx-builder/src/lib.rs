@@ -18,6 +18,11 @@ pub const ARCH: &str = "sm_90a";
 /// `fence.proxy.tensormap`. rustc calls it an unstable target feature and warns; it is passed
 /// to LLVM as is.
 pub const PTX_ISA: &str = "ptx83";
+/// The register cap the module is JIT-compiled with on the device (cust's
+/// `ModuleJitOption::MaxRegisters`) and assembled with here: 65536 registers over the decode
+/// kernel's 384 threads, a multiple of 8. The decode kernel's warpgroups then trade registers
+/// with `setmaxnreg`, which needs a cap at entry.
+pub const MAX_REGISTERS: u32 = 168;
 /// File name of the PTX the builder leaves at a stable path under `target/ptx/`.
 pub const PTX_NAME: &str = "etap_kernels.ptx";
 
@@ -201,6 +206,7 @@ pub fn assemble(ptxas: &Path, ptx: &Path, cubin: &Path) -> Result<Vec<KernelRepo
         .arg("-v")
         .arg("-warn-spills")
         .arg("-warn-lmem-usage")
+        .arg(format!("-maxrregcount={MAX_REGISTERS}"))
         .arg(ptx)
         .arg("-o")
         .arg(cubin)

@@ -21,3 +21,33 @@ pub mod tma;
 pub mod wgmma;
 #[allow(clippy::missing_safety_doc)]
 pub mod wgmma_ops;
+
+/// Fully unrolled loop with a compile-time index: `unroll!(i < N, max 16 => { .. })` runs the
+/// body for i = 0..N, with `i` a `const`; N must be known at compile time (after
+/// monomorphization) and at most the given max (4, 8 or 16: the largest index the body may see,
+/// so that no out-of-range constant index appears even in the dead copies).
+///
+/// Register arrays (wgmma accumulator fragments, per-column softmax state) stay in registers
+/// only if every index is a constant; LLVM's unroller declines loops whose bodies hold much
+/// inline asm, which would send the arrays to local memory. This makes the unrolling explicit.
+#[macro_export]
+macro_rules! unroll {
+    ($i:ident < $n:expr, max 4 => $body:block) => {
+        $crate::unroll!(@go $i, $n, $body, 0 1 2 3)
+    };
+    ($i:ident < $n:expr, max 8 => $body:block) => {
+        $crate::unroll!(@go $i, $n, $body, 0 1 2 3 4 5 6 7)
+    };
+    ($i:ident < $n:expr, max 16 => $body:block) => {
+        $crate::unroll!(@go $i, $n, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+    };
+    (@go $i:ident, $n:expr, $body:block, $($k:literal)*) => {{
+        $(
+            if $k < $n {
+                #[allow(non_upper_case_globals)]
+                const $i: usize = $k;
+                $body
+            }
+        )*
+    }};
+}

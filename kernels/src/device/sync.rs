@@ -55,3 +55,19 @@ pub fn trap() -> ! {
     // SAFETY: `trap` aborts the kernel; nothing runs after it.
     unsafe { asm!("trap;", options(noreturn, nostack)) }
 }
+
+/// Lower this warpgroup's register allocation to `N` per thread (`setmaxnreg.dec`, sm_90a):
+/// the producer gives its registers to the consumers. All warps of the warpgroup execute it.
+#[inline(always)]
+pub fn setmaxnreg_dec<const N: u32>() {
+    // SAFETY: executed convergently by a whole warpgroup; the kernel has a register cap at
+    // entry (the module is loaded with a max-registers JIT option).
+    unsafe { asm!("setmaxnreg.dec.sync.aligned.u32 {0};", const N, options(nostack)) };
+}
+
+/// Raise this warpgroup's register allocation to `N` per thread (`setmaxnreg.inc`, sm_90a).
+#[inline(always)]
+pub fn setmaxnreg_inc<const N: u32>() {
+    // SAFETY: as `setmaxnreg_dec`.
+    unsafe { asm!("setmaxnreg.inc.sync.aligned.u32 {0};", const N, options(nostack)) };
+}

@@ -1,0 +1,437 @@
+//! The split plan (FlashMLA's `get_mla_metadata`) and the decode launch.
+use crate::dtype::{Dtype, Element};
+use crate::error::{EtapError, Result};
+use crate::gpu::{set_dynamic_smem, Decoder};
+use crate::shape::DecodeShape;
+use crate::tma::{encode_2d, TensorMap};
+use crate::validate::{validate_lengths, validate_shape, validate_tables};
+use cust::function::{BlockSize, GridSize};
+use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
+use cust::stream::Stream;
+use etap_core::{max_splits, COLS_PER_CTA, D_QK, D_V, PAGE_ROWS};
+use std::cell::Cell;
+use std::ffi::c_void;
+
+/// Threads of the decode kernel: two consumer warpgroups and a producer warpgroup.
+const DECODE_THREADS: u32 = 384;
+/// KV page buffers in the decode kernel's ring (kernels/src/decode.rs, `STAGES`).
+const STAGES: u32 = 2;
+/// u32 words of one `etap_core::WorkRange`.
+const RANGE_WORDS: usize = std::mem::size_of::<etap_core::WorkRange>() / 4;
+
+/// How the (token, head) columns of a request are laid over CTAs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnTiling {
+    /// Columns per CTA (16, 32, 48 or 64): `s_q * h_q` rounded up to 16, at most 64.
+    pub cols_per_cta: u32,
+    /// Column groups: CTAs that share a part's KV pages, each with its own columns.
+    pub groups: u32,
+}
+
+impl ColumnTiling {
+    pub fn for_shape(shape: &DecodeShape) -> ColumnTiling {
+        let n = shape.cols() as u32;
+        let cols_per_cta = n.div_ceil(16).saturating_mul(16).min(COLS_PER_CTA as u32);
+        ColumnTiling {
+            cols_per_cta,
+            groups: n.div_ceil(cols_per_cta),
+        }
+    }
+}
+
+/// Dynamic shared memory of the decode kernel for `cols` columns per CTA (mirrors
+/// `decode::smem_bytes` in the kernel crate): Q, the KV ring, two P tiles, the reduction
+/// scratch and the mbarriers.
+pub fn decode_smem_bytes(cols: u32) -> u32 {
+    let nw = cols / 2;
+    let page = (PAGE_ROWS * D_QK * 2) as u32;
+    9 * cols * 128 + STAGES * page + 2 * nw * 128 + 2 * 2 * 4 * nw * 4 + 16 * STAGES + 16
+}
+
+/// A split plan for one decode step: which pages each CTA handles, and the buffers for the
+/// partial results. Computed on the GPU from the device seqlens (no host sync), reusable for
+/// every layer of the step. A plan is used on one stream at a time: each decode call writes
+/// its tensor maps and parameters into the plan's device buffers in stream order.
+pub struct Plan {
+    shape: DecodeShape,
+    tiling: ColumnTiling,
+    parts: u32,
+    ranges: DeviceBuffer<u32>,
+    split_offsets: DeviceBuffer<u32>,
+    o_accum: DeviceBuffer<f32>,
+    lse_accum: DeviceBuffer<f32>,
+    /// Tensor maps of q and the cache for the current call (device copy) and the host
+    /// addresses they were encoded for, to skip re-encoding across identical calls.
+    maps: DeviceBuffer<TensorMap>,
+    maps_for: Cell<Option<(u64, u64)>>,
+}
+
+impl Plan {
+    pub fn shape(&self) -> &DecodeShape {
+        &self.shape
+    }
+    pub fn tiling(&self) -> ColumnTiling {
+        self.tiling
+    }
+    /// CTAs per column group (the scheduler's parts).
+    pub fn parts(&self) -> u32 {
+        self.parts
+    }
+    /// Copy the plan's split offsets to the host (`batch + 1` entries; a sync).
+    pub fn split_offsets(&self) -> Result<Vec<u32>> {
+        let mut v = vec![0u32; self.split_offsets.len()];
+        self.split_offsets.copy_to(&mut v[..])?;
+        Ok(v)
+    }
+    /// Copy the work ranges to the host (a sync).
+    pub fn ranges(&self) -> Result<Vec<etap_core::WorkRange>> {
+        let mut v = vec![0u32; self.ranges.len()];
+        self.ranges.copy_to(&mut v[..])?;
+        Ok(v.chunks_exact(RANGE_WORDS)
+            .map(|w| etap_core::WorkRange {
+                begin_req: w[0],
+                begin_page: w[1],
+                end_req: w[2],
+                end_page: w[3],
+                first_split: w[4],
+                empty: w[5],
+                _pad: [0; 2],
+            })
+            .collect())
+    }
+}
+
+/// Kernel parameters of `etap_decode_*` (mirror of `decode::DecodeParams`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DecodeParams {
+    q_map: u64,
+    kv_map: u64,
+    block_table: u64,
+    seqlens: u64,
+    ranges: u64,
+    split_offsets: u64,
+    out: u64,
+    lse: u64,
+    o_accum: u64,
+    lse_accum: u64,
+    batch: u32,
+    s_q: u32,
+    h_q: u32,
+    max_pages: u32,
+    scale_log2: f32,
+    _pad: u32,
+}
+// SAFETY: plain integers and floats (device addresses as u64).
+unsafe impl DeviceCopy for DecodeParams {}
+
+/// Kernel parameters of `etap_combine_*` (mirror of `combine::CombineParams`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CombineParams {
+    split_offsets: u64,
+    o_accum: u64,
+    lse_accum: u64,
+    out: u64,
+    lse: u64,
+    batch: u32,
+    s_q: u32,
+    h_q: u32,
+    _pad: u32,
+}
+// SAFETY: plain integers.
+unsafe impl DeviceCopy for CombineParams {}
+
+/// Device addresses of one decode call's buffers (the raw entry point's arguments).
+#[derive(Clone, Copy, Debug)]
+pub struct RawBuffers {
+    /// q `[b, s_q, h_q, 576]`, 16-byte aligned.
+    pub q: u64,
+    /// Paged cache `[num_pages, 64, 576]`, 16-byte aligned.
+    pub kv_cache: u64,
+    /// `[b, max_pages]` i32.
+    pub block_table: u64,
+    /// `[b]` i32.
+    pub cache_seqlens: u64,
+    /// `[b, s_q, h_q, 512]`, the dtype of q.
+    pub out: u64,
+    /// `[b, h_q, s_q]` f32.
+    pub lse: u64,
+}
+
+impl Decoder {
+    /// Make a split plan for `shape` from the device-resident `cache_seqlens`, on `stream`
+    /// (nothing is copied back to the host). The plan stays valid while the seqlens are those
+    /// of this step; decode with a new plan when they change.
+    pub fn plan(&self, shape: &DecodeShape, cache_seqlens: &DeviceBuffer<i32>, stream: &Stream) -> Result<Plan> {
+        validate_shape(shape)?;
+        if cache_seqlens.len() != shape.batch {
+            return Err(EtapError::Length {
+                arg: "cache_seqlens",
+                expected: shape.batch,
+                got: cache_seqlens.len(),
+            });
+        }
+        let tiling = ColumnTiling::for_shape(shape);
+        let parts = (self.num_sms() / tiling.groups).max(1);
+        let splits = max_splits(shape.batch, parts as usize);
+        let cols = shape.cols();
+        // SAFETY (all four): device allocations of plain numbers that the kernels fully
+        // write before reading (ranges and offsets by the scheduler; the accumulators only in
+        // the slots the plan assigns, each written by the decode kernel before the combine
+        // kernel reads it).
+        let ranges = unsafe { DeviceBuffer::<u32>::uninitialized(parts as usize * RANGE_WORDS)? };
+        let split_offsets = unsafe { DeviceBuffer::<u32>::uninitialized(shape.batch + 1)? };
+        let o_accum = unsafe { DeviceBuffer::<f32>::uninitialized(splits * cols * D_V)? };
+        let lse_accum = unsafe { DeviceBuffer::<f32>::uninitialized(splits * cols)? };
+        let maps = unsafe { DeviceBuffer::<TensorMap>::uninitialized(2)? };
+        let f = self.module().get_function("etap_schedule")?;
+        let batch = shape.batch as u32;
+        let max_pages = shape.max_pages as u32;
+        let seq = cache_seqlens.as_device_ptr();
+        let rp = ranges.as_device_ptr();
+        let op = split_offsets.as_device_ptr();
+        // SAFETY: the arguments match etap_schedule's signature; the buffers have the lengths
+        // it writes (parts ranges, batch + 1 offsets) and outlive the launch (owned by the
+        // plan, which the caller keeps while the stream runs).
+        unsafe {
+            cust::launch!(f<<<1, 32, 0, stream>>>(seq, batch, max_pages, rp, parts, op))?;
+        }
+        Ok(Plan {
+            shape: *shape,
+            tiling,
+            parts,
+            ranges,
+            split_offsets,
+            o_accum,
+            lse_accum,
+            maps,
+            maps_for: Cell::new(None),
+        })
+    }
+
+    /// The checked path: copy the block table and seqlens to the host (one synchronization,
+    /// `4 * (b * max_pages + b)` bytes) and validate every used block-table entry and every
+    /// seqlen. The unchecked path never reads out of bounds either (the copy engine fills
+    /// rows outside the cache with zeros, and lengths are clamped to the block table), but a
+    /// bad entry then silently yields wrong numbers.
+    pub fn check_tables(
+        &self,
+        shape: &DecodeShape,
+        block_table: &DeviceBuffer<i32>,
+        cache_seqlens: &DeviceBuffer<i32>,
+    ) -> Result<()> {
+        validate_shape(shape)?;
+        if block_table.len() != shape.block_table_len() {
+            return Err(EtapError::Length {
+                arg: "block_table",
+                expected: shape.block_table_len(),
+                got: block_table.len(),
+            });
+        }
+        if cache_seqlens.len() != shape.batch {
+            return Err(EtapError::Length {
+                arg: "cache_seqlens",
+                expected: shape.batch,
+                got: cache_seqlens.len(),
+            });
+        }
+        let mut bt = vec![0i32; block_table.len()];
+        let mut sl = vec![0i32; cache_seqlens.len()];
+        block_table.copy_to(&mut bt[..])?;
+        cache_seqlens.copy_to(&mut sl[..])?;
+        validate_tables(shape, &bt, &sl)
+    }
+
+    /// Decode one step: out `[b, s_q, h_q, 512]` and lse `[b, h_q, s_q]` (natural log) for q
+    /// `[b, s_q, h_q, 576]` against the paged cache, with `plan` made for these seqlens.
+    /// `softmax_scale` defaults to 1/sqrt(576). Returns new buffers; see [`Decoder::decode_into`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode<T: Element>(
+        &self,
+        plan: &Plan,
+        q: &DeviceBuffer<T>,
+        kv_cache: &DeviceBuffer<T>,
+        block_table: &DeviceBuffer<i32>,
+        cache_seqlens: &DeviceBuffer<i32>,
+        softmax_scale: Option<f32>,
+        stream: &Stream,
+    ) -> Result<(DeviceBuffer<T>, DeviceBuffer<f32>)> {
+        let shape = plan.shape;
+        validate_lengths(
+            &shape,
+            q.len(),
+            kv_cache.len(),
+            block_table.len(),
+            cache_seqlens.len(),
+            shape.out_len(),
+            shape.lse_len(),
+        )?;
+        // SAFETY: both are fully written by the kernels before the caller can read them
+        // (every (request, column) gets its out row and lse from the decode or combine kernel).
+        let mut out = unsafe { DeviceBuffer::<T>::uninitialized(shape.out_len())? };
+        let mut lse = unsafe { DeviceBuffer::<f32>::uninitialized(shape.lse_len())? };
+        self.decode_into(
+            plan,
+            q,
+            kv_cache,
+            block_table,
+            cache_seqlens,
+            softmax_scale,
+            &mut out,
+            &mut lse,
+            stream,
+        )?;
+        Ok((out, lse))
+    }
+
+    /// As [`Decoder::decode`], writing into caller-owned `out` and `lse`. Every argument is
+    /// validated first; on error nothing is launched and nothing is written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_into<T: Element>(
+        &self,
+        plan: &Plan,
+        q: &DeviceBuffer<T>,
+        kv_cache: &DeviceBuffer<T>,
+        block_table: &DeviceBuffer<i32>,
+        cache_seqlens: &DeviceBuffer<i32>,
+        softmax_scale: Option<f32>,
+        out: &mut DeviceBuffer<T>,
+        lse: &mut DeviceBuffer<f32>,
+        stream: &Stream,
+    ) -> Result<()> {
+        let shape = plan.shape;
+        validate_lengths(
+            &shape,
+            q.len(),
+            kv_cache.len(),
+            block_table.len(),
+            cache_seqlens.len(),
+            out.len(),
+            lse.len(),
+        )?;
+        let bufs = RawBuffers {
+            q: q.as_device_ptr().as_raw(),
+            kv_cache: kv_cache.as_device_ptr().as_raw(),
+            block_table: block_table.as_device_ptr().as_raw(),
+            cache_seqlens: cache_seqlens.as_device_ptr().as_raw(),
+            out: out.as_device_ptr().as_raw(),
+            lse: lse.as_device_ptr().as_raw(),
+        };
+        // SAFETY: the buffers are live device allocations of the lengths the plan's shape
+        // needs (validated above), borrowed for the call; the kernels run in stream order and
+        // the caller owns synchronization before reading `out`/`lse` or freeing inputs.
+        unsafe { self.decode_raw(plan, T::DTYPE, bufs, softmax_scale, stream) }
+    }
+
+    /// The raw entry point, for interop with other CUDA libraries (device pointers from
+    /// PyTorch, say).
+    ///
+    /// # Safety
+    /// Every address in `bufs` must point to live device memory of the current context with
+    /// the length and element type that `plan.shape()` and `dtype` imply (q, cache and out 16-bit
+    /// of `dtype`, 16-byte aligned; block table and seqlens i32; lse f32), must stay valid
+    /// until the stream has run the launches, and `out`/`lse` must not overlap the inputs. The
+    /// seqlens must be those the plan was made from.
+    pub unsafe fn decode_raw(
+        &self,
+        plan: &Plan,
+        dtype: Dtype,
+        bufs: RawBuffers,
+        softmax_scale: Option<f32>,
+        stream: &Stream,
+    ) -> Result<()> {
+        let shape = plan.shape;
+        validate_shape(&shape)?;
+        for (arg, a) in [("q", bufs.q), ("kv_cache", bufs.kv_cache)] {
+            if a % 16 != 0 {
+                return Err(EtapError::Device(format!(
+                    "{arg} must be 16-byte aligned for the copy engine"
+                )));
+            }
+        }
+        let scale = softmax_scale.unwrap_or(1.0 / (D_QK as f32).sqrt());
+        let tiling = plan.tiling;
+        let cols = shape.cols() as u64;
+        // Tensor maps: q as [b * cols, 576] in boxes of the CTA's columns; the cache as
+        // [num_pages * 64, 576] in boxes of one page.
+        if plan.maps_for.get() != Some((bufs.q, bufs.kv_cache)) {
+            let maps = [
+                encode_2d(bufs.q, shape.batch as u64 * cols, D_QK as u64, tiling.cols_per_cta)?,
+                encode_2d(
+                    bufs.kv_cache,
+                    (shape.num_pages * PAGE_ROWS) as u64,
+                    D_QK as u64,
+                    PAGE_ROWS as u32,
+                )?,
+            ];
+            // SAFETY: copies 2 maps (256 bytes) into the plan's 2-map buffer, in stream order
+            // (a pageable source is staged before the call returns, so `maps` may drop).
+            let rc = cust::sys::cuMemcpyHtoDAsync_v2(
+                plan.maps.as_device_ptr().as_raw(),
+                maps.as_ptr() as *const c_void,
+                std::mem::size_of_val(&maps),
+                stream.as_inner(),
+            );
+            if rc != cust::sys::CUresult::CUDA_SUCCESS {
+                return Err(EtapError::Device(format!("uploading tensor maps failed: {rc:?}")));
+            }
+            plan.maps_for.set(Some((bufs.q, bufs.kv_cache)));
+        }
+        let map_base = plan.maps.as_device_ptr().as_raw();
+        let params = DecodeParams {
+            q_map: map_base,
+            kv_map: map_base + std::mem::size_of::<TensorMap>() as u64,
+            block_table: bufs.block_table,
+            seqlens: bufs.cache_seqlens,
+            ranges: plan.ranges.as_device_ptr().as_raw(),
+            split_offsets: plan.split_offsets.as_device_ptr().as_raw(),
+            out: bufs.out,
+            lse: bufs.lse,
+            o_accum: plan.o_accum.as_device_ptr().as_raw(),
+            lse_accum: plan.lse_accum.as_device_ptr().as_raw(),
+            batch: shape.batch as u32,
+            s_q: shape.s_q as u32,
+            h_q: shape.h_q as u32,
+            max_pages: shape.max_pages as u32,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            _pad: 0,
+        };
+        let dt = match dtype {
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        };
+        let decode = self
+            .module()
+            .get_function(format!("etap_decode_{dt}_c{}", tiling.cols_per_cta))?;
+        let smem = decode_smem_bytes(tiling.cols_per_cta);
+        set_dynamic_smem(&decode, smem)?;
+        stream.launch(
+            &decode,
+            GridSize::xy(plan.parts, tiling.groups),
+            BlockSize::x(DECODE_THREADS),
+            smem,
+            &[&params as *const DecodeParams as *mut c_void],
+        )?;
+        let combine = self.module().get_function(format!("etap_combine_{dt}"))?;
+        let cparams = CombineParams {
+            split_offsets: params.split_offsets,
+            o_accum: params.o_accum,
+            lse_accum: params.lse_accum,
+            out: bufs.out,
+            lse: bufs.lse,
+            batch: params.batch,
+            s_q: params.s_q,
+            h_q: params.h_q,
+            _pad: 0,
+        };
+        stream.launch(
+            &combine,
+            GridSize::xy(shape.batch as u32, (cols as u32).div_ceil(4)),
+            BlockSize::x(128),
+            0,
+            &[&cparams as *const CombineParams as *mut c_void],
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! The ETAP split-KV decode kernel.
+//!
+//! One CTA per (part, column group). A part is a contiguous run of KV pages over one or more
+//! requests (the scheduler's [`WorkRange`]); a column group is up to 64 of a request's
+//! `s_q * h_q` (token, head) columns. Per page of 64 KV rows:
+//!
+//! ```text
+//!   S^T[64 x cols] = K[64 x 576] · Q^T[576 x cols]      KV rows on wgmma M: nothing padded
+//!   P^T = softmax down each column (online, running max per column)
+//!   O^T[512 x cols] += V^T[512 x 64] · P^T[64 x cols]   V^T = the same smem tile, M-major
+//! ```
+//!
+//! Warpgroup roles (384 threads): warpgroups 0 and 1 are consumers, each owning half of the
+//! CTA's columns (its own S^T, softmax, P tile and O^T accumulators: they share only the KV
+//! pages); warpgroup 2 is the producer, whose first thread issues the TMA loads of Q and of the
+//! KV pages into a two-stage ring ahead of the consumers. The producer gives its registers to
+//! the consumers (setmaxnreg).
+//!
+//! At the end of each segment (the part's pages of one request) the consumers write either the
+//! final output (when the request has one split) or a partial O and lse for the combine kernel.
+use crate::device::{index, math, mbarrier, smem, sync, tma, tma::TensorMap};
+use crate::tile::{self, ColumnState, Frag, PAGE_BYTES, ROW_BYTES};
+use crate::unroll;
+use etap_core::{pages_of, rows_of, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
+
+/// KV page buffers in the ring: two 72 KiB pages in flight per CTA (with a 64-column Q tile,
+/// three would not fit in 227 KiB).
+pub const STAGES: u32 = 2;
+/// Consumer warpgroups.
+pub const CONSUMERS: u32 = 2;
+/// Threads per CTA: the consumer warpgroups plus a producer warpgroup (one thread of which
+/// issues the loads; a whole warpgroup so that it can hand its registers over with setmaxnreg).
+pub const THREADS: u32 = (CONSUMERS + 1) * index::WARPGROUP;
+/// Register cap at entry: 65536 registers over 384 threads, rounded down to a multiple of 8.
+/// The module is JIT-compiled with this cap (setmaxnreg needs one).
+pub const ENTRY_REGS: u32 = 168;
+/// Registers per thread after the hand-over: the producer keeps [`PRODUCER_REGS`], the two
+/// consumer warpgroups get [`CONSUMER_REGS`] (128 * 24 + 256 * 240 = 64512 <= 65536). A consumer
+/// holds O^T for 32 columns (8 chunks x 16 floats = 128), S^T (16), and the softmax state.
+pub const PRODUCER_REGS: u32 = 24;
+pub const CONSUMER_REGS: u32 = 240;
+/// Named barrier over both consumer warpgroups (ids 1 and 2 are the warpgroups' own).
+const BAR_CONSUMERS: u32 = 3;
+
+/// Everything the kernel reads, passed by value as one kernel parameter (the tensor maps
+/// themselves live in global memory: a by-value map would need 64-byte parameter alignment,
+/// more than rustc's PTX kernel ABI gives).
+#[repr(C)]
+pub struct DecodeParams {
+    pub q_map: *const TensorMap,
+    pub kv_map: *const TensorMap,
+    pub block_table: *const i32,
+    pub seqlens: *const i32,
+    pub ranges: *const WorkRange,
+    pub split_offsets: *const u32,
+    /// Final output [b, s_q, h_q, 512] (16-bit) and lse [b, h_q, s_q].
+    pub out: *mut u16,
+    pub lse: *mut f32,
+    /// Partial outputs [split][col][512] f32 and lse [split][col] (natural log).
+    pub o_accum: *mut f32,
+    pub lse_accum: *mut f32,
+    pub batch: u32,
+    pub s_q: u32,
+    pub h_q: u32,
+    pub max_pages: u32,
+    /// softmax_scale * log2(e).
+    pub scale_log2: f32,
+    pub _pad: u32,
+}
+
+/// Shared-memory layout for a CTA of `COLS` columns (two warpgroups of COLS/2).
+struct Smem {
+    q: u32,
+    pages: u32,
+    p: u32,
+    red: u32,
+    full: u32,
+    empty: u32,
+    q_full: u32,
+    q_empty: u32,
+}
+
+impl Smem {
+    #[inline(always)]
+    fn new(cols: u32, nw: u32) -> Smem {
+        let base = smem::base();
+        let q = base;
+        let pages = q + QK_BLOCKS as u32 * cols * ROW_BYTES; // cols * 128 * 9: a multiple of 1024 (cols % 8 == 0)
+        let p = pages + STAGES * PAGE_BYTES;
+        let red = p + CONSUMERS * nw * ROW_BYTES;
+        // Per warpgroup: 2 buffers x 4 warps x nw floats.
+        let bars = red + CONSUMERS * 2 * 4 * nw * 4;
+        Smem {
+            q,
+            pages,
+            p,
+            red,
+            full: bars,
+            empty: bars + 8 * STAGES,
+            q_full: bars + 16 * STAGES,
+            q_empty: bars + 16 * STAGES + 8,
+        }
+    }
+}
+
+/// Dynamic shared memory the kernel of `cols` columns needs.
+pub const fn smem_bytes(cols: u32) -> u32 {
+    let nw = cols / 2;
+    QK_BLOCKS as u32 * cols * ROW_BYTES
+        + STAGES * PAGE_BYTES
+        + CONSUMERS * nw * ROW_BYTES
+        + CONSUMERS * 2 * 4 * nw * 4
+        + 16 * STAGES
+        + 16
+}
+
+#[inline(always)]
+unsafe fn decode<const NW: usize, const F16: bool>(prm: &DecodeParams) {
+    let cols = 2 * NW as u32;
+    let sm = Smem::new(cols, NW as u32);
+    let t = index::thread_x();
+    let part = index::block_x();
+    let group = index::block_y();
+    let n_req = prm.s_q * prm.h_q;
+
+    if sm.q % 1024 != 0 {
+        sync::trap();
+    }
+    if t == 0 {
+        tma::acquire_map(prm.q_map);
+        tma::acquire_map(prm.kv_map);
+        for s in 0..STAGES {
+            mbarrier::init(sm.full + 8 * s, 1);
+            mbarrier::init(sm.empty + 8 * s, CONSUMERS);
+        }
+        mbarrier::init(sm.q_full, 1);
+        mbarrier::init(sm.q_empty, CONSUMERS);
+        sync::fence_mbarrier_init();
+    }
+    sync::sync_threads();
+
+    let range = *prm.ranges.add(part as usize);
+    if range.empty != 0 {
+        return;
+    }
+    if t / index::WARPGROUP == CONSUMERS {
+        sync::setmaxnreg_dec::<PRODUCER_REGS>();
+        if t == CONSUMERS * index::WARPGROUP {
+            produce(prm, &range, &sm, group, cols, n_req);
+        }
+    } else {
+        sync::setmaxnreg_inc::<CONSUMER_REGS>();
+        consume::<NW, F16>(prm, &range, &sm, group, n_req);
+    }
+}
+
+/// The producer: the first thread of warpgroup 2 walks the part's segments and issues the loads.
+#[inline(always)]
+unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, cols: u32, n_req: u32) {
+    let mut it = 0u32; // pages issued so far
+    let mut q_round = 0u32;
+    for r in range.begin_req..=range.end_req {
+        let np = pages_of(*prm.seqlens.add(r as usize), prm.max_pages);
+        let (lo, hi) = range.segment(r, np);
+        if lo == hi {
+            continue;
+        }
+        if q_round > 0 {
+            // Both warpgroups are done with the previous request's Q.
+            tile::wait(sm.q_empty, (q_round - 1) & 1);
+        }
+        mbarrier::arrive_expect_tx(sm.q_full, QK_BLOCKS as u32 * cols * ROW_BYTES);
+        tile::load_q(prm.q_map, sm.q, sm.q_full, (r * n_req + group * cols) as i32, cols);
+        q_round += 1;
+        let table = prm.block_table.add((r * prm.max_pages) as usize);
+        for page in lo..hi {
+            let stage = it % STAGES;
+            if it >= STAGES {
+                tile::wait(sm.empty + 8 * stage, (it / STAGES - 1) & 1);
+            }
+            let id = *table.add(page as usize);
+            mbarrier::arrive_expect_tx(sm.full + 8 * stage, PAGE_BYTES);
+            tile::load_page(prm.kv_map, sm.pages + stage * PAGE_BYTES, sm.full + 8 * stage, id);
+            it += 1;
+        }
+    }
+}
+
+/// A consumer warpgroup: S^T, softmax, O^T for its NW columns over the part's pages.
+#[inline(always)]
+unsafe fn consume<const NW: usize, const F16: bool>(
+    prm: &DecodeParams,
+    range: &WorkRange,
+    sm: &Smem,
+    group: u32,
+    n_req: u32,
+) {
+    let t = index::thread_x();
+    let wg = t / index::WARPGROUP;
+    let tw = t % index::WARPGROUP;
+    let bar_id = 1 + wg;
+    let cols = 2 * NW as u32;
+    let p_tile = sm.p + wg * NW as u32 * ROW_BYTES;
+    let red = sm.red + wg * 2 * 4 * NW as u32 * 4;
+    let q_cols = sm.q + wg * NW as u32 * ROW_BYTES;
+    // The request column of this warpgroup's first column.
+    let col0 = group * cols + wg * NW as u32;
+
+    let mut it = 0u32;
+    let mut q_round = 0u32;
+    let mut split = range.first_split;
+    for r in range.begin_req..=range.end_req {
+        let seqlen = *prm.seqlens.add(r as usize);
+        let np = pages_of(seqlen, prm.max_pages);
+        let rows = rows_of(seqlen, prm.max_pages);
+        let (lo, hi) = range.segment(r, np);
+        if lo == hi {
+            continue;
+        }
+        // Visible rows of the columns this thread holds (causal for s_q > 1).
+        // (One token per 8-wide block of columns: h_q is a multiple of 8.)
+        let mut visible = [0u32; 4];
+        unroll!(b < NW / 8, max 4 => {
+            let n = col0 + 8 * b as u32;
+            // Padding columns (n >= s_q * h_q) compute on, but never past the request's rows.
+            let vis = visible_rows(rows, prm.s_q, n / prm.h_q);
+            visible[b] = if vis < rows { vis } else { rows };
+        });
+        let mut st = ColumnState::new();
+        let mut o: [Frag; V_BLOCKS] = [[0f32; 32]; V_BLOCKS];
+        tile::wait(sm.q_full, q_round & 1);
+        q_round += 1;
+        for page in lo..hi {
+            let stage = it % STAGES;
+            let kv = sm.pages + stage * PAGE_BYTES;
+            tile::wait(sm.full + 8 * stage, (it / STAGES) & 1);
+            let row0 = page * PAGE_ROWS as u32;
+            if row0 + PAGE_ROWS as u32 > rows {
+                // The request's last, partial page: zero V's rows past its end.
+                tile::zero_rows_from(kv, rows - row0, t, CONSUMERS * index::WARPGROUP);
+                sync::fence_proxy_async_shared();
+                sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
+            }
+            let mut s: Frag = [0f32; 32];
+            tile::scores_t::<NW, F16>(&mut s, kv, q_cols, cols);
+            if page + 1 == hi && tw == 0 {
+                // This warpgroup no longer reads Q.
+                mbarrier::arrive(sm.q_empty);
+            }
+            let red_buf = red + (it & 1) * 4 * NW as u32 * 4;
+            tile::column_softmax::<NW>(&mut s, &mut o, &mut st, &visible, row0, prm.scale_log2, red_buf, bar_id);
+            tile::store_p_t::<NW, F16>(p_tile, &s, bar_id);
+            tile::accumulate_o_t::<NW, F16>(&mut o, kv, p_tile);
+            if tw == 0 {
+                mbarrier::arrive(sm.empty + 8 * stage);
+            }
+            it += 1;
+        }
+        let seg_split = split;
+        split = 0;
+        finish_segment::<NW, F16>(prm, r, seg_split, col0, n_req, &st, &o, red, bar_id);
+    }
+}
+
+/// Reduce the row sums, normalize, and write this warpgroup's columns of one segment: the final
+/// out/lse when the request has a single split, else the partial O and lse.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn finish_segment<const NW: usize, const F16: bool>(
+    prm: &DecodeParams,
+    r: u32,
+    split: u32,
+    col0: u32,
+    n_req: u32,
+    st: &ColumnState,
+    o: &[Frag; V_BLOCKS],
+    red: u32,
+    bar_id: u32,
+) {
+    let tw = index::thread_x() % index::WARPGROUP;
+    let warp = tw / 32;
+    let lane = tw % 32;
+    // Sum each column's 32 shares: across the 8 lanes holding it, then the 4 warps.
+    // (`red`'s second buffer is free: the last tile's max went through buffer `it & 1`, and a
+    // barrier separates this from any earlier use of either.)
+    sync::bar_sync(bar_id, index::WARPGROUP);
+    unroll!(slot < NW / 4, max 8 => {
+        let mut x = st.l[slot];
+        x += sync::shfl_xor_f32(x, 4);
+        x += sync::shfl_xor_f32(x, 8);
+        x += sync::shfl_xor_f32(x, 16);
+        if lane < 4 {
+            let col = 8 * (slot as u32 / 2) + 2 * lane + (slot as u32 % 2);
+            smem::st_f32(red + (warp * NW as u32 + col) * 4, x);
+        }
+    });
+    sync::bar_sync(bar_id, index::WARPGROUP);
+    let mut inv = [0f32; 16];
+    let mut lse = [0f32; 16];
+    unroll!(slot < NW / 4, max 8 => {
+        let col = 8 * (slot as u32 / 2) + 2 * (lane % 4) + (slot as u32 % 2);
+        let mut l = 0f32;
+        for w in 0..4u32 {
+            l += smem::ld_f32(red + (w * NW as u32 + col) * 4);
+        }
+        if l > 0.0 {
+            inv[slot] = 1.0 / l;
+            // m and log2(l) are in log2 units.
+            lse[slot] = (st.m[slot] + math::ln(l) * core::f32::consts::LOG2_E) * core::f32::consts::LN_2;
+        } else {
+            inv[slot] = 0.0;
+            lse[slot] = f32::NEG_INFINITY;
+        }
+    });
+    sync::bar_sync(bar_id, index::WARPGROUP);
+
+    let splits = *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize);
+    let slot_base = *prm.split_offsets.add(r as usize) + split;
+    unroll!(c < V_BLOCKS, max 8 => {
+        unroll!(i < NW / 2, max 16 => {
+            let (dim, col) = crate::device::wgmma::frag_pos(tw, i as u32);
+            let n = col0 + col;
+            if n < n_req {
+                let d = c as u32 * 64 + dim;
+                let v = o[c][i] * inv[tile::col_slot(i)];
+                if splits == 1 {
+                    let idx = ((r * n_req + n) * D_V as u32 + d) as usize;
+                    *prm.out.add(idx) = math::pack2::<F16>(v, 0.0) as u16;
+                } else {
+                    let idx = ((slot_base * n_req + n) * D_V as u32 + d) as usize;
+                    *prm.o_accum.add(idx) = v;
+                }
+            }
+        });
+    });
+    // lse: one thread per column (the lanes 0..3 of warp 0 hold every column between them).
+    if warp == 0 && lane < 4 {
+        unroll!(slot < NW / 4, max 8 => {
+            let col = 8 * (slot as u32 / 2) + 2 * lane + (slot as u32 % 2);
+            let n = col0 + col;
+            if n < n_req {
+                if splits == 1 {
+                    let (tok, head) = (n / prm.h_q, n % prm.h_q);
+                    *prm.lse.add(((r * prm.h_q + head) * prm.s_q + tok) as usize) = lse[slot];
+                } else {
+                    *prm.lse_accum.add((slot_base * n_req + n) as usize) = lse[slot];
+                }
+            }
+        });
+    }
+}
+
+macro_rules! decode_entry {
+    ($($name:ident = ($nw:literal, $f16:literal);)*) => {$(
+        /// ETAP split-KV decode for CTAs of 2 x NW columns; see the module documentation.
+        /// Launch: grid (parts, column groups), [`THREADS`] threads, [`smem_bytes`] bytes.
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(params: DecodeParams) {
+            decode::<$nw, $f16>(&params)
+        }
+    )*};
+}
+
+decode_entry! {
+    etap_decode_bf16_c16 = (8, false);
+    etap_decode_bf16_c32 = (16, false);
+    etap_decode_bf16_c48 = (24, false);
+    etap_decode_bf16_c64 = (32, false);
+    etap_decode_f16_c16 = (8, true);
+    etap_decode_f16_c32 = (16, true);
+    etap_decode_f16_c48 = (24, true);
+    etap_decode_f16_c64 = (32, true);
+}
+
+/// The width of q/cache rows, checked against the tile layout at compile time.
+const _: () = assert!(D_QK == QK_BLOCKS * 64 && D_V == V_BLOCKS * 64);

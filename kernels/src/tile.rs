@@ -1,0 +1,266 @@
+//! The tile operations the ETAP decode kernel is written in, as ThunderKittens keeps its tile
+//! ops: load a KV page, load Q, S^T = K·Q^T, the column softmax, P^T to shared memory,
+//! O^T += V^T·P^T, and the stores.
+//!
+//! Layout (all tiles 16-bit, stored as 64-column blocks of 128-byte rows with the 128-byte
+//! swizzle, each block 1024-aligned):
+//! - a KV page: 64 rows x 576 = 9 blocks of [64 rows][128 B] (8 KiB each); block `c` holds
+//!   columns 64c..64c+63. It is the K-major A operand of S^T = K·Q^T (M = KV rows, K = the 576
+//!   features) and, for c < 8, the M-major A operand of O^T = V^T·P^T (M = features 64c.., K =
+//!   KV rows).
+//! - Q: the CTA's columns (token, head pairs) x 576 = 9 blocks of [cols][128 B]: the K-major B
+//!   operand of S^T.
+//! - P: per warpgroup [its cols][64 KV rows] = one block of [cols][128 B]: the K-major B operand
+//!   of O^T (K = KV rows).
+use crate::device::{index, math, mbarrier, smem, sync, tma, tma::TensorMap, wgmma, wgmma::Desc};
+use crate::unroll;
+use etap_core::{BLOCK_COLS, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
+
+/// Bytes of one [64 rows][64 cols] block of 16-bit elements: one TMA box of a KV page.
+pub const BLOCK_BYTES: u32 = (PAGE_ROWS * BLOCK_COLS * 2) as u32;
+/// Bytes of a KV page in shared memory (9 blocks).
+pub const PAGE_BYTES: u32 = QK_BLOCKS as u32 * BLOCK_BYTES;
+/// Bytes of one 128-byte swizzle row: 64 16-bit elements.
+pub const ROW_BYTES: u32 = 128;
+/// wgmma K per instruction for 16-bit operands.
+pub const K_STEP: u32 = 16;
+/// K steps in one 64-wide block (4 steps of 32 bytes along a swizzle row).
+pub const STEPS_PER_BLOCK: u32 = BLOCK_COLS as u32 / K_STEP;
+
+/// Per-thread accumulator fragment of an m64nN tile (N <= 64): the first N/2 floats are used.
+pub type Frag = [f32; 32];
+
+/// Issue the TMA loads of one KV page (cache rows `page * 64 ..`) into `dst`, completing on
+/// `bar`. One thread calls it.
+///
+/// # Safety
+/// `map` is the cache's tensor map; `dst` a free, 1024-aligned page buffer; `bar` an mbarrier
+/// whose phase expects [`PAGE_BYTES`] (see [`expect_page`]).
+#[inline(always)]
+pub unsafe fn load_page(map: *const TensorMap, dst: u32, bar: u32, page: i32) {
+    for blk in 0..QK_BLOCKS as u32 {
+        tma::load_2d(
+            map,
+            dst + blk * BLOCK_BYTES,
+            bar,
+            (blk * BLOCK_COLS as u32) as i32,
+            page * PAGE_ROWS as i32,
+        );
+    }
+}
+
+/// Issue the TMA loads of `cols` query rows starting at global row `row` into `dst`.
+///
+/// # Safety
+/// As [`load_page`]; `dst` holds 9 blocks of `cols` rows.
+#[inline(always)]
+pub unsafe fn load_q(map: *const TensorMap, dst: u32, bar: u32, row: i32, cols: u32) {
+    for blk in 0..QK_BLOCKS as u32 {
+        tma::load_2d(
+            map,
+            dst + blk * cols * ROW_BYTES,
+            bar,
+            (blk * BLOCK_COLS as u32) as i32,
+            row,
+        );
+    }
+}
+
+/// S^T[64 KV rows x NW] = K[64 x 576] · Q^T[576 x NW] for this warpgroup's NW columns, whose Q
+/// rows start at `q_cols` (inside a Q tile of `q_rows` rows per block). Issues 36 wgmmas and
+/// waits for them.
+///
+/// # Safety
+/// The whole warpgroup calls it, with the page and Q loaded.
+#[inline(always)]
+pub unsafe fn scores_t<const NW: usize, const F16: bool>(s: &mut Frag, page: u32, q_cols: u32, q_rows: u32) {
+    wgmma::fence();
+    for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
+        let blk = kk / STEPS_PER_BLOCK;
+        let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
+        let a = Desc::k_major_sw128(page + blk * BLOCK_BYTES + within);
+        let b = Desc::k_major_sw128(q_cols + blk * q_rows * ROW_BYTES + within);
+        wgmma::mma::<NW, 0, F16>(s, a, b, kk > 0);
+    }
+    wgmma::commit_group();
+    wgmma::wait_group::<0>();
+}
+
+/// O^T[512 x NW] += V^T[512 x 64] · P^T[64 x NW]: eight m64 chunks of V's features, each four
+/// K steps over the page's 64 KV rows. V^T is the page tile read M-major (no copy, no
+/// transpose: the ETAP trick); P^T is this warpgroup's P tile. Waits for completion.
+///
+/// # Safety
+/// The whole warpgroup calls it, with P written and fenced.
+#[inline(always)]
+pub unsafe fn accumulate_o_t<const NW: usize, const F16: bool>(o: &mut [Frag; V_BLOCKS], page: u32, p: u32) {
+    wgmma::fence();
+    unroll!(c < V_BLOCKS, max 8 => {
+        unroll!(j < STEPS_PER_BLOCK as usize, max 4 => {
+            // 16 KV rows of 128 bytes per step.
+            let a = Desc::m_major_sw128(page + c as u32 * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
+            let b = Desc::k_major_sw128(p + j as u32 * K_STEP * 2);
+            wgmma::mma::<NW, 1, F16>(&mut o[c], a, b, true);
+        });
+    });
+    wgmma::commit_group();
+    wgmma::wait_group::<0>();
+}
+
+/// Running state of the online softmax for the columns one thread holds: NW/4 columns (two in
+/// each 8-wide block), in log2 units (scores pre-multiplied by scale * log2 e).
+pub struct ColumnState {
+    /// Running maximum per column (-inf until a row is seen).
+    pub m: [f32; 16],
+    /// This thread's share of the running sum of exp2(s - m) (its 2 rows per tile); the 32
+    /// shares of a column are added once, at the end.
+    pub l: [f32; 16],
+}
+
+impl ColumnState {
+    #[inline(always)]
+    pub fn new() -> Self {
+        ColumnState {
+            m: [f32::NEG_INFINITY; 16],
+            l: [0.0; 16],
+        }
+    }
+}
+
+/// Index (0..NW/4) of the column that fragment element `i` belongs to, among this thread's.
+#[inline(always)]
+pub const fn col_slot(i: usize) -> usize {
+    (i / 4) * 2 + (i % 2)
+}
+
+/// Column softmax of one S^T tile, in place: mask rows at or past each column's visible bound,
+/// scale to log2 units, update the running max (a cross-warp reduction through `red`, one
+/// named barrier), turn `s` into P = exp2(s - m), add to the row sums, and return the factor
+/// rescale O^T's columns by alpha = exp2(m_old - m_new).
+///
+/// `visible[b]` is the number of KV rows of the request that the columns of 8-wide block `b`
+/// see (one token per block: h_q is a multiple of 8); `row0` the request
+/// row of this page's first row. `red` is this warpgroup's [4 warps][NW] f32 scratch (double
+/// buffered by the caller), `bar_id` its named barrier.
+///
+/// # Safety
+/// The whole warpgroup calls it.
+#[inline(always)]
+pub unsafe fn column_softmax<const NW: usize>(
+    s: &mut Frag,
+    o: &mut [Frag; V_BLOCKS],
+    st: &mut ColumnState,
+    visible: &[u32; 4],
+    row0: u32,
+    scale_log2: f32,
+    red: u32,
+    bar_id: u32,
+) {
+    let t = index::thread_x() % index::WARPGROUP;
+    let warp = t / 32;
+    let lane = t % 32;
+    // Mask, scale, and this thread's max over its two rows, per column.
+    let mut tmax = [f32::NEG_INFINITY; 16];
+    unroll!(i < NW / 2, max 16 => {
+        let (row, _) = wgmma::frag_pos(t, i as u32);
+        let slot = col_slot(i);
+        let v = if row0 + row < visible[i / 4] { s[i] * scale_log2 } else { f32::NEG_INFINITY };
+        s[i] = v;
+        tmax[slot] = math::fmax(tmax[slot], v);
+    });
+    // Across the 8 lanes that share columns (lane / 4 varies), then across the 4 warps.
+    unroll!(slot < NW / 4, max 8 => {
+        let mut x = tmax[slot];
+        x = math::fmax(x, sync::shfl_xor_f32(x, 4));
+        x = math::fmax(x, sync::shfl_xor_f32(x, 8));
+        x = math::fmax(x, sync::shfl_xor_f32(x, 16));
+        if lane < 4 {
+            let col = 8 * (slot as u32 / 2) + 2 * lane + (slot as u32 % 2);
+            smem::st_f32(red + (warp * NW as u32 + col) * 4, x);
+        }
+    });
+    sync::bar_sync(bar_id, index::WARPGROUP);
+    let mut m_use = [0f32; 16];
+    unroll!(slot < NW / 4, max 8 => {
+        let col = 8 * (slot as u32 / 2) + 2 * (lane % 4) + (slot as u32 % 2);
+        let mut x = smem::ld_f32(red + col * 4);
+        for w in 1..4u32 {
+            x = math::fmax(x, smem::ld_f32(red + (w * NW as u32 + col) * 4));
+        }
+        let m_new = math::fmax(st.m[slot], x);
+        // A column that has seen no row yet keeps m = -inf; subtract 0 instead so that
+        // exp2(-inf - m) is 0, not NaN.
+        m_use[slot] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
+        let alpha = math::exp2(st.m[slot] - m_use[slot]);
+        st.m[slot] = m_new;
+        st.l[slot] *= alpha;
+        rescale_column::<NW>(o, slot, alpha);
+    });
+    unroll!(i < NW / 2, max 16 => {
+        let slot = col_slot(i);
+        let p = math::exp2(s[i] - m_use[slot]);
+        s[i] = p;
+        st.l[slot] += p;
+    });
+}
+
+/// Scale one of this thread's O^T columns (`slot`) by `alpha`, in every chunk.
+#[inline(always)]
+pub fn rescale_column<const NW: usize>(o: &mut [Frag; V_BLOCKS], slot: usize, alpha: f32) {
+    unroll!(c < V_BLOCKS, max 8 => {
+        unroll!(i < NW / 2, max 16 => {
+            if col_slot(i) == slot {
+                o[c][i] *= alpha;
+            }
+        });
+    });
+}
+
+/// Write P^T (this warpgroup's probabilities, rounded to the element type) to its P tile,
+/// stored as P[col][KV row] rows of 128 bytes, swizzled: the K-major B operand of O^T.
+/// Fences the writes for the tensor cores and synchronizes the warpgroup.
+///
+/// # Safety
+/// The whole warpgroup calls it; no wgmma is still reading the P tile.
+#[inline(always)]
+pub unsafe fn store_p_t<const NW: usize, const F16: bool>(p_tile: u32, s: &Frag, bar_id: u32) {
+    let t = index::thread_x() % index::WARPGROUP;
+    unroll!(i < NW / 2, max 16 => {
+        let (row, col) = wgmma::frag_pos(t, i as u32);
+        let bits = math::pack2::<F16>(s[i], 0.0) as u16;
+        smem::st_u16(p_tile + smem::sw128_offset(col, row), bits);
+    });
+    sync::fence_proxy_async_shared();
+    sync::bar_sync(bar_id, index::WARPGROUP);
+}
+
+/// Zero KV rows `first..64` of the V part of a page tile (8 blocks), so that rows past the
+/// request's end, which may hold anything (NaN included), contribute 0 · P = 0 and not NaN.
+/// Shared by `threads` threads, `rank` being this thread's index among them.
+///
+/// # Safety
+/// No wgmma reads the tile meanwhile; the caller fences and synchronizes afterwards.
+#[inline(always)]
+pub unsafe fn zero_rows_from(page: u32, first: u32, rank: u32, threads: u32) {
+    let rows = PAGE_ROWS as u32 - first;
+    // 16-byte chunks: 8 per 128-byte row, per block. The swizzle permutes chunks within a row,
+    // so whole rows stay whole rows.
+    let total = rows * V_BLOCKS as u32 * 8;
+    let mut idx = rank;
+    while idx < total {
+        let chunk = idx % 8;
+        let row = first + (idx / 8) % rows;
+        let blk = idx / (8 * rows);
+        smem::st_zero16(page + blk * BLOCK_BYTES + row * ROW_BYTES + chunk * 16);
+        idx += threads;
+    }
+}
+
+/// Wait for an mbarrier phase (re-exported for the kernels' readability).
+///
+/// # Safety
+/// `bar` is an initialized mbarrier.
+#[inline(always)]
+pub unsafe fn wait(bar: u32, parity: u32) {
+    mbarrier::wait(bar, parity)
+}

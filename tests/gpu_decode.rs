@@ -1,0 +1,184 @@
+//! On a GPU: ETAP decode against the f64 CPU reference, on poisoned inputs (cache rows past
+//! each seqlen and unused pages are NaN, unused block-table slots junk, non-contiguous block
+//! tables), with out and lse poisoned with NaN before every launch. Pass: norm-wise relative
+//! error of out <= 3e-3, lse within 1e-4 (and -inf exactly where the reference has it), no NaN.
+use cust::memory::{CopyDestination, DeviceBuffer};
+use cust::stream::{Stream, StreamFlags};
+use etap::gpu::decoder_or_skip;
+use etap::{Bf16, Decoder, Element, F16};
+use etap_tests::{max_abs_diff_lse, random_seqlens, rel_err, Case, CaseSpec};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Largest request rows compared in full; longer batches are checked on sampled requests.
+const FULL_CHECK_ROWS: usize = 40_000;
+
+struct Outcome {
+    err: f64,
+    lse_diff: f64,
+}
+
+fn run_case<T: Element>(dec: &Decoder, case: &Case<T>) -> Outcome {
+    let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    let q = DeviceBuffer::from_slice(&case.q).unwrap();
+    let kv = DeviceBuffer::from_slice(&case.cache).unwrap();
+    let bt = DeviceBuffer::from_slice(&case.block_table).unwrap();
+    let sl = DeviceBuffer::from_slice(&case.seqlens).unwrap();
+    let shape = case.shape;
+    let mut out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()]).unwrap();
+    let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()]).unwrap();
+    dec.check_tables(&shape, &bt, &sl).unwrap();
+    let plan = dec.plan(&shape, &sl, &stream).unwrap();
+    dec.decode_into(
+        &plan,
+        &q,
+        &kv,
+        &bt,
+        &sl,
+        Some(case.softmax_scale),
+        &mut out,
+        &mut lse,
+        &stream,
+    )
+    .unwrap();
+    stream.synchronize().unwrap();
+    let mut o = vec![T::default(); shape.out_len()];
+    let mut l = vec![0f32; shape.lse_len()];
+    out.copy_to(&mut o[..]).unwrap();
+    lse.copy_to(&mut l[..]).unwrap();
+    let o: Vec<f32> = o.iter().map(|x| x.to_f32()).collect();
+    let total_rows: i64 = case.seqlens.iter().map(|&s| s.max(0) as i64).sum();
+    let per_out = shape.s_q * shape.h_q * shape.d_v;
+    let per_lse = shape.s_q * shape.h_q;
+    let (ro, rl, go, gl): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) =
+        if (total_rows as usize) * shape.h_q <= FULL_CHECK_ROWS * 16 {
+            let (ro, rl) = case.reference();
+            (ro, rl, o, l)
+        } else {
+            // Sampled requests: the first, the last, the longest, and two random ones.
+            let mut rng = StdRng::seed_from_u64(case.seed ^ 0x5eed);
+            let longest = (0..shape.batch).max_by_key(|&r| case.seqlens[r]).unwrap();
+            let mut picks = vec![
+                0,
+                shape.batch - 1,
+                longest,
+                rng.gen_range(0..shape.batch),
+                rng.gen_range(0..shape.batch),
+            ];
+            picks.sort_unstable();
+            picks.dedup();
+            let (mut ro, mut rl, mut go, mut gl) = (vec![], vec![], vec![], vec![]);
+            for r in picks {
+                let (a, b) = case.reference_request(r);
+                ro.extend(a);
+                rl.extend(b);
+                go.extend_from_slice(&o[r * per_out..(r + 1) * per_out]);
+                gl.extend_from_slice(&l[r * per_lse..(r + 1) * per_lse]);
+            }
+            (ro, rl, go, gl)
+        };
+    for (i, x) in go.iter().enumerate() {
+        assert!(
+            x.is_finite(),
+            "out[{i}] = {x}: unwritten or NaN leaked (seed {})",
+            case.seed
+        );
+    }
+    for (i, (x, r)) in gl.iter().zip(&rl).enumerate() {
+        assert!(
+            !x.is_nan() && (x.is_finite() || *x == *r),
+            "lse[{i}] = {x}, reference {r} (seed {})",
+            case.seed
+        );
+    }
+    Outcome {
+        err: rel_err(&go, &ro),
+        lse_diff: max_abs_diff_lse(&gl, &rl),
+    }
+}
+
+fn check<T: Element>(dec: &Decoder, case: &Case<T>, what: &str) {
+    let o = run_case(dec, case);
+    println!(
+        "{what:<40} {:>5} b={:<3} s_q={} h_q={:<3} rows={:<7} rel_err={:.2e} lse_diff={:.2e}",
+        format!("{:?}", T::DTYPE),
+        case.shape.batch,
+        case.shape.s_q,
+        case.shape.h_q,
+        case.seqlens.iter().map(|&s| s.max(0) as i64).sum::<i64>(),
+        o.err,
+        o.lse_diff
+    );
+    assert!(
+        o.err <= 3e-3,
+        "{what}: rel err {:.3e} > 3e-3 (seed {})",
+        o.err,
+        case.seed
+    );
+    assert!(
+        o.lse_diff <= 1e-4,
+        "{what}: lse diff {:.3e} > 1e-4 (seed {})",
+        o.lse_diff,
+        case.seed
+    );
+}
+
+#[test]
+fn fixed_seed_cases() {
+    let Some(dec) = decoder_or_skip("gpu_decode fixed cases") else {
+        return;
+    };
+    // Every head count, s_q 1..4, lengths around page boundaries, zero and short requests.
+    let cases: &[(usize, usize, &[i32])] = &[
+        (1, 16, &[1]),
+        (1, 16, &[64]),
+        (1, 16, &[65, 130, 4096]),
+        (1, 8, &[777, 0, 3]),
+        (2, 16, &[1, 2, 1000]),
+        (1, 32, &[2000, 129]),
+        (3, 8, &[500, 1]),
+        (1, 64, &[1500, 64]),
+        (4, 16, &[900, 3]),
+        (2, 32, &[700]),
+        (1, 128, &[1100, 50]),
+        (3, 32, &[300]),
+        (4, 128, &[260]),
+        (1, 16, &[0, 0]),
+    ];
+    for (k, (s_q, h_q, seqlens)) in cases.iter().enumerate() {
+        let seed = 1000 + k as u64;
+        check(&dec, &Case::<Bf16>::new(*s_q, *h_q, seqlens, seed), "fixed");
+        check(&dec, &Case::<F16>::new(*s_q, *h_q, seqlens, seed + 500), "fixed");
+    }
+}
+
+#[test]
+fn random_cases() {
+    let Some(dec) = decoder_or_skip("gpu_decode random cases") else {
+        return;
+    };
+    let seed0: u64 = std::env::var("ETAP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("random_cases: ETAP_SEED={seed0}");
+    let n_cases: usize = std::env::var("ETAP_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(24);
+    let mut rng = StdRng::seed_from_u64(seed0);
+    for k in 0..n_cases {
+        let h_q = [8usize, 16, 32, 64, 128][rng.gen_range(0..5)];
+        let s_q = rng.gen_range(1..=4);
+        let batch = rng.gen_range(1..=64);
+        let max_len = if rng.gen_bool(0.3) { 20_000 } else { 3_000 };
+        let seqlens = random_seqlens(&mut rng, batch, max_len);
+        let mut spec = CaseSpec::new(s_q, h_q, &seqlens, seed0.wrapping_add(k as u64));
+        spec.extra_slots = rng.gen_range(0..3);
+        if rng.gen_bool(0.5) {
+            check(&dec, &Case::<Bf16>::from_spec(&spec), "random");
+        } else {
+            check(&dec, &Case::<F16>::from_spec(&spec), "random");
+        }
+    }
+}
