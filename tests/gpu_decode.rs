@@ -182,3 +182,26 @@ fn random_cases() {
         }
     }
 }
+
+/// A few small cases for compute-sanitizer (memcheck, racecheck): every kernel variant
+/// (16/32/48/64 columns, column groups), splits, partial pages, empty requests.
+#[test]
+fn sanitizer_cases() {
+    let Some(dec) = decoder_or_skip("gpu_decode sanitizer cases") else {
+        return;
+    };
+    let cases: &[(usize, usize, &[i32])] = &[
+        (1, 16, &[700, 0, 65]),
+        (3, 16, &[300]),
+        (1, 32, &[200, 130]),
+        (2, 32, &[150]),
+        (1, 128, &[100]),
+    ];
+    for (k, (s_q, h_q, seqlens)) in cases.iter().enumerate() {
+        check(
+            &dec,
+            &Case::<Bf16>::new(*s_q, *h_q, seqlens, 77 + k as u64),
+            "sanitizer",
+        );
+    }
+}

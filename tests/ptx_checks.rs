@@ -23,7 +23,12 @@ fn expected_entry_points() -> Vec<String> {
                 names.push(format!("etap_test_gemm_{dtype}_{major}_n{n}"));
             }
         }
+        for cols in [16, 32, 48, 64] {
+            names.push(format!("etap_decode_{dtype}_c{cols}"));
+        }
+        names.push(format!("etap_combine_{dtype}"));
     }
+    names.push("etap_schedule".to_string());
     names
 }
 
@@ -133,7 +138,7 @@ fn no_kernel_has_serialized_wgmma() {
 }
 
 #[test]
-fn test_gemm_sass_uses_hgmma() {
+fn gemm_and_decode_sass_use_hgmma() {
     let Some(ptxas) = tool("ptxas", "nvidia-cuda-nvcc-cu12") else {
         return;
     };
@@ -144,12 +149,15 @@ fn test_gemm_sass_uses_hgmma() {
     let functions = pb::sass_by_function(&sass);
     let gemms: Vec<&(String, String)> = functions
         .iter()
-        .filter(|(name, _)| name.starts_with("etap_test_gemm_"))
+        .filter(|(name, _)| name.starts_with("etap_test_gemm_") || name.starts_with("etap_decode_"))
         .collect();
     assert_eq!(
         gemms.len(),
-        expected_entry_points().len(),
-        "test GEMM kernels in the SASS"
+        expected_entry_points()
+            .iter()
+            .filter(|n| n.starts_with("etap_test_gemm_") || n.starts_with("etap_decode_"))
+            .count(),
+        "test GEMM and decode kernels in the SASS"
     );
     for (name, body) in gemms {
         assert!(pb::hgmma_count(body) > 0, "{name} has no HGMMA instruction in its SASS");

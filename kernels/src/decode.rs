@@ -280,6 +280,7 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
     let tw = index::thread_x() % index::WARPGROUP;
     let warp = tw / 32;
     let lane = tw % 32;
+    let red = smem::opaque(red);
     // Sum each column's 32 shares: across the 8 lanes holding it, then the 4 warps.
     // (`red`'s second buffer is free: the last tile's max went through buffer `it & 1`, and a
     // barrier separates this from any earlier use of either.)

@@ -74,6 +74,7 @@ pub unsafe fn load_q(map: *const TensorMap, dst: u32, bar: u32, row: i32, cols: 
 /// The whole warpgroup calls it, with the page and Q loaded.
 #[inline(always)]
 pub unsafe fn scores_t<const NW: usize, const F16: bool>(s: &mut Frag, page: u32, q_cols: u32, q_rows: u32) {
+    let (page, q_cols) = (smem::opaque(page), smem::opaque(q_cols));
     wgmma::fence();
     for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
         let blk = kk / STEPS_PER_BLOCK;
@@ -94,6 +95,7 @@ pub unsafe fn scores_t<const NW: usize, const F16: bool>(s: &mut Frag, page: u32
 /// The whole warpgroup calls it, with P written and fenced.
 #[inline(always)]
 pub unsafe fn accumulate_o_t<const NW: usize, const F16: bool>(o: &mut [Frag; V_BLOCKS], page: u32, p: u32) {
+    let (page, p) = (smem::opaque(page), smem::opaque(p));
     wgmma::fence();
     unroll!(c < V_BLOCKS, max 8 => {
         unroll!(j < STEPS_PER_BLOCK as usize, max 4 => {
@@ -159,6 +161,7 @@ pub unsafe fn column_softmax<const NW: usize>(
     let t = index::thread_x() % index::WARPGROUP;
     let warp = t / 32;
     let lane = t % 32;
+    let red = smem::opaque(red);
     // Mask, scale, and this thread's max over its two rows, per column.
     let mut tmax = [f32::NEG_INFINITY; 16];
     unroll!(i < NW / 2, max 16 => {
@@ -225,6 +228,7 @@ pub fn rescale_column<const NW: usize>(o: &mut [Frag; V_BLOCKS], slot: usize, al
 #[inline(always)]
 pub unsafe fn store_p_t<const NW: usize, const F16: bool>(p_tile: u32, s: &Frag, bar_id: u32) {
     let t = index::thread_x() % index::WARPGROUP;
+    let p_tile = smem::opaque(p_tile);
     unroll!(i < NW / 2, max 16 => {
         let (row, col) = wgmma::frag_pos(t, i as u32);
         let bits = math::pack2::<F16>(s[i], 0.0) as u16;

@@ -72,3 +72,15 @@ pub unsafe fn st_zero16(addr: u32) {
 pub const fn sw128_offset(row: u32, col: u32) -> u32 {
     row * 128 + (((col / 8) ^ (row % 8)) * 16) + (col % 8) * 2
 }
+
+/// The same address, hidden from the optimizer: LLVM hoists loop-invariant shared-memory
+/// addresses out of the page loop and keeps dozens of them live across it, which pushes the
+/// 64-column decode kernel past its register budget into spills. Re-deriving an address
+/// through this (one `mov`) where it is used keeps it short-lived.
+#[inline(always)]
+pub fn opaque(addr: u32) -> u32 {
+    let r: u32;
+    // SAFETY: a register move; not `pure`, so it is neither hoisted nor merged.
+    unsafe { asm!("mov.u32 {0}, {1};", out(reg32) r, in(reg32) addr, options(nomem, nostack)) };
+    r
+}
