@@ -3,6 +3,9 @@ use crate::error::{EtapError, Result};
 use cust::context::Context;
 use cust::device::Device;
 use cust::module::Module;
+use cust::stream::Stream;
+use cust::sys::CUfunction;
+use std::ffi::c_void;
 
 /// The register cap at kernel entry (see `etap_ptx_builder::MAX_REGISTERS`, which must agree:
 /// 65536 registers over the decode kernel's 384 threads).
@@ -10,8 +13,23 @@ const fn etap_ptx_cap() -> u32 {
     168
 }
 
+/// Columns per CTA of the decode kernel variants, in the order of [`Kernels::decode`].
+pub(crate) const DECODE_COLS: [u32; 4] = [16, 32, 48, 64];
+
+/// Raw handles of the kernels, looked up once when the module loads (a lookup by name and a
+/// shared-memory attribute per call would cost microseconds of host time per decode step).
+/// Valid while the module lives: [`Decoder`] owns both.
+pub(crate) struct Kernels {
+    /// `[dtype: bf16, f16][cols index]`
+    pub decode: [[CUfunction; 4]; 2],
+    /// `[dtype]`
+    pub combine: [CUfunction; 2],
+    pub schedule: CUfunction,
+}
+
 /// Owns the CUDA context and the loaded kernel module.
 pub struct Decoder {
+    kernels: Kernels,
     module: Module,
     num_sms: u32,
     _ctx: Context,
@@ -46,11 +64,23 @@ impl Decoder {
             crate::PTX,
             &[cust::module::ModuleJitOption::MaxRegisters(etap_ptx_cap())],
         )?;
-        Ok(Decoder {
-            module,
-            num_sms,
-            _ctx: ctx,
-        })
+        let raw = |name: String| -> Result<CUfunction> { Ok(module.get_function(name)?.to_raw()) };
+        let mut decode = [[std::ptr::null_mut(); 4]; 2];
+        let mut combine = [std::ptr::null_mut(); 2];
+        for (d, dt) in ["bf16", "f16"].iter().enumerate() {
+            for (c, cols) in DECODE_COLS.iter().enumerate() {
+                let f = module.get_function(format!("etap_decode_{dt}_c{cols}"))?;
+                set_dynamic_smem(&f, crate::plan::decode_smem_bytes(*cols))?;
+                decode[d][c] = f.to_raw();
+            }
+            combine[d] = raw(format!("etap_combine_{dt}"))?;
+        }
+        let kernels = Kernels { decode, combine, schedule: raw("etap_schedule".into())? };
+        Ok(Decoder { kernels, module, num_sms, _ctx: ctx })
+    }
+
+    pub(crate) fn kernels(&self) -> &Kernels {
+        &self.kernels
     }
 
     /// Streaming multiprocessors of the device.
@@ -93,6 +123,39 @@ pub fn set_dynamic_smem(func: &cust::function::Function, bytes: u32) -> Result<(
         return Err(EtapError::Device(format!(
             "cuFuncSetAttribute(max dynamic smem = {bytes}) failed: {rc:?}"
         )));
+    }
+    Ok(())
+}
+
+/// Launch a kernel by raw handle.
+///
+/// # Safety
+/// `f` is a kernel of a live module of the current context; `params` holds one pointer per
+/// kernel parameter, each to a value of exactly the parameter's type and size, live for the
+/// call (the driver copies them before returning); `smem` is within the kernel's limit.
+pub(crate) unsafe fn launch(
+    f: CUfunction,
+    grid: (u32, u32),
+    block: u32,
+    smem: u32,
+    stream: &Stream,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    let rc = cust::sys::cuLaunchKernel(
+        f,
+        grid.0,
+        grid.1,
+        1,
+        block,
+        1,
+        1,
+        smem,
+        stream.as_inner(),
+        params.as_mut_ptr(),
+        std::ptr::null_mut(),
+    );
+    if rc != cust::sys::CUresult::CUDA_SUCCESS {
+        return Err(EtapError::Device(format!("kernel launch failed: {rc:?}")));
     }
     Ok(())
 }

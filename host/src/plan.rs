@@ -1,21 +1,23 @@
 //! The split plan (FlashMLA's `get_mla_metadata`) and the decode launch.
 use crate::dtype::{Dtype, Element};
 use crate::error::{EtapError, Result};
-use crate::gpu::{set_dynamic_smem, Decoder};
+use crate::gpu::{launch, Decoder, DECODE_COLS};
 use crate::shape::DecodeShape;
 use crate::tma::{encode_2d, TensorMap};
 use crate::validate::{validate_lengths, validate_shape, validate_tables};
-use cust::function::{BlockSize, GridSize};
 use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
 use cust::stream::Stream;
 use etap_core::{max_splits, COLS_PER_CTA, D_QK, D_V, PAGE_ROWS};
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::ffi::c_void;
 
 /// Threads of the decode kernel: two consumer warpgroups and a producer warpgroup.
 const DECODE_THREADS: u32 = 384;
 /// KV page buffers in the decode kernel's ring (kernels/src/decode.rs, `STAGES`).
 const STAGES: u32 = 2;
+/// (q, cache) address pairs whose tensor maps a plan keeps on the device (a DeepSeek-V3 model
+/// has 61 layers); past this, slots are reused round-robin.
+const MAP_SLOTS: usize = 128;
 /// u32 words of one `etap_core::WorkRange`.
 const RANGE_WORDS: usize = std::mem::size_of::<etap_core::WorkRange>() / 4;
 
@@ -60,10 +62,11 @@ pub struct Plan {
     split_offsets: DeviceBuffer<u32>,
     o_accum: DeviceBuffer<f32>,
     lse_accum: DeviceBuffer<f32>,
-    /// Tensor maps of q and the cache for the current call (device copy) and the host
-    /// addresses they were encoded for, to skip re-encoding across identical calls.
+    /// Tensor maps of q and the cache, a pair per slot, uploaded once per (q, cache) address
+    /// pair: a model's layers each have their own cache, and steady-state calls then copy
+    /// nothing to the device. `map_slots[i]` is the pair slot i was encoded for.
     maps: DeviceBuffer<TensorMap>,
-    maps_for: Cell<Option<(u64, u64)>>,
+    map_slots: RefCell<Vec<(u64, u64)>>,
 }
 
 impl Plan {
@@ -184,18 +187,32 @@ impl Decoder {
         let split_offsets = unsafe { DeviceBuffer::<u32>::uninitialized(shape.batch + 1)? };
         let o_accum = unsafe { DeviceBuffer::<f32>::uninitialized(splits * cols * D_V)? };
         let lse_accum = unsafe { DeviceBuffer::<f32>::uninitialized(splits * cols)? };
-        let maps = unsafe { DeviceBuffer::<TensorMap>::uninitialized(2)? };
-        let f = self.module().get_function("etap_schedule")?;
-        let batch = shape.batch as u32;
-        let max_pages = shape.max_pages as u32;
-        let seq = cache_seqlens.as_device_ptr();
-        let rp = ranges.as_device_ptr();
-        let op = split_offsets.as_device_ptr();
-        // SAFETY: the arguments match etap_schedule's signature; the buffers have the lengths
-        // it writes (parts ranges, batch + 1 offsets) and outlive the launch (owned by the
-        // plan, which the caller keeps while the stream runs).
+        let maps = unsafe { DeviceBuffer::<TensorMap>::uninitialized(2 * MAP_SLOTS)? };
+        let mut batch = shape.batch as u32;
+        let mut max_pages = shape.max_pages as u32;
+        let mut parts_arg = parts;
+        let mut seq = cache_seqlens.as_device_ptr().as_raw();
+        let mut rp = ranges.as_device_ptr().as_raw();
+        let mut op = split_offsets.as_device_ptr().as_raw();
+        // SAFETY: the arguments match etap_schedule's signature (pointer, u32, u32, pointer,
+        // u32, pointer); the buffers have the lengths it writes (`parts` ranges, `batch + 1`
+        // offsets) and are owned by the plan, which the caller keeps while the stream runs.
         unsafe {
-            cust::launch!(f<<<1, 32, 0, stream>>>(seq, batch, max_pages, rp, parts, op))?;
+            launch(
+                self.kernels().schedule,
+                (1, 1),
+                32,
+                0,
+                stream,
+                &mut [
+                    &mut seq as *mut u64 as *mut c_void,
+                    &mut batch as *mut u32 as *mut c_void,
+                    &mut max_pages as *mut u32 as *mut c_void,
+                    &mut rp as *mut u64 as *mut c_void,
+                    &mut parts_arg as *mut u32 as *mut c_void,
+                    &mut op as *mut u64 as *mut c_void,
+                ],
+            )?;
         }
         Ok(Plan {
             shape: *shape,
@@ -206,7 +223,7 @@ impl Decoder {
             o_accum,
             lse_accum,
             maps,
-            maps_for: Cell::new(None),
+            map_slots: RefCell::new(Vec::new()),
         })
     }
 
@@ -354,31 +371,40 @@ impl Decoder {
         let tiling = plan.tiling;
         let cols = shape.cols() as u64;
         // Tensor maps: q as [b * cols, 576] in boxes of the CTA's columns; the cache as
-        // [num_pages * 64, 576] in boxes of one page.
-        if plan.maps_for.get() != Some((bufs.q, bufs.kv_cache)) {
-            let maps = [
-                encode_2d(bufs.q, shape.batch as u64 * cols, D_QK as u64, tiling.cols_per_cta)?,
-                encode_2d(
-                    bufs.kv_cache,
-                    (shape.num_pages * PAGE_ROWS) as u64,
-                    D_QK as u64,
-                    PAGE_ROWS as u32,
-                )?,
-            ];
-            // SAFETY: copies 2 maps (256 bytes) into the plan's 2-map buffer, in stream order
-            // (a pageable source is staged before the call returns, so `maps` may drop).
-            let rc = cust::sys::cuMemcpyHtoDAsync_v2(
-                plan.maps.as_device_ptr().as_raw(),
-                maps.as_ptr() as *const c_void,
-                std::mem::size_of_val(&maps),
-                stream.as_inner(),
-            );
-            if rc != cust::sys::CUresult::CUDA_SUCCESS {
-                return Err(EtapError::Device(format!("uploading tensor maps failed: {rc:?}")));
+        // [num_pages * 64, 576] in boxes of one page. Encoded and uploaded once per pair.
+        let slot = {
+            let mut slots = plan.map_slots.borrow_mut();
+            match slots.iter().position(|&p| p == (bufs.q, bufs.kv_cache)) {
+                Some(i) => i,
+                None => {
+                    let i = slots.len() % MAP_SLOTS;
+                    let maps = [
+                        encode_2d(bufs.q, shape.batch as u64 * cols, D_QK as u64, tiling.cols_per_cta)?,
+                        encode_2d(bufs.kv_cache, (shape.num_pages * PAGE_ROWS) as u64, D_QK as u64, PAGE_ROWS as u32)?,
+                    ];
+                    // SAFETY: copies 2 maps (256 bytes) into pair slot i of the plan's buffer of
+                    // 2 * MAP_SLOTS maps, in stream order, so kernels already enqueued that read
+                    // the slot's old maps run first (a pageable source is staged before the call
+                    // returns, so `maps` may drop).
+                    let rc = cust::sys::cuMemcpyHtoDAsync_v2(
+                        plan.maps.as_device_ptr().as_raw() + (2 * i * std::mem::size_of::<TensorMap>()) as u64,
+                        maps.as_ptr() as *const c_void,
+                        std::mem::size_of_val(&maps),
+                        stream.as_inner(),
+                    );
+                    if rc != cust::sys::CUresult::CUDA_SUCCESS {
+                        return Err(EtapError::Device(format!("uploading tensor maps failed: {rc:?}")));
+                    }
+                    if slots.len() < MAP_SLOTS {
+                        slots.push((bufs.q, bufs.kv_cache));
+                    } else {
+                        slots[i] = (bufs.q, bufs.kv_cache);
+                    }
+                    i
+                }
             }
-            plan.maps_for.set(Some((bufs.q, bufs.kv_cache)));
-        }
-        let map_base = plan.maps.as_device_ptr().as_raw();
+        };
+        let map_base = plan.maps.as_device_ptr().as_raw() + (2 * slot * std::mem::size_of::<TensorMap>()) as u64;
         let params = DecodeParams {
             q_map: map_base,
             kv_map: map_base + std::mem::size_of::<TensorMap>() as u64,
@@ -397,24 +423,21 @@ impl Decoder {
             scale_log2: scale * std::f32::consts::LOG2_E,
             _pad: 0,
         };
-        let dt = match dtype {
-            Dtype::Bf16 => "bf16",
-            Dtype::F16 => "f16",
+        let d = match dtype {
+            Dtype::Bf16 => 0,
+            Dtype::F16 => 1,
         };
-        let decode = self
-            .module()
-            .get_function(format!("etap_decode_{dt}_c{}", tiling.cols_per_cta))?;
-        let smem = decode_smem_bytes(tiling.cols_per_cta);
-        set_dynamic_smem(&decode, smem)?;
-        stream.launch(
-            &decode,
-            GridSize::xy(plan.parts, tiling.groups),
-            BlockSize::x(DECODE_THREADS),
-            smem,
-            &[&params as *const DecodeParams as *mut c_void],
+        let c = DECODE_COLS.iter().position(|&c| c == tiling.cols_per_cta).expect("tiling picks a built variant");
+        let mut params = params;
+        launch(
+            self.kernels().decode[d][c],
+            (plan.parts, tiling.groups),
+            DECODE_THREADS,
+            decode_smem_bytes(tiling.cols_per_cta),
+            stream,
+            &mut [&mut params as *mut DecodeParams as *mut c_void],
         )?;
-        let combine = self.module().get_function(format!("etap_combine_{dt}"))?;
-        let cparams = CombineParams {
+        let mut cparams = CombineParams {
             split_offsets: params.split_offsets,
             o_accum: params.o_accum,
             lse_accum: params.lse_accum,
@@ -425,12 +448,13 @@ impl Decoder {
             h_q: params.h_q,
             _pad: 0,
         };
-        stream.launch(
-            &combine,
-            GridSize::xy(shape.batch as u32, (cols as u32).div_ceil(4)),
-            BlockSize::x(128),
+        launch(
+            self.kernels().combine[d],
+            (shape.batch as u32, (cols as u32).div_ceil(4)),
+            128,
             0,
-            &[&cparams as *const CombineParams as *mut c_void],
+            stream,
+            &mut [&mut cparams as *mut CombineParams as *mut c_void],
         )?;
         Ok(())
     }
