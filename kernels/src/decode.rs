@@ -41,6 +41,8 @@ pub const PRODUCER_REGS: u32 = 24;
 pub const CONSUMER_REGS: u32 = 240;
 /// Named barrier over both consumer warpgroups (ids 1 and 2 are the warpgroups' own).
 const BAR_CONSUMERS: u32 = 3;
+/// Named barriers of the tensor-core turn of warpgroup 0 and 1 ([`tile::Turn`]).
+const BAR_TURN: u32 = 4;
 
 /// Everything the kernel reads, passed by value as one kernel parameter (the tensor maps
 /// themselves live in global memory: a by-value map would need 64-byte parameter alignment,
@@ -206,6 +208,11 @@ unsafe fn consume<const NW: usize, const F16: bool>(
     // The request column of this warpgroup's first column.
     let col0 = group * cols + wg * NW as u32;
 
+    let turn = tile::Turn { mine: BAR_TURN + wg, theirs: BAR_TURN + 1 - wg };
+    if wg == 1 {
+        // Warpgroup 0 takes the first turn.
+        turn.pass();
+    }
     let mut it = 0u32;
     let mut q_round = 0u32;
     let mut split = range.first_split;
@@ -242,7 +249,7 @@ unsafe fn consume<const NW: usize, const F16: bool>(
                 sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
             }
             let mut s: Frag = [0f32; 32];
-            tile::scores_t::<NW, F16>(&mut s, kv, q_cols, cols);
+            tile::scores_t::<NW, F16>(&mut s, kv, q_cols, cols, turn);
             if page + 1 == hi && tw == 0 {
                 // This warpgroup no longer reads Q.
                 mbarrier::arrive(sm.q_empty);
@@ -250,7 +257,7 @@ unsafe fn consume<const NW: usize, const F16: bool>(
             let red_buf = red + (it & 1) * 4 * NW as u32 * 4;
             tile::column_softmax::<NW>(&mut s, &mut o, &mut st, &visible, row0, prm.scale_log2, red_buf, bar_id);
             tile::store_p_t::<NW, F16>(p_tile, &s, bar_id);
-            tile::accumulate_o_t::<NW, F16>(&mut o, kv, p_tile);
+            tile::accumulate_o_t::<NW, F16>(&mut o, kv, p_tile, turn);
             if tw == 0 {
                 mbarrier::arrive(sm.empty + 8 * stage);
             }
@@ -259,6 +266,11 @@ unsafe fn consume<const NW: usize, const F16: bool>(
         let seg_split = split;
         split = 0;
         finish_segment::<NW, F16>(prm, r, seg_split, col0, n_req, &st, &o, red, bar_id);
+    }
+    if wg == 0 {
+        // Warpgroup 1's last hand-over (it passed first, so it passes once more than it
+        // takes): consume it so that no barrier is left half-arrived at exit.
+        turn.take();
     }
 }
 

@@ -27,6 +27,33 @@ pub const K_STEP: u32 = 16;
 /// K steps in one 64-wide block (4 steps of 32 bytes along a swizzle row).
 pub const STEPS_PER_BLOCK: u32 = BLOCK_COLS as u32 / K_STEP;
 
+/// Turn-taking between the two consumer warpgroups for the tensor cores (FlashAttention-3's
+/// "ping-pong"): a warpgroup waits for its turn before issuing a batch of wgmmas and hands the
+/// turn over right after, so one warpgroup's softmax runs while the other's GEMMs do, instead
+/// of both stopping the tensor cores for their softmax at the same time.
+#[derive(Clone, Copy)]
+pub struct Turn {
+    /// Named barrier this warpgroup waits on ("my turn").
+    pub mine: u32,
+    /// Named barrier the other warpgroup waits on.
+    pub theirs: u32,
+}
+
+impl Turn {
+    /// Threads on each turn barrier: both consumer warpgroups.
+    const THREADS: u32 = 2 * index::WARPGROUP;
+
+    #[inline(always)]
+    pub fn take(&self) {
+        sync::bar_sync(self.mine, Self::THREADS);
+    }
+
+    #[inline(always)]
+    pub fn pass(&self) {
+        sync::bar_arrive(self.theirs, Self::THREADS);
+    }
+}
+
 /// Per-thread accumulator fragment of an m64nN tile (N <= 64): the first N/2 floats are used.
 pub type Frag = [f32; 32];
 
@@ -73,8 +100,15 @@ pub unsafe fn load_q(map: *const TensorMap, dst: u32, bar: u32, row: i32, cols: 
 /// # Safety
 /// The whole warpgroup calls it, with the page and Q loaded.
 #[inline(always)]
-pub unsafe fn scores_t<const NW: usize, const F16: bool>(s: &mut Frag, page: u32, q_cols: u32, q_rows: u32) {
+pub unsafe fn scores_t<const NW: usize, const F16: bool>(
+    s: &mut Frag,
+    page: u32,
+    q_cols: u32,
+    q_rows: u32,
+    turn: Turn,
+) {
     let (page, q_cols) = (smem::opaque(page), smem::opaque(q_cols));
+    turn.take();
     wgmma::fence();
     for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
         let blk = kk / STEPS_PER_BLOCK;
@@ -84,6 +118,7 @@ pub unsafe fn scores_t<const NW: usize, const F16: bool>(s: &mut Frag, page: u32
         wgmma::mma::<NW, 0, F16>(s, a, b, kk > 0);
     }
     wgmma::commit_group();
+    turn.pass();
     wgmma::wait_group::<0>();
 }
 
@@ -94,8 +129,9 @@ pub unsafe fn scores_t<const NW: usize, const F16: bool>(s: &mut Frag, page: u32
 /// # Safety
 /// The whole warpgroup calls it, with P written and fenced.
 #[inline(always)]
-pub unsafe fn accumulate_o_t<const NW: usize, const F16: bool>(o: &mut [Frag; V_BLOCKS], page: u32, p: u32) {
+pub unsafe fn accumulate_o_t<const NW: usize, const F16: bool>(o: &mut [Frag; V_BLOCKS], page: u32, p: u32, turn: Turn) {
     let (page, p) = (smem::opaque(page), smem::opaque(p));
+    turn.take();
     wgmma::fence();
     unroll!(c < V_BLOCKS, max 8 => {
         unroll!(j < STEPS_PER_BLOCK as usize, max 4 => {
@@ -106,6 +142,7 @@ pub unsafe fn accumulate_o_t<const NW: usize, const F16: bool>(o: &mut [Frag; V_
         });
     });
     wgmma::commit_group();
+    turn.pass();
     wgmma::wait_group::<0>();
 }
 

@@ -22,6 +22,14 @@ pub fn bar_sync(id: u32, count: u32) {
     unsafe { asm!("barrier.sync {0}, {1};", in(reg32) id, in(reg32) count, options(nostack)) };
 }
 
+/// Arrive at named barrier `id` (counting `count` threads in all) without waiting: the
+/// producer side of a barrier that other threads `bar_sync` on.
+#[inline(always)]
+pub fn bar_arrive(id: u32, count: u32) {
+    // SAFETY: the matching `bar_sync` side completes the barrier with the same `count`.
+    unsafe { asm!("barrier.arrive {0}, {1};", in(reg32) id, in(reg32) count, options(nostack)) };
+}
+
 /// Make this thread's ordinary shared-memory writes visible to the async proxy (the tensor
 /// cores reading wgmma operands, the TMA engine). Put it before the barrier that hands the data
 /// over.
