@@ -288,6 +288,7 @@ pub fn svg(info: &RunInfo, rows: &[Row]) -> String {
         .map(|r| r.pct_copy)
         .filter(|v| v.is_finite())
         .fold(110.0, f64::max);
+    let pmax = (pmax / 20.0).ceil() * 20.0;
     let yp = |pct: f64| p_bot - pct / pmax * (p_bot - p_top);
 
     // Axes, grid and labels.
@@ -431,8 +432,15 @@ pub fn svg(info: &RunInfo, rows: &[Row]) -> String {
         );
     }
 
-    // Legend.
+    // Legend, on white in the time panel's top left (short contexts are fast: nothing there).
     let (lx, mut ly) = (left + 12.0, t_top + 16.0);
+    let _ = writeln!(
+        s,
+        r##"<rect x="{}" y="{}" width="330" height="{}" fill="white" fill-opacity="0.9" stroke="#ccc"/>"##,
+        lx - 6.0,
+        ly - 12.0,
+        18.0 * (dtypes.len() + 2) as f64 + 6.0
+    );
     for dt in &dtypes {
         let c = dtype_color(dt);
         let _ = writeln!(
