@@ -5,6 +5,8 @@
 # Usage: ./run.sh [ARGS...]
 #   ARGS (e.g. a test-name filter such as `gemm`) are passed to every test binary, after
 #   `--test-threads=1` (the GPU tests share one device). With ARGS the benchmark is skipped.
+# Without ARGS, `./etap-bench --quick` runs last and writes results.{csv,json,svg} to
+# $ETAP_BENCH_OUT (default: target/bench under this folder).
 # Exit status: 0 when every binary passed, 1 otherwise.
 set -uo pipefail
 
@@ -41,8 +43,9 @@ done
 
 if [ $# -eq 0 ] && [ -x ./etap-bench ]; then
     echo
-    echo "=== etap-bench --quick"
-    if ./etap-bench --quick; then
+    bench_out="${ETAP_BENCH_OUT:-target/bench}"
+    echo "=== etap-bench --quick --out $bench_out"
+    if ./etap-bench --quick --out "$bench_out"; then
         passed+=("etap-bench")
     else
         failed+=("etap-bench (exit $?)")

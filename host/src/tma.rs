@@ -49,7 +49,7 @@ extern "C" {
 /// `addr`, read in boxes of `[box_rows, 64]` with the 128-byte swizzle.
 pub fn encode_2d(addr: u64, rows: u64, cols: u64, box_rows: u32) -> Result<TensorMap> {
     const BOX_COLS: u32 = 64; // one 128-byte swizzle row of 16-bit elements
-    if addr % 16 != 0 || (cols * 2) % 16 != 0 || rows == 0 || box_rows == 0 || box_rows > 256 {
+    if !addr.is_multiple_of(16) || !(cols * 2).is_multiple_of(16) || rows == 0 || box_rows == 0 || box_rows > 256 {
         return Err(EtapError::Device(format!(
             "tensor map of [{rows}, {cols}] at {addr:#x} with {box_rows}-row boxes is not encodable"
         )));

@@ -34,7 +34,16 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("build-ptx") if args.len() == 1 => build_ptx(),
         Some("bundle") if args.len() == 1 => bundle(),
-        Some("bench") => bench(&args[1..]),
+        Some("bench") => {
+            // The benchmark's own exit status (2: no CUDA device) passes through.
+            return match bench(&args[1..]) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -415,7 +424,7 @@ fn strip_tool() -> Option<PathBuf> {
 
 const BENCH_PACKAGE: &str = "etap-bench";
 
-fn bench(args: &[String]) -> Result<(), String> {
+fn bench(args: &[String]) -> Result<ExitCode, String> {
     let out = cargo()
         .args(["metadata", "--no-deps", "--format-version", "1"])
         .stderr(Stdio::inherit())
@@ -440,10 +449,14 @@ fn bench(args: &[String]) -> Result<(), String> {
         .status()
         .map_err(|e| format!("could not run cargo: {e}"))?;
     if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{BENCH_PACKAGE} failed ({status})"))
+        return Ok(ExitCode::SUCCESS);
     }
+    eprintln!("{BENCH_PACKAGE} exited with {status}");
+    Ok(status
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .filter(|&c| c != 0)
+        .map_or(ExitCode::FAILURE, ExitCode::from))
 }
 
 #[cfg(test)]

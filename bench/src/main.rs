@@ -1,0 +1,414 @@
+//! `etap-bench`: etap's MLA decode on an H100/H200, against the roof of a device-to-device copy.
+//!
+//! For each configuration: generate inputs (random q, a paged cache on shuffled pages with NaN
+//! past every length), check the GPU's output against the CPU reference on sampled requests,
+//! then time `decode_into` (decode + combine kernels) with CUDA events, the plan made once
+//! outside the timed region, rotating over enough copies of the inputs that the L2 holds none
+//! of them. Prints a table and writes results.csv, results.json and results.svg.
+mod check;
+mod configs;
+mod gen;
+mod metrics;
+mod opts;
+mod report;
+
+use configs::Config;
+use cust::device::{Device, DeviceAttribute};
+use cust::event::{Event, EventFlags};
+use cust::memory::{CopyDestination, DeviceBuffer};
+use cust::stream::{Stream, StreamFlags};
+use etap::{Bf16, Decoder, Dtype, Element, EtapError, F16};
+use opts::{Options, USAGE};
+use report::{Row, RunInfo};
+use std::error::Error;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Instant;
+
+type BoxResult<T> = Result<T, Box<dyn Error>>;
+
+/// Bytes of the roof copy.
+const COPY_BYTES: usize = 1 << 30;
+const COPY_ITERS: usize = 30;
+/// The inputs rotated through span at least this many times the L2.
+const L2_FACTOR: u64 = 4;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let o = match opts::parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("etap-bench: {e}\n\n{USAGE}");
+            return ExitCode::from(1);
+        }
+    };
+    if o.help {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let configs = o.configs();
+    if o.list {
+        for c in &configs {
+            println!("{}", c.name);
+        }
+        return ExitCode::SUCCESS;
+    }
+    if configs.is_empty() {
+        eprintln!("etap-bench: no configuration matches --only {:?} (see --list)", o.only);
+        return ExitCode::from(1);
+    }
+    let dec = match Decoder::new() {
+        Ok(d) => d,
+        Err(EtapError::NoDevice) => {
+            eprintln!("no CUDA device: the benchmark needs an H100/H200");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("etap-bench: a CUDA device is present but unusable: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match run(&dec, &o, &configs) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("etap-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn flush() {
+    let _ = std::io::stdout().flush();
+}
+
+/// A fixed seed per configuration (FNV-1a of its name).
+fn seed_of(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn run(dec: &Decoder, o: &Options, configs: &[Config]) -> BoxResult<bool> {
+    let device = Device::get_device(0)?;
+    let card = device.name()?;
+    let l2 = device.get_attribute(DeviceAttribute::L2CacheSize)?.max(0) as u64;
+    let stream = Stream::new(StreamFlags::NON_BLOCKING, None)?;
+    println!(
+        "etap-bench on {card}: {} SMs, L2 {:.0} MiB",
+        dec.num_sms(),
+        l2 as f64 / (1u64 << 20) as f64
+    );
+    flush();
+    let copy_us = measure_copy(&stream)?;
+    let copy_gbps = metrics::copy_gbps(COPY_BYTES as u64, copy_us);
+    println!("copy roof: 1 GiB device-to-device copy (cuMemcpyDtoDAsync), {copy_gbps:.0} GB/s counting bytes read + written ({copy_us:.1} us, median of {COPY_ITERS})");
+    let info = RunInfo {
+        card,
+        sms: dec.num_sms(),
+        l2_bytes: l2,
+        copy_gbps,
+        copy_us,
+        iters: o.iters,
+        warmup: o.warmup,
+    };
+    println!(
+        "timing: decode_into (decode + combine kernels), CUDA events per iteration, median of {} after at least {} warm-up runs;\n  \
+         the plan is made once per configuration, outside the timed region (serving engines reuse it across layers);\n  \
+         inputs rotate over copies spanning >= {L2_FACTOR}x the L2, so it holds none of them",
+        o.iters, o.warmup
+    );
+    let dtypes: Vec<String> = o.dtypes.iter().map(|d| d.to_string()).collect();
+    println!(
+        "dtype: {}{}",
+        dtypes.join(", "),
+        if o.dtypes == [Dtype::Bf16] {
+            " (the default, to keep the run short; --dtype both adds f16)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "bytes = (sum(seqlens)*576 + b*s_q*h*(576+512))*2, FLOPs = 2*s_q*h*sum(seqlens)*(576+512), % copy = GB/s over the copy's"
+    );
+    println!(
+        "check: first, last, longest and one random request vs the CPU reference, before and after timing: rel err <= {:.0e}, lse within {:.0e}, no NaN",
+        metrics::MAX_REL_ERR,
+        metrics::MAX_LSE_DIFF
+    );
+    println!();
+    println!("{}", report::TABLE_HEADER);
+    flush();
+
+    let mut rows = Vec::new();
+    for cfg in configs {
+        for &dt in &o.dtypes {
+            let row = match dt {
+                Dtype::Bf16 => bench_config::<Bf16>(dec, &stream, &info, cfg, o),
+                Dtype::F16 => bench_config::<F16>(dec, &stream, &info, cfg, o),
+            };
+            println!("{}", report::table_line(&row));
+            flush();
+            rows.push(row);
+        }
+    }
+
+    std::fs::create_dir_all(&o.out).map_err(|e| format!("creating {}: {e}", o.out.display()))?;
+    for (name, text) in [
+        ("results.csv", report::csv(&info, &rows)),
+        ("results.json", report::json(&info, &rows)),
+        ("results.svg", report::svg(&info, &rows)),
+    ] {
+        let path = o.out.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    let bad: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.ok())
+        .map(|r| format!("{} {} ({})", r.config, r.dtype, r.status))
+        .collect();
+    println!();
+    println!("wrote {}/results.{{csv,json,svg}}", o.out.display());
+    if bad.is_empty() {
+        println!("all {} checks passed", rows.len());
+        Ok(true)
+    } else {
+        println!(
+            "{} of {} configurations FAILED: {}",
+            bad.len(),
+            rows.len(),
+            bad.join(", ")
+        );
+        Ok(false)
+    }
+}
+
+/// Median time of a 1 GiB device-to-device copy, in us.
+fn measure_copy(stream: &Stream) -> BoxResult<f64> {
+    // SAFETY: the copy only moves bytes; their values do not matter.
+    let src = unsafe { DeviceBuffer::<u8>::uninitialized(COPY_BYTES)? };
+    let dst = unsafe { DeviceBuffer::<u8>::uninitialized(COPY_BYTES)? };
+    let copy = || -> BoxResult<()> {
+        // SAFETY: both buffers are live allocations of COPY_BYTES bytes that do not overlap.
+        let rc = unsafe {
+            cust::sys::cuMemcpyDtoDAsync_v2(
+                dst.as_device_ptr().as_raw(),
+                src.as_device_ptr().as_raw(),
+                COPY_BYTES,
+                stream.as_inner(),
+            )
+        };
+        if rc != cust::sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuMemcpyDtoDAsync failed: {rc:?}").into());
+        }
+        Ok(())
+    };
+    for _ in 0..3 {
+        copy()?;
+    }
+    let times = timed(stream, COPY_ITERS, |_| copy())?;
+    stream.synchronize()?;
+    Ok(metrics::median(&times.per_iter))
+}
+
+struct Times {
+    per_iter: Vec<f64>,
+    /// First start to last stop, over the iterations.
+    loop_mean: f64,
+}
+
+/// Enqueue `n` runs of `f(i)`, each between its own pair of events, synchronize once and
+/// return the times in us. Nothing waits between runs, so the GPU runs them back to back and
+/// the host's launch time is not counted (as long as the host keeps ahead).
+fn timed(stream: &Stream, n: usize, mut f: impl FnMut(usize) -> BoxResult<()>) -> BoxResult<Times> {
+    let starts: Vec<Event> = (0..n)
+        .map(|_| Event::new(EventFlags::DEFAULT))
+        .collect::<Result<_, _>>()?;
+    let stops: Vec<Event> = (0..n)
+        .map(|_| Event::new(EventFlags::DEFAULT))
+        .collect::<Result<_, _>>()?;
+    for i in 0..n {
+        starts[i].record(stream)?;
+        f(i)?;
+        stops[i].record(stream)?;
+    }
+    stream.synchronize()?;
+    let per_iter = (0..n)
+        .map(|i| Ok(stops[i].elapsed_time_f32(&starts[i])? as f64 * 1e3))
+        .collect::<Result<Vec<f64>, cust::error::CudaError>>()?;
+    let loop_mean = stops[n - 1].elapsed_time_f32(&starts[0])? as f64 * 1e3 / n as f64;
+    Ok(Times { per_iter, loop_mean })
+}
+
+fn bench_config<T: Element>(dec: &Decoder, stream: &Stream, info: &RunInfo, cfg: &Config, o: &Options) -> Row {
+    let bytes = metrics::bytes_moved(&cfg.seqlens, cfg.batch, cfg.s_q, cfg.h_q);
+    let flops = metrics::flops(&cfg.seqlens, cfg.s_q, cfg.h_q);
+    let mut row = Row {
+        config: cfg.name.clone(),
+        dtype: T::DTYPE.to_string(),
+        batch: cfg.batch,
+        s_q: cfg.s_q,
+        h_q: cfg.h_q,
+        s_k_max: cfg.max_len(),
+        total_rows: metrics::total_rows(&cfg.seqlens),
+        sweep: cfg.in_sweep(),
+        sets: 0,
+        bytes,
+        flops,
+        us: f64::NAN,
+        us_min: f64::NAN,
+        us_loop: f64::NAN,
+        gbps: f64::NAN,
+        tflops: f64::NAN,
+        pct_copy: f64::NAN,
+        rel_err: f64::NAN,
+        lse_diff: f64::NAN,
+        checked_requests: vec![],
+        status: "ERROR".into(),
+        note: String::new(),
+    };
+    if let Err(e) = bench_inner::<T>(dec, stream, info, cfg, o, &mut row) {
+        row.status = "ERROR".into();
+        row.note = e.to_string();
+        // Let whatever was launched finish before the buffers go.
+        let _ = stream.synchronize();
+    }
+    row
+}
+
+fn bench_inner<T: Element>(
+    dec: &Decoder,
+    stream: &Stream,
+    info: &RunInfo,
+    cfg: &Config,
+    o: &Options,
+    row: &mut Row,
+) -> BoxResult<()> {
+    let tag = format!("[{} {}]", cfg.name, T::DTYPE);
+    let t0 = Instant::now();
+    let seed = seed_of(&cfg.name);
+    let x = gen::generate::<T>(cfg.batch, cfg.s_q, cfg.h_q, &cfg.seqlens, seed);
+    let shape = x.shape;
+    let set_bytes = ((x.q.len() + x.cache.len()) * std::mem::size_of::<T>()) as u64;
+    let cache_bytes = (x.cache.len() * std::mem::size_of::<T>()) as u64;
+    let mut sets = if cache_bytes < L2_FACTOR * info.l2_bytes {
+        (L2_FACTOR * info.l2_bytes).div_ceil(set_bytes.max(1)) as usize
+    } else {
+        1
+    };
+    let (free, _) = cust::memory::mem_get_info()?;
+    let fit = ((free as f64 * 0.8) / set_bytes as f64) as usize;
+    if fit < sets {
+        row.note = format!("only {fit} input set(s) fit in device memory");
+        sets = fit.max(1);
+    }
+    row.sets = sets;
+    eprintln!(
+        "{tag} inputs: {:.1} MB a set, generated in {:.2} s; {sets} set(s) rotated",
+        set_bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+
+    let bt = DeviceBuffer::from_slice(&x.block_table)?;
+    let sl = DeviceBuffer::from_slice(&x.seqlens)?;
+    let mut qs = Vec::with_capacity(sets);
+    let mut caches = Vec::with_capacity(sets);
+    for _ in 0..sets {
+        qs.push(DeviceBuffer::from_slice(&x.q)?);
+        caches.push(DeviceBuffer::from_slice(&x.cache)?);
+    }
+    dec.check_tables(&shape, &bt, &sl)?;
+    // One plan per input set, made here, outside the timed region: each plan keeps the tensor
+    // maps of its own buffers, so the timed calls upload nothing.
+    let plans = (0..sets)
+        .map(|_| dec.plan(&shape, &sl, stream))
+        .collect::<Result<Vec<_>, _>>()?;
+    let nan_out = vec![T::nan(); shape.out_len()];
+    let nan_lse = vec![f32::NAN; shape.lse_len()];
+    let mut out = DeviceBuffer::from_slice(&nan_out)?;
+    let mut lse = DeviceBuffer::from_slice(&nan_lse)?;
+
+    // Correctness first.
+    dec.decode_into(
+        &plans[0], &qs[0], &caches[0], &bt, &sl, None, &mut out, &mut lse, stream,
+    )?;
+    stream.synchronize()?;
+    let picks = check::pick_requests(&x.seqlens, cfg.s_q, cfg.h_q, seed ^ 0x5eed);
+    let t1 = Instant::now();
+    let reference = check::reference(&x, &picks)?;
+    let ref_s = t1.elapsed().as_secs_f64();
+    let fetch = |out: &DeviceBuffer<T>, lse: &DeviceBuffer<f32>| -> BoxResult<(Vec<f32>, Vec<f32>)> {
+        let mut o = vec![T::default(); shape.out_len()];
+        let mut l = vec![0f32; shape.lse_len()];
+        out.copy_to(&mut o[..])?;
+        lse.copy_to(&mut l[..])?;
+        Ok((o.iter().map(|v| v.to_f32()).collect(), l))
+    };
+    let (go, gl) = fetch(&out, &lse)?;
+    let first = check::compare(&reference, shape.cols(), &go, &gl);
+    row.checked_requests = picks.clone();
+    eprintln!(
+        "{tag} check of requests {picks:?} (reference {ref_s:.1} s): rel err {:.2e}, lse diff {:.2e}{}",
+        first.rel_err,
+        first.lse_diff,
+        if first.nan { ", NaN in the output" } else { "" }
+    );
+
+    // Timing. Poison the outputs again: the check after timing sees only the timed runs' writes.
+    out.copy_from(&nan_out[..])?;
+    lse.copy_from(&nan_lse[..])?;
+    let warmup = o.warmup.max(sets);
+    let mut call = |i: usize| -> BoxResult<()> {
+        let k = i % sets;
+        dec.decode_into(
+            &plans[k], &qs[k], &caches[k], &bt, &sl, None, &mut out, &mut lse, stream,
+        )?;
+        Ok(())
+    };
+    for i in 0..warmup {
+        call(i)?;
+    }
+    let times = timed(stream, o.iters, |i| call(warmup + i))?;
+    let (go, gl) = fetch(&out, &lse)?;
+    let second = check::compare(&reference, shape.cols(), &go, &gl);
+    if second != first {
+        eprintln!(
+            "{tag} after timing: rel err {:.2e}, lse diff {:.2e}{}",
+            second.rel_err,
+            second.lse_diff,
+            if second.nan { ", NaN in the output" } else { "" }
+        );
+    }
+
+    let us = metrics::median(&times.per_iter);
+    row.us = us;
+    row.us_min = times.per_iter.iter().copied().fold(f64::INFINITY, f64::min);
+    row.us_loop = times.loop_mean;
+    row.gbps = metrics::gbps(row.bytes, us);
+    row.tflops = metrics::tflops(row.flops, us);
+    row.pct_copy = row.gbps / info.copy_gbps * 100.0;
+    row.rel_err = first.rel_err.max(second.rel_err);
+    row.lse_diff = first.lse_diff.max(second.lse_diff);
+    let passed = first.passes() && second.passes();
+    row.status = if passed { "ok" } else { "FAILED" }.into();
+    if !passed {
+        let mut why = vec![];
+        if first.nan || second.nan {
+            why.push("NaN in the output");
+        }
+        if !first.passes() && second.passes() {
+            why.push("before timing only");
+        }
+        if first.passes() && !second.passes() {
+            why.push("after timing only");
+        }
+        if !why.is_empty() {
+            if !row.note.is_empty() {
+                row.note.push_str("; ");
+            }
+            row.note.push_str(&why.join(", "));
+        }
+    }
+    drop(plans);
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! The figures the benchmark reports, with the formulas of `/work/shared/anchors.md` (the peer
+//! numbers use them, so ours compare): bytes = (sum(seqlens)*576 + b*s_q*h*(576+512))*2 and
+//! FLOPs = 2*s_q*h*sum(seqlens)*(576+512). Both dtypes are 2 bytes an element.
+use etap_core::{D_QK, D_V};
+
+/// Bytes of one element of q, the cache and out (bf16 and fp16 alike).
+pub const ELEM_BYTES: f64 = 2.0;
+
+/// Rows of the cache the batch attends to: `sum(seqlens)` (negative lengths count as 0).
+pub fn total_rows(seqlens: &[i32]) -> u64 {
+    seqlens.iter().map(|&s| s.max(0) as u64).sum()
+}
+
+/// Bytes a decode step must move at least: every cache row once, q in and out out.
+pub fn bytes_moved(seqlens: &[i32], batch: usize, s_q: usize, h_q: usize) -> f64 {
+    let rows = total_rows(seqlens) as f64;
+    (rows * D_QK as f64 + (batch * s_q * h_q) as f64 * (D_QK + D_V) as f64) * ELEM_BYTES
+}
+
+/// FLOPs of a decode step: Q·K^T over 576 and P·V over 512, two per multiply-add.
+pub fn flops(seqlens: &[i32], s_q: usize, h_q: usize) -> f64 {
+    2.0 * (s_q * h_q) as f64 * total_rows(seqlens) as f64 * (D_QK + D_V) as f64
+}
+
+/// GB/s (1e9 bytes a second) of `bytes` in `us` microseconds.
+pub fn gbps(bytes: f64, us: f64) -> f64 {
+    bytes / (us * 1e-6) / 1e9
+}
+
+/// TFLOP/s of `flops` in `us` microseconds.
+pub fn tflops(flops: f64, us: f64) -> f64 {
+    flops / (us * 1e-6) / 1e12
+}
+
+/// The bandwidth of a copy of `bytes` bytes (read once and written once) in `us`: GB/s.
+pub fn copy_gbps(bytes: u64, us: f64) -> f64 {
+    gbps(2.0 * bytes as f64, us)
+}
+
+/// The median (mean of the middle two for an even count); NaN for an empty slice.
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}
+
+/// Norm-wise relative error `|a - b| / |b|` (Euclidean norms), as the GPU tests compute it:
+/// infinity when the lengths differ or `a` is NaN/infinite where `b` is finite; non-finite
+/// reference entries must be matched exactly.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if !y.is_finite() {
+            if x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()) {
+                continue;
+            }
+            return f64::INFINITY;
+        }
+        if !x.is_finite() {
+            return f64::INFINITY;
+        }
+        let d = x as f64 - y as f64;
+        num += d * d;
+        den += y as f64 * y as f64;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Largest `|a - b|` of two lse buffers; equal infinities count 0, a NaN or a one-sided
+/// infinity counts as infinity.
+pub fn lse_diff(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let mut worst = 0f64;
+    for (&x, &y) in a.iter().zip(b) {
+        let d = if x.is_nan() || y.is_nan() {
+            f64::INFINITY
+        } else if x.is_infinite() || y.is_infinite() {
+            if x == y {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            (x as f64 - y as f64).abs()
+        };
+        worst = worst.max(d);
+    }
+    worst
+}
+
+/// The pass thresholds of the GPU tests.
+pub const MAX_REL_ERR: f64 = 3e-3;
+pub const MAX_LSE_DIFF: f64 = 1e-4;
+
+/// Whether a check passes: relative error and lse difference within the thresholds (a NaN in
+/// either makes both infinite, so NaN fails).
+pub fn check_passes(rel: f64, lse: f64) -> bool {
+    rel <= MAX_REL_ERR && lse <= MAX_LSE_DIFF
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_and_flops_match_the_anchor_formulas() {
+        // b=16, s_q=1, h=16, s_k=64K: (16*65536*576 + 16*16*1088) * 2.
+        let sl = vec![65536; 16];
+        assert_eq!(bytes_moved(&sl, 16, 1, 16), 1_208_516_608.0);
+        assert_eq!(flops(&sl, 1, 16), 2.0 * 16.0 * (16.0 * 65536.0) * 1088.0);
+        // The anchors' H100 row: 418.8 us is 96% of a 3003 GB/s copy.
+        let pct = gbps(bytes_moved(&sl, 16, 1, 16), 418.8) / 3003.0 * 100.0;
+        assert!((pct - 96.1).abs() < 0.1, "{pct}");
+        // s_q and h scale the q/out term and the FLOPs, not the cache term.
+        let sl = vec![4641, 45118, 1730, 1696];
+        let rows = (4641 + 45118 + 1730 + 1696) as f64;
+        assert_eq!(
+            bytes_moved(&sl, 4, 4, 16),
+            (rows * 576.0 + 4.0 * 4.0 * 16.0 * 1088.0) * 2.0
+        );
+        assert_eq!(flops(&sl, 4, 16), 2.0 * 64.0 * rows * 1088.0);
+        assert_eq!(total_rows(&[-5, 3]), 3);
+    }
+
+    #[test]
+    fn rates() {
+        assert!((gbps(3e9, 1000.0) - 3000.0).abs() < 1e-9);
+        assert!((tflops(5e11, 1000.0) - 500.0).abs() < 1e-9);
+        // 1 GiB read + written in 1 ms.
+        assert!((copy_gbps(1 << 30, 1000.0) - 2.0 * (1u64 << 30) as f64 / 1e6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn median_odd_even_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn errors_and_thresholds() {
+        assert_eq!(rel_err(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((rel_err(&[3.0, 4.0 * 1.001], &[3.0, 4.0]) - 0.004 / 5.0).abs() < 1e-6);
+        assert_eq!(rel_err(&[f32::NAN], &[1.0]), f64::INFINITY);
+        assert_eq!(rel_err(&[1.0], &[1.0, 2.0]), f64::INFINITY);
+        assert_eq!(lse_diff(&[f32::NEG_INFINITY, 1.0], &[f32::NEG_INFINITY, 1.5]), 0.5);
+        assert_eq!(lse_diff(&[f32::NAN], &[1.0]), f64::INFINITY);
+        assert!(check_passes(2e-3, 5e-5));
+        assert!(!check_passes(4e-3, 0.0));
+        assert!(!check_passes(0.0, 2e-4));
+        assert!(!check_passes(f64::NAN, 0.0));
+    }
+}
