@@ -98,7 +98,8 @@ fn timing_probe() {
         // Back to back: one event pair around 100 calls, as a serving loop (or a graph) runs them.
         e0.record(&stream).unwrap();
         for i in 0..100 {
-            dec.decode_into(&plan, &q, &kvs[i % sets], &bt, &sl, None, &mut out, &mut lse, &stream).unwrap();
+            dec.decode_into(&plan, &q, &kvs[i % sets], &bt, &sl, None, &mut out, &mut lse, &stream)
+                .unwrap();
         }
         e1.record(&stream).unwrap();
         e1.synchronize().unwrap();

@@ -75,8 +75,17 @@ impl Decoder {
             }
             combine[d] = raw(format!("etap_combine_{dt}"))?;
         }
-        let kernels = Kernels { decode, combine, schedule: raw("etap_schedule".into())? };
-        Ok(Decoder { kernels, module, num_sms, _ctx: ctx })
+        let kernels = Kernels {
+            decode,
+            combine,
+            schedule: raw("etap_schedule".into())?,
+        };
+        Ok(Decoder {
+            kernels,
+            module,
+            num_sms,
+            _ctx: ctx,
+        })
     }
 
     pub(crate) fn kernels(&self) -> &Kernels {

@@ -15,6 +15,10 @@ use std::ffi::c_void;
 const DECODE_THREADS: u32 = 384;
 /// KV page buffers in the decode kernel's ring (kernels/src/decode.rs, `STAGES`).
 const STAGES: u32 = 2;
+/// Threads of the combine kernel (kernels/src/combine.rs, `THREADS`): 4 groups of 128.
+const COMBINE_THREADS: u32 = 512;
+/// Its shared memory (`combine::SMEM_BYTES`): 64 + 3 * 128 * 20.
+const COMBINE_SMEM: u32 = 64 + 3 * 128 * 20;
 /// (q, cache) address pairs whose tensor maps a plan keeps on the device (a DeepSeek-V3 model
 /// has 61 layers); past this, slots are reused round-robin.
 const MAP_SLOTS: usize = 128;
@@ -380,7 +384,12 @@ impl Decoder {
                     let i = slots.len() % MAP_SLOTS;
                     let maps = [
                         encode_2d(bufs.q, shape.batch as u64 * cols, D_QK as u64, tiling.cols_per_cta)?,
-                        encode_2d(bufs.kv_cache, (shape.num_pages * PAGE_ROWS) as u64, D_QK as u64, PAGE_ROWS as u32)?,
+                        encode_2d(
+                            bufs.kv_cache,
+                            (shape.num_pages * PAGE_ROWS) as u64,
+                            D_QK as u64,
+                            PAGE_ROWS as u32,
+                        )?,
                     ];
                     // SAFETY: copies 2 maps (256 bytes) into pair slot i of the plan's buffer of
                     // 2 * MAP_SLOTS maps, in stream order, so kernels already enqueued that read
@@ -427,7 +436,10 @@ impl Decoder {
             Dtype::Bf16 => 0,
             Dtype::F16 => 1,
         };
-        let c = DECODE_COLS.iter().position(|&c| c == tiling.cols_per_cta).expect("tiling picks a built variant");
+        let c = DECODE_COLS
+            .iter()
+            .position(|&c| c == tiling.cols_per_cta)
+            .expect("tiling picks a built variant");
         let mut params = params;
         launch(
             self.kernels().decode[d][c],
@@ -450,9 +462,9 @@ impl Decoder {
         };
         launch(
             self.kernels().combine[d],
-            (shape.batch as u32, (cols as u32).div_ceil(4)),
-            128,
-            0,
+            (shape.batch as u32, cols as u32),
+            COMBINE_THREADS,
+            COMBINE_SMEM,
             stream,
             &mut [&mut cparams as *mut CombineParams as *mut c_void],
         )?;

@@ -208,7 +208,10 @@ unsafe fn consume<const NW: usize, const F16: bool>(
     // The request column of this warpgroup's first column.
     let col0 = group * cols + wg * NW as u32;
 
-    let turn = tile::Turn { mine: BAR_TURN + wg, theirs: BAR_TURN + 1 - wg };
+    let turn = tile::Turn {
+        mine: BAR_TURN + wg,
+        theirs: BAR_TURN + 1 - wg,
+    };
     if wg == 1 {
         // Warpgroup 0 takes the first turn.
         turn.pass();

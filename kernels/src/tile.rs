@@ -129,7 +129,12 @@ pub unsafe fn scores_t<const NW: usize, const F16: bool>(
 /// # Safety
 /// The whole warpgroup calls it, with P written and fenced.
 #[inline(always)]
-pub unsafe fn accumulate_o_t<const NW: usize, const F16: bool>(o: &mut [Frag; V_BLOCKS], page: u32, p: u32, turn: Turn) {
+pub unsafe fn accumulate_o_t<const NW: usize, const F16: bool>(
+    o: &mut [Frag; V_BLOCKS],
+    page: u32,
+    p: u32,
+    turn: Turn,
+) {
     let (page, p) = (smem::opaque(page), smem::opaque(p));
     turn.take();
     wgmma::fence();
