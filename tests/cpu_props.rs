@@ -604,6 +604,40 @@ fn shape_errors() {
         validate_shape(&DecodeShape { max_pages: 0, ..ok }),
         Err(EtapError::Zero { arg: "max_pages" })
     );
+    // Row counts past the kernels' 32-bit coordinates; the largest that fits is accepted.
+    let max_pages_ok = etap::validate::MAX_ROWS / 64;
+    assert_eq!(
+        validate_shape(&DecodeShape {
+            num_pages: max_pages_ok,
+            ..ok
+        }),
+        Ok(())
+    );
+    assert_eq!(
+        validate_shape(&DecodeShape {
+            num_pages: max_pages_ok + 1,
+            ..ok
+        }),
+        Err(EtapError::TooLarge {
+            arg: "num_pages",
+            max: etap::validate::MAX_ROWS,
+            got: (max_pages_ok + 1) * 64
+        })
+    );
+    assert!(matches!(
+        validate_shape(&DecodeShape {
+            max_pages: max_pages_ok + 1,
+            ..ok
+        }),
+        Err(EtapError::TooLarge { arg: "max_pages", .. })
+    ));
+    assert!(matches!(
+        validate_shape(&DecodeShape { batch: 1 << 27, ..ok }),
+        Err(EtapError::TooLarge {
+            arg: "batch * s_q * h_q",
+            ..
+        })
+    ));
     // Through the reference: an empty batch with empty buffers.
     let empty = DecodeShape::new(0, 1, 16, 1, 1);
     let cache = vec![Bf16::default(); empty.cache_len()];

@@ -6,7 +6,7 @@ use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
 use etap::{Bf16, Decoder, Element, F16};
-use etap_tests::{max_abs_diff_lse, random_seqlens, rel_err, Case, CaseSpec};
+use etap_tests::{max_abs_diff_lse, rel_err, Case, CaseSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -152,8 +152,14 @@ fn fixed_seed_cases() {
     }
 }
 
+/// Proptest-driven cases: b 1-64, s_q 1-4, every h_q, seqlens 0-20000 mixed in one batch (a
+/// third of the cases up to 20000, the rest up to 3000 to keep the CPU reference fast), random
+/// block-table slack, both dtypes. `ETAP_SEED` fixes the generator (the seed is printed);
+/// `ETAP_CASES` sets the number of cases (default 24). A failure is shrunk by proptest.
 #[test]
 fn random_cases() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
     let Some(dec) = decoder_or_skip("gpu_decode random cases") else {
         return;
     };
@@ -162,25 +168,54 @@ fn random_cases() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     println!("random_cases: ETAP_SEED={seed0}");
-    let n_cases: usize = std::env::var("ETAP_CASES")
+    let cases: u32 = std::env::var("ETAP_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(24);
-    let mut rng = StdRng::seed_from_u64(seed0);
-    for k in 0..n_cases {
-        let h_q = [8usize, 16, 32, 64, 128][rng.gen_range(0..5)];
-        let s_q = rng.gen_range(1..=4);
-        let batch = rng.gen_range(1..=64);
-        let max_len = if rng.gen_bool(0.3) { 20_000 } else { 3_000 };
-        let seqlens = random_seqlens(&mut rng, batch, max_len);
-        let mut spec = CaseSpec::new(s_q, h_q, &seqlens, seed0.wrapping_add(k as u64));
-        spec.extra_slots = rng.gen_range(0..3);
-        if rng.gen_bool(0.5) {
-            check(&dec, &Case::<Bf16>::from_spec(&spec), "random");
-        } else {
-            check(&dec, &Case::<F16>::from_spec(&spec), "random");
-        }
-    }
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed0.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    let strategy = (
+        prop::sample::select(vec![8usize, 16, 32, 64, 128]),
+        1usize..=4,
+        prop_oneof![2 => Just(3_000i32), 1 => Just(20_000i32)],
+        prop::collection::vec(0.0f64..1.0, 1..=64),
+        0usize..3,
+        any::<bool>(),
+        any::<u64>(),
+    );
+    runner
+        .run(&strategy, |(h_q, s_q, max_len, fractions, extra_slots, f16, seed)| {
+            // Mixed lengths: a tenth empty or tiny, the rest spread up to max_len.
+            let seqlens: Vec<i32> = fractions
+                .iter()
+                .map(|&u| {
+                    if u < 0.05 {
+                        0
+                    } else if u < 0.1 {
+                        (u * 100.0) as i32
+                    } else {
+                        (u * max_len as f64) as i32
+                    }
+                })
+                .collect();
+            let mut spec = CaseSpec::new(s_q, h_q, &seqlens, seed);
+            spec.extra_slots = extra_slots;
+            if f16 {
+                check(&dec, &Case::<F16>::from_spec(&spec), "random");
+            } else {
+                check(&dec, &Case::<Bf16>::from_spec(&spec), "random");
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("ETAP_SEED={seed0}: {e}"));
 }
 
 /// A few small cases for compute-sanitizer (memcheck, racecheck): every kernel variant

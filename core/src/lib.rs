@@ -32,6 +32,12 @@ pub const SUPPORTED_HEADS: [usize; 5] = [8, 16, 32, 64, 128];
 /// Query tokens per request the kernels support (1 = plain decode, 2..4 = multi-token prediction).
 pub const MAX_S_Q: usize = 4;
 
+/// Register cap at the decode kernel's entry: 65536 registers over its 384 threads, rounded down
+/// to a multiple of 8. The host JIT-compiles the module with it (`setmaxnreg`, by which the
+/// producer warpgroup hands registers to the consumers, needs a cap at entry), and the PTX
+/// checks assemble with it.
+pub const DECODE_ENTRY_REGS: u32 = 168;
+
 /// Scheduler cost of starting a split, in page-equivalents: loading Q, finishing the softmax and
 /// writing one (partial) output. It keeps the scheduler from cutting a request into slivers.
 pub const SPLIT_COST_PAGES: u32 = 2;

@@ -1,5 +1,4 @@
 //! The one error type of the host API.
-use crate::dtype::Dtype;
 use std::fmt;
 
 /// Everything that can go wrong, each naming the argument at fault. Input errors are reported
@@ -24,12 +23,8 @@ pub enum EtapError {
         expected: usize,
         got: usize,
     },
-    /// A buffer of the wrong element type.
-    Dtype {
-        arg: &'static str,
-        expected: Dtype,
-        got: Dtype,
-    },
+    /// A size past what the kernels can address (32-bit row coordinates).
+    TooLarge { arg: &'static str, max: usize, got: usize },
     /// A shape field that must be positive is zero (pages in the cache, block-table width).
     Zero { arg: &'static str },
     /// A negative sequence length.
@@ -49,8 +44,6 @@ pub enum EtapError {
     },
     /// A request index past the batch (for the per-request reference).
     RequestIndex { request: usize, batch: usize },
-    /// The plan was made for another shape than the decode call's.
-    PlanMismatch { what: &'static str },
     /// The machine has no CUDA device.
     NoDevice,
     /// A CUDA device that is not Hopper (compute capability 9.0).
@@ -72,10 +65,8 @@ impl fmt::Display for EtapError {
                 write!(f, "s_q = {s_q} is not supported (supported: 1 to 4)")
             }
             Length { arg, expected, got } => write!(f, "{arg}: expected {expected} elements for this shape, got {got}"),
-            Dtype { arg, expected, got } => {
-                write!(f, "{arg}: expected {expected} elements, got {got}")
-            }
             Zero { arg } => write!(f, "{arg} must be positive"),
+            TooLarge { arg, max, got } => write!(f, "{arg}: {got} rows exceed the kernels' limit of {max}"),
             NegativeSeqlen { request, seqlen } => {
                 write!(f, "cache_seqlens[{request}] = {seqlen} is negative")
             }
@@ -103,7 +94,6 @@ impl fmt::Display for EtapError {
             RequestIndex { request, batch } => {
                 write!(f, "request {request} is out of range for a batch of {batch}")
             }
-            PlanMismatch { what } => write!(f, "the plan was made for a different {what}"),
             NoDevice => write!(f, "no CUDA device"),
             Device(msg) => write!(f, "device: {msg}"),
             Cuda(e) => write!(f, "CUDA error: {e}"),

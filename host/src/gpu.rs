@@ -7,12 +7,6 @@ use cust::stream::Stream;
 use cust::sys::CUfunction;
 use std::ffi::c_void;
 
-/// The register cap at kernel entry (see `etap_ptx_builder::MAX_REGISTERS`, which must agree:
-/// 65536 registers over the decode kernel's 384 threads).
-const fn etap_ptx_cap() -> u32 {
-    168
-}
-
 /// Columns per CTA of the decode kernel variants, in the order of [`Kernels::decode`].
 pub(crate) const DECODE_COLS: [u32; 4] = [16, 32, 48, 64];
 
@@ -62,7 +56,9 @@ impl Decoder {
         // register cap at entry: the module is compiled with the cap the PTX checks assume.
         let module = Module::from_ptx(
             crate::PTX,
-            &[cust::module::ModuleJitOption::MaxRegisters(etap_ptx_cap())],
+            &[cust::module::ModuleJitOption::MaxRegisters(
+                etap_core::DECODE_ENTRY_REGS,
+            )],
         )?;
         let raw = |name: String| -> Result<CUfunction> { Ok(module.get_function(name)?.to_raw()) };
         let mut decode = [[std::ptr::null_mut(); 4]; 2];

@@ -205,7 +205,7 @@ impl Decoder {
             launch(
                 self.kernels().schedule,
                 (1, 1),
-                32,
+                1,
                 0,
                 stream,
                 &mut [

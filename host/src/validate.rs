@@ -36,8 +36,27 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
     if shape.max_pages == 0 {
         return Err(EtapError::Zero { arg: "max_pages" });
     }
+    // The kernels address cache rows and query rows with the copy engine's signed 32-bit
+    // coordinates, and a request's rows with u32.
+    for (arg, rows) in [
+        ("num_pages", shape.num_pages.saturating_mul(PAGE_ROWS)),
+        ("max_pages", shape.max_pages.saturating_mul(PAGE_ROWS)),
+        ("batch * s_q * h_q", shape.batch.saturating_mul(shape.s_q * shape.h_q)),
+    ] {
+        if rows > MAX_ROWS {
+            return Err(EtapError::TooLarge {
+                arg,
+                max: MAX_ROWS,
+                got: rows,
+            });
+        }
+    }
     Ok(())
 }
+
+/// Most rows a tensor the kernels address may have: cache rows (`num_pages * 64`), a request's
+/// rows (`max_pages * 64`) and query rows (`batch * s_q * h_q`) are TMA coordinates, i32.
+pub const MAX_ROWS: usize = i32::MAX as usize;
 
 fn check_len(arg: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {

@@ -23,17 +23,16 @@ use crate::tile::{self, ColumnState, Frag, PAGE_BYTES, ROW_BYTES};
 use crate::unroll;
 use etap_core::{pages_of, rows_of, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
 
-/// KV page buffers in the ring: two 72 KiB pages in flight per CTA (with a 64-column Q tile,
-/// three would not fit in 227 KiB).
+/// KV page buffers in the ring: two 72 KiB pages per CTA (three would not fit in 227 KiB next
+/// to even a 16-column Q tile).
 pub const STAGES: u32 = 2;
 /// Consumer warpgroups.
 pub const CONSUMERS: u32 = 2;
 /// Threads per CTA: the consumer warpgroups plus a producer warpgroup (one thread of which
 /// issues the loads; a whole warpgroup so that it can hand its registers over with setmaxnreg).
 pub const THREADS: u32 = (CONSUMERS + 1) * index::WARPGROUP;
-/// Register cap at entry: 65536 registers over 384 threads, rounded down to a multiple of 8.
-/// The module is JIT-compiled with this cap (setmaxnreg needs one).
-pub const ENTRY_REGS: u32 = 168;
+/// Register cap at entry (see `etap_core::DECODE_ENTRY_REGS`); setmaxnreg needs one.
+pub const ENTRY_REGS: u32 = etap_core::DECODE_ENTRY_REGS;
 /// Registers per thread after the hand-over: the producer keeps [`PRODUCER_REGS`], the two
 /// consumer warpgroups get [`CONSUMER_REGS`] (128 * 24 + 256 * 240 = 64512 <= 65536). A consumer
 /// holds O^T for 32 columns (8 chunks x 16 floats = 128), S^T (16), and the softmax state.
@@ -296,9 +295,9 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
     let warp = tw / 32;
     let lane = tw % 32;
     let red = smem::opaque(red);
-    // Sum each column's 32 shares: across the 8 lanes holding it, then the 4 warps.
-    // (`red`'s second buffer is free: the last tile's max went through buffer `it & 1`, and a
-    // barrier separates this from any earlier use of either.)
+    // Sum each column's 32 shares: across the 8 lanes holding it, then the 4 warps, through
+    // `red`'s first buffer (the barrier below orders this after every read of the last tile's
+    // maxima, whichever buffer they used).
     sync::bar_sync(bar_id, index::WARPGROUP);
     unroll!(slot < NW / 4, max 8 => {
         let mut x = st.l[slot];

@@ -22,7 +22,7 @@ pub const PTX_ISA: &str = "ptx83";
 /// `ModuleJitOption::MaxRegisters`) and assembled with here: 65536 registers over the decode
 /// kernel's 384 threads, a multiple of 8. The decode kernel's warpgroups then trade registers
 /// with `setmaxnreg`, which needs a cap at entry.
-pub const MAX_REGISTERS: u32 = 168;
+pub const MAX_REGISTERS: u32 = etap_core::DECODE_ENTRY_REGS;
 /// File name of the PTX the builder leaves at a stable path under `target/ptx/`.
 pub const PTX_NAME: &str = "etap_kernels.ptx";
 

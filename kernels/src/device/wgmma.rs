@@ -68,12 +68,6 @@ impl Desc {
     }
 }
 
-/// Operand element type of an `mma`: bf16 or fp16, both with f32 accumulation.
-pub trait Elem: Copy {
-    /// True for fp16, false for bf16.
-    const F16: bool;
-}
-
 /// D[64 x N] (+)= A[64 x 16] * B[16 x N] for N in 8, 16, ..., 64 (a multiple of 8). The
 /// accumulator array holds 32 floats (the most, N = 64); the first N/2 are the fragment.
 /// `TA` = 1 reads A M-major (transposed).
