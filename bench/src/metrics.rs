@@ -52,58 +52,8 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Norm-wise relative error `|a - b| / |b|` (Euclidean norms), as the GPU tests compute it:
-/// infinity when the lengths differ or `a` is NaN/infinite where `b` is finite; non-finite
-/// reference entries must be matched exactly.
-pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() != b.len() {
-        return f64::INFINITY;
-    }
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        if !y.is_finite() {
-            if x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()) {
-                continue;
-            }
-            return f64::INFINITY;
-        }
-        if !x.is_finite() {
-            return f64::INFINITY;
-        }
-        let d = x as f64 - y as f64;
-        num += d * d;
-        den += y as f64 * y as f64;
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-/// Largest `|a - b|` of two lse buffers; equal infinities count 0, a NaN or a one-sided
-/// infinity counts as infinity.
-pub fn lse_diff(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() != b.len() {
-        return f64::INFINITY;
-    }
-    let mut worst = 0f64;
-    for (&x, &y) in a.iter().zip(b) {
-        let d = if x.is_nan() || y.is_nan() {
-            f64::INFINITY
-        } else if x.is_infinite() || y.is_infinite() {
-            if x == y {
-                0.0
-            } else {
-                f64::INFINITY
-            }
-        } else {
-            (x as f64 - y as f64).abs()
-        };
-        worst = worst.max(d);
-    }
-    worst
-}
+/// The tests' metrics (norm-wise relative error; lse difference with matching infinities).
+pub use etap::metrics::{max_abs_diff_lse as lse_diff, rel_err};
 
 /// The pass thresholds of the GPU tests.
 pub const MAX_REL_ERR: f64 = 3e-3;
