@@ -161,6 +161,13 @@ pub struct ColumnState {
     pub l: [f32; 16],
 }
 
+impl Default for ColumnState {
+    #[inline(always)]
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ColumnState {
     #[inline(always)]
     pub fn new() -> Self {
@@ -190,6 +197,7 @@ pub const fn col_slot(i: usize) -> usize {
 /// # Safety
 /// The whole warpgroup calls it.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn column_softmax<const NW: usize>(
     s: &mut Frag,
     o: &mut [Frag; V_BLOCKS],

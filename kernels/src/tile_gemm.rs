@@ -26,6 +26,7 @@ unsafe fn tile_gemm<const N: usize, const TA: u32, const F16: bool>(
     let b_tile = a_tile + QK_BLOCKS as u32 * BLOCK_BYTES;
     let b_block_bytes = (N * 128) as u32;
     let bar = b_tile + QK_BLOCKS as u32 * b_block_bytes;
+    #[allow(clippy::manual_is_multiple_of)] // the GPU-tested PTX; `is_multiple_of` lays out the branch differently
     if a_tile % 1024 != 0 {
         sync::trap();
     }
@@ -69,6 +70,7 @@ unsafe fn tile_gemm<const N: usize, const TA: u32, const F16: bool>(
     wgmma::commit_group();
     wgmma::wait_group::<0>();
 
+    #[allow(clippy::needless_range_loop)] // i is also the fragment position
     for i in 0..N / 2 {
         let (row, col) = wgmma::frag_pos(t, i as u32);
         *c.add(row as usize * N + col as usize) = acc[i];
