@@ -306,7 +306,7 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
         x += sync::shfl_xor_f32(x, 8);
         x += sync::shfl_xor_f32(x, 16);
         if lane < 4 {
-            let col = 8 * (slot as u32 / 2) + 2 * lane + (slot as u32 % 2);
+            let col = tile::slot_col(slot, lane);
             smem::st_f32(red + (warp * NW as u32 + col) * 4, x);
         }
     });
@@ -314,7 +314,7 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
     let mut inv = [0f32; 16];
     let mut lse = [0f32; 16];
     unroll!(slot < NW / 4, max 8 => {
-        let col = 8 * (slot as u32 / 2) + 2 * (lane % 4) + (slot as u32 % 2);
+        let col = tile::slot_col(slot, lane % 4);
         let mut l = 0f32;
         for w in 0..4u32 {
             l += smem::ld_f32(red + (w * NW as u32 + col) * 4);
@@ -352,7 +352,7 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
     // lse: one thread per column (the lanes 0..3 of warp 0 hold every column between them).
     if warp == 0 && lane < 4 {
         unroll!(slot < NW / 4, max 8 => {
-            let col = 8 * (slot as u32 / 2) + 2 * lane + (slot as u32 % 2);
+            let col = tile::slot_col(slot, lane);
             let n = col0 + col;
             if n < n_req {
                 if splits == 1 {

@@ -178,6 +178,14 @@ impl ColumnState {
     }
 }
 
+/// The warpgroup column of a thread's column `slot` (0..NW/4), for the thread at position
+/// `quad` (lane % 4) in its group of four: two adjacent columns in each 8-wide block. The
+/// inverse of [`col_slot`] (with [`wgmma::frag_pos`]).
+#[inline(always)]
+pub const fn slot_col(slot: usize, quad: u32) -> u32 {
+    8 * (slot as u32 / 2) + 2 * quad + (slot as u32 % 2)
+}
+
 /// Index (0..NW/4) of the column that fragment element `i` belongs to, among this thread's.
 #[inline(always)]
 pub const fn col_slot(i: usize) -> usize {
@@ -228,14 +236,14 @@ pub unsafe fn column_softmax<const NW: usize>(
         x = math::fmax(x, sync::shfl_xor_f32(x, 8));
         x = math::fmax(x, sync::shfl_xor_f32(x, 16));
         if lane < 4 {
-            let col = 8 * (slot as u32 / 2) + 2 * lane + (slot as u32 % 2);
+            let col = slot_col(slot, lane);
             smem::st_f32(red + (warp * NW as u32 + col) * 4, x);
         }
     });
     sync::bar_sync(bar_id, index::WARPGROUP);
     let mut m_use = [0f32; 16];
     unroll!(slot < NW / 4, max 8 => {
-        let col = 8 * (slot as u32 / 2) + 2 * (lane % 4) + (slot as u32 % 2);
+        let col = slot_col(slot, lane % 4);
         let mut x = smem::ld_f32(red + col * 4);
         for w in 1..4u32 {
             x = math::fmax(x, smem::ld_f32(red + (w * NW as u32 + col) * 4));
