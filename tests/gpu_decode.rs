@@ -1,11 +1,12 @@
-//! On a GPU: ETAP decode against the f64 CPU reference, on poisoned inputs (cache rows past
-//! each seqlen and unused pages are NaN, unused block-table slots junk, non-contiguous block
-//! tables), with out and lse poisoned with NaN before every launch. Pass: norm-wise relative
-//! error of out <= 3e-3, lse within 1e-4 (and -inf exactly where the reference has it), no NaN.
+//! On a GPU: decode in both layouts (ETAP KV-on-M and the wide heads-on-M kernel) against the
+//! f64 CPU reference, on poisoned inputs (cache rows past each seqlen and unused pages are NaN,
+//! unused block-table slots junk, non-contiguous block tables), with out and lse poisoned with NaN
+//! before every launch. Pass: norm-wise relative error of out <= 3e-3, lse within 1e-4 (and -inf
+//! exactly where the reference has it), no NaN.
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
-use etap::{Bf16, Decoder, Element, F16};
+use etap::{Bf16, Decoder, Element, Layout, F16};
 use etap_tests::{max_abs_diff_lse, rel_err, Case, CaseSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,7 +19,11 @@ struct Outcome {
     lse_diff: f64,
 }
 
-fn run_case<T: Element>(dec: &Decoder, case: &Case<T>) -> Outcome {
+/// Both layouts run every case (the plan's own choice is one of them).
+const LAYOUTS: [Layout; 2] = [Layout::KvOnM, Layout::HeadsOnM];
+
+/// Decode `case` on the GPU with the given layout; out and lse as f32, poisoned with NaN first.
+fn decode_gpu<T: Element>(dec: &Decoder, case: &Case<T>, layout: Layout) -> (Vec<f32>, Vec<f32>) {
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
     let q = DeviceBuffer::from_slice(&case.q).unwrap();
     let kv = DeviceBuffer::from_slice(&case.cache).unwrap();
@@ -28,7 +33,7 @@ fn run_case<T: Element>(dec: &Decoder, case: &Case<T>) -> Outcome {
     let mut out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()]).unwrap();
     let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()]).unwrap();
     dec.check_tables(&shape, &bt, &sl).unwrap();
-    let plan = dec.plan(&shape, &sl, &stream).unwrap();
+    let plan = dec.plan_with_layout(&shape, &sl, &stream, layout).unwrap();
     dec.decode_into(
         &plan,
         &q,
@@ -46,81 +51,107 @@ fn run_case<T: Element>(dec: &Decoder, case: &Case<T>) -> Outcome {
     let mut l = vec![0f32; shape.lse_len()];
     out.copy_to(&mut o[..]).unwrap();
     lse.copy_to(&mut l[..]).unwrap();
-    let o: Vec<f32> = o.iter().map(|x| x.to_f32()).collect();
+    (o.iter().map(|x| x.to_f32()).collect(), l)
+}
+
+/// Run `case` with every layout and compare each against one CPU reference.
+fn run_case<T: Element>(dec: &Decoder, case: &Case<T>) -> Vec<(Layout, Outcome)> {
+    let shape = case.shape;
+    let runs: Vec<(Layout, Vec<f32>, Vec<f32>)> = LAYOUTS
+        .iter()
+        .map(|&layout| {
+            let (o, l) = decode_gpu(dec, case, layout);
+            (layout, o, l)
+        })
+        .collect();
     let total_rows: i64 = case.seqlens.iter().map(|&s| s.max(0) as i64).sum();
     let per_out = shape.s_q * shape.h_q * shape.d_v;
     let per_lse = shape.s_q * shape.h_q;
-    let (ro, rl, go, gl): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) =
-        if (total_rows as usize) * shape.h_q <= FULL_CHECK_ROWS * 16 {
-            let (ro, rl) = case.reference();
-            (ro, rl, o, l)
-        } else {
-            // Sampled requests: the first, the last, the longest, and two random ones.
-            let mut rng = StdRng::seed_from_u64(case.seed ^ 0x5eed);
-            let longest = (0..shape.batch).max_by_key(|&r| case.seqlens[r]).unwrap();
-            let mut picks = vec![
-                0,
-                shape.batch - 1,
-                longest,
-                rng.gen_range(0..shape.batch),
-                rng.gen_range(0..shape.batch),
-            ];
-            picks.sort_unstable();
-            picks.dedup();
-            let (mut ro, mut rl, mut go, mut gl) = (vec![], vec![], vec![], vec![]);
-            for r in picks {
-                let (a, b) = case.reference_request(r);
-                ro.extend(a);
-                rl.extend(b);
+    // The requests compared: all, or (for long batches) the first, the last, the longest, and
+    // two random ones.
+    let picks: Vec<usize> = if (total_rows as usize) * shape.h_q <= FULL_CHECK_ROWS * 16 {
+        (0..shape.batch).collect()
+    } else {
+        let mut rng = StdRng::seed_from_u64(case.seed ^ 0x5eed);
+        let longest = (0..shape.batch).max_by_key(|&r| case.seqlens[r]).unwrap();
+        let mut picks = vec![
+            0,
+            shape.batch - 1,
+            longest,
+            rng.gen_range(0..shape.batch),
+            rng.gen_range(0..shape.batch),
+        ];
+        picks.sort_unstable();
+        picks.dedup();
+        picks
+    };
+    let (ro, rl) = if picks.len() == shape.batch {
+        case.reference()
+    } else {
+        let (mut ro, mut rl) = (vec![], vec![]);
+        for &r in &picks {
+            let (a, b) = case.reference_request(r);
+            ro.extend(a);
+            rl.extend(b);
+        }
+        (ro, rl)
+    };
+    runs.into_iter()
+        .map(|(layout, o, l)| {
+            let (mut go, mut gl) = (vec![], vec![]);
+            for &r in &picks {
                 go.extend_from_slice(&o[r * per_out..(r + 1) * per_out]);
                 gl.extend_from_slice(&l[r * per_lse..(r + 1) * per_lse]);
             }
-            (ro, rl, go, gl)
-        };
-    for (i, x) in go.iter().enumerate() {
-        assert!(
-            x.is_finite(),
-            "out[{i}] = {x}: unwritten or NaN leaked (seed {})",
-            case.seed
-        );
-    }
-    for (i, (x, r)) in gl.iter().zip(&rl).enumerate() {
-        assert!(
-            !x.is_nan() && (x.is_finite() || *x == *r),
-            "lse[{i}] = {x}, reference {r} (seed {})",
-            case.seed
-        );
-    }
-    Outcome {
-        err: rel_err(&go, &ro),
-        lse_diff: max_abs_diff_lse(&gl, &rl),
-    }
+            for (i, x) in go.iter().enumerate() {
+                assert!(
+                    x.is_finite(),
+                    "{layout:?}: out[{i}] = {x}: unwritten or NaN leaked (seed {})",
+                    case.seed
+                );
+            }
+            for (i, (x, r)) in gl.iter().zip(&rl).enumerate() {
+                assert!(
+                    !x.is_nan() && (x.is_finite() || *x == *r),
+                    "{layout:?}: lse[{i}] = {x}, reference {r} (seed {})",
+                    case.seed
+                );
+            }
+            let outcome = Outcome {
+                err: rel_err(&go, &ro),
+                lse_diff: max_abs_diff_lse(&gl, &rl),
+            };
+            (layout, outcome)
+        })
+        .collect()
 }
 
 fn check<T: Element>(dec: &Decoder, case: &Case<T>, what: &str) {
-    let o = run_case(dec, case);
-    println!(
-        "{what:<40} {:>5} b={:<3} s_q={} h_q={:<3} rows={:<7} rel_err={:.2e} lse_diff={:.2e}",
-        format!("{:?}", T::DTYPE),
-        case.shape.batch,
-        case.shape.s_q,
-        case.shape.h_q,
-        case.seqlens.iter().map(|&s| s.max(0) as i64).sum::<i64>(),
-        o.err,
-        o.lse_diff
-    );
-    assert!(
-        o.err <= 3e-3,
-        "{what}: rel err {:.3e} > 3e-3 (seed {})",
-        o.err,
-        case.seed
-    );
-    assert!(
-        o.lse_diff <= 1e-4,
-        "{what}: lse diff {:.3e} > 1e-4 (seed {})",
-        o.lse_diff,
-        case.seed
-    );
+    for (layout, o) in run_case(dec, case) {
+        println!(
+            "{what:<10} {:<8} {:>5} b={:<3} s_q={} h_q={:<3} rows={:<7} rel_err={:.2e} lse_diff={:.2e}",
+            format!("{layout:?}"),
+            format!("{:?}", T::DTYPE),
+            case.shape.batch,
+            case.shape.s_q,
+            case.shape.h_q,
+            case.seqlens.iter().map(|&s| s.max(0) as i64).sum::<i64>(),
+            o.err,
+            o.lse_diff
+        );
+        assert!(
+            o.err <= 3e-3,
+            "{what} {layout:?}: rel err {:.3e} > 3e-3 (seed {})",
+            o.err,
+            case.seed
+        );
+        assert!(
+            o.lse_diff <= 1e-4,
+            "{what} {layout:?}: lse diff {:.3e} > 1e-4 (seed {})",
+            o.lse_diff,
+            case.seed
+        );
+    }
 }
 
 #[test]
@@ -219,7 +250,7 @@ fn random_cases() {
 }
 
 /// A few small cases for compute-sanitizer (memcheck, racecheck): every kernel variant
-/// (16/32/48/64 columns, column groups), splits, partial pages, empty requests.
+/// (16/32/48/64 columns, column groups, both layouts), splits, partial pages, empty requests.
 #[test]
 fn sanitizer_cases() {
     let Some(dec) = decoder_or_skip("gpu_decode sanitizer cases") else {

@@ -26,6 +26,7 @@ fn expected_entry_points() -> Vec<String> {
         for cols in [16, 32, 48, 64] {
             names.push(format!("etap_decode_{dtype}_c{cols}"));
         }
+        names.push(format!("etap_decode_wide_{dtype}"));
         names.push(format!("etap_combine_{dtype}"));
     }
     names.push("etap_schedule".to_string());

@@ -17,7 +17,7 @@ use cust::device::{Device, DeviceAttribute};
 use cust::event::{Event, EventFlags};
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
-use etap::{Bf16, Decoder, Dtype, Element, EtapError, F16};
+use etap::{Bf16, DecodeShape, Decoder, Dtype, Element, EtapError, Layout, F16};
 use opts::{Options, USAGE};
 use report::{Row, RunInfo};
 use std::error::Error;
@@ -143,13 +143,15 @@ fn run(dec: &Decoder, o: &Options, configs: &[Config]) -> BoxResult<bool> {
     let mut rows = Vec::new();
     for cfg in configs {
         for &dt in &o.dtypes {
-            let row = match dt {
-                Dtype::Bf16 => bench_config::<Bf16>(dec, &stream, &info, cfg, o),
-                Dtype::F16 => bench_config::<F16>(dec, &stream, &info, cfg, o),
-            };
-            println!("{}", report::table_line(&row));
-            flush();
-            rows.push(row);
+            for &layout in &o.layouts {
+                let row = match dt {
+                    Dtype::Bf16 => bench_config::<Bf16>(dec, &stream, &info, cfg, o, layout),
+                    Dtype::F16 => bench_config::<F16>(dec, &stream, &info, cfg, o, layout),
+                };
+                println!("{}", report::table_line(&row));
+                flush();
+                rows.push(row);
+            }
         }
     }
 
@@ -240,12 +242,28 @@ fn timed(stream: &Stream, n: usize, mut f: impl FnMut(usize) -> BoxResult<()>) -
     Ok(Times { per_iter, loop_mean })
 }
 
-fn bench_config<T: Element>(dec: &Decoder, stream: &Stream, info: &RunInfo, cfg: &Config, o: &Options) -> Row {
+fn layout_name(l: Layout) -> &'static str {
+    match l {
+        Layout::KvOnM => "kv",
+        Layout::HeadsOnM => "heads",
+    }
+}
+
+fn bench_config<T: Element>(
+    dec: &Decoder,
+    stream: &Stream,
+    info: &RunInfo,
+    cfg: &Config,
+    o: &Options,
+    layout: Option<Layout>,
+) -> Row {
+    let layout = layout.unwrap_or_else(|| Layout::for_shape(&DecodeShape::new(cfg.batch, cfg.s_q, cfg.h_q, 1, 1)));
     let bytes = metrics::bytes_moved(&cfg.seqlens, cfg.batch, cfg.s_q, cfg.h_q);
     let flops = metrics::flops(&cfg.seqlens, cfg.s_q, cfg.h_q);
     let mut row = Row {
         config: cfg.name.clone(),
         dtype: T::DTYPE.to_string(),
+        layout: layout_name(layout).into(),
         batch: cfg.batch,
         s_q: cfg.s_q,
         h_q: cfg.h_q,
@@ -267,7 +285,7 @@ fn bench_config<T: Element>(dec: &Decoder, stream: &Stream, info: &RunInfo, cfg:
         status: "ERROR".into(),
         note: String::new(),
     };
-    if let Err(e) = bench_inner::<T>(dec, stream, info, cfg, o, &mut row) {
+    if let Err(e) = bench_inner::<T>(dec, stream, info, cfg, o, layout, &mut row) {
         row.status = "ERROR".into();
         row.note = e.to_string();
         // Let whatever was launched finish before the buffers go.
@@ -282,9 +300,10 @@ fn bench_inner<T: Element>(
     info: &RunInfo,
     cfg: &Config,
     o: &Options,
+    layout: Layout,
     row: &mut Row,
 ) -> BoxResult<()> {
-    let tag = format!("[{} {}]", cfg.name, T::DTYPE);
+    let tag = format!("[{} {} {}]", cfg.name, T::DTYPE, layout_name(layout));
     let t0 = Instant::now();
     let seed = seed_of(&cfg.name);
     let x = gen::generate::<T>(cfg.batch, cfg.s_q, cfg.h_q, &cfg.seqlens, seed);
@@ -321,7 +340,7 @@ fn bench_inner<T: Element>(
     // One plan per input set, made here, outside the timed region: each plan keeps the tensor
     // maps of its own buffers, so the timed calls upload nothing.
     let plans = (0..sets)
-        .map(|_| dec.plan(&shape, &sl, stream))
+        .map(|_| dec.plan_with_layout(&shape, &sl, stream, layout))
         .collect::<Result<Vec<_>, _>>()?;
     let nan_out = vec![T::nan(); shape.out_len()];
     let nan_lse = vec![f32::NAN; shape.lse_len()];

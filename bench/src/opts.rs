@@ -1,6 +1,6 @@
 //! Command-line options.
 use crate::configs::{self, Config};
-use etap::Dtype;
+use etap::{Dtype, Layout};
 use std::path::PathBuf;
 
 pub const USAGE: &str = "usage: etap-bench [OPTIONS]   (or: cargo xtask bench [OPTIONS])
@@ -18,6 +18,8 @@ options:
                      b16-sq1-h16-sk4k, b16-sq1-h16-sk64k and imbalanced-sq1-h16
   --iters N          timed iterations per configuration (default 100; 30 with --quick)
   --dtype D          bf16 (default, to keep the run short), f16 or both
+  --layout L         auto (default: the plan's choice), kv (ETAP, KV rows on M), heads (the
+                     wide heads-on-M kernel) or both (every configuration twice)
   --out DIR          where the results go (default target/bench)
   --list             print the configuration names and exit
   -h, --help         this text
@@ -33,6 +35,8 @@ pub struct Options {
     pub iters: usize,
     pub warmup: usize,
     pub dtypes: Vec<Dtype>,
+    /// Layouts to run; `None` = the plan's own choice.
+    pub layouts: Vec<Option<Layout>>,
     pub out: PathBuf,
     pub list: bool,
     pub help: bool,
@@ -57,6 +61,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         iters: 0,
         warmup: WARMUP,
         dtypes: vec![Dtype::Bf16],
+        layouts: vec![None],
         out: PathBuf::from("target/bench"),
         list: false,
         help: false,
@@ -68,7 +73,10 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
             _ => (arg.as_str(), None),
         };
-        let takes_value = matches!(name, "--only" | "--shape" | "--iters" | "--dtype" | "--out");
+        let takes_value = matches!(
+            name,
+            "--only" | "--shape" | "--iters" | "--dtype" | "--layout" | "--out"
+        );
         let value = if takes_value {
             match inline {
                 Some(v) => v,
@@ -112,6 +120,15 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                     "f16" | "fp16" => vec![Dtype::F16],
                     "both" => vec![Dtype::Bf16, Dtype::F16],
                     _ => return Err(format!("--dtype: expected bf16, f16 or both, got `{value}`")),
+                }
+            }
+            "--layout" => {
+                o.layouts = match value.as_str() {
+                    "auto" => vec![None],
+                    "kv" => vec![Some(Layout::KvOnM)],
+                    "heads" => vec![Some(Layout::HeadsOnM)],
+                    "both" => vec![Some(Layout::KvOnM), Some(Layout::HeadsOnM)],
+                    _ => return Err(format!("--layout: expected auto, kv, heads or both, got `{value}`")),
                 }
             }
             "--out" => o.out = PathBuf::from(value),

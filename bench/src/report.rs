@@ -19,6 +19,8 @@ pub struct RunInfo {
 pub struct Row {
     pub config: String,
     pub dtype: String,
+    /// The decode layout used: "kv" (ETAP, KV rows on M) or "heads" (the wide kernel).
+    pub layout: String,
     pub batch: usize,
     pub s_q: usize,
     pub h_q: usize,
@@ -71,14 +73,15 @@ fn fmt_e(v: f64) -> String {
 }
 
 pub const TABLE_HEADER: &str =
-    "config                     dtype      us    GB/s  TFLOP/s  % copy   rel err  lse diff  status";
+    "config                     dtype layout      us    GB/s  TFLOP/s  % copy   rel err  lse diff  status";
 
 /// One line of the table.
 pub fn table_line(r: &Row) -> String {
     format!(
-        "{:<26} {:<5} {:>8} {:>7} {:>8} {:>7} {:>9} {:>9}  {}{}",
+        "{:<26} {:<5} {:<6} {:>8} {:>7} {:>8} {:>7} {:>9} {:>9}  {}{}",
         r.config,
         r.dtype,
+        r.layout,
         fmt_f(r.us, 1),
         fmt_f(r.gbps, 0),
         fmt_f(r.tflops, 1),
@@ -113,7 +116,8 @@ fn csv_num(v: f64) -> String {
     }
 }
 
-pub const CSV_HEADER: &str = "card,copy_gbps,config,dtype,batch,s_q,h_q,s_k_max,total_rows,sets,iters,bytes,flops,\
+pub const CSV_HEADER: &str =
+    "card,copy_gbps,config,dtype,layout,batch,s_q,h_q,s_k_max,total_rows,sets,iters,bytes,flops,\
 us_median,us_min,us_loop_mean,gbps,tflops,pct_copy,rel_err,lse_diff,status,note";
 
 pub fn csv(info: &RunInfo, rows: &[Row]) -> String {
@@ -125,6 +129,7 @@ pub fn csv(info: &RunInfo, rows: &[Row]) -> String {
             csv_num(info.copy_gbps),
             csv_field(&r.config),
             csv_field(&r.dtype),
+            csv_field(&r.layout),
             r.batch.to_string(),
             r.s_q.to_string(),
             r.h_q.to_string(),
@@ -161,7 +166,7 @@ pub fn json(info: &RunInfo, rows: &[Row]) -> String {
         .iter()
         .map(|r| {
             json!({
-                "config": r.config, "dtype": r.dtype, "batch": r.batch, "s_q": r.s_q, "h_q": r.h_q,
+                "config": r.config, "dtype": r.dtype, "layout": r.layout, "batch": r.batch, "s_q": r.s_q, "h_q": r.h_q,
                 "s_k_max": r.s_k_max, "total_rows": r.total_rows, "sets": r.sets,
                 "bytes": jnum(r.bytes), "flops": jnum(r.flops),
                 "us_median": jnum(r.us), "us_min": jnum(r.us_min), "us_loop_mean": jnum(r.us_loop),
@@ -495,6 +500,7 @@ mod tests {
         Row {
             config: config.into(),
             dtype: dtype.into(),
+            layout: "kv".into(),
             batch: 16,
             s_q: 1,
             h_q: 16,
@@ -557,7 +563,9 @@ mod tests {
         assert_eq!(lines.len(), 1 + r.len());
         assert_eq!(lines[0], CSV_HEADER);
         let ncols = CSV_HEADER.split(',').count();
-        assert!(lines[3].starts_with("NVIDIA H100 80GB HBM3 <test>,3000,b16-sq1-h16-sk64k,bf16,16,1,16,65536,1048576,"));
+        assert!(
+            lines[3].starts_with("NVIDIA H100 80GB HBM3 <test>,3000,b16-sq1-h16-sk64k,bf16,kv,16,1,16,65536,1048576,")
+        );
         assert_eq!(lines[3].split(',').count(), ncols);
         assert!(lines[3].contains(",inf,"));
         assert!(lines[2].ends_with(",FAILED,\"rel err 1e-2, \"\"bad\"\"\""));
@@ -579,7 +587,7 @@ mod tests {
     #[test]
     fn table_lines() {
         let r = rows();
-        assert!(table_line(&r[0]).starts_with("b16-sq1-h16-sk1k           bf16      25.0"));
+        assert!(table_line(&r[0]).starts_with("b16-sq1-h16-sk1k           bf16  kv         25.0"));
         assert!(TABLE_HEADER.starts_with("config"));
         assert_eq!(log_ticks(15.0, 600.0), vec![20.0, 50.0, 100.0, 200.0, 500.0]);
     }

@@ -16,6 +16,8 @@ pub(crate) const DECODE_COLS: [u32; 4] = [16, 32, 48, 64];
 pub(crate) struct Kernels {
     /// `[dtype: bf16, f16][cols index]`
     pub decode: [[CUfunction; 4]; 2],
+    /// The wide (heads-on-M) decode kernel, `[dtype]`.
+    pub wide: [CUfunction; 2],
     /// `[dtype]`
     pub combine: [CUfunction; 2],
     pub schedule: CUfunction,
@@ -63,16 +65,21 @@ impl Decoder {
         let raw = |name: String| -> Result<CUfunction> { Ok(module.get_function(name)?.to_raw()) };
         let mut decode = [[std::ptr::null_mut(); 4]; 2];
         let mut combine = [std::ptr::null_mut(); 2];
+        let mut wide = [std::ptr::null_mut(); 2];
         for (d, dt) in ["bf16", "f16"].iter().enumerate() {
             for (c, cols) in DECODE_COLS.iter().enumerate() {
                 let f = module.get_function(format!("etap_decode_{dt}_c{cols}"))?;
                 set_dynamic_smem(&f, crate::plan::decode_smem_bytes(*cols))?;
                 decode[d][c] = f.to_raw();
             }
+            let f = module.get_function(format!("etap_decode_wide_{dt}"))?;
+            set_dynamic_smem(&f, crate::plan::WIDE_SMEM)?;
+            wide[d] = f.to_raw();
             combine[d] = raw(format!("etap_combine_{dt}"))?;
         }
         let kernels = Kernels {
             decode,
+            wide,
             combine,
             schedule: raw("etap_schedule".into())?,
         };

@@ -22,7 +22,7 @@ pub mod validate;
 pub use dtype::{Bf16, Dtype, Element, F16};
 pub use error::{EtapError, Result};
 pub use gpu::Decoder;
-pub use plan::{Plan, RawBuffers};
+pub use plan::{Layout, Plan, RawBuffers};
 pub use shape::DecodeShape;
 
 /// The kernels' PTX for sm_90a, built from `kernels/` by `build.rs`.

@@ -25,22 +25,63 @@ const MAP_SLOTS: usize = 128;
 /// u32 words of one `etap_core::WorkRange`.
 const RANGE_WORDS: usize = std::mem::size_of::<etap_core::WorkRange>() / 4;
 
+/// Which way round a CTA puts the work on the tensor cores' M dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// ETAP: the page's 64 KV rows on M, the (token, head) columns on N (`S^T = K·Q^T`), so that
+    /// 16 or 32 columns waste nothing. CTAs of 16 to 64 columns.
+    KvOnM,
+    /// Heads on M (the wide kernel): 64 (token, head) rows on M, the KV rows on N
+    /// (`S = Q·K^T`). For 64 or more columns, where M is full anyway and the wider GEMMs and
+    /// the row softmax cost less than ETAP's narrow GEMMs and column reductions.
+    HeadsOnM,
+}
+
+/// Columns (`s_q * h_q`) from which [`Layout::for_shape`] picks [`Layout::HeadsOnM`].
+pub const WIDE_MIN_COLS: usize = 64;
+
+impl Layout {
+    /// The layout `Decoder::plan` uses for `shape`: heads on M from [`WIDE_MIN_COLS`] columns.
+    pub fn for_shape(shape: &DecodeShape) -> Layout {
+        if shape.cols() >= WIDE_MIN_COLS {
+            Layout::HeadsOnM
+        } else {
+            Layout::KvOnM
+        }
+    }
+}
+
 /// How the (token, head) columns of a request are laid over CTAs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ColumnTiling {
-    /// Columns per CTA (16, 32, 48 or 64): `s_q * h_q` rounded up to 16, at most 64.
+    pub layout: Layout,
+    /// Columns per CTA: for [`Layout::KvOnM`] `s_q * h_q` rounded up to 16, at most 64; for
+    /// [`Layout::HeadsOnM`] always 64 (one wgmma M; padding rows past `s_q * h_q` compute on
+    /// but are never written).
     pub cols_per_cta: u32,
     /// Column groups: CTAs that share a part's KV pages, each with its own columns.
     pub groups: u32,
 }
 
 impl ColumnTiling {
-    pub fn for_shape(shape: &DecodeShape) -> ColumnTiling {
+    pub fn for_shape(shape: &DecodeShape, layout: Layout) -> ColumnTiling {
         let n = shape.cols() as u32;
-        let cols_per_cta = n.div_ceil(16).saturating_mul(16).min(COLS_PER_CTA as u32);
+        let cols_per_cta = match layout {
+            Layout::KvOnM => n.div_ceil(16).saturating_mul(16).min(COLS_PER_CTA as u32),
+            Layout::HeadsOnM => COLS_PER_CTA as u32,
+        };
         ColumnTiling {
+            layout,
             cols_per_cta,
             groups: n.div_ceil(cols_per_cta),
+        }
+    }
+
+    /// Dynamic shared memory of the CTAs of this tiling.
+    pub fn smem_bytes(&self) -> u32 {
+        match self.layout {
+            Layout::KvOnM => decode_smem_bytes(self.cols_per_cta),
+            Layout::HeadsOnM => WIDE_SMEM,
         }
     }
 }
@@ -53,6 +94,11 @@ pub fn decode_smem_bytes(cols: u32) -> u32 {
     let page = (PAGE_ROWS * D_QK * 2) as u32;
     9 * cols * 128 + STAGES * page + 2 * nw * 128 + 2 * 2 * 4 * nw * 4 + 16 * STAGES + 16
 }
+
+/// Dynamic shared memory of the wide kernel (mirrors `decode_wide::smem_bytes`): Q of 64 rows,
+/// the KV ring, one P tile of 64 x 64, the row-max and row-sum exchanges, the mbarriers.
+pub const WIDE_SMEM: u32 =
+    9 * 64 * 128 + STAGES * (PAGE_ROWS * D_QK * 2) as u32 + 64 * 128 + 4 * 64 * 4 + 16 * STAGES + 16;
 
 /// A split plan for one decode step: which pages each CTA handles, and the buffers for the
 /// partial results. Computed on the GPU from the device seqlens (no host sync), reusable for
@@ -171,6 +217,18 @@ impl Decoder {
     /// (nothing is copied back to the host). The plan stays valid while the seqlens are those
     /// of this step; decode with a new plan when they change.
     pub fn plan(&self, shape: &DecodeShape, cache_seqlens: &DeviceBuffer<i32>, stream: &Stream) -> Result<Plan> {
+        self.plan_with_layout(shape, cache_seqlens, stream, Layout::for_shape(shape))
+    }
+
+    /// [`Decoder::plan`] with the layout chosen by the caller instead of by
+    /// [`Layout::for_shape`] (for benchmarks and tests: both layouts handle every shape).
+    pub fn plan_with_layout(
+        &self,
+        shape: &DecodeShape,
+        cache_seqlens: &DeviceBuffer<i32>,
+        stream: &Stream,
+        layout: Layout,
+    ) -> Result<Plan> {
         validate_shape(shape)?;
         if cache_seqlens.len() != shape.batch {
             return Err(EtapError::Length {
@@ -179,7 +237,7 @@ impl Decoder {
                 got: cache_seqlens.len(),
             });
         }
-        let tiling = ColumnTiling::for_shape(shape);
+        let tiling = ColumnTiling::for_shape(shape, layout);
         let parts = (self.num_sms() / tiling.groups).max(1);
         let splits = max_splits(shape.batch, parts as usize);
         let cols = shape.cols();
@@ -371,6 +429,13 @@ impl Decoder {
                 )));
             }
         }
+        for (arg, a) in [("out", bufs.out), ("lse", bufs.lse)] {
+            if a % 4 != 0 {
+                return Err(EtapError::Device(format!(
+                    "{arg} must be 4-byte aligned (the kernels store pairs of 16-bit outputs as one word)"
+                )));
+            }
+        }
         let scale = softmax_scale.unwrap_or(1.0 / (D_QK as f32).sqrt());
         let tiling = plan.tiling;
         let cols = shape.cols() as u64;
@@ -436,16 +501,22 @@ impl Decoder {
             Dtype::Bf16 => 0,
             Dtype::F16 => 1,
         };
-        let c = DECODE_COLS
-            .iter()
-            .position(|&c| c == tiling.cols_per_cta)
-            .expect("tiling picks a built variant");
+        let kernel = match tiling.layout {
+            Layout::KvOnM => {
+                let c = DECODE_COLS
+                    .iter()
+                    .position(|&c| c == tiling.cols_per_cta)
+                    .expect("tiling picks a built variant");
+                self.kernels().decode[d][c]
+            }
+            Layout::HeadsOnM => self.kernels().wide[d],
+        };
         let mut params = params;
         launch(
-            self.kernels().decode[d][c],
+            kernel,
             (plan.parts, tiling.groups),
             DECODE_THREADS,
-            decode_smem_bytes(tiling.cols_per_cta),
+            tiling.smem_bytes(),
             stream,
             &mut [&mut params as *mut DecodeParams as *mut c_void],
         )?;

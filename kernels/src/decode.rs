@@ -69,16 +69,17 @@ pub struct DecodeParams {
     pub _pad: u32,
 }
 
-/// Shared-memory layout for a CTA of `COLS` columns (two warpgroups of COLS/2).
-struct Smem {
-    q: u32,
-    pages: u32,
-    p: u32,
-    red: u32,
-    full: u32,
-    empty: u32,
-    q_full: u32,
-    q_empty: u32,
+/// Shared-memory layout for a CTA of `COLS` columns (two warpgroups of COLS/2). The wide
+/// kernel (`decode_wide`) lays out the same fields its own way.
+pub(crate) struct Smem {
+    pub(crate) q: u32,
+    pub(crate) pages: u32,
+    pub(crate) p: u32,
+    pub(crate) red: u32,
+    pub(crate) full: u32,
+    pub(crate) empty: u32,
+    pub(crate) q_full: u32,
+    pub(crate) q_empty: u32,
 }
 
 impl Smem {
@@ -119,11 +120,25 @@ pub const fn smem_bytes(cols: u32) -> u32 {
 unsafe fn decode<const NW: usize, const F16: bool>(prm: &DecodeParams) {
     let cols = 2 * NW as u32;
     let sm = Smem::new(cols, NW as u32);
-    let t = index::thread_x();
-    let part = index::block_x();
     let group = index::block_y();
     let n_req = prm.s_q * prm.h_q;
+    if let Some(range) = prologue(prm, &sm) {
+        if !run_producer(prm, &range, &sm, group, cols, n_req) {
+            sync::setmaxnreg_inc::<CONSUMER_REGS>();
+            consume::<NW, F16>(prm, &range, &sm, group, n_req);
+        }
+    }
+}
 
+/// What both decode kernels do first: check the shared-memory alignment, initialize the
+/// mbarriers and read the CTA's work range (`None` when the CTA has no work).
+///
+/// # Safety
+/// Every thread of the CTA calls it, with `sm` laid out in the dynamic shared memory.
+#[inline(always)]
+pub(crate) unsafe fn prologue(prm: &DecodeParams, sm: &Smem) -> Option<WorkRange> {
+    let t = index::thread_x();
+    let part = index::block_x();
     #[allow(clippy::manual_is_multiple_of)] // the GPU-tested PTX; `is_multiple_of` lays out the branch differently
     if sm.q % 1024 != 0 {
         sync::trap();
@@ -143,22 +158,39 @@ unsafe fn decode<const NW: usize, const F16: bool>(prm: &DecodeParams) {
 
     let range = *prm.ranges.add(part as usize);
     if range.empty != 0 {
-        return;
+        return None;
     }
-    if t / index::WARPGROUP == CONSUMERS {
-        sync::setmaxnreg_dec::<PRODUCER_REGS>();
-        if t == CONSUMERS * index::WARPGROUP {
-            produce(prm, &range, &sm, group, cols, n_req);
-        }
-    } else {
-        sync::setmaxnreg_inc::<CONSUMER_REGS>();
-        consume::<NW, F16>(prm, &range, &sm, group, n_req);
+    Some(range)
+}
+
+/// The producer warpgroup's part: hand its registers to the consumers, and (its first thread)
+/// issue the loads. True for the producer's threads, which then have nothing left to do.
+///
+/// # Safety
+/// As [`prologue`], after it.
+#[inline(always)]
+pub(crate) unsafe fn run_producer(
+    prm: &DecodeParams,
+    range: &WorkRange,
+    sm: &Smem,
+    group: u32,
+    cols: u32,
+    n_req: u32,
+) -> bool {
+    let t = index::thread_x();
+    if t / index::WARPGROUP != CONSUMERS {
+        return false;
     }
+    sync::setmaxnreg_dec::<PRODUCER_REGS>();
+    if t == CONSUMERS * index::WARPGROUP {
+        produce(prm, range, sm, group, cols, n_req);
+    }
+    true
 }
 
 /// The producer: the first thread of warpgroup 2 walks the part's segments and issues the loads.
 #[inline(always)]
-unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, cols: u32, n_req: u32) {
+pub(crate) unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, cols: u32, n_req: u32) {
     let mut it = 0u32; // pages issued so far
     let mut q_round = 0u32;
     for r in range.begin_req..=range.end_req {

@@ -4,6 +4,8 @@
 //! - [`tile`]: the named tile operations the kernels are written in (load tile,
 //!   S^T = K·Q^T, column softmax, O^T += V^T·P^T, store), as ThunderKittens keeps its tile ops.
 //! - [`decode`]: the split-KV ETAP decode kernel.
+//! - [`decode_wide`]: the heads-on-M decode kernel for requests of 64 or more (token, head)
+//!   rows, sharing the ETAP kernel's producer, ring and partial outputs.
 //! - [`combine`]: merges the splits of each (request, token, head) by their lse.
 //! - [`schedule`]: the one-thread kernel that runs `etap_core::schedule` on device seqlens.
 //! - [`tile_gemm`]: a test kernel proving descriptors and layouts on the hardware.
@@ -13,6 +15,7 @@
 
 pub mod combine;
 pub mod decode;
+pub mod decode_wide;
 pub mod device;
 pub mod schedule;
 pub mod tile;

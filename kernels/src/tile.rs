@@ -115,7 +115,7 @@ pub unsafe fn scores_t<const NW: usize, const F16: bool>(
         let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
         let a = Desc::k_major_sw128(page + blk * BLOCK_BYTES + within);
         let b = Desc::k_major_sw128(q_cols + blk * q_rows * ROW_BYTES + within);
-        wgmma::mma::<NW, 0, F16>(s, a, b, kk > 0);
+        wgmma::mma::<NW, 0, 0, F16>(s, a, b, kk > 0);
     }
     wgmma::commit_group();
     turn.pass();
@@ -143,7 +143,7 @@ pub unsafe fn accumulate_o_t<const NW: usize, const F16: bool>(
             // 16 KV rows of 128 bytes per step.
             let a = Desc::m_major_sw128(page + c as u32 * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
             let b = Desc::k_major_sw128(p + j as u32 * K_STEP * 2);
-            wgmma::mma::<NW, 1, F16>(&mut o[c], a, b, true);
+            wgmma::mma::<NW, 1, 0, F16>(&mut o[c], a, b, true);
         });
     });
     wgmma::commit_group();
@@ -325,4 +325,196 @@ pub unsafe fn zero_rows_from(page: u32, first: u32, rank: u32, threads: u32) {
 #[inline(always)]
 pub unsafe fn wait(bar: u32, parity: u32) {
     mbarrier::wait(bar, parity)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Heads on M: the tile operations of the wide kernel (`decode_wide`), for requests with
+// s_q * h_q >= 64 columns, where a 64-row wgmma M is filled by (token, head) rows and padding
+// no longer wastes the tensor cores. Per page, the two consumer warpgroups split S = Q·K^T
+// along N (32 KV rows each) and O = P·V along N (256 features each):
+//
+//   S_w[64 x 32]   = Q[64 x 576] · K[32w.. x 576]^T     Q K-major A, the page K-major B
+//   row softmax over both halves (one exchange of row maxima through shared memory)
+//   P[64 x 64]     -> shared memory, each warpgroup writing its 32 KV columns
+//   O_w[64 x 256] += P[64 x 64] · V[64 x 256w..]        P K-major A, the page N-major B
+//
+// The page tile is the same 128-byte-swizzled buffer as in the ETAP layout: read K-major for
+// S and N-major (transposed) for O, again without a copy.
+// ---------------------------------------------------------------------------------------------
+
+/// KV rows of a page each warpgroup scores: S is split along N between the two warpgroups.
+pub const WIDE_KV_PER_WG: u32 = PAGE_ROWS as u32 / 2;
+/// 64-feature blocks of O each warpgroup accumulates: half of V's 8.
+pub const WIDE_V_BLOCKS: usize = V_BLOCKS / 2;
+/// Rows of the wide kernel's tiles (Q, P, O): one wgmma M.
+pub const WIDE_ROWS: u32 = 64;
+
+/// S_w[64 x 32] = Q[64 x 576] · K[kv0..kv0+32 x 576]^T: this warpgroup's 32 KV rows of the
+/// page at `page`, against the 64 Q rows at `q`. Issues 36 wgmmas (m64n32k16) and waits.
+///
+/// # Safety
+/// The whole warpgroup calls it, with the page and Q loaded.
+#[inline(always)]
+pub unsafe fn scores<const F16: bool>(s: &mut Frag, q: u32, page: u32, kv0: u32) {
+    let (page, q) = (smem::opaque(page), smem::opaque(q));
+    wgmma::fence();
+    for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
+        let blk = kk / STEPS_PER_BLOCK;
+        let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
+        let a = Desc::k_major_sw128(q + blk * WIDE_ROWS * ROW_BYTES + within);
+        // kv0 rows of 128 bytes: a multiple of the 1024-byte swizzle atom.
+        let b = Desc::k_major_sw128(page + blk * BLOCK_BYTES + kv0 * ROW_BYTES + within);
+        wgmma::mma::<{ WIDE_KV_PER_WG as usize }, 0, 0, F16>(s, a, b, kk > 0);
+    }
+    wgmma::commit_group();
+    wgmma::wait_group::<0>();
+}
+
+/// Running state of the online softmax for the two rows a thread holds (rows `r` and `r + 8`
+/// of its warp's 16), in log2 units.
+pub struct RowState {
+    /// Running maximum per row (-inf until a KV row is seen).
+    pub m: [f32; 2],
+    /// This thread's share of the row sum (its 8 KV columns per page of this warpgroup's 32);
+    /// the shares are added across the quad and the two warpgroups once, at the end.
+    pub l: [f32; 2],
+}
+
+impl Default for RowState {
+    #[inline(always)]
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RowState {
+    #[inline(always)]
+    pub fn new() -> Self {
+        RowState {
+            m: [f32::NEG_INFINITY; 2],
+            l: [0.0; 2],
+        }
+    }
+}
+
+/// Which of a thread's two rows fragment element `i` belongs to.
+#[inline(always)]
+pub const fn row_half(i: usize) -> usize {
+    (i / 2) % 2
+}
+
+/// Row softmax of this warpgroup's S_w (KV columns `kv0..kv0+32` of the page whose first
+/// request row is `row0`), in place: mask KV rows at or past each row's visible bound, scale to
+/// log2 units, take the row maxima over both warpgroups' halves (an exchange through
+/// `red_max`, [2 warpgroups][64 rows] f32, and the consumers' named barrier `bar`), rescale O
+/// and the row sums by alpha = exp2(m_old - m_new), and turn `s` into P = exp2(s - m_new).
+///
+/// # Safety
+/// Both consumer warpgroups call it (`wg` = 0, 1) for the same page.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn row_softmax(
+    s: &mut Frag,
+    o: &mut [Frag; WIDE_V_BLOCKS],
+    st: &mut RowState,
+    visible: &[u32; 2],
+    row0: u32,
+    kv0: u32,
+    scale_log2: f32,
+    red_max: u32,
+    wg: u32,
+    bar: u32,
+) {
+    let t = index::thread_x() % index::WARPGROUP;
+    let lane = t % 32;
+    let red_max = smem::opaque(red_max);
+    let mut tmax = [f32::NEG_INFINITY; 2];
+    unroll!(i < WIDE_KV_PER_WG as usize / 2, max 16 => {
+        let (_, col) = wgmma::frag_pos(t, i as u32);
+        let h = row_half(i);
+        let v = if row0 + kv0 + col < visible[h] { s[i] * scale_log2 } else { f32::NEG_INFINITY };
+        s[i] = v;
+        tmax[h] = math::fmax(tmax[h], v);
+    });
+    // Over the quad that shares a row, then with the other warpgroup's half.
+    unroll!(h < 2, max 4 => {
+        let mut x = tmax[h];
+        x = math::fmax(x, sync::shfl_xor_f32(x, 1));
+        x = math::fmax(x, sync::shfl_xor_f32(x, 2));
+        tmax[h] = x;
+        if lane % 4 == 0 {
+            let (row, _) = wgmma::frag_pos(t, 2 * h as u32);
+            smem::st_f32(red_max + (wg * WIDE_ROWS + row) * 4, x);
+        }
+    });
+    sync::bar_sync(bar, 2 * index::WARPGROUP);
+    let mut m_use = [0f32; 2];
+    let mut alpha = [0f32; 2];
+    unroll!(h < 2, max 4 => {
+        let (row, _) = wgmma::frag_pos(t, 2 * h as u32);
+        let other = smem::ld_f32(red_max + ((1 - wg) * WIDE_ROWS + row) * 4);
+        let m_new = math::fmax(st.m[h], math::fmax(tmax[h], other));
+        // A row that has seen no KV row yet keeps m = -inf; subtract 0 instead so that
+        // exp2(-inf - m) is 0, not NaN.
+        m_use[h] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
+        alpha[h] = math::exp2(st.m[h] - m_use[h]);
+        st.m[h] = m_new;
+        st.l[h] *= alpha[h];
+    });
+    unroll!(c < WIDE_V_BLOCKS, max 4 => {
+        unroll!(i < 32, max 32 => {
+            o[c][i] *= alpha[row_half(i)];
+        });
+    });
+    unroll!(i < WIDE_KV_PER_WG as usize / 2, max 16 => {
+        let h = row_half(i);
+        let p = math::exp2(s[i] - m_use[h]);
+        s[i] = p;
+        st.l[h] += p;
+    });
+}
+
+/// Write this warpgroup's P_w (rounded to the element type) into columns `kv0..kv0+32` of the
+/// P tile, stored as P[row][KV column] rows of 128 bytes, swizzled: the K-major A operand of
+/// O = P·V. Fences the writes for the tensor cores and waits at the consumers' barrier, after
+/// which both halves are in place.
+///
+/// # Safety
+/// Both consumer warpgroups call it; no wgmma still reads the P tile (each warpgroup waited
+/// for its previous O update before the row-max exchange of this page).
+#[inline(always)]
+pub unsafe fn store_p<const F16: bool>(p_tile: u32, s: &Frag, kv0: u32, bar: u32) {
+    let t = index::thread_x() % index::WARPGROUP;
+    let p_tile = smem::opaque(p_tile);
+    unroll!(j < WIDE_KV_PER_WG as usize / 4, max 8 => {
+        // Elements 2j and 2j + 1 are adjacent KV columns of one row: one 32-bit store.
+        let i = 2 * j;
+        let (row, col) = wgmma::frag_pos(t, i as u32);
+        let bits = math::pack2::<F16>(s[i], s[i + 1]);
+        smem::st_u32(p_tile + smem::sw128_offset(row, kv0 + col), bits);
+    });
+    sync::fence_proxy_async_shared();
+    sync::bar_sync(bar, 2 * index::WARPGROUP);
+}
+
+/// O_w[64 x 256] += P[64 x 64] · V[64 x 256]: this warpgroup's four 64-feature blocks of V
+/// (`vb0..vb0+4`), each four K steps over the page's 64 KV rows. V is the page tile read
+/// N-major (transposed B): no copy. Waits for completion.
+///
+/// # Safety
+/// The whole warpgroup calls it, with P written and fenced.
+#[inline(always)]
+pub unsafe fn accumulate_o<const F16: bool>(o: &mut [Frag; WIDE_V_BLOCKS], page: u32, p_tile: u32, vb0: u32) {
+    let (page, p_tile) = (smem::opaque(page), smem::opaque(p_tile));
+    wgmma::fence();
+    unroll!(c < WIDE_V_BLOCKS, max 4 => {
+        unroll!(j < STEPS_PER_BLOCK as usize, max 4 => {
+            let a = Desc::k_major_sw128(p_tile + j as u32 * K_STEP * 2);
+            // 16 KV rows of 128 bytes per step.
+            let b = Desc::m_major_sw128(page + (vb0 + c as u32) * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
+            wgmma::mma::<64, 0, 1, F16>(&mut o[c], a, b, true);
+        });
+    });
+    wgmma::commit_group();
+    wgmma::wait_group::<0>();
 }

@@ -65,7 +65,7 @@ unsafe fn tile_gemm<const N: usize, const TA: u32, const F16: bool>(
             wgmma::Desc::m_major_sw128(a_tile + kk as u32 * (K_STEP as u32 * 128))
         };
         let b = wgmma::Desc::k_major_sw128(b_tile + blk * b_block_bytes + within);
-        wgmma::mma::<N, TA, F16>(&mut acc, a, b, kk > 0);
+        wgmma::mma::<N, TA, 0, F16>(&mut acc, a, b, kk > 0);
     }
     wgmma::commit_group();
     wgmma::wait_group::<0>();

@@ -24,7 +24,7 @@ pub mod wgmma_ops;
 
 /// Fully unrolled loop with a compile-time index: `unroll!(i < N, max 16 => { .. })` runs the
 /// body for i = 0..N, with `i` a `const`; N must be known at compile time (after
-/// monomorphization) and at most the given max (4, 8 or 16: the largest index the body may see,
+/// monomorphization) and at most the given max (4, 8, 16 or 32: the largest index the body may see,
 /// so that no out-of-range constant index appears even in the dead copies).
 ///
 /// Register arrays (wgmma accumulator fragments, per-column softmax state) stay in registers
@@ -40,6 +40,9 @@ macro_rules! unroll {
     };
     ($i:ident < $n:expr, max 16 => $body:block) => {
         $crate::unroll!(@go $i, $n, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+    };
+    ($i:ident < $n:expr, max 32 => $body:block) => {
+        $crate::unroll!(@go $i, $n, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31)
     };
     (@go $i:ident, $n:expr, $body:block, $($k:literal)*) => {{
         $(

@@ -70,13 +70,13 @@ impl Desc {
 
 /// D[64 x N] (+)= A[64 x 16] * B[16 x N] for N in 8, 16, ..., 64 (a multiple of 8). The
 /// accumulator array holds 32 floats (the most, N = 64); the first N/2 are the fragment.
-/// `TA` = 1 reads A M-major (transposed).
+/// `TA` = 1 reads A M-major (transposed); `TB` = 1 reads B N-major (transposed).
 ///
 /// # Safety
 /// As [`ops::mma_bf16_n8`]: the whole warpgroup, between `fence` and `commit_group`, with
 /// descriptors into valid shared memory.
 #[inline(always)]
-pub unsafe fn mma<const N: usize, const TA: u32, const F16: bool>(
+pub unsafe fn mma<const N: usize, const TA: u32, const TB: u32, const F16: bool>(
     d: &mut [f32; 32],
     a: Desc,
     b: Desc,
@@ -88,9 +88,9 @@ pub unsafe fn mma<const N: usize, const TA: u32, const F16: bool>(
             // SAFETY: $k <= 32, so the first $k floats of `d` are in bounds.
             let frag = &mut *(d.as_mut_ptr() as *mut [f32; $k]);
             if F16 {
-                ops::$hf::<TA, 0>(frag, a.0, b.0, acc)
+                ops::$hf::<TA, TB>(frag, a.0, b.0, acc)
             } else {
-                ops::$bf::<TA, 0>(frag, a.0, b.0, acc)
+                ops::$bf::<TA, TB>(frag, a.0, b.0, acc)
             }
         }};
     }

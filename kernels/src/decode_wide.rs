@@ -1,0 +1,267 @@
+//! The wide decode kernel: heads on M, for requests with `s_q * h_q >= 64` (token, head) rows.
+//!
+//! ETAP puts the KV rows on wgmma M so that 16 heads waste nothing; once a request has 64 or
+//! more rows, M is filled by the rows themselves and the transposition no longer pays: the
+//! ETAP kernel's GEMMs are narrow (N = 32 per warpgroup) and read the whole page tile as the A
+//! operand for every one of them, and its per-column softmax needs a cross-warp reduction per
+//! page. Here, per page of 64 KV rows and CTA of 64 rows (see `tile`'s heads-on-M section):
+//!
+//! ```text
+//!   S_w[64 x 32]   = Q[64 x 576] · K[32w.. x 576]^T      warpgroup w = 0, 1: half the KV rows each
+//!   row softmax (row maxima exchanged once between the warpgroups)
+//!   P[64 x 64]     -> shared memory (each warpgroup its 32 KV columns)
+//!   O_w[64 x 256] += P · V[64 x 256w..]                   half of the 512 features each
+//! ```
+//!
+//! The producer warpgroup, the two-page TMA ring, the Q loads, the work ranges, the partial
+//! outputs and the combine kernel are those of the ETAP kernel (`decode`): only the consumers
+//! differ. Wider requests (h_q = 128, or s_q * h_q > 64) are cut into column groups of 64 rows,
+//! one CTA each; the CTAs of one part read the same pages at the same time, so the second read
+//! of a page is served by L2.
+use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES};
+use crate::device::{index, math, mbarrier, smem, sync};
+use crate::tile::{self, Frag, RowState, PAGE_BYTES, ROW_BYTES, WIDE_KV_PER_WG, WIDE_ROWS, WIDE_V_BLOCKS};
+use crate::unroll;
+use etap_core::{pages_of, rows_of, visible_rows, WorkRange, D_V, PAGE_ROWS, QK_BLOCKS};
+
+/// Named barrier over both consumer warpgroups (ids 1 and 2 are the warpgroups' own in the
+/// ETAP kernel; this kernel synchronizes only the pair).
+const BAR_CONSUMERS: u32 = 3;
+
+/// The kernel's shared memory: Q (64 rows), the two-page ring, one P tile, the row-max and
+/// row-sum exchanges ([2 warpgroups][64 rows] f32 each), the mbarriers.
+#[inline(always)]
+fn layout() -> (Smem, u32) {
+    let q = smem::base();
+    let pages = q + QK_BLOCKS as u32 * WIDE_ROWS * ROW_BYTES;
+    let p = pages + STAGES * PAGE_BYTES;
+    let red = p + WIDE_ROWS * ROW_BYTES;
+    let red_sum = red + 2 * WIDE_ROWS * 4;
+    let bars = red_sum + 2 * WIDE_ROWS * 4;
+    let sm = Smem {
+        q,
+        pages,
+        p,
+        red,
+        full: bars,
+        empty: bars + 8 * STAGES,
+        q_full: bars + 16 * STAGES,
+        q_empty: bars + 16 * STAGES + 8,
+    };
+    (sm, red_sum)
+}
+
+/// Dynamic shared memory of the wide kernel (230,448 bytes of the 232,448 a CTA may have).
+pub const fn smem_bytes() -> u32 {
+    QK_BLOCKS as u32 * WIDE_ROWS * ROW_BYTES
+        + STAGES * PAGE_BYTES
+        + WIDE_ROWS * ROW_BYTES
+        + 4 * WIDE_ROWS * 4
+        + 16 * STAGES
+        + 16
+}
+
+#[inline(always)]
+unsafe fn decode_wide<const F16: bool>(prm: &DecodeParams) {
+    let (sm, red_sum) = layout();
+    let group = index::block_y();
+    let n_req = prm.s_q * prm.h_q;
+    if let Some(range) = prologue(prm, &sm) {
+        if !run_producer(prm, &range, &sm, group, WIDE_ROWS, n_req) {
+            sync::setmaxnreg_inc::<CONSUMER_REGS>();
+            consume::<F16>(prm, &range, &sm, red_sum, group, n_req);
+        }
+    }
+}
+
+/// A consumer warpgroup: its half of S, the shared row softmax, its half of O.
+#[inline(always)]
+unsafe fn consume<const F16: bool>(
+    prm: &DecodeParams,
+    range: &WorkRange,
+    sm: &Smem,
+    red_sum: u32,
+    group: u32,
+    n_req: u32,
+) {
+    let t = index::thread_x();
+    let wg = t / index::WARPGROUP;
+    let tw = t % index::WARPGROUP;
+    let kv0 = wg * WIDE_KV_PER_WG;
+    let vb0 = wg * WIDE_V_BLOCKS as u32;
+    // The request row of the tile's first row.
+    let col0 = group * WIDE_ROWS;
+    let mut it = 0u32;
+    let mut q_round = 0u32;
+    let mut split = range.first_split;
+    for r in range.begin_req..=range.end_req {
+        let seqlen = *prm.seqlens.add(r as usize);
+        let np = pages_of(seqlen, prm.max_pages);
+        let rows = rows_of(seqlen, prm.max_pages);
+        let (lo, hi) = range.segment(r, np);
+        if lo == hi {
+            continue;
+        }
+        // Visible KV rows of this thread's two rows (causal for s_q > 1). Padding rows
+        // (n >= s_q * h_q) compute on, but never past the request's rows.
+        let mut visible = [0u32; 2];
+        unroll!(h < 2, max 4 => {
+            let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
+            let vis = visible_rows(rows, prm.s_q, (col0 + row) / prm.h_q);
+            visible[h] = if vis < rows { vis } else { rows };
+        });
+        let mut st = RowState::new();
+        let mut o: [Frag; WIDE_V_BLOCKS] = [[0f32; 32]; WIDE_V_BLOCKS];
+        tile::wait(sm.q_full, q_round & 1);
+        q_round += 1;
+        for page in lo..hi {
+            let stage = it % STAGES;
+            let kv = sm.pages + stage * PAGE_BYTES;
+            tile::wait(sm.full + 8 * stage, (it / STAGES) & 1);
+            let row0 = page * PAGE_ROWS as u32;
+            if row0 + PAGE_ROWS as u32 > rows {
+                // The request's last, partial page: zero V's rows past its end.
+                tile::zero_rows_from(kv, rows - row0, t, CONSUMERS * index::WARPGROUP);
+                sync::fence_proxy_async_shared();
+                sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
+            }
+            let mut s: Frag = [0f32; 32];
+            tile::scores::<F16>(&mut s, sm.q, kv, kv0);
+            if page + 1 == hi && tw == 0 {
+                // This warpgroup no longer reads Q.
+                mbarrier::arrive(sm.q_empty);
+            }
+            tile::row_softmax(
+                &mut s,
+                &mut o,
+                &mut st,
+                &visible,
+                row0,
+                kv0,
+                prm.scale_log2,
+                sm.red,
+                wg,
+                BAR_CONSUMERS,
+            );
+            tile::store_p::<F16>(sm.p, &s, kv0, BAR_CONSUMERS);
+            tile::accumulate_o::<F16>(&mut o, kv, sm.p, vb0);
+            if tw == 0 {
+                mbarrier::arrive(sm.empty + 8 * stage);
+            }
+            it += 1;
+        }
+        let seg_split = split;
+        split = 0;
+        finish_segment::<F16>(prm, r, seg_split, col0, n_req, &st, &o, red_sum, wg);
+    }
+}
+
+/// Add up the row sums (over the quad, then the two warpgroups through `red_sum`), normalize,
+/// and write this warpgroup's 256 features of one segment: the final out/lse when the request
+/// has a single split, else the partial O and lse.
+///
+/// `red_sum` is written here and read after the barrier below; its next write (the next
+/// segment's end) comes after at least two more consumer barriers (every segment has a page).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn finish_segment<const F16: bool>(
+    prm: &DecodeParams,
+    r: u32,
+    split: u32,
+    col0: u32,
+    n_req: u32,
+    st: &RowState,
+    o: &[Frag; WIDE_V_BLOCKS],
+    red_sum: u32,
+    wg: u32,
+) {
+    let tw = index::thread_x() % index::WARPGROUP;
+    let lane = tw % 32;
+    let red_sum = smem::opaque(red_sum);
+    let mut l = [0f32; 2];
+    unroll!(h < 2, max 4 => {
+        let mut x = st.l[h];
+        x += sync::shfl_xor_f32(x, 1);
+        x += sync::shfl_xor_f32(x, 2);
+        l[h] = x;
+        if lane % 4 == 0 {
+            let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
+            smem::st_f32(red_sum + (wg * WIDE_ROWS + row) * 4, x);
+        }
+    });
+    sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
+    let mut inv = [0f32; 2];
+    let mut lse = [0f32; 2];
+    unroll!(h < 2, max 4 => {
+        let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
+        let total = l[h] + smem::ld_f32(red_sum + ((1 - wg) * WIDE_ROWS + row) * 4);
+        if total > 0.0 {
+            inv[h] = 1.0 / total;
+            // m and log2(l) are in log2 units.
+            lse[h] = (st.m[h] + math::ln(total) * core::f32::consts::LOG2_E) * core::f32::consts::LN_2;
+        } else {
+            inv[h] = 0.0;
+            lse[h] = f32::NEG_INFINITY;
+        }
+    });
+
+    let splits = *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize);
+    let slot_base = *prm.split_offsets.add(r as usize) + split;
+    unroll!(c < WIDE_V_BLOCKS, max 4 => {
+        unroll!(j < 16, max 16 => {
+            // Elements 2j, 2j + 1: adjacent features of one row.
+            let i = 2 * j;
+            let (row, dim) = crate::device::wgmma::frag_pos(tw, i as u32);
+            let n = col0 + row;
+            if n < n_req {
+                let h = tile::row_half(i);
+                let d = (WIDE_V_BLOCKS as u32 * wg + c as u32) * 64 + dim;
+                let (v0, v1) = (o[c][i] * inv[h], o[c][i + 1] * inv[h]);
+                if splits == 1 {
+                    let idx = ((r * n_req + n) * D_V as u32 + d) as usize;
+                    *(prm.out.add(idx) as *mut u32) = math::pack2::<F16>(v0, v1);
+                } else {
+                    let idx = ((slot_base * n_req + n) * D_V as u32 + d) as usize;
+                    *(prm.o_accum.add(idx) as *mut [f32; 2]) = [v0, v1];
+                }
+            }
+        });
+    });
+    // lse: the first thread of each quad of warpgroup 0 holds its two rows' values.
+    if wg == 0 && lane % 4 == 0 {
+        unroll!(h < 2, max 4 => {
+            let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
+            let n = col0 + row;
+            if n < n_req {
+                if splits == 1 {
+                    let (tok, head) = (n / prm.h_q, n % prm.h_q);
+                    *prm.lse.add(((r * prm.h_q + head) * prm.s_q + tok) as usize) = lse[h];
+                } else {
+                    *prm.lse_accum.add((slot_base * n_req + n) as usize) = lse[h];
+                }
+            }
+        });
+    }
+}
+
+macro_rules! decode_wide_entry {
+    ($($name:ident = $f16:literal;)*) => {$(
+        /// Wide (heads-on-M) split-KV decode, CTAs of 64 (token, head) rows; see the module
+        /// documentation. Launch: grid (parts, column groups), `decode::THREADS` threads,
+        /// [`smem_bytes`] bytes.
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(params: DecodeParams) {
+            decode_wide::<$f16>(&params)
+        }
+    )*};
+}
+
+decode_wide_entry! {
+    etap_decode_wide_bf16 = false;
+    etap_decode_wide_f16 = true;
+}
+
+const _: () = assert!(
+    smem_bytes() <= 232_448,
+    "the wide kernel's shared memory exceeds a CTA's"
+);
