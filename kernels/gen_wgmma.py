@@ -16,7 +16,7 @@ lines = [
     "",
 ]
 for ty in ["bf16", "f16"]:
-    for n in range(8, 65, 8):
+    for n in list(range(8, 65, 8)) + [256]:
         k = n // 2
         regs = ", ".join("{%d}" % i for i in range(k))
         lines += [

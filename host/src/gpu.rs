@@ -33,7 +33,7 @@ pub struct Decoder {
 
 impl Decoder {
     /// Initialize CUDA on device 0, check that it is Hopper (compute capability 9.x), and load
-    /// the embedded PTX.
+    /// the embedded PTX (or the PTX file named by the `ETAP_PTX` environment variable).
     pub fn new() -> Result<Self> {
         match cust::init(cust::CudaFlags::empty()) {
             Ok(()) => {}
@@ -56,8 +56,15 @@ impl Decoder {
         let ctx = Context::new(device)?;
         // The decode kernel trades registers between warpgroups with setmaxnreg, which needs a
         // register cap at entry: the module is compiled with the cap the PTX checks assume.
+        // `ETAP_PTX` names a PTX file to load instead of the embedded one: for kernel
+        // experiments on a GPU machine that has no Rust (several PTX builds, one binary).
+        let ptx = match std::env::var_os("ETAP_PTX") {
+            Some(path) => std::fs::read_to_string(&path)
+                .map_err(|e| EtapError::Device(format!("ETAP_PTX={}: {e}", path.to_string_lossy())))?,
+            None => crate::PTX.to_string(),
+        };
         let module = Module::from_ptx(
-            crate::PTX,
+            &ptx,
             &[cust::module::ModuleJitOption::MaxRegisters(
                 etap_core::DECODE_ENTRY_REGS,
             )],

@@ -20,7 +20,7 @@
 //! of a page is served by L2.
 use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES};
 use crate::device::{index, math, mbarrier, smem, sync};
-use crate::tile::{self, Frag, RowState, PAGE_BYTES, ROW_BYTES, WIDE_KV_PER_WG, WIDE_ROWS, WIDE_V_BLOCKS};
+use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_KV_PER_WG, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
 use etap_core::{pages_of, rows_of, visible_rows, WorkRange, D_V, PAGE_ROWS, QK_BLOCKS};
 
@@ -111,7 +111,7 @@ unsafe fn consume<const F16: bool>(
             visible[h] = if vis < rows { vis } else { rows };
         });
         let mut st = RowState::new();
-        let mut o: [Frag; WIDE_V_BLOCKS] = [[0f32; 32]; WIDE_V_BLOCKS];
+        let mut o: WideAcc = [0f32; 128];
         tile::wait(sm.q_full, q_round & 1);
         q_round += 1;
         for page in lo..hi {
@@ -171,7 +171,7 @@ unsafe fn finish_segment<const F16: bool>(
     col0: u32,
     n_req: u32,
     st: &RowState,
-    o: &[Frag; WIDE_V_BLOCKS],
+    o: &WideAcc,
     red_sum: u32,
     wg: u32,
 ) {
@@ -207,16 +207,16 @@ unsafe fn finish_segment<const F16: bool>(
 
     let splits = *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize);
     let slot_base = *prm.split_offsets.add(r as usize) + split;
-    unroll!(c < WIDE_V_BLOCKS, max 4 => {
+    unroll!(c < 4, max 4 => {
         unroll!(j < 16, max 16 => {
-            // Elements 2j, 2j + 1: adjacent features of one row.
-            let i = 2 * j;
+            // Elements i, i + 1: adjacent features of one row.
+            let i = 32 * c + 2 * j;
             let (row, dim) = crate::device::wgmma::frag_pos(tw, i as u32);
             let n = col0 + row;
             if n < n_req {
                 let h = tile::row_half(i);
-                let d = (WIDE_V_BLOCKS as u32 * wg + c as u32) * 64 + dim;
-                let (v0, v1) = (o[c][i] * inv[h], o[c][i + 1] * inv[h]);
+                let d = WIDE_V_BLOCKS as u32 * 64 * wg + dim;
+                let (v0, v1) = (o[i] * inv[h], o[i + 1] * inv[h]);
                 if splits == 1 {
                     let idx = ((r * n_req + n) * D_V as u32 + d) as usize;
                     *(prm.out.add(idx) as *mut u32) = math::pack2::<F16>(v0, v1);

@@ -348,6 +348,8 @@ pub const WIDE_KV_PER_WG: u32 = PAGE_ROWS as u32 / 2;
 pub const WIDE_V_BLOCKS: usize = V_BLOCKS / 2;
 /// Rows of the wide kernel's tiles (Q, P, O): one wgmma M.
 pub const WIDE_ROWS: u32 = 64;
+/// Accumulator of a warpgroup's O_w[64 x 256] (one m64n256 fragment: 128 floats a thread).
+pub type WideAcc = [f32; 128];
 
 /// S_w[64 x 32] = Q[64 x 576] · K[kv0..kv0+32 x 576]^T: this warpgroup's 32 KV rows of the
 /// page at `page`, against the 64 Q rows at `q`. Issues 36 wgmmas (m64n32k16) and waits.
@@ -415,7 +417,7 @@ pub const fn row_half(i: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn row_softmax(
     s: &mut Frag,
-    o: &mut [Frag; WIDE_V_BLOCKS],
+    o: &mut WideAcc,
     st: &mut RowState,
     visible: &[u32; 2],
     row0: u32,
@@ -461,9 +463,10 @@ pub unsafe fn row_softmax(
         st.m[h] = m_new;
         st.l[h] *= alpha[h];
     });
-    unroll!(c < WIDE_V_BLOCKS, max 4 => {
-        unroll!(i < 32, max 32 => {
-            o[c][i] *= alpha[row_half(i)];
+    unroll!(c < 4, max 4 => {
+        unroll!(k < 32, max 32 => {
+            let i = 32 * c + k;
+            o[i] *= alpha[row_half(i)];
         });
     });
     unroll!(i < WIDE_KV_PER_WG as usize / 2, max 16 => {
@@ -497,23 +500,22 @@ pub unsafe fn store_p<const F16: bool>(p_tile: u32, s: &Frag, kv0: u32, bar: u32
     sync::bar_sync(bar, 2 * index::WARPGROUP);
 }
 
-/// O_w[64 x 256] += P[64 x 64] · V[64 x 256]: this warpgroup's four 64-feature blocks of V
-/// (`vb0..vb0+4`), each four K steps over the page's 64 KV rows. V is the page tile read
+/// O_w[64 x 256] += P[64 x 64] · V[64 x 256]: this warpgroup's 256 features of V (blocks
+/// `vb0..vb0+4`, consecutive 8 KiB swizzle blocks: the descriptor's leading offset steps from
+/// one to the next), one m64n256 wgmma per K step of 16 KV rows. V is the page tile read
 /// N-major (transposed B): no copy. Waits for completion.
 ///
 /// # Safety
 /// The whole warpgroup calls it, with P written and fenced.
 #[inline(always)]
-pub unsafe fn accumulate_o<const F16: bool>(o: &mut [Frag; WIDE_V_BLOCKS], page: u32, p_tile: u32, vb0: u32) {
+pub unsafe fn accumulate_o<const F16: bool>(o: &mut WideAcc, page: u32, p_tile: u32, vb0: u32) {
     let (page, p_tile) = (smem::opaque(page), smem::opaque(p_tile));
     wgmma::fence();
-    unroll!(c < WIDE_V_BLOCKS, max 4 => {
-        unroll!(j < STEPS_PER_BLOCK as usize, max 4 => {
-            let a = Desc::k_major_sw128(p_tile + j as u32 * K_STEP * 2);
-            // 16 KV rows of 128 bytes per step.
-            let b = Desc::m_major_sw128(page + (vb0 + c as u32) * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
-            wgmma::mma::<64, 0, 1, F16>(&mut o[c], a, b, true);
-        });
+    unroll!(j < STEPS_PER_BLOCK as usize, max 4 => {
+        let a = Desc::k_major_sw128(p_tile + j as u32 * K_STEP * 2);
+        // 16 KV rows of 128 bytes per step.
+        let b = Desc::m_major_sw128(page + vb0 * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
+        wgmma::mma_n256::<0, 1, F16>(o, a, b, true);
     });
     wgmma::commit_group();
     wgmma::wait_group::<0>();

@@ -107,9 +107,31 @@ pub unsafe fn mma<const N: usize, const TA: u32, const TB: u32, const F16: bool>
     }
 }
 
+/// D[64 x 256] (+)= A[64 x 16] * B[16 x 256]: 128 accumulator floats per thread (the wide
+/// kernel's O = P·V, one instruction per K step for a warpgroup's 256 features). `TA`, `TB`
+/// as in [`mma`].
+///
+/// # Safety
+/// As [`mma`].
+#[inline(always)]
+pub unsafe fn mma_n256<const TA: u32, const TB: u32, const F16: bool>(
+    d: &mut [f32; 128],
+    a: Desc,
+    b: Desc,
+    accumulate: bool,
+) {
+    let acc = accumulate as u32;
+    if F16 {
+        ops::mma_f16_n256::<TA, TB>(d, a.0, b.0, acc)
+    } else {
+        ops::mma_bf16_n256::<TA, TB>(d, a.0, b.0, acc)
+    }
+}
+
 /// Where accumulator element `i` (0..N/2) of thread `t` (0..128) of an m64nN fragment sits:
 /// (row, column). Rows: warp `t / 32` owns rows 16w..16w+15; lane `l` holds rows l/4 and
-/// l/4 + 8 of them. Columns: pairs 2(l%4), +1 in each 8-wide block.
+/// l/4 + 8 of them. Columns: pairs 2(l%4), +1 in each 8-wide block. The same for every N
+/// (8 to 256).
 #[inline(always)]
 pub const fn frag_pos(t: u32, i: u32) -> (u32, u32) {
     let w = t / 32;
