@@ -127,10 +127,6 @@ unsafe fn consume<const F16: bool>(
             }
             let mut s: Frag = [0f32; 32];
             tile::scores::<F16>(&mut s, sm.q, kv, kv0);
-            if page > lo && tw == 0 {
-                // The previous page's O update is complete (scores waited for it).
-                mbarrier::arrive(sm.empty + 8 * ((it - 1) % STAGES));
-            }
             if page + 1 == hi && tw == 0 {
                 // This warpgroup no longer reads Q.
                 mbarrier::arrive(sm.q_empty);
@@ -149,12 +145,10 @@ unsafe fn consume<const F16: bool>(
             );
             tile::store_p::<F16>(sm.p, &s, kv0, BAR_CONSUMERS);
             tile::accumulate_o::<F16>(&mut o, kv, sm.p, vb0);
+            if tw == 0 {
+                mbarrier::arrive(sm.empty + 8 * stage);
+            }
             it += 1;
-        }
-        // Complete the last O update and release its page.
-        crate::device::wgmma::wait_group::<0>();
-        if tw == 0 {
-            mbarrier::arrive(sm.empty + 8 * ((it - 1) % STAGES));
         }
         let seg_split = split;
         split = 0;

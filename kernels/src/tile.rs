@@ -352,8 +352,7 @@ pub const WIDE_ROWS: u32 = 64;
 pub type WideAcc = [f32; 128];
 
 /// S_w[64 x 32] = Q[64 x 576] · K[kv0..kv0+32 x 576]^T: this warpgroup's 32 KV rows of the
-/// page at `page`, against the 64 Q rows at `q`. Issues 36 wgmmas (m64n32k16) and waits for
-/// them and for every earlier group (the previous page's O update).
+/// page at `page`, against the 64 Q rows at `q`. Issues 36 wgmmas (m64n32k16) and waits.
 ///
 /// # Safety
 /// The whole warpgroup calls it, with the page and Q loaded.
@@ -504,13 +503,10 @@ pub unsafe fn store_p<const F16: bool>(p_tile: u32, s: &Frag, kv0: u32, bar: u32
 /// O_w[64 x 256] += P[64 x 64] · V[64 x 256]: this warpgroup's 256 features of V (blocks
 /// `vb0..vb0+4`, consecutive 8 KiB swizzle blocks: the descriptor's leading offset steps from
 /// one to the next), one m64n256 wgmma per K step of 16 KV rows. V is the page tile read
-/// N-major (transposed B): no copy. Does not wait: the caller's next `wait_group` (the next
-/// page's [`scores`], or the end of the segment) completes it, so that the tensor cores go
-/// from this GEMM to the next S without a bubble.
+/// N-major (transposed B): no copy. Waits for completion.
 ///
 /// # Safety
-/// The whole warpgroup calls it, with P written and fenced; `o` is not touched until a
-/// `wait_group` has completed the group.
+/// The whole warpgroup calls it, with P written and fenced.
 #[inline(always)]
 pub unsafe fn accumulate_o<const F16: bool>(o: &mut WideAcc, page: u32, p_tile: u32, vb0: u32) {
     let (page, p_tile) = (smem::opaque(page), smem::opaque(p_tile));
@@ -522,4 +518,5 @@ pub unsafe fn accumulate_o<const F16: bool>(o: &mut WideAcc, page: u32, p_tile: 
         wgmma::mma_n256::<0, 1, F16>(o, a, b, true);
     });
     wgmma::commit_group();
+    wgmma::wait_group::<0>();
 }
