@@ -406,10 +406,13 @@ pub const fn row_half(i: usize) -> usize {
 }
 
 /// Row softmax of this warpgroup's S_w (KV columns `kv0..kv0+32` of the page whose first
-/// request row is `row0`), in place: mask KV rows at or past each row's visible bound, scale to
-/// log2 units, take the row maxima over both warpgroups' halves (an exchange through
-/// `red_max`, [2 warpgroups][64 rows] f32, and the consumers' named barrier `bar`), rescale O
-/// and the row sums by alpha = exp2(m_old - m_new), and turn `s` into P = exp2(s - m_new).
+/// request row is `row0`), in place: mask KV rows at or past each row's visible bound (only on
+/// pages where some row of the warp needs it), take the row maxima over both warpgroups'
+/// halves (an exchange through `red_max`, [2 warpgroups][64 rows] f32, and the consumers'
+/// named barrier `bar`), rescale O and the row sums by alpha = exp2(m_old - m_new) (skipped
+/// when every alpha of the warp is 1, as it is once the maxima settle: multiplying by 1 changes
+/// nothing), and turn `s` into P = exp2(s * scale - m_new) (one FFMA and one exp2 a score; the
+/// maxima are kept in log2 units of scaled scores).
 ///
 /// # Safety
 /// Both consumer warpgroups call it (`wg` = 0, 1) for the same page.
@@ -430,15 +433,23 @@ pub unsafe fn row_softmax(
     let t = index::thread_x() % index::WARPGROUP;
     let lane = t % 32;
     let red_max = smem::opaque(red_max);
+    // Mask only where a row of this warp ends inside this warpgroup's 32 KV rows.
+    let whole = row0 + kv0 + WIDE_KV_PER_WG <= visible[0] && row0 + kv0 + WIDE_KV_PER_WG <= visible[1];
+    if !sync::warp_all(whole) {
+        unroll!(i < WIDE_KV_PER_WG as usize / 2, max 16 => {
+            let (_, col) = wgmma::frag_pos(t, i as u32);
+            if row0 + kv0 + col >= visible[row_half(i)] {
+                s[i] = f32::NEG_INFINITY;
+            }
+        });
+    }
+    // Raw maxima (scale > 0 keeps the order), over the quad that shares a row, then with the
+    // other warpgroup's half.
     let mut tmax = [f32::NEG_INFINITY; 2];
     unroll!(i < WIDE_KV_PER_WG as usize / 2, max 16 => {
-        let (_, col) = wgmma::frag_pos(t, i as u32);
         let h = row_half(i);
-        let v = if row0 + kv0 + col < visible[h] { s[i] * scale_log2 } else { f32::NEG_INFINITY };
-        s[i] = v;
-        tmax[h] = math::fmax(tmax[h], v);
+        tmax[h] = math::fmax(tmax[h], s[i]);
     });
-    // Over the quad that shares a row, then with the other warpgroup's half.
     unroll!(h < 2, max 4 => {
         let mut x = tmax[h];
         x = math::fmax(x, sync::shfl_xor_f32(x, 1));
@@ -455,23 +466,27 @@ pub unsafe fn row_softmax(
     unroll!(h < 2, max 4 => {
         let (row, _) = wgmma::frag_pos(t, 2 * h as u32);
         let other = smem::ld_f32(red_max + ((1 - wg) * WIDE_ROWS + row) * 4);
-        let m_new = math::fmax(st.m[h], math::fmax(tmax[h], other));
+        let m_new = math::fmax(st.m[h], math::fmax(tmax[h], other) * scale_log2);
         // A row that has seen no KV row yet keeps m = -inf; subtract 0 instead so that
         // exp2(-inf - m) is 0, not NaN.
         m_use[h] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
         alpha[h] = math::exp2(st.m[h] - m_use[h]);
         st.m[h] = m_new;
-        st.l[h] *= alpha[h];
     });
-    unroll!(c < 4, max 4 => {
-        unroll!(k < 32, max 32 => {
-            let i = 32 * c + k;
-            o[i] *= alpha[row_half(i)];
+    if !sync::warp_all(alpha[0] == 1.0 && alpha[1] == 1.0) {
+        unroll!(h < 2, max 4 => {
+            st.l[h] *= alpha[h];
         });
-    });
+        unroll!(c < 4, max 4 => {
+            unroll!(k < 32, max 32 => {
+                let i = 32 * c + k;
+                o[i] *= alpha[row_half(i)];
+            });
+        });
+    }
     unroll!(i < WIDE_KV_PER_WG as usize / 2, max 16 => {
         let h = row_half(i);
-        let p = math::exp2(s[i] - m_use[h]);
+        let p = math::exp2(math::fma(s[i], scale_log2, -m_use[h]));
         s[i] = p;
         st.l[h] += p;
     });

@@ -57,6 +57,22 @@ pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
     r
 }
 
+/// True in every lane when `pred` holds in every lane of the warp (all 32 lanes take part).
+#[inline(always)]
+pub fn warp_all(pred: bool) -> bool {
+    let r: u32;
+    // SAFETY: all lanes of the warp execute it (full member mask).
+    unsafe {
+        asm!(
+            "{{ .reg .pred p, q; setp.ne.u32 p, {1}, 0; vote.sync.all.pred q, p, 0xffffffff; selp.u32 {0}, 1, 0, q; }}",
+            out(reg32) r,
+            in(reg32) pred as u32,
+            options(nostack)
+        )
+    };
+    r != 0
+}
+
 /// Stop the kernel with an error (the launch then fails with an illegal-instruction error).
 #[inline(always)]
 pub fn trap() -> ! {
