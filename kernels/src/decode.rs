@@ -178,7 +178,7 @@ pub(crate) unsafe fn run_producer(
     n_req: u32,
 ) -> bool {
     let t = index::thread_x();
-    if t / index::WARPGROUP != CONSUMERS {
+    if sync::warp_uniform(t / index::WARPGROUP) != CONSUMERS {
         return false;
     }
     sync::setmaxnreg_dec::<PRODUCER_REGS>();
@@ -285,17 +285,13 @@ unsafe fn consume<const NW: usize, const F16: bool>(
             }
             let mut s: Frag = [0f32; 32];
             tile::scores_t::<NW, F16>(&mut s, kv, q_cols, cols, turn);
-            if page + 1 == hi && tw == 0 {
-                // This warpgroup no longer reads Q.
-                mbarrier::arrive(sm.q_empty);
-            }
+            // This warpgroup no longer reads Q after its last page's scores.
+            mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
             let red_buf = red + (it & 1) * 4 * NW as u32 * 4;
             tile::column_softmax::<NW>(&mut s, &mut o, &mut st, &visible, row0, prm.scale_log2, red_buf, bar_id);
             tile::store_p_t::<NW, F16>(p_tile, &s, bar_id);
             tile::accumulate_o_t::<NW, F16>(&mut o, kv, p_tile, turn);
-            if tw == 0 {
-                mbarrier::arrive(sm.empty + 8 * stage);
-            }
+            mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
             it += 1;
         }
         let seg_split = split;
@@ -337,10 +333,8 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
         x += sync::shfl_xor_f32(x, 4);
         x += sync::shfl_xor_f32(x, 8);
         x += sync::shfl_xor_f32(x, 16);
-        if lane < 4 {
-            let col = tile::slot_col(slot, lane);
-            smem::st_f32(red + (warp * NW as u32 + col) * 4, x);
-        }
+        let col = tile::slot_col(slot, lane % 4);
+        smem::st_f32_if(lane < 4, red + (warp * NW as u32 + col) * 4, x);
     });
     sync::bar_sync(bar_id, index::WARPGROUP);
     let mut inv = [0f32; 16];

@@ -85,7 +85,7 @@ unsafe fn consume<const F16: bool>(
     n_req: u32,
 ) {
     let t = index::thread_x();
-    let wg = t / index::WARPGROUP;
+    let wg = sync::warp_uniform(t / index::WARPGROUP);
     let tw = t % index::WARPGROUP;
     let kv0 = wg * WIDE_KV_PER_WG;
     let vb0 = wg * WIDE_V_BLOCKS as u32;
@@ -127,10 +127,8 @@ unsafe fn consume<const F16: bool>(
             }
             let mut s: Frag = [0f32; 32];
             tile::scores::<F16>(&mut s, sm.q, kv, kv0);
-            if page + 1 == hi && tw == 0 {
-                // This warpgroup no longer reads Q.
-                mbarrier::arrive(sm.q_empty);
-            }
+            // This warpgroup no longer reads Q after its last page's scores.
+            mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
             tile::row_softmax(
                 &mut s,
                 &mut o,
@@ -145,9 +143,7 @@ unsafe fn consume<const F16: bool>(
             );
             tile::store_p::<F16>(sm.p, &s, kv0, BAR_CONSUMERS);
             tile::accumulate_o::<F16>(&mut o, kv, sm.p, vb0);
-            if tw == 0 {
-                mbarrier::arrive(sm.empty + 8 * stage);
-            }
+            mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
             it += 1;
         }
         let seg_split = split;
@@ -184,10 +180,8 @@ unsafe fn finish_segment<const F16: bool>(
         x += sync::shfl_xor_f32(x, 1);
         x += sync::shfl_xor_f32(x, 2);
         l[h] = x;
-        if lane % 4 == 0 {
-            let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
-            smem::st_f32(red_sum + (wg * WIDE_ROWS + row) * 4, x);
-        }
+        let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
+        smem::st_f32_if(lane % 4 == 0, red_sum + (wg * WIDE_ROWS + row) * 4, x);
     });
     sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
     let mut inv = [0f32; 2];

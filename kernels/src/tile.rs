@@ -235,10 +235,8 @@ pub unsafe fn column_softmax<const NW: usize>(
         x = math::fmax(x, sync::shfl_xor_f32(x, 4));
         x = math::fmax(x, sync::shfl_xor_f32(x, 8));
         x = math::fmax(x, sync::shfl_xor_f32(x, 16));
-        if lane < 4 {
-            let col = slot_col(slot, lane);
-            smem::st_f32(red + (warp * NW as u32 + col) * 4, x);
-        }
+        let col = slot_col(slot, lane % 4);
+        smem::st_f32_if(lane < 4, red + (warp * NW as u32 + col) * 4, x);
     });
     sync::bar_sync(bar_id, index::WARPGROUP);
     let mut m_use = [0f32; 16];
@@ -455,10 +453,8 @@ pub unsafe fn row_softmax(
         x = math::fmax(x, sync::shfl_xor_f32(x, 1));
         x = math::fmax(x, sync::shfl_xor_f32(x, 2));
         tmax[h] = x;
-        if lane % 4 == 0 {
-            let (row, _) = wgmma::frag_pos(t, 2 * h as u32);
-            smem::st_f32(red_max + (wg * WIDE_ROWS + row) * 4, x);
-        }
+        let (row, _) = wgmma::frag_pos(t, 2 * h as u32);
+        smem::st_f32_if(lane % 4 == 0, red_max + (wg * WIDE_ROWS + row) * 4, x);
     });
     sync::bar_sync(bar, 2 * index::WARPGROUP);
     let mut m_use = [0f32; 2];

@@ -22,6 +22,23 @@ pub unsafe fn arrive(addr: u32) {
     asm!("mbarrier.arrive.shared::cta.b64 _, [{0}];", in(reg32) addr, options(nostack));
 }
 
+/// [`arrive`] by the threads where `pred` holds, as one predicated instruction: no branch,
+/// so the warp stays converged for the warp-synchronous code after it (a branch around inline
+/// asm cannot be if-converted, and the warp then runs later `shfl.sync`s diverged, through
+/// ptxas's slow WARPSYNC.COLLECTIVE path).
+///
+/// # Safety
+/// As [`arrive`].
+#[inline(always)]
+pub unsafe fn arrive_if(pred: bool, addr: u32) {
+    asm!(
+        "{{ .reg .pred p; setp.ne.u32 p, {1}, 0; @p mbarrier.arrive.shared::cta.b64 _, [{0}]; }}",
+        in(reg32) addr,
+        in(reg32) pred as u32,
+        options(nostack)
+    );
+}
+
 /// Arrive once and announce `bytes` of transactions (TMA copies) that complete this phase.
 ///
 /// # Safety

@@ -44,6 +44,22 @@ pub unsafe fn st_f32(addr: u32, v: f32) {
     asm!("st.shared.f32 [{0}], {1};", in(reg32) addr, in(reg32) v, options(nostack));
 }
 
+/// Store an f32 in the threads where `pred` holds, as one predicated instruction (no branch:
+/// see `mbarrier::arrive_if`).
+///
+/// # Safety
+/// As [`st_u32`] (for the threads that store).
+#[inline(always)]
+pub unsafe fn st_f32_if(pred: bool, addr: u32, v: f32) {
+    asm!(
+        "{{ .reg .pred p; setp.ne.u32 p, {2}, 0; @p st.shared.f32 [{0}], {1}; }}",
+        in(reg32) addr,
+        in(reg32) v,
+        in(reg32) pred as u32,
+        options(nostack)
+    );
+}
+
 /// Load an f32.
 ///
 /// # Safety

@@ -57,6 +57,16 @@ pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
     r
 }
 
+/// Lane 0's `v`, in every lane: a value the compiler then knows to be warp-uniform (as
+/// CUTLASS's `canonical_warp_group_idx`), for the warpgroup index that role branches test.
+#[inline(always)]
+pub fn warp_uniform(v: u32) -> u32 {
+    let r: u32;
+    // SAFETY: all lanes of the warp execute it (full member mask).
+    unsafe { asm!("shfl.sync.idx.b32 {0}, {1}, 0, 0x1f, 0xffffffff;", out(reg32) r, in(reg32) v, options(nostack)) };
+    r
+}
+
 /// True in every lane when `pred` holds in every lane of the warp (all 32 lanes take part).
 #[inline(always)]
 pub fn warp_all(pred: bool) -> bool {
