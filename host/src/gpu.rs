@@ -146,6 +146,74 @@ pub fn set_dynamic_smem(func: &cust::function::Function, bytes: u32) -> Result<(
     Ok(())
 }
 
+/// `CUlaunchAttribute` of the CUDA 12 driver API (not in `cust_raw` 0.11): an id and a
+/// 64-byte value union, 8-byte aligned.
+#[repr(C)]
+struct LaunchAttribute {
+    id: u32,
+    _pad: u32,
+    value: [u64; 8],
+}
+
+/// `CUlaunchConfig` of the CUDA 12 driver API.
+#[repr(C)]
+struct LaunchConfig {
+    grid: [u32; 3],
+    block: [u32; 3],
+    smem: u32,
+    stream: cust::sys::CUstream,
+    attrs: *mut LaunchAttribute,
+    num_attrs: u32,
+}
+
+/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`.
+const LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: u32 = 6;
+
+extern "C" {
+    fn cuLaunchKernelEx(
+        config: *const LaunchConfig,
+        f: CUfunction,
+        params: *mut *mut c_void,
+        extra: *mut *mut c_void,
+    ) -> cust::sys::CUresult;
+}
+
+/// Launch a kernel by raw handle as a programmatic dependent of the kernel before it on the
+/// stream (programmatic stream serialization): it may start while that kernel finishes, and
+/// must itself wait (`griddepcontrol.wait`) before reading that kernel's results.
+///
+/// # Safety
+/// As [`launch`], and `f` waits for its prerequisites before reading anything they write.
+pub(crate) unsafe fn launch_dependent(
+    f: CUfunction,
+    grid: (u32, u32),
+    block: u32,
+    smem: u32,
+    stream: &Stream,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    let mut attr = LaunchAttribute {
+        id: LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        _pad: 0,
+        value: [0; 8],
+    };
+    // programmaticStreamSerializationAllowed = 1 (an int at the start of the union).
+    attr.value[0] = 1;
+    let config = LaunchConfig {
+        grid: [grid.0, grid.1, 1],
+        block: [block, 1, 1],
+        smem,
+        stream: stream.as_inner(),
+        attrs: &mut attr,
+        num_attrs: 1,
+    };
+    let rc = cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut());
+    if rc != cust::sys::CUresult::CUDA_SUCCESS {
+        return Err(EtapError::Device(format!("kernel launch (programmatic dependent) failed: {rc:?}")));
+    }
+    Ok(())
+}
+
 /// Launch a kernel by raw handle.
 ///
 /// # Safety

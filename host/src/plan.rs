@@ -1,7 +1,7 @@
 //! The split plan (FlashMLA's `get_mla_metadata`) and the decode launch.
 use crate::dtype::{Dtype, Element};
 use crate::error::{EtapError, Result};
-use crate::gpu::{launch, Decoder, DECODE_COLS};
+use crate::gpu::{launch, launch_dependent, Decoder, DECODE_COLS};
 use crate::shape::DecodeShape;
 use crate::tma::{encode_2d, TensorMap};
 use crate::validate::{validate_lengths, validate_shape, validate_tables};
@@ -531,7 +531,9 @@ impl Decoder {
             h_q: params.h_q,
             _pad: 0,
         };
-        launch(
+        // The combine kernel starts as the decode kernel's CTAs leave their SMs (programmatic
+        // dependent launch); it waits for the decode kernel's results before reading them.
+        launch_dependent(
             self.kernels().combine[d],
             (shape.batch as u32, cols as u32),
             COMBINE_THREADS,

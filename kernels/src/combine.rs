@@ -55,6 +55,8 @@ unsafe fn block_max(x: f32, scratch: u32) -> f32 {
 /// One CTA per (request, column).
 #[inline(always)]
 unsafe fn combine<const F16: bool>(p: &CombineParams) {
+    // Launched as the decode kernel's programmatic dependent: wait for its partial results.
+    sync::wait_prerequisites();
     let r = index::block_x();
     let n = index::block_y();
     let n_req = p.s_q * p.h_q;

@@ -155,6 +155,9 @@ pub(crate) unsafe fn prologue(prm: &DecodeParams, sm: &Smem) -> Option<WorkRange
         sync::fence_mbarrier_init();
     }
     sync::sync_threads();
+    // The combine kernel may be scheduled from now on: its CTAs take SMs as this grid's CTAs
+    // leave them, without a launch gap (they wait for this grid's results before reading).
+    sync::launch_dependents();
 
     let range = *prm.ranges.add(part as usize);
     if range.empty != 0 {
