@@ -20,13 +20,18 @@
 //! of a page is served by L2.
 use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES};
 use crate::device::{index, math, mbarrier, smem, sync};
-use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_KV_PER_WG, WIDE_ROWS, WIDE_V_BLOCKS};
+use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
 use etap_core::{pages_of, rows_of, visible_rows, WorkRange, D_V, PAGE_ROWS, QK_BLOCKS};
 
 /// Named barrier over both consumer warpgroups (ids 1 and 2 are the warpgroups' own in the
 /// ETAP kernel; this kernel synchronizes only the pair).
 const BAR_CONSUMERS: u32 = 3;
+/// Named barrier: the helper warpgroup (1) is done with the P tile and alpha (it arrives), the
+/// scorer (0) may overwrite them (it waits).
+const BAR_P_FREE: u32 = 4;
+/// Named barrier: the scorer has written P and alpha (it arrives), the helper may read them.
+const BAR_P_READY: u32 = 5;
 
 /// The kernel's shared memory: Q (64 rows), the two-page ring, one P tile, the row-max and
 /// row-sum exchanges ([2 warpgroups][64 rows] f32 each), the mbarriers.
@@ -74,7 +79,8 @@ unsafe fn decode_wide<const F16: bool>(prm: &DecodeParams) {
     }
 }
 
-/// A consumer warpgroup: its half of S, the shared row softmax, its half of O.
+/// A consumer warpgroup. Warpgroup 0 (the scorer) computes S and the softmax of every page and
+/// hands P and the rescale factors over through shared memory; both update their half of O.
 #[inline(always)]
 unsafe fn consume<const F16: bool>(
     prm: &DecodeParams,
@@ -87,8 +93,10 @@ unsafe fn consume<const F16: bool>(
     let t = index::thread_x();
     let wg = sync::warp_uniform(t / index::WARPGROUP);
     let tw = t % index::WARPGROUP;
-    let kv0 = wg * WIDE_KV_PER_WG;
+    let scorer = wg == 0;
     let vb0 = wg * WIDE_V_BLOCKS as u32;
+    // The rescale factors of the page's rows, from the scorer to the other warpgroup.
+    let alpha_buf = sm.red;
     // The request row of the tile's first row.
     let col0 = group * WIDE_ROWS;
     let mut it = 0u32;
@@ -125,23 +133,26 @@ unsafe fn consume<const F16: bool>(
                 sync::fence_proxy_async_shared();
                 sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
             }
-            let mut s: Frag = [0f32; 32];
-            tile::scores::<F16>(&mut s, sm.q, kv, kv0);
-            // This warpgroup no longer reads Q after its last page's scores.
-            mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
-            tile::row_softmax(
-                &mut s,
-                &mut o,
-                &mut st,
-                &visible,
-                row0,
-                kv0,
-                prm.scale_log2,
-                sm.red,
-                wg,
-                BAR_CONSUMERS,
-            );
-            tile::store_p::<F16>(sm.p, &s, kv0, BAR_CONSUMERS);
+            let alpha = if scorer {
+                let mut s: Frag = [0f32; 32];
+                tile::scores::<F16>(&mut s, sm.q, kv);
+                // The scorer no longer reads Q after its last page's scores.
+                mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
+                let alpha = tile::row_softmax(&mut s, &mut st, &visible, row0, prm.scale_log2);
+                // The other warpgroup is done with the previous P (and alpha).
+                sync::bar_sync(BAR_P_FREE, CONSUMERS * index::WARPGROUP);
+                tile::store_p::<F16>(sm.p, &s, alpha, alpha_buf);
+                sync::bar_arrive(BAR_P_READY, CONSUMERS * index::WARPGROUP);
+                alpha
+            } else {
+                // This warpgroup never reads Q.
+                mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
+                sync::bar_arrive(BAR_P_FREE, CONSUMERS * index::WARPGROUP);
+                sync::bar_sync(BAR_P_READY, CONSUMERS * index::WARPGROUP);
+                let (row, _) = crate::device::wgmma::frag_pos(tw, 0);
+                [smem::ld_f32(alpha_buf + row * 4), smem::ld_f32(alpha_buf + (row + 8) * 4)]
+            };
+            tile::rescale_rows(&mut o, alpha);
             tile::accumulate_o::<F16>(&mut o, kv, sm.p, vb0);
             mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
             it += 1;
@@ -152,12 +163,13 @@ unsafe fn consume<const F16: bool>(
     }
 }
 
-/// Add up the row sums (over the quad, then the two warpgroups through `red_sum`), normalize,
-/// and write this warpgroup's 256 features of one segment: the final out/lse when the request
-/// has a single split, else the partial O and lse.
+/// Add up the scorer's row sums (over the quad), pass 1 / l to the other warpgroup through
+/// `red_sum` ([64] f32), normalize, and write this warpgroup's 256 features of one segment:
+/// the final out/lse when the request has a single split, else the partial O and lse.
 ///
-/// `red_sum` is written here and read after the barrier below; its next write (the next
-/// segment's end) comes after at least two more consumer barriers (every segment has a page).
+/// `red_sum` is written here by the scorer and read after the barrier below; the scorer's next
+/// write (the next segment's end) comes after its next page's `BAR_P_FREE`, at which the other
+/// warpgroup arrives only after this read.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn finish_segment<const F16: bool>(
@@ -174,30 +186,32 @@ unsafe fn finish_segment<const F16: bool>(
     let tw = index::thread_x() % index::WARPGROUP;
     let lane = tw % 32;
     let red_sum = smem::opaque(red_sum);
-    let mut l = [0f32; 2];
-    unroll!(h < 2, max 4 => {
-        let mut x = st.l[h];
-        x += sync::shfl_xor_f32(x, 1);
-        x += sync::shfl_xor_f32(x, 2);
-        l[h] = x;
-        let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
-        smem::st_f32_if(lane % 4 == 0, red_sum + (wg * WIDE_ROWS + row) * 4, x);
-    });
-    sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
     let mut inv = [0f32; 2];
     let mut lse = [0f32; 2];
-    unroll!(h < 2, max 4 => {
-        let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
-        let total = l[h] + smem::ld_f32(red_sum + ((1 - wg) * WIDE_ROWS + row) * 4);
-        if total > 0.0 {
-            inv[h] = 1.0 / total;
-            // m and log2(l) are in log2 units.
-            lse[h] = (st.m[h] + math::ln(total) * core::f32::consts::LOG2_E) * core::f32::consts::LN_2;
-        } else {
-            inv[h] = 0.0;
-            lse[h] = f32::NEG_INFINITY;
-        }
-    });
+    if wg == 0 {
+        unroll!(h < 2, max 4 => {
+            let mut l = st.l[h];
+            l += sync::shfl_xor_f32(l, 1);
+            l += sync::shfl_xor_f32(l, 2);
+            if l > 0.0 {
+                inv[h] = 1.0 / l;
+                // m and log2(l) are in log2 units.
+                lse[h] = (st.m[h] + math::ln(l) * core::f32::consts::LOG2_E) * core::f32::consts::LN_2;
+            } else {
+                inv[h] = 0.0;
+                lse[h] = f32::NEG_INFINITY;
+            }
+            let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
+            smem::st_f32_if(lane % 4 == 0, red_sum + row * 4, inv[h]);
+        });
+    }
+    sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
+    if wg != 0 {
+        unroll!(h < 2, max 4 => {
+            let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
+            inv[h] = smem::ld_f32(red_sum + row * 4);
+        });
+    }
 
     let splits = *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize);
     let slot_base = *prm.split_offsets.add(r as usize) + split;
@@ -221,7 +235,7 @@ unsafe fn finish_segment<const F16: bool>(
             }
         });
     });
-    // lse: the first thread of each quad of warpgroup 0 holds its two rows' values.
+    // lse: the first thread of each quad of the scorer holds its two rows' values.
     if wg == 0 && lane % 4 == 0 {
         unroll!(h < 2, max 4 => {
             let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);

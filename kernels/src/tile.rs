@@ -328,20 +328,20 @@ pub unsafe fn wait(bar: u32, parity: u32) {
 // ---------------------------------------------------------------------------------------------
 // Heads on M: the tile operations of the wide kernel (`decode_wide`), for requests with
 // s_q * h_q >= 64 columns, where a 64-row wgmma M is filled by (token, head) rows and padding
-// no longer wastes the tensor cores. Per page, the two consumer warpgroups split S = Q·K^T
-// along N (32 KV rows each) and O = P·V along N (256 features each):
+// no longer wastes the tensor cores. Per page, warpgroup 0 (the scorer) computes all of S and
+// the softmax; both warpgroups then update their half of O (256 features each):
 //
-//   S_w[64 x 32]   = Q[64 x 576] · K[32w.. x 576]^T     Q K-major A, the page K-major B
-//   row softmax over both halves (one exchange of row maxima through shared memory)
-//   P[64 x 64]     -> shared memory, each warpgroup writing its 32 KV columns
+//   S[64 x 64]     = Q[64 x 576] · K[64 x 576]^T        Q K-major A, the page K-major B (wg 0)
+//   row softmax, P[64 x 64] and the rescale factors -> shared memory                  (wg 0)
 //   O_w[64 x 256] += P[64 x 64] · V[64 x 256w..]        P K-major A, the page N-major B
 //
-// The page tile is the same 128-byte-swizzled buffer as in the ETAP layout: read K-major for
-// S and N-major (transposed) for O, again without a copy.
+// S is one m64n64 GEMM by one warpgroup: each of its 36 wgmmas reads 4 KiB of shared memory
+// for 32 cycles of tensor work, where splitting S between the warpgroups (m64n32 each) reads
+// the 2 KiB Q slice twice: 1.5x the shared-memory traffic of the page's largest GEMM (measured
+// slower, see docs/perf-notes.md). The page tile is the same 128-byte-swizzled buffer as in the
+// ETAP layout: read K-major for S and N-major (transposed) for O, without a copy.
 // ---------------------------------------------------------------------------------------------
 
-/// KV rows of a page each warpgroup scores: S is split along N between the two warpgroups.
-pub const WIDE_KV_PER_WG: u32 = PAGE_ROWS as u32 / 2;
 /// 64-feature blocks of O each warpgroup accumulates: half of V's 8.
 pub const WIDE_V_BLOCKS: usize = V_BLOCKS / 2;
 /// Rows of the wide kernel's tiles (Q, P, O): one wgmma M.
@@ -349,22 +349,21 @@ pub const WIDE_ROWS: u32 = 64;
 /// Accumulator of a warpgroup's O_w[64 x 256] (one m64n256 fragment: 128 floats a thread).
 pub type WideAcc = [f32; 128];
 
-/// S_w[64 x 32] = Q[64 x 576] · K[kv0..kv0+32 x 576]^T: this warpgroup's 32 KV rows of the
-/// page at `page`, against the 64 Q rows at `q`. Issues 36 wgmmas (m64n32k16) and waits.
+/// S[64 x 64] = Q[64 x 576] · K[64 x 576]^T: the page at `page` against the 64 Q rows at `q`.
+/// Issues 36 wgmmas (m64n64k16) and waits.
 ///
 /// # Safety
 /// The whole warpgroup calls it, with the page and Q loaded.
 #[inline(always)]
-pub unsafe fn scores<const F16: bool>(s: &mut Frag, q: u32, page: u32, kv0: u32) {
+pub unsafe fn scores<const F16: bool>(s: &mut Frag, q: u32, page: u32) {
     let (page, q) = (smem::opaque(page), smem::opaque(q));
     wgmma::fence();
     for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
         let blk = kk / STEPS_PER_BLOCK;
         let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
         let a = Desc::k_major_sw128(q + blk * WIDE_ROWS * ROW_BYTES + within);
-        // kv0 rows of 128 bytes: a multiple of the 1024-byte swizzle atom.
-        let b = Desc::k_major_sw128(page + blk * BLOCK_BYTES + kv0 * ROW_BYTES + within);
-        wgmma::mma::<{ WIDE_KV_PER_WG as usize }, 0, 0, F16>(s, a, b, kk > 0);
+        let b = Desc::k_major_sw128(page + blk * BLOCK_BYTES + within);
+        wgmma::mma::<PAGE_ROWS, 0, 0, F16>(s, a, b, kk > 0);
     }
     wgmma::commit_group();
     wgmma::wait_group::<0>();
@@ -375,8 +374,8 @@ pub unsafe fn scores<const F16: bool>(s: &mut Frag, q: u32, page: u32, kv0: u32)
 pub struct RowState {
     /// Running maximum per row (-inf until a KV row is seen).
     pub m: [f32; 2],
-    /// This thread's share of the row sum (its 8 KV columns per page of this warpgroup's 32);
-    /// the shares are added across the quad and the two warpgroups once, at the end.
+    /// This thread's share of the row sum (its 16 KV columns of each page); the four shares of
+    /// a row are added across the quad once, at the end.
     pub l: [f32; 2],
 }
 
@@ -403,76 +402,62 @@ pub const fn row_half(i: usize) -> usize {
     (i / 2) % 2
 }
 
-/// Row softmax of this warpgroup's S_w (KV columns `kv0..kv0+32` of the page whose first
-/// request row is `row0`), in place: mask KV rows at or past each row's visible bound (only on
-/// pages where some row of the warp needs it), take the row maxima over both warpgroups'
-/// halves (an exchange through `red_max`, [2 warpgroups][64 rows] f32, and the consumers'
-/// named barrier `bar`), rescale O and the row sums by alpha = exp2(m_old - m_new) (skipped
-/// when every alpha of the warp is 1, as it is once the maxima settle: multiplying by 1 changes
-/// nothing), and turn `s` into P = exp2(s * scale - m_new) (one FFMA and one exp2 a score; the
-/// maxima are kept in log2 units of scaled scores).
+/// Row softmax of S (the page whose first request row is `row0`), in place: mask KV rows at or
+/// past each row's visible bound (only on pages where some row of the warp needs it), update
+/// the running row maxima (over the quad that shares a row: no cross-warp step), turn `s` into
+/// P = exp2(s * scale - m_new) (one FFMA and one exp2 a score; the maxima are kept in log2
+/// units of scaled scores), add to the row sums, and return alpha = exp2(m_old - m_new) for
+/// each of the thread's two rows: the factor O's rows must be scaled by.
 ///
 /// # Safety
-/// Both consumer warpgroups call it (`wg` = 0, 1) for the same page.
+/// The whole warpgroup calls it.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn row_softmax(
-    s: &mut Frag,
-    o: &mut WideAcc,
-    st: &mut RowState,
-    visible: &[u32; 2],
-    row0: u32,
-    kv0: u32,
-    scale_log2: f32,
-    red_max: u32,
-    wg: u32,
-    bar: u32,
-) {
+pub unsafe fn row_softmax(s: &mut Frag, st: &mut RowState, visible: &[u32; 2], row0: u32, scale_log2: f32) -> [f32; 2] {
     let t = index::thread_x() % index::WARPGROUP;
-    let lane = t % 32;
-    let red_max = smem::opaque(red_max);
-    // Mask only where a row of this warp ends inside this warpgroup's 32 KV rows.
-    let whole = row0 + kv0 + WIDE_KV_PER_WG <= visible[0] && row0 + kv0 + WIDE_KV_PER_WG <= visible[1];
+    // Mask only where a row of this warp ends inside this page.
+    let whole = row0 + PAGE_ROWS as u32 <= visible[0] && row0 + PAGE_ROWS as u32 <= visible[1];
     if !sync::warp_all(whole) {
-        unroll!(i < WIDE_KV_PER_WG as usize / 2, max 16 => {
+        unroll!(i < PAGE_ROWS / 2, max 32 => {
             let (_, col) = wgmma::frag_pos(t, i as u32);
-            if row0 + kv0 + col >= visible[row_half(i)] {
+            if row0 + col >= visible[row_half(i)] {
                 s[i] = f32::NEG_INFINITY;
             }
         });
     }
-    // Raw maxima (scale > 0 keeps the order), over the quad that shares a row, then with the
-    // other warpgroup's half.
+    // Raw maxima (scale > 0 keeps the order), then over the quad that shares a row.
     let mut tmax = [f32::NEG_INFINITY; 2];
-    unroll!(i < WIDE_KV_PER_WG as usize / 2, max 16 => {
+    unroll!(i < PAGE_ROWS / 2, max 32 => {
         let h = row_half(i);
         tmax[h] = math::fmax(tmax[h], s[i]);
     });
+    let mut m_use = [0f32; 2];
+    let mut alpha = [0f32; 2];
     unroll!(h < 2, max 4 => {
         let mut x = tmax[h];
         x = math::fmax(x, sync::shfl_xor_f32(x, 1));
         x = math::fmax(x, sync::shfl_xor_f32(x, 2));
-        tmax[h] = x;
-        let (row, _) = wgmma::frag_pos(t, 2 * h as u32);
-        smem::st_f32_if(lane % 4 == 0, red_max + (wg * WIDE_ROWS + row) * 4, x);
-    });
-    sync::bar_sync(bar, 2 * index::WARPGROUP);
-    let mut m_use = [0f32; 2];
-    let mut alpha = [0f32; 2];
-    unroll!(h < 2, max 4 => {
-        let (row, _) = wgmma::frag_pos(t, 2 * h as u32);
-        let other = smem::ld_f32(red_max + ((1 - wg) * WIDE_ROWS + row) * 4);
-        let m_new = math::fmax(st.m[h], math::fmax(tmax[h], other) * scale_log2);
+        let m_new = math::fmax(st.m[h], x * scale_log2);
         // A row that has seen no KV row yet keeps m = -inf; subtract 0 instead so that
         // exp2(-inf - m) is 0, not NaN.
         m_use[h] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
         alpha[h] = math::exp2(st.m[h] - m_use[h]);
         st.m[h] = m_new;
+        st.l[h] *= alpha[h];
     });
+    unroll!(i < PAGE_ROWS / 2, max 32 => {
+        let h = row_half(i);
+        let p = math::exp2(math::fma(s[i], scale_log2, -m_use[h]));
+        s[i] = p;
+        st.l[h] += p;
+    });
+    alpha
+}
+
+/// Scale this warpgroup's O rows by `alpha` (per row half), skipped when every alpha of the
+/// warp is 1, as it is once the row maxima settle: multiplying by 1 changes nothing.
+#[inline(always)]
+pub fn rescale_rows(o: &mut WideAcc, alpha: [f32; 2]) {
     if !sync::warp_all(alpha[0] == 1.0 && alpha[1] == 1.0) {
-        unroll!(h < 2, max 4 => {
-            st.l[h] *= alpha[h];
-        });
         unroll!(c < 4, max 4 => {
             unroll!(k < 32, max 32 => {
                 let i = 32 * c + k;
@@ -480,35 +465,31 @@ pub unsafe fn row_softmax(
             });
         });
     }
-    unroll!(i < WIDE_KV_PER_WG as usize / 2, max 16 => {
-        let h = row_half(i);
-        let p = math::exp2(math::fma(s[i], scale_log2, -m_use[h]));
-        s[i] = p;
-        st.l[h] += p;
-    });
 }
 
-/// Write this warpgroup's P_w (rounded to the element type) into columns `kv0..kv0+32` of the
-/// P tile, stored as P[row][KV column] rows of 128 bytes, swizzled: the K-major A operand of
-/// O = P·V. Fences the writes for the tensor cores and waits at the consumers' barrier, after
-/// which both halves are in place.
+/// Write P (rounded to the element type) to the P tile, stored as P[row][KV column] rows of
+/// 128 bytes, swizzled: the K-major A operand of O = P·V; and each row's rescale factor to
+/// `alpha_buf` ([64] f32), for the other warpgroup. Fences the writes for the tensor cores;
+/// the caller then signals the other warpgroup.
 ///
 /// # Safety
-/// Both consumer warpgroups call it; no wgmma still reads the P tile (each warpgroup waited
-/// for its previous O update before the row-max exchange of this page).
+/// The whole warpgroup calls it; no wgmma still reads the P tile, nobody reads `alpha_buf`.
 #[inline(always)]
-pub unsafe fn store_p<const F16: bool>(p_tile: u32, s: &Frag, kv0: u32, bar: u32) {
+pub unsafe fn store_p<const F16: bool>(p_tile: u32, s: &Frag, alpha: [f32; 2], alpha_buf: u32) {
     let t = index::thread_x() % index::WARPGROUP;
     let p_tile = smem::opaque(p_tile);
-    unroll!(j < WIDE_KV_PER_WG as usize / 4, max 8 => {
+    unroll!(j < PAGE_ROWS / 4, max 16 => {
         // Elements 2j and 2j + 1 are adjacent KV columns of one row: one 32-bit store.
         let i = 2 * j;
         let (row, col) = wgmma::frag_pos(t, i as u32);
         let bits = math::pack2::<F16>(s[i], s[i + 1]);
-        smem::st_u32(p_tile + smem::sw128_offset(row, kv0 + col), bits);
+        smem::st_u32(p_tile + smem::sw128_offset(row, col), bits);
+    });
+    unroll!(h < 2, max 4 => {
+        let (row, _) = wgmma::frag_pos(t, 2 * h as u32);
+        smem::st_f32_if(t % 4 == 0, alpha_buf + row * 4, alpha[h]);
     });
     sync::fence_proxy_async_shared();
-    sync::bar_sync(bar, 2 * index::WARPGROUP);
 }
 
 /// O_w[64 x 256] += P[64 x 64] · V[64 x 256]: this warpgroup's 256 features of V (blocks
