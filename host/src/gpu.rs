@@ -209,7 +209,9 @@ pub(crate) unsafe fn launch_dependent(
     };
     let rc = cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut());
     if rc != cust::sys::CUresult::CUDA_SUCCESS {
-        return Err(EtapError::Device(format!("kernel launch (programmatic dependent) failed: {rc:?}")));
+        return Err(EtapError::Device(format!(
+            "kernel launch (programmatic dependent) failed: {rc:?}"
+        )));
     }
     Ok(())
 }

@@ -32,13 +32,15 @@ pub enum Layout {
     /// 16 or 32 columns waste nothing. CTAs of 16 to 64 columns.
     KvOnM,
     /// Heads on M (the wide kernel): 64 (token, head) rows on M, the KV rows on N
-    /// (`S = Q·K^T`). For 64 or more columns, where M is full anyway and the wider GEMMs and
-    /// the row softmax cost less than ETAP's narrow GEMMs and column reductions.
+    /// (`S = Q·K^T`). For 32 or more columns, where M is (nearly) full anyway and the wider
+    /// GEMMs and the row softmax cost less than ETAP's narrow GEMMs and column reductions.
     HeadsOnM,
 }
 
-/// Columns (`s_q * h_q`) from which [`Layout::for_shape`] picks [`Layout::HeadsOnM`].
-pub const WIDE_MIN_COLS: usize = 64;
+/// Columns (`s_q * h_q`) from which [`Layout::for_shape`] picks [`Layout::HeadsOnM`]: at 32
+/// columns the wide kernel, half its rows padding, already beats the ETAP kernel (H200: 92.0%
+/// against 88.5% of the copy roof at b16 s_q2 h16 64K; docs/perf-notes.md).
+pub const WIDE_MIN_COLS: usize = 32;
 
 impl Layout {
     /// The layout `Decoder::plan` uses for `shape`: heads on M from [`WIDE_MIN_COLS`] columns.
@@ -542,5 +544,49 @@ impl Decoder {
             &mut [&mut cparams as *mut CombineParams as *mut c_void],
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(s_q: usize, h_q: usize) -> DecodeShape {
+        DecodeShape::new(4, s_q, h_q, 8, 2)
+    }
+
+    #[test]
+    fn layout_follows_the_column_count() {
+        for (s_q, h_q, want) in [
+            (1, 8, Layout::KvOnM),
+            (1, 16, Layout::KvOnM),
+            (3, 8, Layout::KvOnM),
+            (2, 16, Layout::HeadsOnM),
+            (1, 32, Layout::HeadsOnM),
+            (3, 16, Layout::HeadsOnM),
+            (1, 64, Layout::HeadsOnM),
+            (4, 128, Layout::HeadsOnM),
+        ] {
+            assert_eq!(Layout::for_shape(&shape(s_q, h_q)), want, "s_q={s_q} h_q={h_q}");
+        }
+    }
+
+    #[test]
+    fn tilings_cover_every_column_once_and_fit_shared_memory() {
+        // A CTA may have 227 KiB of dynamic shared memory on sm_90.
+        const MAX_SMEM: u32 = 227 * 1024;
+        for s_q in 1..=4 {
+            for h_q in [8, 16, 32, 64, 128] {
+                let sh = shape(s_q, h_q);
+                for layout in [Layout::KvOnM, Layout::HeadsOnM] {
+                    let t = ColumnTiling::for_shape(&sh, layout);
+                    let n = sh.cols() as u32;
+                    assert!(t.groups * t.cols_per_cta >= n, "{layout:?} s_q={s_q} h_q={h_q}");
+                    assert!((t.groups - 1) * t.cols_per_cta < n, "{layout:?}: an empty column group");
+                    assert!(t.cols_per_cta <= COLS_PER_CTA as u32 && t.cols_per_cta.is_multiple_of(16));
+                    assert!(t.smem_bytes() <= MAX_SMEM, "{layout:?} needs {} bytes", t.smem_bytes());
+                }
+            }
+        }
     }
 }

@@ -1,23 +1,24 @@
-//! The wide decode kernel: heads on M, for requests with `s_q * h_q >= 64` (token, head) rows.
+//! The wide decode kernel: heads on M, for requests with `s_q * h_q >= 32` (token, head) rows.
 //!
-//! ETAP puts the KV rows on wgmma M so that 16 heads waste nothing; once a request has 64 or
-//! more rows, M is filled by the rows themselves and the transposition no longer pays: the
-//! ETAP kernel's GEMMs are narrow (N = 32 per warpgroup) and read the whole page tile as the A
-//! operand for every one of them, and its per-column softmax needs a cross-warp reduction per
-//! page. Here, per page of 64 KV rows and CTA of 64 rows (see `tile`'s heads-on-M section):
+//! ETAP puts the KV rows on wgmma M so that 16 heads waste nothing; once a request has 32 or
+//! more rows, M = 64 is (nearly) filled by the rows themselves and the transposition no longer
+//! pays: the ETAP kernel's GEMMs are narrow (N = 16-32 per warpgroup) and read the whole page
+//! tile as the A operand for every one of them, and its per-column softmax needs a cross-warp
+//! reduction per page. Here, per page of 64 KV rows and CTA of 64 rows (see `tile`'s
+//! heads-on-M section):
 //!
 //! ```text
-//!   S_w[64 x 32]   = Q[64 x 576] · K[32w.. x 576]^T      warpgroup w = 0, 1: half the KV rows each
-//!   row softmax (row maxima exchanged once between the warpgroups)
-//!   P[64 x 64]     -> shared memory (each warpgroup its 32 KV columns)
-//!   O_w[64 x 256] += P · V[64 x 256w..]                   half of the 512 features each
+//!   S[64 x 64]     = Q[64 x 576] · K[64 x 576]^T      warpgroup 0 (the scorer)
+//!   row softmax; P[64 x 64] and the rescale factors -> shared memory        (scorer)
+//!   O_w[64 x 256] += P · V[64 x 256w..]               warpgroup w = 0, 1: half the features each
 //! ```
 //!
 //! The producer warpgroup, the two-page TMA ring, the Q loads, the work ranges, the partial
 //! outputs and the combine kernel are those of the ETAP kernel (`decode`): only the consumers
-//! differ. Wider requests (h_q = 128, or s_q * h_q > 64) are cut into column groups of 64 rows,
-//! one CTA each; the CTAs of one part read the same pages at the same time, so the second read
-//! of a page is served by L2.
+//! differ. Padding rows (s_q * h_q = 32 or 48) compute on and are never written. Wider
+//! requests (h_q = 128, or s_q * h_q > 64) are cut into column groups of 64 rows, one CTA
+//! each; the CTAs of one part read the same pages at about the same time, so that the second
+//! read of a page is mostly an L2 hit (docs/perf-notes.md).
 use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES};
 use crate::device::{index, math, mbarrier, smem, sync};
 use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
@@ -113,7 +114,7 @@ unsafe fn consume<const F16: bool>(
         // Visible KV rows of this thread's two rows (causal for s_q > 1). Padding rows
         // (n >= s_q * h_q) compute on, but never past the request's rows.
         let mut visible = [0u32; 2];
-        unroll!(h < 2, max 4 => {
+        unroll!(h < 2, max 2 => {
             let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
             let vis = visible_rows(rows, prm.s_q, (col0 + row) / prm.h_q);
             visible[h] = if vis < rows { vis } else { rows };
@@ -150,7 +151,10 @@ unsafe fn consume<const F16: bool>(
                 sync::bar_arrive(BAR_P_FREE, CONSUMERS * index::WARPGROUP);
                 sync::bar_sync(BAR_P_READY, CONSUMERS * index::WARPGROUP);
                 let (row, _) = crate::device::wgmma::frag_pos(tw, 0);
-                [smem::ld_f32(alpha_buf + row * 4), smem::ld_f32(alpha_buf + (row + 8) * 4)]
+                [
+                    smem::ld_f32(alpha_buf + row * 4),
+                    smem::ld_f32(alpha_buf + (row + 8) * 4),
+                ]
             };
             tile::rescale_rows(&mut o, alpha);
             tile::accumulate_o::<F16>(&mut o, kv, sm.p, vb0);
@@ -189,7 +193,7 @@ unsafe fn finish_segment<const F16: bool>(
     let mut inv = [0f32; 2];
     let mut lse = [0f32; 2];
     if wg == 0 {
-        unroll!(h < 2, max 4 => {
+        unroll!(h < 2, max 2 => {
             let mut l = st.l[h];
             l += sync::shfl_xor_f32(l, 1);
             l += sync::shfl_xor_f32(l, 2);
@@ -202,12 +206,12 @@ unsafe fn finish_segment<const F16: bool>(
                 lse[h] = f32::NEG_INFINITY;
             }
             let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
-            smem::st_f32_if(lane % 4 == 0, red_sum + row * 4, inv[h]);
+            smem::st_f32_if(lane.is_multiple_of(4), red_sum + row * 4, inv[h]);
         });
     }
     sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
     if wg != 0 {
-        unroll!(h < 2, max 4 => {
+        unroll!(h < 2, max 2 => {
             let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
             inv[h] = smem::ld_f32(red_sum + row * 4);
         });
@@ -236,8 +240,8 @@ unsafe fn finish_segment<const F16: bool>(
         });
     });
     // lse: the first thread of each quad of the scorer holds its two rows' values.
-    if wg == 0 && lane % 4 == 0 {
-        unroll!(h < 2, max 4 => {
+    if wg == 0 && lane.is_multiple_of(4) {
+        unroll!(h < 2, max 2 => {
             let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
             let n = col0 + row;
             if n < n_req {

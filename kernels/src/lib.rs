@@ -4,7 +4,7 @@
 //! - [`tile`]: the named tile operations the kernels are written in (load tile,
 //!   S^T = K·Q^T, column softmax, O^T += V^T·P^T, store), as ThunderKittens keeps its tile ops.
 //! - [`decode`]: the split-KV ETAP decode kernel.
-//! - [`decode_wide`]: the heads-on-M decode kernel for requests of 64 or more (token, head)
+//! - [`decode_wide`]: the heads-on-M decode kernel for requests of 32 or more (token, head)
 //!   rows, sharing the ETAP kernel's producer, ring and partial outputs.
 //! - [`combine`]: merges the splits of each (request, token, head) by their lse.
 //! - [`schedule`]: the one-thread kernel that runs `etap_core::schedule` on device seqlens.

@@ -327,8 +327,8 @@ pub unsafe fn wait(bar: u32, parity: u32) {
 
 // ---------------------------------------------------------------------------------------------
 // Heads on M: the tile operations of the wide kernel (`decode_wide`), for requests with
-// s_q * h_q >= 64 columns, where a 64-row wgmma M is filled by (token, head) rows and padding
-// no longer wastes the tensor cores. Per page, warpgroup 0 (the scorer) computes all of S and
+// s_q * h_q >= 32 columns, where a 64-row wgmma M is (nearly) filled by (token, head) rows
+// and padding no longer wastes much of the tensor cores. Per page, warpgroup 0 (the scorer) computes all of S and
 // the softmax; both warpgroups then update their half of O (256 features each):
 //
 //   S[64 x 64]     = Q[64 x 576] · K[64 x 576]^T        Q K-major A, the page K-major B (wg 0)
@@ -432,7 +432,7 @@ pub unsafe fn row_softmax(s: &mut Frag, st: &mut RowState, visible: &[u32; 2], r
     });
     let mut m_use = [0f32; 2];
     let mut alpha = [0f32; 2];
-    unroll!(h < 2, max 4 => {
+    unroll!(h < 2, max 2 => {
         let mut x = tmax[h];
         x = math::fmax(x, sync::shfl_xor_f32(x, 1));
         x = math::fmax(x, sync::shfl_xor_f32(x, 2));
@@ -485,9 +485,9 @@ pub unsafe fn store_p<const F16: bool>(p_tile: u32, s: &Frag, alpha: [f32; 2], a
         let bits = math::pack2::<F16>(s[i], s[i + 1]);
         smem::st_u32(p_tile + smem::sw128_offset(row, col), bits);
     });
-    unroll!(h < 2, max 4 => {
+    unroll!(h < 2, max 2 => {
         let (row, _) = wgmma::frag_pos(t, 2 * h as u32);
-        smem::st_f32_if(t % 4 == 0, alpha_buf + row * 4, alpha[h]);
+        smem::st_f32_if(t.is_multiple_of(4), alpha_buf + row * 4, alpha[h]);
     });
     sync::fence_proxy_async_shared();
 }

@@ -24,7 +24,7 @@ pub mod wgmma_ops;
 
 /// Fully unrolled loop with a compile-time index: `unroll!(i < N, max 16 => { .. })` runs the
 /// body for i = 0..N, with `i` a `const`; N must be known at compile time (after
-/// monomorphization) and at most the given max (4, 8, 16 or 32: the largest index the body may see,
+/// monomorphization) and at most the given max (2, 4, 8, 16 or 32: the largest index the body may see,
 /// so that no out-of-range constant index appears even in the dead copies).
 ///
 /// Register arrays (wgmma accumulator fragments, per-column softmax state) stay in registers
@@ -32,6 +32,9 @@ pub mod wgmma_ops;
 /// inline asm, which would send the arrays to local memory. This makes the unrolling explicit.
 #[macro_export]
 macro_rules! unroll {
+    ($i:ident < $n:expr, max 2 => $body:block) => {
+        $crate::unroll!(@go $i, $n, $body, 0 1)
+    };
     ($i:ident < $n:expr, max 4 => $body:block) => {
         $crate::unroll!(@go $i, $n, $body, 0 1 2 3)
     };
