@@ -28,10 +28,11 @@ use etap_core::{pages_of, rows_of, visible_rows, WorkRange, D_V, PAGE_ROWS, QK_B
 /// Named barrier over both consumer warpgroups (ids 1 and 2 are the warpgroups' own in the
 /// ETAP kernel; this kernel synchronizes only the pair).
 const BAR_CONSUMERS: u32 = 3;
-/// Named barrier: the helper warpgroup (1) is done with the P tile and alpha (it arrives), the
-/// scorer (0) may overwrite them (it waits).
+/// Named barrier: the helper warpgroup (1) is done with the P tile and alpha, the scorer (0)
+/// may overwrite them. Both warpgroups wait at it (the helper has nothing else to do then; an
+/// arrive would do, but compute-sanitizer's racecheck does not follow arrive/sync pairs).
 const BAR_P_FREE: u32 = 4;
-/// Named barrier: the scorer has written P and alpha (it arrives), the helper may read them.
+/// Named barrier: the scorer has written P and alpha, the helper may read them (both wait).
 const BAR_P_READY: u32 = 5;
 
 /// The kernel's shared memory: Q (64 rows), the two-page ring, one P tile, the row-max and
@@ -143,12 +144,12 @@ unsafe fn consume<const F16: bool>(
                 // The other warpgroup is done with the previous P (and alpha).
                 sync::bar_sync(BAR_P_FREE, CONSUMERS * index::WARPGROUP);
                 tile::store_p::<F16>(sm.p, &s, alpha, alpha_buf);
-                sync::bar_arrive(BAR_P_READY, CONSUMERS * index::WARPGROUP);
+                sync::bar_sync(BAR_P_READY, CONSUMERS * index::WARPGROUP);
                 alpha
             } else {
                 // This warpgroup never reads Q.
                 mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
-                sync::bar_arrive(BAR_P_FREE, CONSUMERS * index::WARPGROUP);
+                sync::bar_sync(BAR_P_FREE, CONSUMERS * index::WARPGROUP);
                 sync::bar_sync(BAR_P_READY, CONSUMERS * index::WARPGROUP);
                 let (row, _) = crate::device::wgmma::frag_pos(tw, 0);
                 [
