@@ -98,7 +98,7 @@ pub fn decode_smem_bytes(cols: u32) -> u32 {
 }
 
 /// Dynamic shared memory of the wide kernel (mirrors `decode_wide::smem_bytes`): Q of 64 rows,
-/// the KV ring, one P tile of 64 x 64, the row-max and row-sum exchanges, the mbarriers.
+/// the KV ring, one P tile of 64 x 64, the scorer's hand-over slots, the mbarriers.
 pub const WIDE_SMEM: u32 =
     9 * 64 * 128 + STAGES * (PAGE_ROWS * D_QK * 2) as u32 + 64 * 128 + 4 * 64 * 4 + 16 * STAGES + 16;
 

@@ -35,8 +35,9 @@ const BAR_P_FREE: u32 = 4;
 /// Named barrier: the scorer has written P and alpha, the helper may read them (both wait).
 const BAR_P_READY: u32 = 5;
 
-/// The kernel's shared memory: Q (64 rows), the two-page ring, one P tile, the row-max and
-/// row-sum exchanges ([2 warpgroups][64 rows] f32 each), the mbarriers.
+/// The kernel's shared memory: Q (64 rows), the two-page ring, one P tile, the scorer's
+/// hand-overs (`red`: the rows' rescale factors, `red_sum`: their 1 / l at a segment's end;
+/// 64 f32 each, in 512-byte slots sized for two warpgroups' worth), the mbarriers.
 #[inline(always)]
 fn layout() -> (Smem, u32) {
     let q = smem::base();
