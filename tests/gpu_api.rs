@@ -57,6 +57,34 @@ fn bad_inputs_are_rejected_and_nothing_is_written() {
     stream.synchronize().unwrap();
     assert!(untouched(&out, &lse), "a rejected call wrote to out/lse");
 
+    // Misaligned raw addresses (q or out 2 bytes in): rejected by decode_raw, nothing written.
+    let good = etap::RawBuffers {
+        q: q.as_device_ptr().as_raw(),
+        kv_cache: kv.as_device_ptr().as_raw(),
+        block_table: bt.as_device_ptr().as_raw(),
+        cache_seqlens: sl.as_device_ptr().as_raw(),
+        out: out.as_device_ptr().as_raw(),
+        lse: lse.as_device_ptr().as_raw(),
+    };
+    for (bufs, want) in [
+        (etap::RawBuffers { q: good.q + 2, ..good }, "q"),
+        (
+            etap::RawBuffers {
+                out: good.out + 2,
+                ..good
+            },
+            "out",
+        ),
+    ] {
+        // SAFETY: rejected before any launch, which is what is tested. Were the check broken,
+        // the launch would use live buffers shifted by 2 bytes (a misaligned-address fault or a
+        // TMA encoding error makes the test fail; it cannot pass silently).
+        let e = unsafe { dec.decode_raw(&plan, etap::Dtype::Bf16, bufs, None, &stream) }.unwrap_err();
+        assert!(matches!(e, EtapError::Misaligned { arg, .. } if arg == want), "{e:?}");
+    }
+    stream.synchronize().unwrap();
+    assert!(untouched(&out, &lse), "a rejected raw call wrote to out/lse");
+
     // The checked path: a block-table entry outside the cache, a seqlen past the table.
     let mut table = case.block_table.clone();
     table[1] = shape.num_pages as i32 + 5; // request 0 uses slots 0..5 (300 rows)

@@ -44,9 +44,12 @@ pub enum EtapError {
     },
     /// A request index past the batch (for the per-request reference).
     RequestIndex { request: usize, batch: usize },
+    /// A raw device address not aligned as the kernels need (`decode_raw`).
+    Misaligned { arg: &'static str, align: u64, addr: u64 },
     /// The machine has no CUDA device.
     NoDevice,
-    /// A CUDA device that is not Hopper (compute capability 9.0).
+    /// A device-side failure with its message: a device that is not Hopper (compute capability
+    /// 9.x), a PTX that does not load, a failed launch or tensor-map encoding.
     Device(String),
     /// A CUDA driver call failed.
     Cuda(cust::error::CudaError),
@@ -93,6 +96,9 @@ impl fmt::Display for EtapError {
             }
             RequestIndex { request, batch } => {
                 write!(f, "request {request} is out of range for a batch of {batch}")
+            }
+            Misaligned { arg, align, addr } => {
+                write!(f, "{arg} at {addr:#x} must be {align}-byte aligned")
             }
             NoDevice => write!(f, "no CUDA device"),
             Device(msg) => write!(f, "device: {msg}"),

@@ -424,18 +424,16 @@ impl Decoder {
     ) -> Result<()> {
         let shape = plan.shape;
         validate_shape(&shape)?;
-        for (arg, a) in [("q", bufs.q), ("kv_cache", bufs.kv_cache)] {
-            if a % 16 != 0 {
-                return Err(EtapError::Device(format!(
-                    "{arg} must be 16-byte aligned for the copy engine"
-                )));
-            }
-        }
-        for (arg, a) in [("out", bufs.out), ("lse", bufs.lse)] {
-            if a % 4 != 0 {
-                return Err(EtapError::Device(format!(
-                    "{arg} must be 4-byte aligned (the kernels store pairs of 16-bit outputs as one word)"
-                )));
+        // q and the cache: the copy engine reads 16-byte aligned tensors; out: the kernels store
+        // pairs of 16-bit outputs as one word; lse: f32.
+        for (arg, addr, align) in [
+            ("q", bufs.q, 16),
+            ("kv_cache", bufs.kv_cache, 16),
+            ("out", bufs.out, 4),
+            ("lse", bufs.lse, 4),
+        ] {
+            if addr % align != 0 {
+                return Err(EtapError::Misaligned { arg, align, addr });
             }
         }
         let scale = softmax_scale.unwrap_or(1.0 / (D_QK as f32).sqrt());
