@@ -378,13 +378,18 @@ pub fn svg(info: &RunInfo, rows: &[Row]) -> String {
         );
     }
 
-    // One series per dtype.
-    let mut dtypes: Vec<&str> = pts.iter().map(|r| r.dtype.as_str()).collect();
-    dtypes.sort_unstable();
-    dtypes.dedup();
-    for dt in &dtypes {
+    // One series per dtype and layout (the heads-on-M layout's lines dashed).
+    let mut keys: Vec<(&str, &str)> = pts.iter().map(|r| (r.dtype.as_str(), r.layout.as_str())).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for (dt, layout) in &keys {
         let color = dtype_color(dt);
-        let mut series: Vec<&&Row> = pts.iter().filter(|r| r.dtype == *dt).collect();
+        let dash = if *layout == "heads" {
+            r#" stroke-dasharray="3 3""#
+        } else {
+            ""
+        };
+        let mut series: Vec<&&Row> = pts.iter().filter(|r| r.dtype == *dt && r.layout == *layout).collect();
         series.sort_by_key(|r| r.s_k_max);
         let line_t: Vec<String> = series
             .iter()
@@ -397,12 +402,12 @@ pub fn svg(info: &RunInfo, rows: &[Row]) -> String {
             .collect();
         let _ = writeln!(
             s,
-            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.5"/>"#,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>"#,
             line_t.join(" ")
         );
         let _ = writeln!(
             s,
-            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.5"/>"#,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>"#,
             line_p.join(" ")
         );
         for r in series {
@@ -410,19 +415,21 @@ pub fn svg(info: &RunInfo, rows: &[Row]) -> String {
             let fill = if r.ok() { color } else { "white" };
             let _ = writeln!(
                 s,
-                r#"<circle class="pt-time" cx="{xx:.1}" cy="{:.1}" r="4" fill="{fill}" stroke="{color}"><title>{} {}: {:.1} us</title></circle>"#,
+                r#"<circle class="pt-time" cx="{xx:.1}" cy="{:.1}" r="4" fill="{fill}" stroke="{color}"><title>{} {} {}: {:.1} us</title></circle>"#,
                 yt(r.us),
                 xml_escape(&r.config),
                 r.dtype,
+                r.layout,
                 r.us
             );
             if r.pct_copy.is_finite() {
                 let _ = writeln!(
                     s,
-                    r#"<circle class="pt-pct" cx="{xx:.1}" cy="{:.1}" r="4" fill="{fill}" stroke="{color}"><title>{} {}: {:.1}% of copy</title></circle>"#,
+                    r#"<circle class="pt-pct" cx="{xx:.1}" cy="{:.1}" r="4" fill="{fill}" stroke="{color}"><title>{} {} {}: {:.1}% of copy</title></circle>"#,
                     yp(r.pct_copy),
                     xml_escape(&r.config),
                     r.dtype,
+                    r.layout,
                     r.pct_copy
                 );
             }
@@ -444,13 +451,18 @@ pub fn svg(info: &RunInfo, rows: &[Row]) -> String {
         r##"<rect x="{}" y="{}" width="330" height="{}" fill="white" fill-opacity="0.9" stroke="#ccc"/>"##,
         lx - 6.0,
         ly - 12.0,
-        18.0 * (dtypes.len() + 2) as f64 + 6.0
+        18.0 * (keys.len() + 2) as f64 + 6.0
     );
-    for dt in &dtypes {
+    for (dt, layout) in &keys {
         let c = dtype_color(dt);
+        let dash = if *layout == "heads" {
+            r#" stroke-dasharray="3 3""#
+        } else {
+            ""
+        };
         let _ = writeln!(
             s,
-            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="1.5"/><circle cx="{}" cy="{ly}" r="4" fill="{c}"/><text x="{}" y="{}">etap {dt}</text>"#,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="1.5"{dash}/><circle cx="{}" cy="{ly}" r="4" fill="{c}"/><text x="{}" y="{}">etap {dt} ({layout} layout)</text>"#,
             lx + 24.0,
             lx + 12.0,
             lx + 30.0,
@@ -532,6 +544,19 @@ mod tests {
             row("b16-sq1-h16-sk4k", "f16", 4096, 51.0, true),
             row("imbalanced-sq1-h16", "bf16", 45118, 49.0, false),
         ]
+    }
+
+    #[test]
+    fn svg_draws_each_layout_as_its_own_series() {
+        let mut r = rows();
+        let mut heads = r[1].clone();
+        heads.layout = "heads".into();
+        heads.us = 60.0;
+        r.push(heads);
+        let s = svg(&info(), &r);
+        assert!(s.contains("etap bf16 (kv layout)") && s.contains("etap bf16 (heads layout)"));
+        assert_eq!(s.matches(r#"class="pt-time""#).count(), 5);
+        assert!(s.contains(r#"stroke-dasharray="3 3""#));
     }
 
     #[test]

@@ -193,7 +193,7 @@ pub(crate) unsafe fn run_producer(
 
 /// The producer: the first thread of warpgroup 2 walks the part's segments and issues the loads.
 #[inline(always)]
-pub(crate) unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, cols: u32, n_req: u32) {
+unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, cols: u32, n_req: u32) {
     let mut it = 0u32; // pages issued so far
     let mut q_round = 0u32;
     for r in range.begin_req..=range.end_req {
