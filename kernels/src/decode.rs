@@ -69,6 +69,21 @@ pub struct DecodeParams {
     pub _pad: u32,
 }
 
+impl DecodeParams {
+    /// Request `r`'s rows read (its seqlen clamped to the block table) and the pages
+    /// `[lo, hi)` of it inside `range` (`lo == hi` when none): the segment a consumer of either
+    /// decode kernel works through.
+    ///
+    /// # Safety
+    /// `r` is a request of `range`; `seqlens` points to the batch's lengths.
+    #[inline(always)]
+    pub(crate) unsafe fn segment(&self, range: &WorkRange, r: u32) -> (u32, u32, u32) {
+        let seqlen = *self.seqlens.add(r as usize);
+        let (lo, hi) = range.segment(r, pages_of(seqlen, self.max_pages));
+        (rows_of(seqlen, self.max_pages), lo, hi)
+    }
+}
+
 /// Shared-memory layout for a CTA of `COLS` columns (two warpgroups of COLS/2). The wide
 /// kernel (`decode_wide`) lays out the same fields its own way.
 pub(crate) struct Smem {
@@ -255,10 +270,7 @@ unsafe fn consume<const NW: usize, const F16: bool>(
     let mut q_round = 0u32;
     let mut split = range.first_split;
     for r in range.begin_req..=range.end_req {
-        let seqlen = *prm.seqlens.add(r as usize);
-        let np = pages_of(seqlen, prm.max_pages);
-        let rows = rows_of(seqlen, prm.max_pages);
-        let (lo, hi) = range.segment(r, np);
+        let (rows, lo, hi) = prm.segment(range, r);
         if lo == hi {
             continue;
         }

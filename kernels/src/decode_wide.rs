@@ -23,7 +23,7 @@ use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSU
 use crate::device::{index, math, mbarrier, smem, sync};
 use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
-use etap_core::{pages_of, rows_of, visible_rows, WorkRange, D_V, PAGE_ROWS, QK_BLOCKS};
+use etap_core::{visible_rows, WorkRange, D_V, PAGE_ROWS, QK_BLOCKS};
 
 /// Named barrier over both consumer warpgroups (ids 1 and 2 are the warpgroups' own in the
 /// ETAP kernel; this kernel synchronizes only the pair).
@@ -106,10 +106,7 @@ unsafe fn consume<const F16: bool>(
     let mut q_round = 0u32;
     let mut split = range.first_split;
     for r in range.begin_req..=range.end_req {
-        let seqlen = *prm.seqlens.add(r as usize);
-        let np = pages_of(seqlen, prm.max_pages);
-        let rows = rows_of(seqlen, prm.max_pages);
-        let (lo, hi) = range.segment(r, np);
+        let (rows, lo, hi) = prm.segment(range, r);
         if lo == hi {
             continue;
         }
