@@ -178,44 +178,6 @@ extern "C" {
     ) -> cust::sys::CUresult;
 }
 
-/// Launch a kernel by raw handle as a programmatic dependent of the kernel before it on the
-/// stream (programmatic stream serialization): it may start while that kernel finishes, and
-/// must itself wait (`griddepcontrol.wait`) before reading that kernel's results.
-///
-/// # Safety
-/// As [`launch`], and `f` waits for its prerequisites before reading anything they write.
-pub(crate) unsafe fn launch_dependent(
-    f: CUfunction,
-    grid: (u32, u32),
-    block: u32,
-    smem: u32,
-    stream: &Stream,
-    params: &mut [*mut c_void],
-) -> Result<()> {
-    let mut attr = LaunchAttribute {
-        id: LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-        _pad: 0,
-        value: [0; 8],
-    };
-    // programmaticStreamSerializationAllowed = 1 (an int at the start of the union).
-    attr.value[0] = 1;
-    let config = LaunchConfig {
-        grid: [grid.0, grid.1, 1],
-        block: [block, 1, 1],
-        smem,
-        stream: stream.as_inner(),
-        attrs: &mut attr,
-        num_attrs: 1,
-    };
-    let rc = cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut());
-    if rc != cust::sys::CUresult::CUDA_SUCCESS {
-        return Err(EtapError::Device(format!(
-            "kernel launch (programmatic dependent) failed: {rc:?}"
-        )));
-    }
-    Ok(())
-}
-
 /// Launch a kernel by raw handle.
 ///
 /// # Safety
@@ -230,21 +192,61 @@ pub(crate) unsafe fn launch(
     stream: &Stream,
     params: &mut [*mut c_void],
 ) -> Result<()> {
-    let rc = cust::sys::cuLaunchKernel(
-        f,
-        grid.0,
-        grid.1,
-        1,
-        block,
-        1,
-        1,
+    launch_ex(f, grid, block, smem, stream, params, false)
+}
+
+/// Launch a kernel by raw handle as a programmatic dependent of the kernel before it on the
+/// stream (programmatic stream serialization): it may start while that kernel finishes, and
+/// must itself wait (`griddepcontrol.wait`) before reading that kernel's results.
+///
+/// # Safety
+/// As [`launch`], and `f` waits for its prerequisites before reading anything they write.
+pub(crate) unsafe fn launch_dependent(
+    f: CUfunction,
+    grid: (u32, u32),
+    block: u32,
+    smem: u32,
+    stream: &Stream,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    launch_ex(f, grid, block, smem, stream, params, true)
+}
+
+/// Both launches: `cuLaunchKernelEx`, with the programmatic-serialization attribute when
+/// `dependent`.
+///
+/// # Safety
+/// As [`launch`] / [`launch_dependent`].
+unsafe fn launch_ex(
+    f: CUfunction,
+    grid: (u32, u32),
+    block: u32,
+    smem: u32,
+    stream: &Stream,
+    params: &mut [*mut c_void],
+    dependent: bool,
+) -> Result<()> {
+    let mut attr = LaunchAttribute {
+        id: LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        _pad: 0,
+        value: [0; 8],
+    };
+    // programmaticStreamSerializationAllowed = 1 (an int at the start of the union).
+    attr.value[0] = 1;
+    let config = LaunchConfig {
+        grid: [grid.0, grid.1, 1],
+        block: [block, 1, 1],
         smem,
-        stream.as_inner(),
-        params.as_mut_ptr(),
-        std::ptr::null_mut(),
-    );
+        stream: stream.as_inner(),
+        attrs: &mut attr,
+        num_attrs: dependent as u32,
+    };
+    let rc = cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut());
     if rc != cust::sys::CUresult::CUDA_SUCCESS {
-        return Err(EtapError::Device(format!("kernel launch failed: {rc:?}")));
+        return Err(EtapError::Device(format!(
+            "kernel launch{} failed: {rc:?}",
+            if dependent { " (programmatic dependent)" } else { "" }
+        )));
     }
     Ok(())
 }
