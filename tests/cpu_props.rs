@@ -68,6 +68,31 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
             let split = if first { range.first_split } else { 0 };
             first = false;
             split_seq[r as usize].push(split);
+            // The kernels' split merge (kernels/src/merge.rs) relies on these: every split of
+            // a request but its last ends its part (that part merges a share), and every split
+            // but the first starts its part.
+            let n = offsets[r as usize + 1] - offsets[r as usize];
+            if split + 1 < n {
+                prop_assert_eq!(
+                    r,
+                    range.end_req,
+                    "part {}: split {} of {} of request {} is not the part's last",
+                    p,
+                    split,
+                    n,
+                    r
+                );
+            }
+            if split > 0 {
+                prop_assert_eq!(
+                    r,
+                    range.begin_req,
+                    "part {}: split {} of request {} is not the part's first",
+                    p,
+                    split,
+                    r
+                );
+            }
             cost += (hi - lo) as u64 + SPLIT_COST_PAGES as u64;
         }
         part_costs.push(cost);

@@ -22,7 +22,13 @@ struct Outcome {
 /// Both layouts run every case (the plan's own choice is one of them).
 const LAYOUTS: [Layout; 2] = [Layout::KvOnM, Layout::HeadsOnM];
 
-/// Decode `case` on the GPU with the given layout; out and lse as f32, poisoned with NaN first.
+/// Calls of `decode_into` per case with one plan: the plan is reused across a model's layers,
+/// and the split merge's counters carry over from call to call (kernels/src/merge.rs).
+const CALLS_PER_PLAN: usize = 3;
+
+/// Decode `case` on the GPU with the given layout, [`CALLS_PER_PLAN`] times with one plan, the
+/// outputs poisoned with NaN before each call; every call must give the same bits. Returns out
+/// and lse as f32.
 fn decode_gpu<T: Element>(dec: &Decoder, case: &Case<T>, layout: Layout) -> (Vec<f32>, Vec<f32>) {
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
     let q = DeviceBuffer::from_slice(&case.q).unwrap();
@@ -30,27 +36,49 @@ fn decode_gpu<T: Element>(dec: &Decoder, case: &Case<T>, layout: Layout) -> (Vec
     let bt = DeviceBuffer::from_slice(&case.block_table).unwrap();
     let sl = DeviceBuffer::from_slice(&case.seqlens).unwrap();
     let shape = case.shape;
-    let mut out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()]).unwrap();
-    let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()]).unwrap();
+    let out_poison = vec![T::nan(); shape.out_len()];
+    let lse_poison = vec![f32::NAN; shape.lse_len()];
+    let mut out = DeviceBuffer::from_slice(&out_poison).unwrap();
+    let mut lse = DeviceBuffer::from_slice(&lse_poison).unwrap();
     dec.check_tables(&shape, &bt, &sl).unwrap();
     let plan = dec.plan_with_layout(&shape, &sl, &stream, layout).unwrap();
-    dec.decode_into(
-        &plan,
-        &q,
-        &kv,
-        &bt,
-        &sl,
-        Some(case.softmax_scale),
-        &mut out,
-        &mut lse,
-        &stream,
-    )
-    .unwrap();
-    stream.synchronize().unwrap();
-    let mut o = vec![T::default(); shape.out_len()];
-    let mut l = vec![0f32; shape.lse_len()];
-    out.copy_to(&mut o[..]).unwrap();
-    lse.copy_to(&mut l[..]).unwrap();
+    let mut first: Option<(Vec<T>, Vec<f32>)> = None;
+    for call in 0..CALLS_PER_PLAN {
+        if call > 0 {
+            out.copy_from(&out_poison[..]).unwrap();
+            lse.copy_from(&lse_poison[..]).unwrap();
+        }
+        dec.decode_into(
+            &plan,
+            &q,
+            &kv,
+            &bt,
+            &sl,
+            Some(case.softmax_scale),
+            &mut out,
+            &mut lse,
+            &stream,
+        )
+        .unwrap();
+        stream.synchronize().unwrap();
+        let mut o = vec![T::default(); shape.out_len()];
+        let mut l = vec![0f32; shape.lse_len()];
+        out.copy_to(&mut o[..]).unwrap();
+        lse.copy_to(&mut l[..]).unwrap();
+        match &first {
+            None => first = Some((o, l)),
+            Some((o0, l0)) => {
+                let same_out = bytemuck::cast_slice::<T, u8>(o0) == bytemuck::cast_slice::<T, u8>(&o);
+                let same_lse = bytemuck::cast_slice::<f32, u8>(l0) == bytemuck::cast_slice::<f32, u8>(&l);
+                assert!(
+                    same_out && same_lse,
+                    "{layout:?}: call {call} with the same plan differs from call 0 (seed {})",
+                    case.seed
+                );
+            }
+        }
+    }
+    let (o, l) = first.unwrap();
     (o.iter().map(|x| x.to_f32()).collect(), l)
 }
 

@@ -2,7 +2,7 @@
 //!
 //! For each configuration: generate inputs (random q, a paged cache on shuffled pages with NaN
 //! past every length), check the GPU's output against the CPU reference on sampled requests,
-//! then time `decode_into` (decode + combine kernels) with CUDA events, the plan made once
+//! then time `decode_into` (one decode kernel, the split merge fused into it) with CUDA events, the plan made once
 //! outside the timed region, rotating over enough copies of the inputs that the L2 holds none
 //! of them. Prints a table and writes results.csv, results.json and results.svg.
 mod check;
@@ -113,7 +113,7 @@ fn run(dec: &Decoder, o: &Options, configs: &[Config]) -> BoxResult<bool> {
         warmup: o.warmup,
     };
     println!(
-        "timing: decode_into (decode + combine kernels), CUDA events per iteration, median of {} after at least {} warm-up runs;\n  \
+        "timing: decode_into (one decode kernel, split merge included), CUDA events per iteration, median of {} after at least {} warm-up runs;\n  \
          the plan is made once per configuration, outside the timed region (serving engines reuse it across layers);\n  \
          inputs rotate over copies spanning >= {L2_FACTOR}x the L2, so it holds none of them",
         o.iters, o.warmup

@@ -7,7 +7,7 @@ pub const USAGE: &str = "usage: etap-bench [OPTIONS]   (or: cargo xtask bench [O
 
 Benchmarks etap's MLA decode on an H100/H200: a 1 GiB device-to-device copy first (the roof),
 then for each configuration a correctness check against the CPU reference and the median time
-of decode_into (decode + combine kernels; the plan is made once per configuration, outside the
+of decode_into (one decode kernel, split merge included; the plan is made once per configuration, outside the
 timed region). Writes results.csv, results.json and results.svg.
 
 options:

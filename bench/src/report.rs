@@ -184,7 +184,7 @@ pub fn json(info: &RunInfo, rows: &[Row]) -> String {
         "copy_us_1gib": jnum(info.copy_us),
         "iters": info.iters,
         "warmup": info.warmup,
-        "timing": "median of per-iteration CUDA event pairs around decode_into (decode + combine kernels); \
+        "timing": "median of per-iteration CUDA event pairs around decode_into (one decode kernel, split merge included); \
                    plan made once per configuration outside the timed region; inputs rotated so the L2 is not reused",
         "formulas": {
             "bytes": "(sum(seqlens)*576 + b*s_q*h*(576+512))*2",

@@ -8,18 +8,16 @@ use cust::sys::CUfunction;
 use std::ffi::c_void;
 
 /// Columns per CTA of the decode kernel variants, in the order of [`Kernels::decode`].
-pub(crate) const DECODE_COLS: [u32; 4] = [16, 32, 48, 64];
+pub(crate) const DECODE_COLS: [u32; 2] = [16, 32];
 
 /// Raw handles of the kernels, looked up once when the module loads (a lookup by name and a
 /// shared-memory attribute per call would cost microseconds of host time per decode step).
 /// Valid while the module lives: [`Decoder`] owns both.
 pub(crate) struct Kernels {
     /// `[dtype: bf16, f16][cols index]`
-    pub decode: [[CUfunction; 4]; 2],
+    pub decode: [[CUfunction; 2]; 2],
     /// The wide (heads-on-M) decode kernel, `[dtype]`.
     pub wide: [CUfunction; 2],
-    /// `[dtype]`
-    pub combine: [CUfunction; 2],
     pub schedule: CUfunction,
 }
 
@@ -70,8 +68,7 @@ impl Decoder {
             )],
         )?;
         let raw = |name: String| -> Result<CUfunction> { Ok(module.get_function(name)?.to_raw()) };
-        let mut decode = [[std::ptr::null_mut(); 4]; 2];
-        let mut combine = [std::ptr::null_mut(); 2];
+        let mut decode = [[std::ptr::null_mut(); 2]; 2];
         let mut wide = [std::ptr::null_mut(); 2];
         for (d, dt) in ["bf16", "f16"].iter().enumerate() {
             for (c, cols) in DECODE_COLS.iter().enumerate() {
@@ -82,12 +79,10 @@ impl Decoder {
             let f = module.get_function(format!("etap_decode_wide_{dt}"))?;
             set_dynamic_smem(&f, crate::plan::WIDE_SMEM)?;
             wide[d] = f.to_raw();
-            combine[d] = raw(format!("etap_combine_{dt}"))?;
         }
         let kernels = Kernels {
             decode,
             wide,
-            combine,
             schedule: raw("etap_schedule".into())?,
         };
         Ok(Decoder {
@@ -166,8 +161,8 @@ struct LaunchConfig {
     num_attrs: u32,
 }
 
-/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`.
-const LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: u32 = 6;
+/// `CU_LAUNCH_ATTRIBUTE_COOPERATIVE`.
+const LAUNCH_ATTRIBUTE_COOPERATIVE: u32 = 2;
 
 extern "C" {
     fn cuLaunchKernelEx(
@@ -195,13 +190,12 @@ pub(crate) unsafe fn launch(
     launch_ex(f, grid, block, smem, stream, params, false)
 }
 
-/// Launch a kernel by raw handle as a programmatic dependent of the kernel before it on the
-/// stream (programmatic stream serialization): it may start while that kernel finishes, and
-/// must itself wait (`griddepcontrol.wait`) before reading that kernel's results.
+/// Launch a kernel by raw handle cooperatively: the driver starts it only when every CTA of the
+/// grid can be resident at once (or fails the launch), so its CTAs may wait for each other.
 ///
 /// # Safety
-/// As [`launch`], and `f` waits for its prerequisites before reading anything they write.
-pub(crate) unsafe fn launch_dependent(
+/// As [`launch`].
+pub(crate) unsafe fn launch_cooperative(
     f: CUfunction,
     grid: (u32, u32),
     block: u32,
@@ -212,11 +206,10 @@ pub(crate) unsafe fn launch_dependent(
     launch_ex(f, grid, block, smem, stream, params, true)
 }
 
-/// Both launches: `cuLaunchKernelEx`, with the programmatic-serialization attribute when
-/// `dependent`.
+/// Both launches: `cuLaunchKernelEx`, with the cooperative attribute when `cooperative`.
 ///
 /// # Safety
-/// As [`launch`] / [`launch_dependent`].
+/// As [`launch`].
 unsafe fn launch_ex(
     f: CUfunction,
     grid: (u32, u32),
@@ -224,14 +217,14 @@ unsafe fn launch_ex(
     smem: u32,
     stream: &Stream,
     params: &mut [*mut c_void],
-    dependent: bool,
+    cooperative: bool,
 ) -> Result<()> {
     let mut attr = LaunchAttribute {
-        id: LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        id: LAUNCH_ATTRIBUTE_COOPERATIVE,
         _pad: 0,
         value: [0; 8],
     };
-    // programmaticStreamSerializationAllowed = 1 (an int at the start of the union).
+    // cooperative = 1 (an int at the start of the union).
     attr.value[0] = 1;
     let config = LaunchConfig {
         grid: [grid.0, grid.1, 1],
@@ -239,13 +232,13 @@ unsafe fn launch_ex(
         smem,
         stream: stream.as_inner(),
         attrs: &mut attr,
-        num_attrs: dependent as u32,
+        num_attrs: cooperative as u32,
     };
     let rc = cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut());
     if rc != cust::sys::CUresult::CUDA_SUCCESS {
         return Err(EtapError::Device(format!(
             "kernel launch{} failed: {rc:?}",
-            if dependent { " (programmatic dependent)" } else { "" }
+            if cooperative { " (cooperative)" } else { "" }
         )));
     }
     Ok(())

@@ -1,24 +1,24 @@
 //! The split plan (FlashMLA's `get_mla_metadata`) and the decode launch.
 use crate::dtype::{Dtype, Element};
 use crate::error::{EtapError, Result};
-use crate::gpu::{launch, launch_dependent, Decoder, DECODE_COLS};
+use crate::gpu::{launch, launch_cooperative, Decoder, DECODE_COLS};
 use crate::shape::DecodeShape;
 use crate::tma::{encode_2d, TensorMap};
 use crate::validate::{validate_lengths, validate_shape, validate_tables};
 use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
 use cust::stream::Stream;
 use etap_core::{max_splits, COLS_PER_CTA, D_QK, D_V, PAGE_ROWS};
-use std::cell::RefCell;
+
+/// Columns per CTA of the ETAP (KV-on-M) kernel at most: its variants are built for 16 and 32
+/// (wider requests take the heads-on-M kernel, or several column groups when forced).
+pub const KV_ON_M_MAX_COLS: u32 = 32;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 
 /// Threads of the decode kernel: two consumer warpgroups and a producer warpgroup.
 const DECODE_THREADS: u32 = 384;
 /// KV page buffers in the decode kernel's ring (kernels/src/decode.rs, `STAGES`).
 const STAGES: u32 = 2;
-/// Threads of the combine kernel (kernels/src/combine.rs, `THREADS`): 4 groups of 128.
-const COMBINE_THREADS: u32 = 512;
-/// Its shared memory (`combine::SMEM_BYTES`): 64 + 3 * 128 * 20.
-const COMBINE_SMEM: u32 = 64 + 3 * 128 * 20;
 /// (q, cache) address pairs whose tensor maps a plan keeps on the device (a DeepSeek-V3 model
 /// has 61 layers); past this, slots are reused round-robin.
 const MAP_SLOTS: usize = 128;
@@ -29,7 +29,7 @@ const RANGE_WORDS: usize = std::mem::size_of::<etap_core::WorkRange>() / 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     /// ETAP: the page's 64 KV rows on M, the (token, head) columns on N (`S^T = K·Q^T`), so that
-    /// 16 or 32 columns waste nothing. CTAs of 16 to 64 columns.
+    /// 16 or 32 columns waste nothing. CTAs of 16 or 32 columns.
     KvOnM,
     /// Heads on M (the wide kernel): 64 (token, head) rows on M, the KV rows on N
     /// (`S = Q·K^T`). For 32 or more columns, where M is (nearly) full anyway and the wider
@@ -57,7 +57,7 @@ impl Layout {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ColumnTiling {
     pub layout: Layout,
-    /// Columns per CTA: for [`Layout::KvOnM`] `s_q * h_q` rounded up to 16, at most 64; for
+    /// Columns per CTA: for [`Layout::KvOnM`] `s_q * h_q` rounded up to 16, at most 32; for
     /// [`Layout::HeadsOnM`] always 64 (one wgmma M; padding rows past `s_q * h_q` compute on
     /// but are never written).
     pub cols_per_cta: u32,
@@ -69,7 +69,7 @@ impl ColumnTiling {
     pub fn for_shape(shape: &DecodeShape, layout: Layout) -> ColumnTiling {
         let n = shape.cols() as u32;
         let cols_per_cta = match layout {
-            Layout::KvOnM => n.div_ceil(16).saturating_mul(16).min(COLS_PER_CTA as u32),
+            Layout::KvOnM => n.div_ceil(16).saturating_mul(16).min(KV_ON_M_MAX_COLS),
             Layout::HeadsOnM => COLS_PER_CTA as u32,
         };
         ColumnTiling {
@@ -114,6 +114,11 @@ pub struct Plan {
     split_offsets: DeviceBuffer<u32>,
     o_accum: DeviceBuffer<f32>,
     lse_accum: DeviceBuffer<f32>,
+    /// The split merge's counters, `[b][column groups]`, zeroed once: each call adds
+    /// `splits * 2` to those of its split requests, and waits for `epoch * splits * 2`.
+    counters: DeviceBuffer<u32>,
+    /// Decode calls launched with this plan (wrapping).
+    epoch: Cell<u32>,
     /// Tensor maps of q and the cache, a pair per slot, uploaded once per (q, cache) address
     /// pair: a model's layers each have their own cache, and steady-state calls then copy
     /// nothing to the device. `map_slots[i]` is the pair slot i was encoded for.
@@ -170,32 +175,16 @@ struct DecodeParams {
     lse: u64,
     o_accum: u64,
     lse_accum: u64,
+    counters: u64,
     batch: u32,
     s_q: u32,
     h_q: u32,
     max_pages: u32,
     scale_log2: f32,
-    _pad: u32,
+    epoch: u32,
 }
 // SAFETY: plain integers and floats (device addresses as u64).
 unsafe impl DeviceCopy for DecodeParams {}
-
-/// Kernel parameters of `etap_combine_*` (mirror of `combine::CombineParams`).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CombineParams {
-    split_offsets: u64,
-    o_accum: u64,
-    lse_accum: u64,
-    out: u64,
-    lse: u64,
-    batch: u32,
-    s_q: u32,
-    h_q: u32,
-    _pad: u32,
-}
-// SAFETY: plain integers.
-unsafe impl DeviceCopy for CombineParams {}
 
 /// Device addresses of one decode call's buffers (the raw entry point's arguments).
 #[derive(Clone, Copy, Debug)]
@@ -252,6 +241,15 @@ impl Decoder {
         let o_accum = unsafe { DeviceBuffer::<f32>::uninitialized(splits * cols * D_V)? };
         let lse_accum = unsafe { DeviceBuffer::<f32>::uninitialized(splits * cols)? };
         let maps = unsafe { DeviceBuffer::<TensorMap>::uninitialized(2 * MAP_SLOTS)? };
+        let counters = unsafe { DeviceBuffer::<u32>::uninitialized(shape.batch * tiling.groups as usize)? };
+        // SAFETY: zeroes the plan's own counters (4 bytes each), in stream order before any
+        // decode call with this plan.
+        let rc = unsafe {
+            cust::sys::cuMemsetD32Async(counters.as_device_ptr().as_raw(), 0, counters.len(), stream.as_inner())
+        };
+        if rc != cust::sys::CUresult::CUDA_SUCCESS {
+            return Err(EtapError::Device(format!("zeroing the merge counters failed: {rc:?}")));
+        }
         let mut batch = shape.batch as u32;
         let mut max_pages = shape.max_pages as u32;
         let mut parts_arg = parts;
@@ -286,6 +284,8 @@ impl Decoder {
             split_offsets,
             o_accum,
             lse_accum,
+            counters,
+            epoch: Cell::new(0),
             maps,
             map_slots: RefCell::new(Vec::new()),
         })
@@ -349,7 +349,7 @@ impl Decoder {
             shape.lse_len(),
         )?;
         // SAFETY: both are fully written by the kernels before the caller can read them
-        // (every (request, column) gets its out row and lse from the decode or combine kernel).
+        // (every (request, column) gets its out row and lse from the decode kernel).
         let mut out = unsafe { DeviceBuffer::<T>::uninitialized(shape.out_len())? };
         let mut lse = unsafe { DeviceBuffer::<f32>::uninitialized(shape.lse_len())? };
         self.decode_into(
@@ -490,12 +490,13 @@ impl Decoder {
             lse: bufs.lse,
             o_accum: plan.o_accum.as_device_ptr().as_raw(),
             lse_accum: plan.lse_accum.as_device_ptr().as_raw(),
+            counters: plan.counters.as_device_ptr().as_raw(),
             batch: shape.batch as u32,
             s_q: shape.s_q as u32,
             h_q: shape.h_q as u32,
             max_pages: shape.max_pages as u32,
             scale_log2: scale * std::f32::consts::LOG2_E,
-            _pad: 0,
+            epoch: plan.epoch.get().wrapping_add(1),
         };
         let d = match dtype {
             Dtype::Bf16 => 0,
@@ -512,7 +513,9 @@ impl Decoder {
             Layout::HeadsOnM => self.kernels().wide[d],
         };
         let mut params = params;
-        launch(
+        // Cooperative: the CTAs that share a request wait for each other's partial results
+        // before merging them (kernels/src/merge.rs), so they must all be resident.
+        launch_cooperative(
             kernel,
             (plan.parts, tiling.groups),
             DECODE_THREADS,
@@ -520,27 +523,8 @@ impl Decoder {
             stream,
             &mut [&mut params as *mut DecodeParams as *mut c_void],
         )?;
-        let mut cparams = CombineParams {
-            split_offsets: params.split_offsets,
-            o_accum: params.o_accum,
-            lse_accum: params.lse_accum,
-            out: bufs.out,
-            lse: bufs.lse,
-            batch: params.batch,
-            s_q: params.s_q,
-            h_q: params.h_q,
-            _pad: 0,
-        };
-        // The combine kernel starts as the decode kernel's CTAs leave their SMs (programmatic
-        // dependent launch); it waits for the decode kernel's results before reading them.
-        launch_dependent(
-            self.kernels().combine[d],
-            (shape.batch as u32, cols as u32),
-            COMBINE_THREADS,
-            COMBINE_SMEM,
-            stream,
-            &mut [&mut cparams as *mut CombineParams as *mut c_void],
-        )?;
+        // Counted only once launched: the kernel's counters then hold this call's arrivals.
+        plan.epoch.set(params.epoch);
         Ok(())
     }
 }
@@ -582,6 +566,9 @@ mod tests {
                     assert!(t.groups * t.cols_per_cta >= n, "{layout:?} s_q={s_q} h_q={h_q}");
                     assert!((t.groups - 1) * t.cols_per_cta < n, "{layout:?}: an empty column group");
                     assert!(t.cols_per_cta <= COLS_PER_CTA as u32 && t.cols_per_cta.is_multiple_of(16));
+                    if layout == Layout::KvOnM {
+                        assert!(t.cols_per_cta <= KV_ON_M_MAX_COLS);
+                    }
                     assert!(t.smem_bytes() <= MAX_SMEM, "{layout:?} needs {} bytes", t.smem_bytes());
                 }
             }

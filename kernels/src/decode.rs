@@ -19,6 +19,7 @@
 //! At the end of each segment (the part's pages of one request) the consumers write either the
 //! final output (when the request has one split) or a partial O and lse for the combine kernel.
 use crate::device::{index, math, mbarrier, smem, sync, tma, tma::TensorMap};
+use crate::merge;
 use crate::tile::{self, ColumnState, Frag, PAGE_BYTES, ROW_BYTES};
 use crate::unroll;
 use etap_core::{pages_of, rows_of, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
@@ -60,13 +61,17 @@ pub struct DecodeParams {
     /// Partial outputs [split][col][512] f32 and lse [split][col] (natural log).
     pub o_accum: *mut f32,
     pub lse_accum: *mut f32,
+    /// The merge's counters, [b][column groups] (`merge`).
+    pub counters: *mut u32,
     pub batch: u32,
     pub s_q: u32,
     pub h_q: u32,
     pub max_pages: u32,
     /// softmax_scale * log2(e).
     pub scale_log2: f32,
-    pub _pad: u32,
+    /// This call's number among the plan's calls, from 1 (wrapping): the merge's counters
+    /// reach `epoch * splits * CONSUMERS` when this call's splits are all written.
+    pub epoch: u32,
 }
 
 impl DecodeParams {
@@ -137,11 +142,14 @@ unsafe fn decode<const NW: usize, const F16: bool>(prm: &DecodeParams) {
     let sm = Smem::new(cols, NW as u32);
     let group = index::block_y();
     let n_req = prm.s_q * prm.h_q;
-    if let Some(range) = prologue(prm, &sm) {
-        if !run_producer(prm, &range, &sm, group, cols, n_req) {
-            sync::setmaxnreg_inc::<CONSUMER_REGS>();
-            consume::<NW, F16>(prm, &range, &sm, group, n_req);
+    match prologue(prm, &sm) {
+        Some(range) => {
+            if !run_producer(prm, &range, &sm, group, cols, n_req) {
+                sync::setmaxnreg_inc::<CONSUMER_REGS>();
+                consume::<NW, F16>(prm, &range, &sm, group, n_req);
+            }
         }
+        None => merge::write_empty(prm, group, cols, n_req, index::thread_x(), THREADS),
     }
 }
 
@@ -170,9 +178,6 @@ pub(crate) unsafe fn prologue(prm: &DecodeParams, sm: &Smem) -> Option<WorkRange
         sync::fence_mbarrier_init();
     }
     sync::sync_threads();
-    // The combine kernel may be scheduled from now on: its CTAs take SMs as this grid's CTAs
-    // leave them, without a launch gap (they wait for this grid's results before reading).
-    sync::launch_dependents();
 
     let range = *prm.ranges.add(part as usize);
     if range.empty != 0 {
@@ -200,8 +205,13 @@ pub(crate) unsafe fn run_producer(
         return false;
     }
     sync::setmaxnreg_dec::<PRODUCER_REGS>();
+    let first_idle = CONSUMERS * index::WARPGROUP + index::WARP;
     if t == CONSUMERS * index::WARPGROUP {
         produce(prm, range, sm, group, cols, n_req);
+    } else if t >= first_idle {
+        // The producer warpgroup's other three warps: the requests with no rows that fall to
+        // this CTA (zeros and lse = -inf), while the loads run.
+        merge::write_empty(prm, group, cols, n_req, t - first_idle, THREADS - first_idle);
     }
     true
 }
@@ -312,12 +322,16 @@ unsafe fn consume<const NW: usize, const F16: bool>(
         let seg_split = split;
         split = 0;
         finish_segment::<NW, F16>(prm, r, seg_split, col0, n_req, &st, &o, red, bar_id);
+        if *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize) > 1 {
+            merge::publish(prm, r, group, bar_id);
+        }
     }
     if wg == 0 {
         // Warpgroup 1's last hand-over (it passed first, so it passes once more than it
         // takes): consume it so that no barrier is left half-arrived at exit.
         turn.take();
     }
+    merge::merge_splits::<F16>(prm, group, cols, n_req, BAR_CONSUMERS);
 }
 
 /// Reduce the row sums, normalize, and write this warpgroup's columns of one segment: the final
@@ -421,12 +435,8 @@ macro_rules! decode_entry {
 decode_entry! {
     etap_decode_bf16_c16 = (8, false);
     etap_decode_bf16_c32 = (16, false);
-    etap_decode_bf16_c48 = (24, false);
-    etap_decode_bf16_c64 = (32, false);
     etap_decode_f16_c16 = (8, true);
     etap_decode_f16_c32 = (16, true);
-    etap_decode_f16_c48 = (24, true);
-    etap_decode_f16_c64 = (32, true);
 }
 
 /// The width of q/cache rows, checked against the tile layout at compile time.

@@ -19,14 +19,16 @@
 //! requests (h_q = 128, or s_q * h_q > 64) are cut into column groups of 64 rows, one CTA
 //! each; the CTAs of one part read the same pages at about the same time, so that the second
 //! read of a page is mostly an L2 hit (docs/perf-notes.md).
-use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES};
+use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES, THREADS};
 use crate::device::{index, math, mbarrier, smem, sync};
+use crate::merge;
 use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
 use etap_core::{visible_rows, WorkRange, D_V, PAGE_ROWS, QK_BLOCKS};
 
-/// Named barrier over both consumer warpgroups (ids 1 and 2 are the warpgroups' own in the
-/// ETAP kernel; this kernel synchronizes only the pair).
+/// Named barriers of each consumer warpgroup alone (1 + warpgroup), as in the ETAP kernel.
+const BAR_OWN: u32 = 1;
+/// Named barrier over both consumer warpgroups.
 const BAR_CONSUMERS: u32 = 3;
 /// Named barrier: the helper warpgroup (1) is done with the P tile and alpha, the scorer (0)
 /// may overwrite them. Both warpgroups wait at it (the helper has nothing else to do then; an
@@ -74,11 +76,14 @@ unsafe fn decode_wide<const F16: bool>(prm: &DecodeParams) {
     let (sm, red_sum) = layout();
     let group = index::block_y();
     let n_req = prm.s_q * prm.h_q;
-    if let Some(range) = prologue(prm, &sm) {
-        if !run_producer(prm, &range, &sm, group, WIDE_ROWS, n_req) {
-            sync::setmaxnreg_inc::<CONSUMER_REGS>();
-            consume::<F16>(prm, &range, &sm, red_sum, group, n_req);
+    match prologue(prm, &sm) {
+        Some(range) => {
+            if !run_producer(prm, &range, &sm, group, WIDE_ROWS, n_req) {
+                sync::setmaxnreg_inc::<CONSUMER_REGS>();
+                consume::<F16>(prm, &range, &sm, red_sum, group, n_req);
+            }
         }
+        None => merge::write_empty(prm, group, WIDE_ROWS, n_req, index::thread_x(), THREADS),
     }
 }
 
@@ -163,7 +168,11 @@ unsafe fn consume<const F16: bool>(
         let seg_split = split;
         split = 0;
         finish_segment::<F16>(prm, r, seg_split, col0, n_req, &st, &o, red_sum, wg);
+        if *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize) > 1 {
+            merge::publish(prm, r, group, BAR_OWN + wg);
+        }
     }
+    merge::merge_splits::<F16>(prm, group, WIDE_ROWS, n_req, BAR_CONSUMERS);
 }
 
 /// Add up the scorer's row sums (over the quad), pass 1 / l to the other warpgroup through

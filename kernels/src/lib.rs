@@ -6,17 +6,17 @@
 //! - [`decode`]: the split-KV ETAP decode kernel.
 //! - [`decode_wide`]: the heads-on-M decode kernel for requests of 32 or more (token, head)
 //!   rows, sharing the ETAP kernel's producer, ring and partial outputs.
-//! - [`combine`]: merges the splits of each (request, token, head) by their lse.
+//! - [`merge`]: the decode kernels' own merge of each request's splits by their lse.
 //! - [`schedule`]: the one-thread kernel that runs `etap_core::schedule` on device seqlens.
 //! - [`tile_gemm`]: a test kernel proving descriptors and layouts on the hardware.
 #![no_std]
 #![feature(abi_ptx, asm_experimental_arch)]
 #![allow(clippy::missing_safety_doc)]
 
-pub mod combine;
 pub mod decode;
 pub mod decode_wide;
 pub mod device;
+pub mod merge;
 pub mod schedule;
 pub mod tile;
 pub mod tile_gemm;

@@ -24,6 +24,8 @@ special_reg!(/// `blockIdx.z`.
     block_z, "%ctaid.z");
 special_reg!(/// `gridDim.x`.
     grid_x, "%nctaid.x");
+special_reg!(/// `gridDim.y`.
+    grid_y, "%nctaid.y");
 special_reg!(/// `blockDim.x`.
     block_dim_x, "%ntid.x");
 

@@ -9,9 +9,11 @@
 //! - [`tma`]: the bulk tensor copy engine (`cp.async.bulk.tensor`).
 //! - [`wgmma`]: warpgroup matrix multiply (fence/commit/wait, descriptors, `mma_async`).
 //! - [`math`]: `ex2.approx`, conversions to bf16/f16 pairs.
+//! - [`global`]: gpu-scope counters and L2-only loads between the CTAs of a grid.
 //!
 //! Everything here is `#[inline(always)]`: these are single instructions, and keeping them
 //! inlined keeps accumulator fragments in registers.
+pub mod global;
 pub mod index;
 pub mod math;
 pub mod mbarrier;

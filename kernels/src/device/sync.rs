@@ -57,24 +57,6 @@ pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
     r
 }
 
-/// Programmatic dependent launch, primary side: let the grid launched after this one with
-/// programmatic stream serialization (the combine kernel) be scheduled now, instead of after
-/// this grid completes; it waits for this grid's results with [`wait_prerequisites`].
-#[inline(always)]
-pub fn launch_dependents() {
-    // SAFETY: a scheduling hint; it orders no memory.
-    unsafe { asm!("griddepcontrol.launch_dependents;", options(nostack)) };
-}
-
-/// Programmatic dependent launch, dependent side: wait until the grids this one depends on
-/// have completed and their memory operations are visible (returns at once when the grid was
-/// launched without the attribute).
-#[inline(always)]
-pub fn wait_prerequisites() {
-    // SAFETY: a wait; as a memory clobber, no access moves above it.
-    unsafe { asm!("griddepcontrol.wait;", options(nostack)) };
-}
-
 /// Lane 0's `v`, in every lane: a value the compiler then knows to be warp-uniform (as
 /// CUTLASS's `canonical_warp_group_idx`), for the warpgroup index that role branches test.
 #[inline(always)]
