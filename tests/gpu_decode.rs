@@ -278,7 +278,8 @@ fn random_cases() {
 }
 
 /// A few small cases for compute-sanitizer (memcheck, racecheck): every kernel variant
-/// (16/32/48/64 columns, column groups, both layouts), splits, partial pages, empty requests.
+/// (16/32 columns, column groups, both layouts), splits (and so the split merge), partial
+/// pages, empty requests.
 #[test]
 fn sanitizer_cases() {
     let Some(dec) = decoder_or_skip("gpu_decode sanitizer cases") else {

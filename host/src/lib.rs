@@ -5,8 +5,8 @@
 //! nothing. Kernels are Rust compiled to PTX (embedded at build time, see [`PTX`]).
 //!
 //! The API is FlashMLA's two calls: [`Decoder::plan`] splits the KV of every request over the
-//! SMs (on the GPU, from the device seqlens), then [`Decoder::decode`] runs the split-KV kernel
-//! and the combine kernel. [`reference::mla_decode`] is the CPU reference with the same
+//! SMs (on the GPU, from the device seqlens), then [`Decoder::decode`] runs the split-KV kernel,
+//! which also merges each request's splits. [`reference::mla_decode`] is the CPU reference with the same
 //! semantics, public so deployments can validate themselves.
 pub mod dtype;
 pub mod emulate;

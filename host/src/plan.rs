@@ -234,8 +234,8 @@ impl Decoder {
         let cols = shape.cols();
         // SAFETY (all four): device allocations of plain numbers that the kernels fully
         // write before reading (ranges and offsets by the scheduler; the accumulators only in
-        // the slots the plan assigns, each written by the decode kernel before the combine
-        // kernel reads it).
+        // the slots the plan assigns, each written by the decode kernel before its split merge
+        // reads it, after the merge counter says so).
         let ranges = unsafe { DeviceBuffer::<u32>::uninitialized(parts as usize * RANGE_WORDS)? };
         let split_offsets = unsafe { DeviceBuffer::<u32>::uninitialized(shape.batch + 1)? };
         let o_accum = unsafe { DeviceBuffer::<f32>::uninitialized(splits * cols * D_V)? };

@@ -17,7 +17,8 @@
 //! the consumers (setmaxnreg).
 //!
 //! At the end of each segment (the part's pages of one request) the consumers write either the
-//! final output (when the request has one split) or a partial O and lse for the combine kernel.
+//! final output (when the request has one split) or a partial O and lse, which the CTAs of the
+//! request then merge (`merge`).
 use crate::device::{index, math, mbarrier, smem, sync, tma, tma::TensorMap};
 use crate::merge;
 use crate::tile::{self, ColumnState, Frag, PAGE_BYTES, ROW_BYTES};

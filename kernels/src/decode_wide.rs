@@ -14,7 +14,7 @@
 //! ```
 //!
 //! The producer warpgroup, the two-page TMA ring, the Q loads, the work ranges, the partial
-//! outputs and the combine kernel are those of the ETAP kernel (`decode`): only the consumers
+//! outputs and the split merge are those of the ETAP kernel (`decode`): only the consumers
 //! differ. Padding rows (s_q * h_q = 32 or 48) compute on and are never written. Wider
 //! requests (h_q = 128, or s_q * h_q > 64) are cut into column groups of 64 rows, one CTA
 //! each; the CTAs of one part read the same pages at about the same time, so that the second
