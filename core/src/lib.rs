@@ -136,13 +136,16 @@ pub fn total_cost(seqlens: &[i32], max_pages: u32) -> u32 {
 /// Writes one [`WorkRange`] per part and `split_offsets` (length `seqlens.len() + 1`): the
 /// number of splits of request `r` is `split_offsets[r + 1] - split_offsets[r]`, and its
 /// partial results live in slots `split_offsets[r]..split_offsets[r + 1]` of the accumulation
-/// buffers. A request with one split is written straight to the output by the decode kernel; a
-/// request with none (no rows) gets zeros and `-inf` from the combine kernel.
+/// buffers. A request with one split is written straight to the output by the decode kernel;
+/// a request with none (no rows) gets zeros and `-inf`.
 ///
 /// Greedy and in request order, like FlashMLA's `get_mla_metadata`: each part gets a budget of
-/// `ceil(total / parts) + SPLIT_COST_PAGES` cost units; it takes whole requests while they fit
-/// and cuts the request that does not, as long as at least one page fits. The last part takes
-/// whatever is left, so every page is covered exactly once.
+/// cost units; it takes whole requests while they fit and cuts the request that does not, as
+/// long as at least one page fits. The last part takes whatever is left, so every page is
+/// covered exactly once. The budget is the smallest (binary search) with which the greedy walk
+/// covers everything in `parts` parts, at most `ceil(total / parts) + SPLIT_COST_PAGES`: the
+/// plain rounded-up share can leave parts idle (64 requests of 128 pages over 132 parts: 128
+/// parts of 64 pages and 4 idle, where 130 parts of 63 do).
 ///
 /// Returns the total number of splits (`split_offsets[b]`), at most `b + parts - 1`.
 pub fn schedule(seqlens: &[i32], max_pages: u32, ranges: &mut [WorkRange], split_offsets: &mut [u32]) -> u32 {
@@ -151,27 +154,68 @@ pub fn schedule(seqlens: &[i32], max_pages: u32, ranges: &mut [WorkRange], split
     debug_assert!(split_offsets.len() == b + 1);
     let total = total_cost(seqlens, max_pages);
     let parts_u = if parts == 0 { 1 } else { parts as u32 };
-    let budget = total.div_ceil(parts_u) + SPLIT_COST_PAGES;
+    // The greedy walk is monotone enough in the budget for a binary search: a feasible budget
+    // is one whose walk, with no part taking the rest, ends within `parts` parts.
+    let mut hi = total.div_ceil(parts_u) + SPLIT_COST_PAGES;
+    let mut lo = total.div_ceil(parts_u).max(SPLIT_COST_PAGES + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if walk(seqlens, max_pages, mid, parts, false, |_, _| {}, |_, _| {}) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
     for o in split_offsets.iter_mut() {
         *o = 0;
     }
-
-    // Walk the requests; `r` is the current request, `page` its next unassigned page and
-    // `split` the split index its next segment gets.
     // split_offsets[r + 1] holds request r's split count until the prefix sum at the end.
+    walk(
+        seqlens,
+        max_pages,
+        hi,
+        parts,
+        true,
+        |p, range| ranges[p] = range,
+        |r, splits| split_offsets[r + 1] = splits,
+    );
+    // Counts to offsets.
+    split_offsets[0] = 0;
+    for i in 0..b {
+        split_offsets[i + 1] += split_offsets[i];
+    }
+    split_offsets[b]
+}
+
+/// The greedy walk of [`schedule`] with a given `budget` per part: calls `range(p, ..)` for
+/// each of the `parts` parts (unused parts get [`WorkRange::EMPTY`]) and `splits(r, n)` for
+/// each request with pages. With `last_takes_rest` the last part takes whatever is left and
+/// the walk always covers everything; without, it returns whether `parts` parts sufficed.
+fn walk<R: FnMut(usize, WorkRange), S: FnMut(usize, u32)>(
+    seqlens: &[i32],
+    max_pages: u32,
+    budget: u32,
+    parts: usize,
+    last_takes_rest: bool,
+    mut range_out: R,
+    mut splits_out: S,
+) -> bool {
+    let b = seqlens.len();
+    // `r` is the current request, `page` its next unassigned page and `split` the split
+    // index its next segment gets.
     let mut r = 0usize;
     while r < b && pages_of(seqlens[r], max_pages) == 0 {
         r += 1;
     }
     let mut page = 0u32;
     let mut split = 0u32;
-    for (p, range) in ranges.iter_mut().enumerate() {
+    for p in 0..parts {
         if r >= b {
-            *range = WorkRange::EMPTY;
+            range_out(p, WorkRange::EMPTY);
             continue;
         }
-        let last_part = p + 1 == parts;
-        *range = WorkRange {
+        let last_part = last_takes_rest && p + 1 == parts;
+        let mut range = WorkRange {
             begin_req: r as u32,
             begin_page: page,
             end_req: r as u32,
@@ -190,7 +234,7 @@ pub fn schedule(seqlens: &[i32], max_pages: u32, ranges: &mut [WorkRange], split
                 remaining = remaining.saturating_sub(cost);
                 range.end_req = r as u32;
                 range.end_page = np;
-                split_offsets[r + 1] = split + 1;
+                splits_out(r, split + 1);
                 r += 1;
                 page = 0;
                 split = 0;
@@ -212,13 +256,9 @@ pub fn schedule(seqlens: &[i32], max_pages: u32, ranges: &mut [WorkRange], split
                 break;
             }
         }
+        range_out(p, range);
     }
-    // Counts to offsets.
-    split_offsets[0] = 0;
-    for i in 0..b {
-        split_offsets[i + 1] += split_offsets[i];
-    }
-    split_offsets[b]
+    r >= b
 }
 
 /// Upper bound on the number of splits [`schedule`] produces for `b` requests over `parts`
