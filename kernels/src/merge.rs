@@ -12,11 +12,12 @@
 //! items of the CTA's column group, so the merge is spread over as many SMs as the request
 //! was, whether it has 2 splits or 100 (one long request over every SM). Splits `0..n-1` each
 //! end their CTA's range (the request goes on in the next part) while the last split starts
-//! one, so every CTA merges at most one request: its range's last. Before merging, a CTA waits until
-//! every split of the request is written: a counter per (request, column group), to which each
-//! consumer warpgroup adds 1 after writing its part of a partial ([`publish`]). Counters are
-//! never reset: call `e` of a plan waits for `e * n * CONSUMERS` (wrapping), so a plan is reused
-//! across layers without clearing anything.
+//! one, so every CTA merges at most one request: its range's last.
+//!
+//! Before merging, a CTA waits until every split of the request is written: a counter per
+//! (request, column group), to which each consumer warpgroup adds 1 after writing its part of
+//! a partial ([`publish`]). Counters are never reset: call `e` of a plan waits for
+//! `e * n * CONSUMERS` (wrapping), so a plan is reused across layers without clearing anything.
 //!
 //! Waiting for other CTAs needs them resident: the host launches the decode kernels
 //! cooperatively, and every CTA finishes all its pages before it waits for anything.
@@ -34,6 +35,7 @@ const THREADS: u32 = CONSUMERS * index::WARPGROUP;
 const CHUNK: u32 = 4;
 /// Items per column (512 / 4).
 const CHUNKS: u32 = D_V as u32 / CHUNK;
+
 /// The (request, column group) counter of the merge.
 #[inline(always)]
 unsafe fn counter(prm: &DecodeParams, r: u32, group: u32) -> *mut u32 {
@@ -63,7 +65,6 @@ pub unsafe fn publish(prm: &DecodeParams, r: u32, group: u32, bar_id: u32) {
 /// # Safety
 /// After every consumer thread has published its last segment.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn merge_splits<const F16: bool>(prm: &DecodeParams, group: u32, group_cols: u32, n_req: u32, bar_id: u32) {
     // The part's range, read again (volatile: not replaced by the values the main loop had)
     // rather than kept in registers through the main loop, where they made ptxas spill.
