@@ -115,7 +115,10 @@ pub fn decoder_or_skip(what: &str) -> Option<Decoder> {
     match Decoder::new() {
         Ok(d) => Some(d),
         Err(EtapError::NoDevice) => {
-            println!("SKIP {what}: no CUDA device on this machine");
+            // Written to stderr directly rather than with `println!`, which libtest captures
+            // in tests: the skip and its reason show in every run (CI's log included).
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIP {what}: no CUDA device on this machine");
             None
         }
         Err(e) => panic!("{what}: a CUDA device is present but unusable: {e}"),
