@@ -36,10 +36,16 @@ pub const THREADS: u32 = (CONSUMERS + 1) * index::WARPGROUP;
 /// Register cap at entry (see `etap_core::DECODE_ENTRY_REGS`); setmaxnreg needs one.
 pub const ENTRY_REGS: u32 = etap_core::DECODE_ENTRY_REGS;
 /// Registers per thread after the hand-over: the producer keeps [`PRODUCER_REGS`], the two
-/// consumer warpgroups get [`CONSUMER_REGS`] (128 * 24 + 256 * 240 = 64512 <= 65536). A consumer
-/// holds O^T for 32 columns (8 chunks x 16 floats = 128), S^T (16), and the softmax state.
+/// consumer warpgroups get [`CONSUMER_REGS`]: (168 - 24) * 128 = 18432 registers given back,
+/// (240 - 168) * 256 = 18432 taken. The CTA keeps its launch allocation (384 * 168), so the
+/// consumers can take no more than the producer gives back, or their `setmaxnreg.inc` waits
+/// forever (checked below). A consumer holds O^T for 32 columns (8 chunks x 16 floats = 128), S^T (16), and the softmax state.
 pub const PRODUCER_REGS: u32 = 24;
 pub const CONSUMER_REGS: u32 = 240;
+const _: () = assert!(
+    (ENTRY_REGS - PRODUCER_REGS) * index::WARPGROUP >= (CONSUMER_REGS - ENTRY_REGS) * CONSUMERS * index::WARPGROUP,
+    "the consumers would take more registers than the producer gives back"
+);
 /// Named barrier over both consumer warpgroups (ids 1 and 2 are the warpgroups' own).
 const BAR_CONSUMERS: u32 = 3;
 /// Named barriers of the tensor-core turn of warpgroup 0 and 1 ([`tile::Turn`]).
@@ -143,7 +149,7 @@ unsafe fn decode<const NW: usize, const F16: bool>(prm: &DecodeParams) {
     let sm = Smem::new(cols, NW as u32);
     let group = index::block_y();
     let n_req = prm.s_q * prm.h_q;
-    match prologue(prm, &sm) {
+    match prologue::<STAGES>(prm, &sm) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, cols, n_req) {
                 sync::setmaxnreg_inc::<CONSUMER_REGS>();
@@ -155,12 +161,13 @@ unsafe fn decode<const NW: usize, const F16: bool>(prm: &DecodeParams) {
 }
 
 /// What both decode kernels do first: check the shared-memory alignment, initialize the
-/// mbarriers and read the CTA's work range (`None` when the CTA has no work).
+/// mbarriers of a ring of `SLOTS` buffers and read the CTA's work range (`None` when the CTA
+/// has no work).
 ///
 /// # Safety
 /// Every thread of the CTA calls it, with `sm` laid out in the dynamic shared memory.
 #[inline(always)]
-pub(crate) unsafe fn prologue(prm: &DecodeParams, sm: &Smem) -> Option<WorkRange> {
+pub(crate) unsafe fn prologue<const SLOTS: u32>(prm: &DecodeParams, sm: &Smem) -> Option<WorkRange> {
     let t = index::thread_x();
     let part = index::block_x();
     #[allow(clippy::manual_is_multiple_of)] // the GPU-tested PTX; `is_multiple_of` lays out the branch differently
@@ -170,7 +177,7 @@ pub(crate) unsafe fn prologue(prm: &DecodeParams, sm: &Smem) -> Option<WorkRange
     if t == 0 {
         tma::acquire_map(prm.q_map);
         tma::acquire_map(prm.kv_map);
-        for s in 0..STAGES {
+        for s in 0..SLOTS {
             mbarrier::init(sm.full + 8 * s, 1);
             mbarrier::init(sm.empty + 8 * s, CONSUMERS);
         }
@@ -201,6 +208,21 @@ pub(crate) unsafe fn run_producer(
     cols: u32,
     n_req: u32,
 ) -> bool {
+    run_producer_with(prm, group, cols, n_req, || produce(prm, range, sm, group, cols, n_req))
+}
+
+/// [`run_producer`] with the loads issued by `produce` (the seesaw kernel's half-page units).
+///
+/// # Safety
+/// As [`run_producer`].
+#[inline(always)]
+pub(crate) unsafe fn run_producer_with(
+    prm: &DecodeParams,
+    group: u32,
+    cols: u32,
+    n_req: u32,
+    produce: impl FnOnce(),
+) -> bool {
     let t = index::thread_x();
     if sync::warp_uniform(t / index::WARPGROUP) != CONSUMERS {
         return false;
@@ -208,7 +230,7 @@ pub(crate) unsafe fn run_producer(
     sync::setmaxnreg_dec::<PRODUCER_REGS>();
     let first_idle = CONSUMERS * index::WARPGROUP + index::WARP;
     if t == CONSUMERS * index::WARPGROUP {
-        produce(prm, range, sm, group, cols, n_req);
+        produce();
     } else if t >= first_idle {
         // The producer warpgroup's other three warps: the requests with no rows that fall to
         // this CTA (zeros and lse = -inf), while the loads run.
@@ -228,12 +250,7 @@ unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, 
         if lo == hi {
             continue;
         }
-        if q_round > 0 {
-            // Both warpgroups are done with the previous request's Q.
-            tile::wait(sm.q_empty, (q_round - 1) & 1);
-        }
-        mbarrier::arrive_expect_tx(sm.q_full, QK_BLOCKS as u32 * cols * ROW_BYTES);
-        tile::load_q(prm.q_map, sm.q, sm.q_full, (r * n_req + group * cols) as i32, cols);
+        load_request_q(prm, sm, r, group, cols, n_req, q_round);
         q_round += 1;
         let table = prm.block_table.add((r * prm.max_pages) as usize);
         for page in lo..hi {
@@ -243,10 +260,35 @@ unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, 
             }
             let id = *table.add(page as usize);
             mbarrier::arrive_expect_tx(sm.full + 8 * stage, PAGE_BYTES);
-            tile::load_page(prm.kv_map, sm.pages + stage * PAGE_BYTES, sm.full + 8 * stage, id);
+            let (dst, bar) = (sm.pages + stage * PAGE_BYTES, sm.full + 8 * stage);
+            tile::load_kv_tile(prm.kv_map, dst, bar, id * PAGE_ROWS as i32, PAGE_ROWS as u32);
             it += 1;
         }
     }
+}
+
+/// Load request `r`'s Q rows of column group `group` (`cols` of its `n_req`) for the consumers, once they
+/// are done with the previous request's (`q_round` requests loaded so far). The producer's
+/// thread calls it.
+///
+/// # Safety
+/// As [`produce`].
+#[inline(always)]
+pub(crate) unsafe fn load_request_q(
+    prm: &DecodeParams,
+    sm: &Smem,
+    r: u32,
+    group: u32,
+    cols: u32,
+    n_req: u32,
+    q_round: u32,
+) {
+    if q_round > 0 {
+        // Both warpgroups are done with the previous request's Q.
+        tile::wait(sm.q_empty, (q_round - 1) & 1);
+    }
+    mbarrier::arrive_expect_tx(sm.q_full, QK_BLOCKS as u32 * cols * ROW_BYTES);
+    tile::load_q(prm.q_map, sm.q, sm.q_full, (r * n_req + group * cols) as i32, cols);
 }
 
 /// A consumer warpgroup: S^T, softmax, O^T for its NW columns over the part's pages.

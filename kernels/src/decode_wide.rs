@@ -76,7 +76,7 @@ unsafe fn decode_wide<const F16: bool>(prm: &DecodeParams) {
     let (sm, red_sum) = layout();
     let group = index::block_y();
     let n_req = prm.s_q * prm.h_q;
-    match prologue(prm, &sm) {
+    match prologue::<STAGES>(prm, &sm) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, WIDE_ROWS, n_req) {
                 sync::setmaxnreg_inc::<CONSUMER_REGS>();
@@ -224,7 +224,6 @@ unsafe fn finish_segment<const F16: bool>(
             inv[h] = smem::ld_f32(red_sum + row * 4);
         });
     }
-
     let splits = *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize);
     let slot_base = *prm.split_offsets.add(r as usize) + split;
     unroll!(c < 4, max 4 => {

@@ -71,6 +71,68 @@ pub unsafe fn ld_f32(addr: u32) -> f32 {
     r
 }
 
+/// Store four 32-bit words (16 bytes).
+///
+/// # Safety
+/// As [`st_u16`], and `addr` 16-byte aligned.
+#[inline(always)]
+pub unsafe fn st_v4_u32(addr: u32, v: [u32; 4]) {
+    asm!(
+        "st.shared.v4.u32 [{0}], {{{1}, {2}, {3}, {4}}};",
+        in(reg32) addr,
+        in(reg32) v[0],
+        in(reg32) v[1],
+        in(reg32) v[2],
+        in(reg32) v[3],
+        options(nostack)
+    );
+}
+
+/// Load four 32-bit words (16 bytes).
+///
+/// # Safety
+/// As [`st_v4_u32`].
+#[inline(always)]
+pub unsafe fn ld_v4_u32(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ld.shared.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+        out(reg32) a,
+        out(reg32) b,
+        out(reg32) c,
+        out(reg32) d,
+        in(reg32) addr,
+        options(nostack, readonly)
+    );
+    [a, b, c, d]
+}
+
+/// Store two f32 (8 bytes).
+///
+/// # Safety
+/// As [`st_u16`], and `addr` 8-byte aligned.
+#[inline(always)]
+pub unsafe fn st_v2_f32(addr: u32, v: [f32; 2]) {
+    asm!("st.shared.v2.f32 [{0}], {{{1}, {2}}};", in(reg32) addr, in(reg32) v[0], in(reg32) v[1], options(nostack));
+}
+
+/// Load two f32 (8 bytes).
+///
+/// # Safety
+/// As [`st_v2_f32`].
+#[inline(always)]
+pub unsafe fn ld_v2_f32(addr: u32) -> [f32; 2] {
+    let (a, b): (f32, f32);
+    asm!(
+        "ld.shared.v2.f32 {{{0}, {1}}}, [{2}];",
+        out(reg32) a,
+        out(reg32) b,
+        in(reg32) addr,
+        options(nostack, readonly)
+    );
+    [a, b]
+}
+
 /// Store 16 zero bytes.
 ///
 /// # Safety

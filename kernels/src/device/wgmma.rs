@@ -64,7 +64,16 @@ impl Desc {
     /// the step between 64-wide M blocks, is never used.
     #[inline(always)]
     pub const fn m_major_sw128(addr: u32) -> Desc {
-        Desc::new(addr, 8192, 1024, Swizzle::B128)
+        Desc::mn_major_sw128(addr, 8192)
+    }
+
+    /// An M- or N-major operand, 128-byte swizzle, wider than one swizzle row: its 64-element
+    /// blocks (along M or N) lie `block_bytes` apart (the leading offset); within a block as
+    /// [`Desc::m_major_sw128`]. The seesaw kernel's V is N-major B in blocks of 32 KV rows
+    /// (4 KiB).
+    #[inline(always)]
+    pub const fn mn_major_sw128(addr: u32, block_bytes: u32) -> Desc {
+        Desc::new(addr, block_bytes, 1024, Swizzle::B128)
     }
 }
 
@@ -125,6 +134,22 @@ pub unsafe fn mma_n256<const TA: u32, const TB: u32, const F16: bool>(
         ops::mma_f16_n256::<TA, TB>(d, a.0, b.0, acc)
     } else {
         ops::mma_bf16_n256::<TA, TB>(d, a.0, b.0, acc)
+    }
+}
+
+/// D[64 x 256] (+)= A[64 x 16] * B[16 x 256] with A from registers: `a` is the thread's m64k16
+/// A fragment, elements (row, k) at the positions `frag_pos` gives an m64n16 accumulator, two
+/// per register (the low half first). `TB` as in [`mma`].
+///
+/// # Safety
+/// As [`mma`]; `fence` also after `a`'s registers were last written.
+#[inline(always)]
+pub unsafe fn mma_rs_n256<const TB: u32, const F16: bool>(d: &mut [f32; 128], a: [u32; 4], b: Desc, accumulate: bool) {
+    let acc = accumulate as u32;
+    if F16 {
+        ops::mma_rs_f16_n256::<TB>(d, a, b.0, acc)
+    } else {
+        ops::mma_rs_bf16_n256::<TB>(d, a, b.0, acc)
     }
 }
 
