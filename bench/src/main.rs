@@ -246,6 +246,7 @@ fn layout_name(l: Layout) -> &'static str {
     match l {
         Layout::KvOnM => "kv",
         Layout::HeadsOnM => "heads",
+        Layout::Seesaw => "seesaw",
     }
 }
 
@@ -342,6 +343,14 @@ fn bench_inner<T: Element>(
     let plans = (0..sets)
         .map(|_| dec.plan_with_layout(&shape, &sl, stream, layout))
         .collect::<Result<Vec<_>, _>>()?;
+    let t = plans[0].tiling();
+    eprintln!(
+        "{tag} plan: {} parts x {} column groups of {} columns ({:?})",
+        plans[0].parts(),
+        t.groups,
+        t.cols_per_cta,
+        t.layout
+    );
     let nan_out = vec![T::nan(); shape.out_len()];
     let nan_lse = vec![f32::NAN; shape.lse_len()];
     let mut out = DeviceBuffer::from_slice(&nan_out)?;

@@ -19,7 +19,7 @@ pub struct RunInfo {
 pub struct Row {
     pub config: String,
     pub dtype: String,
-    /// The decode layout used: "kv" (ETAP, KV rows on M) or "heads" (the wide kernel).
+    /// The decode layout used: "kv" (ETAP, KV rows on M), "heads" (the wide kernel) or "seesaw".
     pub layout: String,
     pub batch: usize,
     pub s_q: usize,
@@ -386,6 +386,8 @@ pub fn svg(info: &RunInfo, rows: &[Row]) -> String {
         let color = dtype_color(dt);
         let dash = if *layout == "heads" {
             r#" stroke-dasharray="3 3""#
+        } else if *layout == "seesaw" {
+            r#" stroke-dasharray="8 3""#
         } else {
             ""
         };
@@ -457,6 +459,8 @@ pub fn svg(info: &RunInfo, rows: &[Row]) -> String {
         let c = dtype_color(dt);
         let dash = if *layout == "heads" {
             r#" stroke-dasharray="3 3""#
+        } else if *layout == "seesaw" {
+            r#" stroke-dasharray="8 3""#
         } else {
             ""
         };
