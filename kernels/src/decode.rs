@@ -39,7 +39,8 @@ pub const ENTRY_REGS: u32 = etap_core::DECODE_ENTRY_REGS;
 /// consumer warpgroups get [`CONSUMER_REGS`]: (168 - 24) * 128 = 18432 registers given back,
 /// (240 - 168) * 256 = 18432 taken. The CTA keeps its launch allocation (384 * 168), so the
 /// consumers can take no more than the producer gives back, or their `setmaxnreg.inc` waits
-/// forever (checked below). A consumer holds O^T for 32 columns (8 chunks x 16 floats = 128), S^T (16), and the softmax state.
+/// forever (checked below). A consumer holds O^T for 32 columns (8 chunks x 16 floats =
+/// 128), S^T (16), and the softmax state.
 pub const PRODUCER_REGS: u32 = 24;
 pub const CONSUMER_REGS: u32 = 240;
 const _: () = assert!(
@@ -267,9 +268,9 @@ unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, 
     }
 }
 
-/// Load request `r`'s Q rows of column group `group` (`cols` of its `n_req`) for the consumers, once they
-/// are done with the previous request's (`q_round` requests loaded so far). The producer's
-/// thread calls it.
+/// Load request `r`'s Q rows of column group `group` (`cols` of its `n_req`) for the
+/// consumers, once they are done with the previous request's (`q_round` requests loaded so
+/// far). The producer's thread calls it.
 ///
 /// # Safety
 /// As [`produce`].

@@ -80,7 +80,7 @@ pub unsafe fn load_kv_tile(map: *const TensorMap, dst: u32, bar: u32, row: i32, 
 /// Issue the TMA loads of `cols` query rows starting at global row `row` into `dst`.
 ///
 /// # Safety
-/// As [`load_page`]; `dst` holds 9 blocks of `cols` rows.
+/// As [`load_kv_tile`]; `dst` holds 9 blocks of `cols` rows.
 #[inline(always)]
 pub unsafe fn load_q(map: *const TensorMap, dst: u32, bar: u32, row: i32, cols: u32) {
     for blk in 0..QK_BLOCKS as u32 {
