@@ -221,6 +221,16 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     t
 }
 
+/// The SVG dash pattern of a layout's lines: solid for ETAP (KV on M), dashed for the
+/// heads-on-M kernels.
+fn layout_dash(layout: &str) -> &'static str {
+    match layout {
+        "heads" => r#" stroke-dasharray="3 3""#,
+        "seesaw" => r#" stroke-dasharray="8 3""#,
+        _ => "",
+    }
+}
+
 fn dtype_color(dtype: &str) -> &'static str {
     match dtype {
         "bf16" => "#1f77b4",
@@ -378,19 +388,13 @@ pub fn svg(info: &RunInfo, rows: &[Row]) -> String {
         );
     }
 
-    // One series per dtype and layout (the heads-on-M layout's lines dashed).
+    // One series per dtype and layout (the heads-on-M layouts' lines dashed).
     let mut keys: Vec<(&str, &str)> = pts.iter().map(|r| (r.dtype.as_str(), r.layout.as_str())).collect();
     keys.sort_unstable();
     keys.dedup();
     for (dt, layout) in &keys {
         let color = dtype_color(dt);
-        let dash = if *layout == "heads" {
-            r#" stroke-dasharray="3 3""#
-        } else if *layout == "seesaw" {
-            r#" stroke-dasharray="8 3""#
-        } else {
-            ""
-        };
+        let dash = layout_dash(layout);
         let mut series: Vec<&&Row> = pts.iter().filter(|r| r.dtype == *dt && r.layout == *layout).collect();
         series.sort_by_key(|r| r.s_k_max);
         let line_t: Vec<String> = series
@@ -457,13 +461,7 @@ pub fn svg(info: &RunInfo, rows: &[Row]) -> String {
     );
     for (dt, layout) in &keys {
         let c = dtype_color(dt);
-        let dash = if *layout == "heads" {
-            r#" stroke-dasharray="3 3""#
-        } else if *layout == "seesaw" {
-            r#" stroke-dasharray="8 3""#
-        } else {
-            ""
-        };
+        let dash = layout_dash(layout);
         let _ = writeln!(
             s,
             r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="1.5"{dash}/><circle cx="{}" cy="{ly}" r="4" fill="{c}"/><text x="{}" y="{}">etap {dt} ({layout} layout)</text>"#,
