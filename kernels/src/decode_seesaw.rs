@@ -40,7 +40,7 @@ use crate::tile::{
     self, Frag, PFrag, RowState, WideAcc, P_SLOT_BYTES, ROW_BYTES, UNIT_BYTES, UNIT_ROWS, WIDE_ROWS, WIDE_V_BLOCKS,
 };
 use crate::unroll;
-use etap_core::{pages_of, rows_of, visible_rows, WorkRange, D_V, PAGE_ROWS, QK_BLOCKS};
+use etap_core::{pages_of, rows_of, visible_rows, WorkRange, PAGE_ROWS, QK_BLOCKS};
 
 /// Units in the ring: four half pages (144 KiB, the two pages of the other kernels).
 pub const SLOTS: u32 = 4;
@@ -319,46 +319,8 @@ unsafe fn finish_segment<const F16: bool>(
             lse[h] = f32::NEG_INFINITY;
         }
     });
-    // The output tail as in the wide kernel's `finish_segment` (kept apart there: sharing it
-    // changed that kernel's code generation, docs/perf-notes.md v20).
     let lane = tw % 32;
-    let splits = *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize);
-    let slot_base = *prm.split_offsets.add(r as usize) + split;
-    unroll!(c < 4, max 4 => {
-        unroll!(j < 16, max 16 => {
-            // Elements i, i + 1: adjacent features of one row.
-            let i = 32 * c + 2 * j;
-            let (row, dim) = crate::device::wgmma::frag_pos(tw, i as u32);
-            let n = col0 + row;
-            if n < n_req {
-                let h = tile::row_half(i);
-                let d = WIDE_V_BLOCKS as u32 * 64 * wg + dim;
-                let (v0, v1) = (o[i] * inv[h], o[i + 1] * inv[h]);
-                if splits == 1 {
-                    let idx = ((r * n_req + n) * D_V as u32 + d) as usize;
-                    *(prm.out.add(idx) as *mut u32) = math::pack2::<F16>(v0, v1);
-                } else {
-                    let idx = ((slot_base * n_req + n) * D_V as u32 + d) as usize;
-                    *(prm.o_accum.add(idx) as *mut [f32; 2]) = [v0, v1];
-                }
-            }
-        });
-    });
-    // lse: the first thread of each quad of the scorer holds its two rows' values.
-    if wg == 0 && lane.is_multiple_of(4) {
-        unroll!(h < 2, max 2 => {
-            let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
-            let n = col0 + row;
-            if n < n_req {
-                if splits == 1 {
-                    let (tok, head) = (n / prm.h_q, n % prm.h_q);
-                    *prm.lse.add(((r * prm.h_q + head) * prm.s_q + tok) as usize) = lse[h];
-                } else {
-                    *prm.lse_accum.add((slot_base * n_req + n) as usize) = lse[h];
-                }
-            }
-        });
-    }
+    crate::decode_wide::store_rows!(F16; prm, r, split, col0, n_req, o, inv, lse, wg, tw, lane);
 }
 
 macro_rules! decode_seesaw_entry {

@@ -24,7 +24,7 @@ use crate::device::{index, math, mbarrier, smem, sync};
 use crate::merge;
 use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
-use etap_core::{visible_rows, WorkRange, D_V, PAGE_ROWS, QK_BLOCKS};
+use etap_core::{visible_rows, WorkRange, PAGE_ROWS, QK_BLOCKS};
 
 /// Named barriers of each consumer warpgroup alone (1 + warpgroup), as in the ETAP kernel.
 const BAR_OWN: u32 = 1;
@@ -224,44 +224,57 @@ unsafe fn finish_segment<const F16: bool>(
             inv[h] = smem::ld_f32(red_sum + row * 4);
         });
     }
-    let splits = *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize);
-    let slot_base = *prm.split_offsets.add(r as usize) + split;
-    unroll!(c < 4, max 4 => {
-        unroll!(j < 16, max 16 => {
-            // Elements i, i + 1: adjacent features of one row.
-            let i = 32 * c + 2 * j;
-            let (row, dim) = crate::device::wgmma::frag_pos(tw, i as u32);
-            let n = col0 + row;
-            if n < n_req {
-                let h = tile::row_half(i);
-                let d = WIDE_V_BLOCKS as u32 * 64 * wg + dim;
-                let (v0, v1) = (o[i] * inv[h], o[i + 1] * inv[h]);
-                if splits == 1 {
-                    let idx = ((r * n_req + n) * D_V as u32 + d) as usize;
-                    *(prm.out.add(idx) as *mut u32) = math::pack2::<F16>(v0, v1);
-                } else {
-                    let idx = ((slot_base * n_req + n) * D_V as u32 + d) as usize;
-                    *(prm.o_accum.add(idx) as *mut [f32; 2]) = [v0, v1];
-                }
-            }
-        });
-    });
-    // lse: the first thread of each quad of the scorer holds its two rows' values.
-    if wg == 0 && lane.is_multiple_of(4) {
-        unroll!(h < 2, max 2 => {
-            let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
-            let n = col0 + row;
-            if n < n_req {
-                if splits == 1 {
-                    let (tok, head) = (n / prm.h_q, n % prm.h_q);
-                    *prm.lse.add(((r * prm.h_q + head) * prm.s_q + tok) as usize) = lse[h];
-                } else {
-                    *prm.lse_accum.add((slot_base * n_req + n) as usize) = lse[h];
-                }
-            }
-        });
-    }
+    store_rows!(F16; prm, r, split, col0, n_req, o, inv, lse, wg, tw, lane);
 }
+
+/// The end of a heads-on-M segment, shared by the wide and the seesaw kernel: write warpgroup
+/// `wg`'s 256 features of the segment's rows (thread `tw`, lane `lane`), normalized by `inv`
+/// (1 / l of the thread's two rows), and from warpgroup 0 their `lse`: the final out / lse when
+/// request `r` has a single split, else split `split`'s partial O and lse. A macro rather than
+/// a function: as an inlined function it changed the wide kernel's code generation (1,500
+/// more PTX lines); expanded, the PTX is byte-identical.
+macro_rules! store_rows {
+    ($f16:ident; $prm:expr, $r:expr, $split:expr, $col0:expr, $n_req:expr, $o:expr, $inv:expr, $lse:expr, $wg:expr, $tw:expr, $lane:expr) => {{
+        let splits = *$prm.split_offsets.add($r as usize + 1) - *$prm.split_offsets.add($r as usize);
+        let slot_base = *$prm.split_offsets.add($r as usize) + $split;
+        $crate::unroll!(c < 4, max 4 => {
+            $crate::unroll!(j < 16, max 16 => {
+                // Elements i, i + 1: adjacent features of one row.
+                let i = 32 * c + 2 * j;
+                let (row, dim) = $crate::device::wgmma::frag_pos($tw, i as u32);
+                let n = $col0 + row;
+                if n < $n_req {
+                    let h = $crate::tile::row_half(i);
+                    let d = $crate::tile::WIDE_V_BLOCKS as u32 * 64 * $wg + dim;
+                    let (v0, v1) = ($o[i] * $inv[h], $o[i + 1] * $inv[h]);
+                    if splits == 1 {
+                        let idx = (($r * $n_req + n) * etap_core::D_V as u32 + d) as usize;
+                        *($prm.out.add(idx) as *mut u32) = $crate::device::math::pack2::<$f16>(v0, v1);
+                    } else {
+                        let idx = ((slot_base * $n_req + n) * etap_core::D_V as u32 + d) as usize;
+                        *($prm.o_accum.add(idx) as *mut [f32; 2]) = [v0, v1];
+                    }
+                }
+            });
+        });
+        // lse: the first thread of each quad of the scorer holds its two rows' values.
+        if $wg == 0 && $lane.is_multiple_of(4) {
+            $crate::unroll!(h < 2, max 2 => {
+                let (row, _) = $crate::device::wgmma::frag_pos($tw, 2 * h as u32);
+                let n = $col0 + row;
+                if n < $n_req {
+                    if splits == 1 {
+                        let (tok, head) = (n / $prm.h_q, n % $prm.h_q);
+                        *$prm.lse.add((($r * $prm.h_q + head) * $prm.s_q + tok) as usize) = $lse[h];
+                    } else {
+                        *$prm.lse_accum.add((slot_base * $n_req + n) as usize) = $lse[h];
+                    }
+                }
+            });
+        }
+    }};
+}
+pub(crate) use store_rows;
 
 macro_rules! decode_wide_entry {
     ($($name:ident = $f16:literal;)*) => {$(
