@@ -418,14 +418,7 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
         for w in 0..4u32 {
             l += smem::ld_f32(red + (w * NW as u32 + col) * 4);
         }
-        if l > 0.0 {
-            inv[slot] = 1.0 / l;
-            // m and log2(l) are in log2 units.
-            lse[slot] = (st.m[slot] + math::ln(l) * core::f32::consts::LOG2_E) * core::f32::consts::LN_2;
-        } else {
-            inv[slot] = 0.0;
-            lse[slot] = f32::NEG_INFINITY;
-        }
+        (inv[slot], lse[slot]) = tile::normalizer(l, st.m[slot]);
     });
     sync::bar_sync(bar_id, index::WARPGROUP);
 

@@ -34,7 +34,7 @@
 //! (identical bits over repeated calls) show one, and the plan does not pick this kernel until
 //! that is understood.
 use crate::decode::{prologue, run_producer_with, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, THREADS};
-use crate::device::{index, math, mbarrier, smem, sync};
+use crate::device::{index, mbarrier, smem, sync};
 use crate::merge;
 use crate::tile::{
     self, Frag, PFrag, RowState, WideAcc, P_SLOT_BYTES, ROW_BYTES, UNIT_BYTES, UNIT_ROWS, WIDE_ROWS, WIDE_V_BLOCKS,
@@ -310,14 +310,7 @@ unsafe fn finish_segment<const F16: bool>(
         // One addition of two numbers: the same bits in both warpgroups (IEEE addition
         // commutes).
         let l = mine[h] + theirs[h];
-        if l > 0.0 {
-            inv[h] = 1.0 / l;
-            // m and log2(l) are in log2 units.
-            lse[h] = (st.m[h] + math::ln(l) * core::f32::consts::LOG2_E) * core::f32::consts::LN_2;
-        } else {
-            inv[h] = 0.0;
-            lse[h] = f32::NEG_INFINITY;
-        }
+        (inv[h], lse[h]) = tile::normalizer(l, st.m[h]);
     });
     let lane = tw % 32;
     crate::decode_wide::store_rows!(F16; prm, r, split, col0, n_req, o, inv, lse, wg, tw, lane);

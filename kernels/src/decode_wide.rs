@@ -20,7 +20,7 @@
 //! each; the CTAs of one part read the same pages at about the same time, so that the second
 //! read of a page is mostly an L2 hit (docs/perf-notes.md).
 use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES, THREADS};
-use crate::device::{index, math, mbarrier, smem, sync};
+use crate::device::{index, mbarrier, smem, sync};
 use crate::merge;
 use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
@@ -205,14 +205,7 @@ unsafe fn finish_segment<const F16: bool>(
             let mut l = st.l[h];
             l += sync::shfl_xor_f32(l, 1);
             l += sync::shfl_xor_f32(l, 2);
-            if l > 0.0 {
-                inv[h] = 1.0 / l;
-                // m and log2(l) are in log2 units.
-                lse[h] = (st.m[h] + math::ln(l) * core::f32::consts::LOG2_E) * core::f32::consts::LN_2;
-            } else {
-                inv[h] = 0.0;
-                lse[h] = f32::NEG_INFINITY;
-            }
+            (inv[h], lse[h]) = tile::normalizer(l, st.m[h]);
             let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
             smem::st_f32_if(lane.is_multiple_of(4), red_sum + row * 4, inv[h]);
         });

@@ -406,6 +406,22 @@ impl RowState {
     }
 }
 
+/// A segment's normalization of one row (or column): from its softmax sum `l` and running max
+/// `m` (log2 units), `(1 / l, lse)` with the lse in natural-log units; `(0, -inf)` when the row
+/// saw no KV row (`l = 0`). The decode kernels' segment ends all use it.
+#[inline(always)]
+pub fn normalizer(l: f32, m: f32) -> (f32, f32) {
+    if l > 0.0 {
+        // m and log2(l) are in log2 units.
+        (
+            1.0 / l,
+            (m + math::ln(l) * core::f32::consts::LOG2_E) * core::f32::consts::LN_2,
+        )
+    } else {
+        (0.0, f32::NEG_INFINITY)
+    }
+}
+
 /// Which of a thread's two rows fragment element `i` belongs to.
 #[inline(always)]
 pub const fn row_half(i: usize) -> usize {
