@@ -6,7 +6,8 @@ use etap::reference::{mla_decode, mla_decode_f64, mla_decode_into, mla_decode_re
 use etap::validate::{validate_lengths, validate_shape, validate_tables};
 use etap::{Bf16, DecodeShape, Element, EtapError, F16};
 use etap_core::{
-    max_splits, pages_of, schedule, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, SPLIT_COST_PAGES, SUPPORTED_HEADS,
+    lse_index, max_splits, pages_of, schedule, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, SPLIT_COST_PAGES,
+    SUPPORTED_HEADS,
 };
 use etap_tests::{max_abs_diff_lse, max_abs_diff_lse_f64, rel_err, rel_err_f64, Case, CaseSpec};
 use proptest::prelude::*;
@@ -189,6 +190,30 @@ fn schedule_clamps_to_block_table() {
 // ---------------------------------------------------------------------------------------------
 
 /// Straight from the definition: per (request, token, head) a two-pass softmax in f64.
+/// The kernels' lse address (`etap_core::lse_index`, column `n = token * h_q + head`) is the
+/// `[b, h_q, s_q]` layout the references write, and covers it exactly once.
+#[test]
+fn lse_index_is_the_head_major_layout() {
+    for &(b, s_q, h_q) in &[(1usize, 1usize, 8usize), (3, 2, 16), (2, 4, 128), (5, 3, 32)] {
+        let mut seen = vec![false; b * h_q * s_q];
+        for r in 0..b {
+            for t in 0..s_q {
+                for h in 0..h_q {
+                    let i = lse_index(r as u32, (t * h_q + h) as u32, h_q as u32, s_q as u32) as usize;
+                    assert_eq!(
+                        i,
+                        (r * h_q + h) * s_q + t,
+                        "b={b} s_q={s_q} h_q={h_q} r={r} t={t} h={h}"
+                    );
+                    assert!(!seen[i]);
+                    seen[i] = true;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&x| x));
+    }
+}
+
 fn naive<T: Element>(c: &Case<T>) -> (Vec<f64>, Vec<f64>) {
     let sh = c.shape;
     let scale = c.softmax_scale as f64;

@@ -267,6 +267,14 @@ pub const fn max_splits(b: usize, parts: usize) -> usize {
     b + parts
 }
 
+/// Where column `n = token * h_q + head` of request `r` has its lse in the output `lse`
+/// `[b, h_q, s_q]` (head-major, as FlashMLA's).
+#[inline]
+pub fn lse_index(r: u32, n: u32, h_q: u32, s_q: u32) -> u32 {
+    let (token, head) = (n / h_q, n % h_q);
+    (r * h_q + head) * s_q + token
+}
+
 /// Column layout: the kernels see a request's `s_q * h_q` query rows as columns
 /// `n = token * h_q + head` (the order of q's `[s_q, h_q, 576]` rows). Query token `t` of a
 /// request with `rows` cache rows sees rows `j < rows - s_q + t + 1` (causal, as FlashMLA); this

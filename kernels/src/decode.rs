@@ -23,7 +23,7 @@ use crate::device::{index, math, mbarrier, smem, sync, tma, tma::TensorMap};
 use crate::merge;
 use crate::tile::{self, ColumnState, Frag, PAGE_BYTES, ROW_BYTES};
 use crate::unroll;
-use etap_core::{pages_of, rows_of, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
+use etap_core::{lse_index, pages_of, rows_of, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
 
 /// KV page buffers in the ring: two 72 KiB pages per CTA (three would not fit in 227 KiB next
 /// to even a 16-column Q tile).
@@ -448,8 +448,7 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
             let n = col0 + col;
             if n < n_req {
                 if splits == 1 {
-                    let (tok, head) = (n / prm.h_q, n % prm.h_q);
-                    *prm.lse.add(((r * prm.h_q + head) * prm.s_q + tok) as usize) = lse[slot];
+                    *prm.lse.add(lse_index(r, n, prm.h_q, prm.s_q) as usize) = lse[slot];
                 } else {
                     *prm.lse_accum.add((slot_base * n_req + n) as usize) = lse[slot];
                 }

@@ -257,8 +257,7 @@ macro_rules! store_rows {
                 let n = $col0 + row;
                 if n < $n_req {
                     if splits == 1 {
-                        let (tok, head) = (n / $prm.h_q, n % $prm.h_q);
-                        *$prm.lse.add((($r * $prm.h_q + head) * $prm.s_q + tok) as usize) = $lse[h];
+                        *$prm.lse.add(etap_core::lse_index($r, n, $prm.h_q, $prm.s_q) as usize) = $lse[h];
                     } else {
                         *$prm.lse_accum.add((slot_base * $n_req + n) as usize) = $lse[h];
                     }

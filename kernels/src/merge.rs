@@ -27,7 +27,7 @@
 use crate::decode::{DecodeParams, CONSUMERS};
 use crate::device::{global, index, math, sync};
 use crate::unroll;
-use etap_core::{rows_of, WorkRange, D_V};
+use etap_core::{lse_index, rows_of, WorkRange, D_V};
 
 /// Threads that merge: both consumer warpgroups.
 const THREADS: u32 = CONSUMERS * index::WARPGROUP;
@@ -380,8 +380,7 @@ pub unsafe fn write_empty(prm: &DecodeParams, group: u32, group_cols: u32, n_req
             let mut c = rank;
             while c < cols {
                 let n_col = col0 + c;
-                let (tok, head) = (n_col / prm.h_q, n_col % prm.h_q);
-                *prm.lse.add(((r * prm.h_q + head) * prm.s_q + tok) as usize) = f32::NEG_INFINITY;
+                *prm.lse.add(lse_index(r, n_col, prm.h_q, prm.s_q) as usize) = f32::NEG_INFINITY;
                 c += threads;
             }
         }
