@@ -16,63 +16,56 @@ lines = [
     "use core::arch::asm;",
     "",
 ]
-for ty in ["bf16", "f16"]:
-    for n in list(range(8, 65, 8)) + [256]:
-        k = n // 2
-        regs = ", ".join("{%d}" % i for i in range(k))
-        lines += [
-            "/// D[64 x %d] (+)= A[64 x 16] * B[16 x %d], %s operands." % (n, n, ty),
+
+
+def wrapper(ty, n, rs):
+    """One wrapper: A from shared memory (a descriptor, `TA`) or, with `rs`, from registers (the
+    four 32-bit registers of the m64k16 A fragment; no A transpose immediate)."""
+    k = n // 2
+    regs = ", ".join("{%d}" % i for i in range(k))
+    if rs:
+        doc = [
+            "/// D[64 x %d] (+)= A[64 x 16] * B[16 x %d], %s operands, A from registers: the four" % (n, n, ty),
+            "/// 32-bit registers of the m64k16 A fragment (pairs of elements, as `wgmma::frag_pos`).",
+        ]
+        safety = "/// `commit_group`, with a descriptor that addresses valid shared memory."
+        sig = "pub unsafe fn mma_rs_%s_n%d<const TB: u32>(d: &mut [f32; %d], a: [u32; 4], b: u64, accumulate: u32) {" % (ty, n, k)
+        a_op, a_imm = "{{{a0}, {a1}, {a2}, {a3}}}", ""
+        a_in = ["        a%d = in(reg32) a[%d]," % (i, i) for i in range(4)]
+        ta = []
+    else:
+        doc = ["/// D[64 x %d] (+)= A[64 x 16] * B[16 x %d], %s operands." % (n, n, ty)]
+        safety = "/// `commit_group`, with descriptors that address valid shared memory."
+        sig = "pub unsafe fn mma_%s_n%d<const TA: u32, const TB: u32>(d: &mut [f32; %d], a: u64, b: u64, accumulate: u32) {" % (ty, n, k)
+        a_op, a_imm = "{da}", "{ta}, "
+        a_in = ["        da = in(reg64) a,"]
+        ta = ["        ta = const TA,"]
+    return (
+        doc
+        + [
             "///",
             "/// # Safety",
             "/// Must be executed by all 128 threads of a warpgroup, between `fence` and",
-            "/// `commit_group`, with descriptors that address valid shared memory.",
+            safety,
             "#[inline(always)]",
-            "pub unsafe fn mma_%s_n%d<const TA: u32, const TB: u32>(d: &mut [f32; %d], a: u64, b: u64, accumulate: u32) {" % (ty, n, k),
+            sig,
             "    asm!(",
-            '        "{{ .reg .pred p; setp.ne.b32 p, {sd}, 0; wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s {{%s}}, {da}, {db}, p, 1, 1, {ta}, {tb}; }}",' % (n, ty, ty, regs),
+            '        "{{ .reg .pred p; setp.ne.b32 p, {sd}, 0; wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s {{%s}}, %s, {db}, p, 1, 1, %s{tb}; }}",'
+            % (n, ty, ty, regs, a_op, a_imm),
         ]
-        lines += ["        inout(reg32) d[%d]," % i for i in range(k)]
-        lines += [
-            "        da = in(reg64) a,",
-            "        db = in(reg64) b,",
-            "        sd = in(reg32) accumulate,",
-            "        ta = const TA,",
-            "        tb = const TB,",
-            "        options(nostack),",
-            "    );",
-            "}",
-            "",
-        ]
-# A from registers (the "RS" form): only the n256 shape, for the seesaw kernel's O = P·V with P
-# straight from the softmax's registers. No A descriptor and no A transpose immediate.
+        + ["        inout(reg32) d[%d]," % i for i in range(k)]
+        + a_in
+        + ["        db = in(reg64) b,", "        sd = in(reg32) accumulate,"]
+        + ta
+        + ["        tb = const TB,", "        options(nostack),", "    );", "}", ""]
+    )
+
+
 for ty in ["bf16", "f16"]:
-    n = 256
-    k = n // 2
-    regs = ", ".join("{%d}" % i for i in range(k))
-    lines += [
-        "/// D[64 x %d] (+)= A[64 x 16] * B[16 x %d], %s operands, A from registers: the four" % (n, n, ty),
-        "/// 32-bit registers of the m64k16 A fragment (pairs of elements, as `wgmma::frag_pos`).",
-        "///",
-        "/// # Safety",
-        "/// Must be executed by all 128 threads of a warpgroup, between `fence` and",
-        "/// `commit_group`, with a descriptor that addresses valid shared memory.",
-        "#[inline(always)]",
-        "pub unsafe fn mma_rs_%s_n%d<const TB: u32>(d: &mut [f32; %d], a: [u32; 4], b: u64, accumulate: u32) {" % (ty, n, k),
-        "    asm!(",
-        '        "{{ .reg .pred p; setp.ne.b32 p, {sd}, 0; wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s {{%s}}, {{{a0}, {a1}, {a2}, {a3}}}, {db}, p, 1, 1, {tb}; }}",' % (n, ty, ty, regs),
-    ]
-    lines += ["        inout(reg32) d[%d]," % i for i in range(k)]
-    lines += [
-        "        a0 = in(reg32) a[0],",
-        "        a1 = in(reg32) a[1],",
-        "        a2 = in(reg32) a[2],",
-        "        a3 = in(reg32) a[3],",
-        "        db = in(reg64) b,",
-        "        sd = in(reg32) accumulate,",
-        "        tb = const TB,",
-        "        options(nostack),",
-        "    );",
-        "}",
-        "",
-    ]
+    for n in list(range(8, 65, 8)) + [256]:
+        lines += wrapper(ty, n, False)
+# The RS form only for n256: the seesaw kernel's O = P·V with P straight from the softmax's
+# registers.
+for ty in ["bf16", "f16"]:
+    lines += wrapper(ty, 256, True)
 open("src/device/wgmma_ops.rs", "w").write("\n".join(lines))
