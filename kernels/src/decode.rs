@@ -209,7 +209,9 @@ pub(crate) unsafe fn run_producer(
     cols: u32,
     n_req: u32,
 ) -> bool {
-    run_producer_with(prm, group, cols, n_req, || produce(prm, range, sm, group, cols, n_req))
+    run_producer_with(prm, group, cols, n_req, || {
+        produce::<{ PAGE_ROWS as u32 }, STAGES>(prm, range, sm, group, cols, n_req)
+    })
 }
 
 /// [`run_producer`] with the loads issued by `produce` (the seesaw kernel's half-page units).
@@ -240,31 +242,65 @@ pub(crate) unsafe fn run_producer_with(
     true
 }
 
-/// The producer: the first thread of warpgroup 2 walks the part's segments and issues the loads.
+/// The producer: the first thread of warpgroup 2 walks the part's segments and issues the loads
+/// of each request's Q and its KV tiles of `TILE_ROWS` rows (a page, or the seesaw kernel's
+/// half page) into a ring of `SLOTS`.
+///
+/// # Safety
+/// One thread, after the prologue, with the ring laid out in `sm` and a KV tensor map of
+/// `TILE_ROWS`-row boxes.
 #[inline(always)]
-unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, cols: u32, n_req: u32) {
-    let mut it = 0u32; // pages issued so far
+pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
+    prm: &DecodeParams,
+    range: &WorkRange,
+    sm: &Smem,
+    group: u32,
+    cols: u32,
+    n_req: u32,
+) {
+    let per_page = PAGE_ROWS as u32 / TILE_ROWS;
+    let tile_bytes = QK_BLOCKS as u32 * TILE_ROWS * ROW_BYTES;
+    let mut it = 0u32; // tiles issued so far
     let mut q_round = 0u32;
     for r in range.begin_req..=range.end_req {
-        let np = pages_of(*prm.seqlens.add(r as usize), prm.max_pages);
-        let (lo, hi) = range.segment(r, np);
+        let seqlen = *prm.seqlens.add(r as usize);
+        let (lo, hi) = range.segment(r, pages_of(seqlen, prm.max_pages));
         if lo == hi {
             continue;
         }
         load_request_q(prm, sm, r, group, cols, n_req, q_round);
         q_round += 1;
         let table = prm.block_table.add((r * prm.max_pages) as usize);
-        for page in lo..hi {
-            let stage = it % STAGES;
-            if it >= STAGES {
-                tile::wait(sm.empty + 8 * stage, (it / STAGES - 1) & 1);
+        let end = if per_page == 1 {
+            hi
+        } else {
+            tiles_end(hi, rows_of(seqlen, prm.max_pages), TILE_ROWS)
+        };
+        for u in lo * per_page..end {
+            let slot = it % SLOTS;
+            if it >= SLOTS {
+                tile::wait(sm.empty + 8 * slot, (it / SLOTS - 1) & 1);
             }
-            let id = *table.add(page as usize);
-            mbarrier::arrive_expect_tx(sm.full + 8 * stage, PAGE_BYTES);
-            let (dst, bar) = (sm.pages + stage * PAGE_BYTES, sm.full + 8 * stage);
-            tile::load_kv_tile(prm.kv_map, dst, bar, id * PAGE_ROWS as i32, PAGE_ROWS as u32);
+            let id = *table.add((u / per_page) as usize);
+            let row = id * PAGE_ROWS as i32 + ((u % per_page) * TILE_ROWS) as i32;
+            mbarrier::arrive_expect_tx(sm.full + 8 * slot, tile_bytes);
+            let (dst, bar) = (sm.pages + slot * tile_bytes, sm.full + 8 * slot);
+            tile::load_kv_tile(prm.kv_map, dst, bar, row, TILE_ROWS);
             it += 1;
         }
+    }
+}
+
+/// One past the last KV tile of `tile_rows` rows of a segment whose pages are `..hi`, for a
+/// request of `rows` rows: the last page's tiles past the request's end are skipped.
+#[inline(always)]
+pub(crate) fn tiles_end(hi: u32, rows: u32, tile_rows: u32) -> u32 {
+    let all = hi * (PAGE_ROWS as u32 / tile_rows);
+    let needed = rows.div_ceil(tile_rows);
+    if needed < all {
+        needed
+    } else {
+        all
     }
 }
 

@@ -33,14 +33,16 @@
 //! `bar.sync` on both sides of the hand-over; neither the protocol above nor the tests
 //! (identical bits over repeated calls) show one, and the plan does not pick this kernel until
 //! that is understood.
-use crate::decode::{prologue, run_producer_with, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, THREADS};
+use crate::decode::{
+    produce, prologue, run_producer_with, tiles_end, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, THREADS,
+};
 use crate::device::{index, mbarrier, smem, sync};
 use crate::merge;
 use crate::tile::{
     self, Frag, PFrag, RowState, WideAcc, P_SLOT_BYTES, ROW_BYTES, UNIT_BYTES, UNIT_ROWS, WIDE_ROWS, WIDE_V_BLOCKS,
 };
 use crate::unroll;
-use etap_core::{pages_of, rows_of, visible_rows, WorkRange, PAGE_ROWS, QK_BLOCKS};
+use etap_core::{visible_rows, WorkRange, PAGE_ROWS, QK_BLOCKS};
 
 /// Units in the ring: four half pages (144 KiB, the two pages of the other kernels).
 pub const SLOTS: u32 = 4;
@@ -96,20 +98,6 @@ pub const fn smem_bytes() -> u32 {
         + 16
 }
 
-/// One past the last unit of a segment whose pages are `..hi` of a request of `rows` rows:
-/// the last page's second half is skipped when the request ends in its first.
-#[inline(always)]
-fn units_end(hi: u32, rows: u32) -> u32 {
-    let per_page = PAGE_ROWS as u32 / UNIT_ROWS;
-    let all = hi * per_page;
-    let needed = rows.div_ceil(UNIT_ROWS);
-    if needed < all {
-        needed
-    } else {
-        all
-    }
-}
-
 #[inline(always)]
 unsafe fn decode_seesaw<const F16: bool>(prm: &DecodeParams) {
     let (sm, l_buf) = layout();
@@ -118,48 +106,13 @@ unsafe fn decode_seesaw<const F16: bool>(prm: &DecodeParams) {
     match prologue::<SLOTS>(prm, &sm) {
         Some(range) => {
             if !run_producer_with(prm, group, WIDE_ROWS, n_req, || {
-                produce_units(prm, &range, &sm, group, n_req)
+                produce::<UNIT_ROWS, SLOTS>(prm, &range, &sm, group, WIDE_ROWS, n_req)
             }) {
                 sync::setmaxnreg_inc::<CONSUMER_REGS>();
                 consume::<F16>(prm, &range, &sm, l_buf, group, n_req);
             }
         }
         None => merge::write_empty(prm, group, WIDE_ROWS, n_req, index::thread_x(), THREADS),
-    }
-}
-
-/// The producer of the seesaw kernel: the first thread of warpgroup 2 walks the part's
-/// segments and loads each request's Q and its units into the ring of [`SLOTS`].
-///
-/// # Safety
-/// As `decode::produce`: one thread, after the prologue, with the unit ring laid out in `sm`
-/// and a KV tensor map of 32-row boxes.
-#[inline(always)]
-pub(crate) unsafe fn produce_units(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, n_req: u32) {
-    let mut it = 0u32; // units issued so far
-    let mut q_round = 0u32;
-    for r in range.begin_req..=range.end_req {
-        let seqlen = *prm.seqlens.add(r as usize);
-        let (lo, hi) = range.segment(r, pages_of(seqlen, prm.max_pages));
-        if lo == hi {
-            continue;
-        }
-        crate::decode::load_request_q(prm, sm, r, group, WIDE_ROWS, n_req, q_round);
-        q_round += 1;
-        let table = prm.block_table.add((r * prm.max_pages) as usize);
-        let per_page = PAGE_ROWS as u32 / UNIT_ROWS;
-        for u in lo * per_page..units_end(hi, rows_of(seqlen, prm.max_pages)) {
-            let slot = it % SLOTS;
-            if it >= SLOTS {
-                tile::wait(sm.empty + 8 * slot, (it / SLOTS - 1) & 1);
-            }
-            let id = *table.add((u / per_page) as usize);
-            let row = id * PAGE_ROWS as i32 + ((u % per_page) * UNIT_ROWS) as i32;
-            mbarrier::arrive_expect_tx(sm.full + 8 * slot, UNIT_BYTES);
-            let (dst, bar) = (sm.pages + slot * UNIT_BYTES, sm.full + 8 * slot);
-            tile::load_kv_tile(prm.kv_map, dst, bar, row, UNIT_ROWS);
-            it += 1;
-        }
     }
 }
 
@@ -198,7 +151,7 @@ unsafe fn consume<const F16: bool>(
             let vis = visible_rows(rows, prm.s_q, (col0 + row) / prm.h_q);
             visible[h] = if vis < rows { vis } else { rows };
         });
-        let (u_lo, u_hi) = (lo * per_page, units_end(hi, rows));
+        let (u_lo, u_hi) = (lo * per_page, tiles_end(hi, rows, UNIT_ROWS));
         let mut st = RowState::new();
         let mut o: WideAcc = [0f32; 128];
         tile::wait(sm.q_full, q_round & 1);
