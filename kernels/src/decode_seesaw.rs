@@ -28,11 +28,11 @@
 //!
 //! Measured (docs/perf-notes.md v20, H100): 0.7-1.2% ahead of the wide kernel at 64 columns,
 //! even at 32 and 48, 15-20% behind at h_q = 128, where S as m64n32 reads Q from shared memory
-//! twice as often and the L2, not the chain, is the bound. compute-sanitizer's racecheck
-//! reports hazards between `publish_p` and `read_p` and on the row-sum exchange, also with
-//! `bar.sync` on both sides of the hand-over; neither the protocol above nor the tests
-//! (identical bits over repeated calls) show one, and the plan does not pick this kernel until
-//! that is understood.
+//! twice as often and the L2, not the chain, is the bound; on the H200 5-6% behind at 32-64
+//! columns too (session 5), so the plan does not pick this kernel. compute-sanitizer's
+//! racecheck also reports hazards between `publish_p` and `read_p` and on the row-sum
+//! exchange, also with `bar.sync` on both sides of the hand-over; neither the protocol above
+//! nor the tests (identical bits over repeated calls) show one.
 use crate::decode::{
     produce, prologue, run_producer_with, tiles_end, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, THREADS,
 };
