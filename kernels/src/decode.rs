@@ -260,6 +260,10 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
 ) {
     let per_page = PAGE_ROWS as u32 / TILE_ROWS;
     let tile_bytes = QK_BLOCKS as u32 * TILE_ROWS * ROW_BYTES;
+    // The part's first page id, read beside the first request's seqlen rather than after it
+    // (the entry exists whatever the seqlen: the table has `max_pages` entries a request).
+    let first_page = if range.begin_page < prm.max_pages { range.begin_page } else { prm.max_pages - 1 };
+    let first_id = *prm.block_table.add((range.begin_req * prm.max_pages + first_page) as usize);
     let mut it = 0u32; // tiles issued so far
     let mut q_round = 0u32;
     for r in range.begin_req..=range.end_req {
@@ -281,7 +285,12 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
             if it >= SLOTS {
                 tile::wait(sm.empty + 8 * slot, (it / SLOTS - 1) & 1);
             }
-            let id = *table.add((u / per_page) as usize);
+            let page = u / per_page;
+            let id = if it == 0 && page == first_page {
+                first_id
+            } else {
+                *table.add(page as usize)
+            };
             let row = id * PAGE_ROWS as i32 + ((u % per_page) * TILE_ROWS) as i32;
             mbarrier::arrive_expect_tx(sm.full + 8 * slot, tile_bytes);
             let (dst, bar) = (sm.pages + slot * tile_bytes, sm.full + 8 * slot);
