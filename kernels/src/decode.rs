@@ -262,8 +262,14 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
     let tile_bytes = QK_BLOCKS as u32 * TILE_ROWS * ROW_BYTES;
     // The part's first page id, read beside the first request's seqlen rather than after it
     // (the entry exists whatever the seqlen: the table has `max_pages` entries a request).
-    let first_page = if range.begin_page < prm.max_pages { range.begin_page } else { prm.max_pages - 1 };
-    let first_id = *prm.block_table.add((range.begin_req * prm.max_pages + first_page) as usize);
+    let first_page = if range.begin_page < prm.max_pages {
+        range.begin_page
+    } else {
+        prm.max_pages - 1
+    };
+    let first_id = *prm
+        .block_table
+        .add((range.begin_req * prm.max_pages + first_page) as usize);
     let mut it = 0u32; // tiles issued so far
     let mut q_round = 0u32;
     for r in range.begin_req..=range.end_req {
