@@ -83,6 +83,15 @@ pub struct DecodeParams {
 }
 
 impl DecodeParams {
+    /// How many splits request `r`'s KV was cut into (1: the segment writes the final output).
+    ///
+    /// # Safety
+    /// `r` is a request of the batch; `split_offsets` has `batch + 1` entries.
+    #[inline(always)]
+    pub(crate) unsafe fn splits(&self, r: u32) -> u32 {
+        *self.split_offsets.add(r as usize + 1) - *self.split_offsets.add(r as usize)
+    }
+
     /// Request `r`'s rows read (its seqlen clamped to the block table) and the pages
     /// `[lo, hi)` of it inside `range` (`lo == hi` when none): the segment a consumer of either
     /// decode kernel works through.
@@ -417,7 +426,7 @@ unsafe fn consume<const NW: usize, const F16: bool>(
         let seg_split = split;
         split = 0;
         finish_segment::<NW, F16>(prm, r, seg_split, col0, n_req, &st, &o, red, bar_id);
-        if *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize) > 1 {
+        if prm.splits(r) > 1 {
             merge::publish(prm, r, group, bar_id);
         }
     }
@@ -473,7 +482,7 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
     });
     sync::bar_sync(bar_id, index::WARPGROUP);
 
-    let splits = *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize);
+    let splits = prm.splits(r);
     let slot_base = *prm.split_offsets.add(r as usize) + split;
     unroll!(c < V_BLOCKS, max 8 => {
         unroll!(i < NW / 2, max 16 => {

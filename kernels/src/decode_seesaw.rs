@@ -221,7 +221,7 @@ unsafe fn consume<const F16: bool>(
         split = 0;
         finish_segment::<F16>(prm, r, seg_split, col0, n_req, &st, &o, l_buf, segments, wg);
         segments += 1;
-        if *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize) > 1 {
+        if prm.splits(r) > 1 {
             merge::publish(prm, r, group, BAR_OWN + wg);
         }
     }

@@ -168,7 +168,7 @@ unsafe fn consume<const F16: bool>(
         let seg_split = split;
         split = 0;
         finish_segment::<F16>(prm, r, seg_split, col0, n_req, &st, &o, red_sum, wg);
-        if *prm.split_offsets.add(r as usize + 1) - *prm.split_offsets.add(r as usize) > 1 {
+        if prm.splits(r) > 1 {
             merge::publish(prm, r, group, BAR_OWN + wg);
         }
     }
