@@ -271,6 +271,8 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
     let tile_bytes = QK_BLOCKS as u32 * TILE_ROWS * ROW_BYTES;
     // The part's first page id, read beside the first request's seqlen rather than after it
     // (the entry exists whatever the seqlen: the table has `max_pages` entries a request).
+    // Tile 0 is on that page: the plan starts a range at a page its request has (it skips
+    // empty requests), for the seqlens it was made from, which `decode` requires.
     let first_page = if range.begin_page < prm.max_pages {
         range.begin_page
     } else {
