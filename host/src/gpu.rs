@@ -18,8 +18,6 @@ pub(crate) struct Kernels {
     pub decode: [[CUfunction; 2]; 2],
     /// The wide (heads-on-M) decode kernel, `[dtype]`.
     pub wide: [CUfunction; 2],
-    /// The seesaw (heads-on-M, alternating scorer) decode kernel, `[dtype]`.
-    pub seesaw: [CUfunction; 2],
     pub schedule: CUfunction,
 }
 
@@ -72,7 +70,6 @@ impl Decoder {
         let raw = |name: String| -> Result<CUfunction> { Ok(module.get_function(name)?.to_raw()) };
         let mut decode = [[std::ptr::null_mut(); 2]; 2];
         let mut wide = [std::ptr::null_mut(); 2];
-        let mut seesaw = [std::ptr::null_mut(); 2];
         for (d, dt) in ["bf16", "f16"].iter().enumerate() {
             for (c, cols) in DECODE_COLS.iter().enumerate() {
                 let f = module.get_function(format!("etap_decode_{dt}_c{cols}"))?;
@@ -82,14 +79,10 @@ impl Decoder {
             let f = module.get_function(format!("etap_decode_wide_{dt}"))?;
             set_dynamic_smem(&f, crate::plan::WIDE_SMEM)?;
             wide[d] = f.to_raw();
-            let f = module.get_function(format!("etap_decode_seesaw_{dt}"))?;
-            set_dynamic_smem(&f, crate::plan::SEESAW_SMEM)?;
-            seesaw[d] = f.to_raw();
         }
         let kernels = Kernels {
             decode,
             wide,
-            seesaw,
             schedule: raw("etap_schedule".into())?,
         };
         Ok(Decoder {

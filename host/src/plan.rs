@@ -35,14 +35,6 @@ pub enum Layout {
     /// (`S = Q·K^T`). For 32 or more columns, where M is (nearly) full anyway and the wider
     /// GEMMs and the row softmax cost less than ETAP's narrow GEMMs and column reductions.
     HeadsOnM,
-    /// Heads on M with the scorer's role alternating between the two consumer warpgroups, unit
-    /// by unit, over a ring of four half-page units (the seesaw kernel): one warpgroup's S runs
-    /// on the tensor cores while the other computes its softmax. Experimental, only on request
-    /// (`plan_with_layout`): 0.7-1.2% ahead of the wide kernel at 64 columns on an H100, even at
-    /// 32 and 48, behind above 64; compute-sanitizer's racecheck reports hazards on its hand-over
-    /// buffers that neither the protocol nor the tests show, and until that is understood
-    /// `Layout::for_shape` does not pick it (docs/perf-notes.md v20).
-    Seesaw,
 }
 
 /// Columns (`s_q * h_q`) from which [`Layout::for_shape`] picks [`Layout::HeadsOnM`]: at 32
@@ -78,7 +70,7 @@ impl ColumnTiling {
         let n = shape.cols() as u32;
         let cols_per_cta = match layout {
             Layout::KvOnM => n.div_ceil(16).saturating_mul(16).min(KV_ON_M_MAX_COLS),
-            Layout::HeadsOnM | Layout::Seesaw => COLS_PER_CTA as u32,
+            Layout::HeadsOnM => COLS_PER_CTA as u32,
         };
         ColumnTiling {
             layout,
@@ -92,17 +84,9 @@ impl ColumnTiling {
         match self.layout {
             Layout::KvOnM => decode_smem_bytes(self.cols_per_cta),
             Layout::HeadsOnM => WIDE_SMEM,
-            Layout::Seesaw => SEESAW_SMEM,
         }
     }
 
-    /// KV rows per TMA box of the cache's tensor map: a page, or the seesaw kernel's half page.
-    pub fn kv_box_rows(&self) -> u32 {
-        match self.layout {
-            Layout::KvOnM | Layout::HeadsOnM => PAGE_ROWS as u32,
-            Layout::Seesaw => SEESAW_UNIT_ROWS,
-        }
-    }
 }
 
 /// Dynamic shared memory of the decode kernel for `cols` columns per CTA (mirrors
@@ -119,14 +103,6 @@ pub fn decode_smem_bytes(cols: u32) -> u32 {
 pub const WIDE_SMEM: u32 =
     9 * 64 * 128 + STAGES * (PAGE_ROWS * D_QK * 2) as u32 + 64 * 128 + 4 * 64 * 4 + 16 * STAGES + 16;
 
-/// KV rows of the seesaw kernel's ring units (kernels/src/tile.rs, `UNIT_ROWS`): half a page.
-pub const SEESAW_UNIT_ROWS: u32 = 32;
-
-/// Dynamic shared memory of the seesaw kernel (mirrors `decode_seesaw::smem_bytes`): Q of 64
-/// rows, four half-page units, the P (32 bytes a thread), running-max (8) and row-sum
-/// (2 x 2 x 8) hand-overs of 128 threads, the mbarriers of four units.
-pub const SEESAW_SMEM: u32 =
-    9 * 64 * 128 + 4 * (SEESAW_UNIT_ROWS * D_QK as u32 * 2) + 128 * 32 + 128 * 8 + 2 * 2 * 128 * 8 + 16 * 4 + 16;
 
 /// A split plan for one decode step: which pages each CTA handles, and the buffers for the
 /// partial results. Computed on the GPU from the device seqlens (no host sync), reusable for
@@ -245,7 +221,6 @@ impl Decoder {
                 self.kernels().decode[d][c]
             }
             Layout::HeadsOnM => self.kernels().wide[d],
-            Layout::Seesaw => self.kernels().seesaw[d],
         }
     }
 
@@ -485,7 +460,7 @@ impl Decoder {
         let tiling = plan.tiling;
         let cols = shape.cols() as u64;
         // Tensor maps: q as [b * cols, 576] in boxes of the CTA's columns; the cache as
-        // [num_pages * 64, 576] in boxes of one page (half a page for the seesaw kernel). Encoded
+        // [num_pages * 64, 576] in boxes of one page. Encoded
         // and uploaded once per pair.
         let slot = {
             let mut slots = plan.map_slots.borrow_mut();
@@ -499,7 +474,7 @@ impl Decoder {
                             bufs.kv_cache,
                             (shape.num_pages * PAGE_ROWS) as u64,
                             D_QK as u64,
-                            tiling.kv_box_rows(),
+                            PAGE_ROWS as u32,
                         )?,
                     ];
                     // SAFETY: copies 2 maps (256 bytes) into pair slot i of the plan's buffer of
@@ -596,7 +571,7 @@ mod tests {
         for s_q in 1..=4 {
             for h_q in [8, 16, 32, 64, 128] {
                 let sh = shape(s_q, h_q);
-                for layout in [Layout::KvOnM, Layout::HeadsOnM, Layout::Seesaw] {
+                for layout in [Layout::KvOnM, Layout::HeadsOnM] {
                     let t = ColumnTiling::for_shape(&sh, layout);
                     let n = sh.cols() as u32;
                     assert!(t.groups * t.cols_per_cta >= n, "{layout:?} s_q={s_q} h_q={h_q}");

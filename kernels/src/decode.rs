@@ -223,7 +223,7 @@ pub(crate) unsafe fn run_producer(
     })
 }
 
-/// [`run_producer`] with the loads issued by `produce` (the seesaw kernel's half-page units).
+/// [`run_producer`] with the loads issued by `produce`.
 ///
 /// # Safety
 /// As [`run_producer`].
@@ -252,8 +252,7 @@ pub(crate) unsafe fn run_producer_with(
 }
 
 /// The producer: the first thread of warpgroup 2 walks the part's segments and issues the loads
-/// of each request's Q and its KV tiles of `TILE_ROWS` rows (a page, or the seesaw kernel's
-/// half page) into a ring of `SLOTS`.
+/// of each request's Q and its KV tiles of `TILE_ROWS` rows (a page, or part of one) into a ring of `SLOTS`.
 ///
 /// # Safety
 /// One thread, after the prologue, with the ring laid out in `sm` and a KV tensor map of

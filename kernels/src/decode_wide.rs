@@ -220,7 +220,7 @@ unsafe fn finish_segment<const F16: bool>(
     store_rows!(F16; prm, r, split, col0, n_req, o, inv, lse, wg, tw, lane);
 }
 
-/// The end of a heads-on-M segment, shared by the wide and the seesaw kernel: write warpgroup
+/// The end of a heads-on-M segment: write warpgroup
 /// `wg`'s 256 features of the segment's rows (thread `tw`, lane `lane`), normalized by `inv`
 /// (1 / l of the thread's two rows), and from warpgroup 0 their `lse`: the final out / lse when
 /// request `r` has a single split, else split `split`'s partial O and lse. A macro rather than
