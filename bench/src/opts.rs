@@ -128,11 +128,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                     "kv" => vec![Some(Layout::KvOnM)],
                     "heads" => vec![Some(Layout::HeadsOnM)],
                     "both" => vec![Some(Layout::KvOnM), Some(Layout::HeadsOnM)],
-                    _ => {
-                        return Err(format!(
-                            "--layout: expected auto, kv, heads or both, got `{value}`"
-                        ))
-                    }
+                    _ => return Err(format!("--layout: expected auto, kv, heads or both, got `{value}`")),
                 }
             }
             "--out" => o.out = PathBuf::from(value),
