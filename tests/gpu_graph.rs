@@ -237,6 +237,8 @@ fn stale_plan_reads_only_planned_pages() {
         let mut layer = Layer::new(&shape, &base.cache);
         // SAFETY: as in graph_replays_match_reference.
         let plan = unsafe { dec.plan_raw(&shape, sl.as_device_ptr().as_raw(), stream.raw(), Some(layout)) }.unwrap();
+        // The plan's host copies read the device after the stream has run the scheduler.
+        stream.synchronize().unwrap();
         let offsets = plan.split_offsets().unwrap();
         let mut rng = StdRng::seed_from_u64(3);
         for now in [
