@@ -23,6 +23,48 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
     let mut ranges = vec![WorkRange::default(); num_parts];
     let mut offsets = vec![u32::MAX; b + 1];
     let total = schedule(seqlens, max_pages, &mut ranges, &mut offsets);
+    check_ranges(seqlens, max_pages, &ranges, &offsets, total)
+}
+
+/// The largest part cost the scheduler documents (core/src/lib.rs, docs/design.md §5):
+/// `ceil(total / parts) + SPLIT_COST_PAGES`.
+fn balance_bound(total_cost: u64, num_parts: usize) -> u64 {
+    total_cost.div_ceil(num_parts as u64) + SPLIT_COST_PAGES as u64
+}
+
+/// The cost of each part of a schedule: its pages plus [`SPLIT_COST_PAGES`] per segment.
+fn part_costs(seqlens: &[i32], max_pages: u32, ranges: &[WorkRange]) -> Vec<u64> {
+    ranges
+        .iter()
+        .map(|range| {
+            if range.empty != 0 {
+                return 0;
+            }
+            (range.begin_req..=range.end_req)
+                .map(|r| {
+                    let (lo, hi) = range.segment(r, pages_of(seqlens[r as usize], max_pages));
+                    if lo == hi {
+                        0
+                    } else {
+                        (hi - lo) as u64 + SPLIT_COST_PAGES as u64
+                    }
+                })
+                .sum()
+        })
+        .collect()
+}
+
+/// Check every scheduler invariant of a schedule (`ranges`, `offsets`, and `total` as
+/// `schedule` returned it) of `seqlens` over `ranges.len()` parts.
+fn check_ranges(
+    seqlens: &[i32],
+    max_pages: u32,
+    ranges: &[WorkRange],
+    offsets: &[u32],
+    total: u32,
+) -> Result<(), TestCaseError> {
+    let b = seqlens.len();
+    let num_parts = ranges.len();
     let pages: Vec<u32> = seqlens.iter().map(|&s| pages_of(s, max_pages)).collect();
 
     // split_offsets is a prefix sum ending at the returned total.
@@ -37,11 +79,11 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
     // Walk the parts: coverage, split indices in part order, per-part cost.
     let mut covered: Vec<Vec<u8>> = pages.iter().map(|&p| vec![0u8; p as usize]).collect();
     let mut split_seq: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut part_costs = Vec::with_capacity(num_parts);
+    let mut costs = Vec::with_capacity(num_parts);
     for (p, range) in ranges.iter().enumerate() {
         if range.empty != 0 {
             prop_assert_eq!(*range, WorkRange::EMPTY, "part {} empty but not EMPTY", p);
-            part_costs.push(0u64);
+            costs.push(0u64);
             continue;
         }
         prop_assert!(range.begin_req <= range.end_req, "part {}: reversed range", p);
@@ -96,7 +138,7 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
             }
             cost += (hi - lo) as u64 + SPLIT_COST_PAGES as u64;
         }
-        part_costs.push(cost);
+        costs.push(cost);
     }
     for (r, c) in covered.iter().enumerate() {
         for (pg, &n) in c.iter().enumerate() {
@@ -115,14 +157,17 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
         );
         prop_assert_eq!(n == 0, pages[r] == 0, "request {}: splits iff pages", r);
     }
-    // Balance.
+    // Balance: exactly the bound `schedule` documents, the last part (which takes whatever is
+    // left) included.
     let total_cost: u64 = pages
         .iter()
         .filter(|&&p| p > 0)
         .map(|&p| p as u64 + SPLIT_COST_PAGES as u64)
         .sum();
-    let bound = 2 * total_cost.div_ceil(num_parts as u64) + 2 * SPLIT_COST_PAGES as u64;
-    for (p, &c) in part_costs.iter().enumerate() {
+    prop_assert_eq!(total_cost, etap_core::total_cost(seqlens, max_pages) as u64);
+    prop_assert_eq!(&costs, &part_costs(seqlens, max_pages, ranges));
+    let bound = balance_bound(total_cost, num_parts);
+    for (p, &c) in costs.iter().enumerate() {
         prop_assert!(
             c <= bound,
             "part {} cost {} > bound {} (total {})",
@@ -183,6 +228,32 @@ fn schedule_clamps_to_block_table() {
     // device-resident length nobody checked): still every page exactly once.
     check_schedule(&[10_000, -5, 3], 4, 7).unwrap();
     check_schedule(&[i32::MAX, 1], 2, 3).unwrap();
+}
+
+/// The balance check holds the documented bound, not the 2x looser one it used to: a
+/// scheduler that left half the parts idle (a correct schedule over half the parts, padded
+/// with empty ones) covers every page once, passed the old bound
+/// (`2 * ceil(total / parts) + 2 * SPLIT_COST_PAGES`) and fails now.
+#[test]
+fn schedule_balance_check_catches_idle_half() {
+    let seqlens = vec![4096; 16];
+    let max_pages = 64;
+    let parts = 132;
+    let mut ranges = vec![WorkRange::default(); parts];
+    let mut offsets = vec![0u32; seqlens.len() + 1];
+    let total = schedule(&seqlens, max_pages, &mut ranges[..parts / 2], &mut offsets);
+    for r in &mut ranges[parts / 2..] {
+        *r = WorkRange::EMPTY;
+    }
+    let total_cost = etap_core::total_cost(&seqlens, max_pages) as u64;
+    let worst = *part_costs(&seqlens, max_pages, &ranges).iter().max().unwrap();
+    let old_bound = 2 * total_cost.div_ceil(parts as u64) + 2 * SPLIT_COST_PAGES as u64;
+    assert!(worst <= old_bound, "the old check passed it: {worst} <= {old_bound}");
+    assert!(worst > balance_bound(total_cost, parts));
+    let e = check_ranges(&seqlens, max_pages, &ranges, &offsets, total).unwrap_err();
+    assert!(e.to_string().contains("> bound"), "{e}");
+    // The real schedule over all the parts passes.
+    check_schedule(&seqlens, max_pages, parts).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
