@@ -921,7 +921,7 @@ proptest! {
 }
 
 #[test]
-fn decode_into_writes_nothing_on_error() {
+fn reference_decode_into_writes_nothing_on_error() {
     let c = base_case();
     let sh = c.shape;
     let poison_out = 777.25f32;
@@ -993,4 +993,65 @@ fn decode_into_writes_nothing_on_error() {
     let (ro, rl) = c.reference();
     assert_eq!(out, ro);
     assert_eq!(max_abs_diff_lse(&lse, &rl), 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU-required mode (ETAP_REQUIRE_GPU): a GPU test may skip only where no GPU is expected
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn gpu_required_values() {
+    use etap::gpu::gpu_required;
+    use std::ffi::OsStr;
+    assert!(!gpu_required(None));
+    assert!(!gpu_required(Some(OsStr::new(""))));
+    assert!(!gpu_required(Some(OsStr::new("0"))));
+    assert!(gpu_required(Some(OsStr::new("1"))));
+    assert!(gpu_required(Some(OsStr::new("yes"))));
+}
+
+/// Only run by [`require_gpu_turns_a_skip_into_a_failure`], in a child process.
+#[test]
+#[ignore = "a probe that require_gpu_turns_a_skip_into_a_failure runs in a child process"]
+fn gpu_skip_probe() {
+    let _ = etap::gpu::decoder_or_skip("gpu_skip_probe");
+}
+
+/// Runs [`gpu_skip_probe`] (this binary, in a child process) with and without
+/// `ETAP_REQUIRE_GPU=1`. Without a CUDA device: it skips (passes, printing `SKIP`) without the
+/// variable and fails with it. With a device it passes either way.
+#[test]
+fn require_gpu_turns_a_skip_into_a_failure() {
+    let has_device = match etap::Decoder::new() {
+        Ok(_) => true,
+        Err(EtapError::NoDevice) => false,
+        Err(e) => panic!("a CUDA device is present but unusable: {e}"),
+    };
+    let run = |require: Option<&str>| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "gpu_skip_probe",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ]);
+        cmd.env_remove(etap::gpu::REQUIRE_GPU_VAR);
+        if let Some(v) = require {
+            cmd.env(etap::gpu::REQUIRE_GPU_VAR, v);
+        }
+        let o = cmd.output().expect("running this test binary again");
+        let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.success(), text)
+    };
+    let (ok, text) = run(None);
+    assert!(ok, "without {}: {text}", etap::gpu::REQUIRE_GPU_VAR);
+    assert_eq!(text.contains("SKIP gpu_skip_probe"), !has_device, "{text}");
+    let (ok, text) = run(Some("1"));
+    if has_device {
+        assert!(ok, "with a device: {text}");
+    } else {
+        assert!(!ok, "ETAP_REQUIRE_GPU=1 without a device passed: {text}");
+        assert!(text.contains("ETAP_REQUIRE_GPU is set"), "{text}");
+    }
 }

@@ -8,11 +8,17 @@
 # Without ARGS, `./etap-bench --quick` runs last and writes results.{csv,json,svg} to
 # $ETAP_BENCH_OUT (default: target/bench under this folder).
 # Exit status: 0 when every binary passed, 1 otherwise.
+#
+# ETAP_REQUIRE_GPU=1 is exported (unless already set): a GPU test that finds no CUDA device
+# fails instead of skipping, since this runner is meant for the GPU machine. Set
+# ETAP_REQUIRE_GPU=0 to let them skip (a dry run elsewhere).
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here" || exit 1
 export RUST_BACKTRACE=1
+export ETAP_REQUIRE_GPU="${ETAP_REQUIRE_GPU:-1}"
+echo "run.sh: ETAP_REQUIRE_GPU=$ETAP_REQUIRE_GPU"
 
 [ -f BUNDLE.txt ] && cat BUNDLE.txt
 if command -v nvidia-smi >/dev/null 2>&1; then
