@@ -34,7 +34,7 @@ pub const F16_UNIT_ROUNDOFF: f64 = 1.0 / 2048.0;
 /// model of exactly these roundings (`etap_tests::kernel_model`; the test
 /// `cpu_props::tolerances_hold_a_correct_kernel` with `ETAP_TOL_CASES=40`: 480 requests of 1
 /// to 3,000 rows, every `h_q`, `s_q` 1 to 4) gives a worst row of 0.57 u (2.23e-3; per request
-/// 2.1e-3, as the pooled 2.0e-3 measured on the GPU), for 1-row requests as for long ones:
+/// 2.1e-3, as the pooled 2.0e-3 measured on the GPU); short requests do not stand out, as
 /// each row has `h_q * 512 >= 4096` values. The bound leaves 30% above that (1.3x), and is
 /// 17x below a request scaled by 1.05; it is below the old pooled bound, 3e-3.
 pub const MAX_REL_ERR_BF16: f64 = 0.75 * BF16_UNIT_ROUNDOFF;
