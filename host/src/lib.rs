@@ -11,7 +11,6 @@
 pub mod check;
 pub mod driver;
 pub mod dtype;
-pub mod emulate;
 pub mod error;
 pub mod gpu;
 pub mod metrics;
