@@ -172,7 +172,7 @@ fn rejected_calls_leave_out_and_lse_unchanged() {
                 .expect_err(arg);
             assert!(is_length(&e, arg), "{arg} {d:+}: got {e:?}");
             assert!(o.unchanged(&stream), "decode_into with {arg} {d:+} wrote to out/lse");
-            let e = dec.decode(&plan, q, kv, bt, sl, None, &stream).err().expect(arg);
+            let e = dec.decode(&plan, q, kv, bt, sl, None, &stream).expect_err(arg);
             assert!(is_length(&e, arg), "decode, {arg} {d:+}: got {e:?}");
         }
         for arg in ["out", "lse"] {

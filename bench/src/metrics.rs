@@ -52,12 +52,10 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// The tests' metrics (norm-wise relative error; lse difference with matching infinities).
-pub use etap::metrics::{max_abs_diff_lse as lse_diff, rel_err};
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etap::metrics::{max_abs_diff_lse as lse_diff, rel_err};
 
     #[test]
     fn bytes_and_flops_match_the_anchor_formulas() {

@@ -335,7 +335,7 @@ fn bundle() -> Result<(), String> {
     for b in &bins {
         println!("  binary:      {}", b.executable.display());
     }
-    println!("on the GPU machine: target/bundle/run.sh [FILTER]");
+    println!("on the GPU machine: target/bundle/run.sh [--sanitize] [FILTER]");
     Ok(())
 }
 
