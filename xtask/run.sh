@@ -10,8 +10,8 @@
 # $ETAP_BENCH_OUT (default: target/bench under this folder).
 # --sanitize (or ETAP_SANITIZE=1): afterwards, run compute-sanitizer's memcheck, racecheck and
 # synccheck over `tests/gpu_decode --exact sanitizer_cases` (a small set of decode cases: both
-# layouts the plan picks, split and unsplit requests, s_q 1-3, both dtypes; not the seesaw
-# kernel), print one summary line per tool and fail on any error or hazard. compute-sanitizer
+# layouts, split and unsplit requests, s_q 1-3, both dtypes), print one summary line per tool
+# and fail on any error or hazard. compute-sanitizer
 # is looked up on PATH, then in $CUDA_HOME/bin, /usr/local/cuda/bin and /usr/local/cuda-*/bin;
 # asked for and not found is a failure. Full logs go to $ETAP_SANITIZE_OUT (default:
 # target/sanitizer under this folder). Slow: racecheck takes minutes.
