@@ -3,7 +3,7 @@
 table etap / best peer.
 
 Usage (on the GPU machine, after ../shared/peers/build.sh OUT and etap-bench):
-    PYTHONPATH=$FLASHMLA:$FA3 python3 bench/peers.py target/bench/results.json [--layers 61]
+    PYTHONPATH=$FLASHMLA:$FA3 python3 bench/peers.py target/bench/results.json [--layers 61] [--only a,b]
 
 For each bf16 configuration in etap-bench's results.json (the same seqlens, s_q, h): L layers,
 each with its own paged cache (pages of 64), one CUDA graph holding the L calls, median of 20
@@ -15,6 +15,7 @@ input. This script calls the peers' public Python functions; it contains none of
 import json
 import math
 import os
+import subprocess
 import sys
 
 import torch
@@ -99,44 +100,71 @@ def time_serving(make, seqlens, s_q, h, layers, shuffled, dev):
     return ts[len(ts) // 2], layers
 
 
+def one(argv):
+    """`--one PEER S_Q H LAYERS SEQLENS`: time one batch on one peer in this process, both tables;
+    prints `RESULT shuffled|contiguous us layers`."""
+    peer, s_q, h, layers, seqlens = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    torch.manual_seed(0)
+    make = peers()[peer]
+    for mode in ("shuffled", "contiguous"):
+        us, n = time_serving(make, [int(x) for x in seqlens.split(",")], s_q, h, layers, mode == "shuffled",
+                             torch.device("cuda:0"))
+        print(f"RESULT {mode} {us} {n}", flush=True)
+
+
+def run_one(peer, r, layers):
+    """One batch on one peer in a child process (a peer's fault, an illegal address say, then
+    spoils only its own case, not the CUDA context of the rest): {table: us}, NaN where it failed."""
+    args = [sys.executable, __file__, "--one", peer, str(r["s_q"]), str(r["h_q"]), str(layers),
+            ",".join(str(x) for x in r["seqlens"])]
+    got = {"shuffled": float("nan"), "contiguous": float("nan")}
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        print(f"  {peer} {r['config']}: timed out", flush=True)
+        return got
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            got[line.split()[1]] = float(line.split()[2])
+    if any(v != v for v in got.values()):
+        err = (p.stderr.strip().splitlines() or ["no output"])
+        msg = next((l for l in reversed(err) if "Error" in l), err[-1])
+        print(f"  {peer} {r['config']}: failed: {msg[:160]}", flush=True)
+    return got
+
+
 def main():
+    if sys.argv[1] == "--one":
+        return one(sys.argv[2:])
     path = sys.argv[1]
     layers = int(sys.argv[sys.argv.index("--layers") + 1]) if "--layers" in sys.argv else 61
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     doc = json.load(open(path))
     copy = doc["copy_gbps"]
-    dev = torch.device("cuda:0")
-    torch.manual_seed(0)
-    found = peers()
+    found = list(peers())
     out = []
-    head = (f"{'config':<26} {'layout':<6} {'etap us':>8} " + " ".join(f"{p + ' us':>10}" for p in found)
-            + f" {'etap/best':>9}  ({'shuffled | contiguous'})")
-    print(f"serving mode on {doc['card']}, copy {copy:.0f} GB/s, {layers} layers, us per layer")
-    print(head, flush=True)
+    print(f"serving mode on {doc['card']}, copy {copy:.0f} GB/s, {layers} layers, us per layer "
+          f"(peers each in their own process)")
+    print(f"{'config':<26} {'table':<6} {'etap us':>8} " + " ".join(f"{p + ' us':>12}" for p in found)
+          + f" {'etap/best':>9}", flush=True)
     for r in doc["results"]:
         if r["dtype"] != "bf16" or r.get("serving_us_per_layer_shuffled") is None:
             continue
-        row = {"config": r["config"], "etap": {}, "peers": {}}
-        cells = []
-        for mode, key in (("shuffled", "serving_us_per_layer_shuffled"), ("contiguous", "serving_us_per_layer_contiguous")):
+        if only and not any(o in r["config"] for o in only):
+            continue
+        row = {"config": r["config"], "etap": {}, "peers": {}, "ratio": {}}
+        peer_times = {p: run_one(p, r, layers) for p in found}
+        for mode, key in (("shuffled", "serving_us_per_layer_shuffled"),
+                          ("contiguous", "serving_us_per_layer_contiguous")):
             etap_us = r[key]
+            times = [peer_times[p][mode] for p in found]
+            best = min((t for t in times if t == t), default=float("nan"))
+            ratio = etap_us / best
             row["etap"][mode] = etap_us
-            best = None
-            times = []
-            for name, make in found.items():
-                try:
-                    us, n = time_serving(make, r["seqlens"], r["s_q"], r["h_q"], layers, mode == "shuffled", dev)
-                except Exception as e:  # a peer that cannot run a shape (or runs out of memory)
-                    print(f"  {name} {r['config']} {mode}: {type(e).__name__}: {e}", flush=True)
-                    us = float("nan")
-                row["peers"].setdefault(name, {})[mode] = us
-                times.append(us)
-                if us == us and (best is None or us < best):
-                    best = us
-            ratio = etap_us / best if best else float("nan")
-            row.setdefault("ratio", {})[mode] = ratio
-            cells.append((etap_us, times, ratio))
-        for mode, (etap_us, times, ratio) in zip(("shuf", "contig"), cells):
-            print(f"{r['config']:<26} {mode:<6} {etap_us:>8.1f} " + " ".join(f"{t:>10.1f}" for t in times)
+            for p, t in zip(found, times):
+                row["peers"].setdefault(p, {})[mode] = t
+            row["ratio"][mode] = ratio
+            print(f"{r['config']:<26} {mode[:6]:<6} {etap_us:>8.1f} " + " ".join(f"{t:>12.1f}" for t in times)
                   + f" {ratio:>9.3f}", flush=True)
         out.append(row)
     dst = os.path.join(os.path.dirname(path), "peers.json")
