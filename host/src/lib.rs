@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod emulate;
 pub mod error;
 pub mod gpu;
+pub mod interop;
 pub mod metrics;
 pub mod plan;
 pub mod reference;
