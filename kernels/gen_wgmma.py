@@ -64,8 +64,8 @@ def wrapper(ty, n, rs):
 for ty in ["bf16", "f16"]:
     for n in list(range(8, 65, 8)) + [256]:
         lines += wrapper(ty, n, False)
-# The RS form only for n256: the seesaw kernel's O = P·V with P straight from the softmax's
-# registers.
+# The RS form only for n256: O = P·V with P straight from the softmax's registers (the seesaw
+# kernel used it, tag seesaw-v20; kept as a primitive).
 for ty in ["bf16", "f16"]:
     lines += wrapper(ty, 256, True)
 open("src/device/wgmma_ops.rs", "w").write("\n".join(lines))

@@ -79,7 +79,7 @@ fn bad_inputs_are_rejected_and_nothing_is_written() {
         // SAFETY: rejected before any launch, which is what is tested. Were the check broken,
         // the launch would use live buffers shifted by 2 bytes (a misaligned-address fault or a
         // TMA encoding error makes the test fail; it cannot pass silently).
-        let e = unsafe { dec.decode_raw(&plan, etap::Dtype::Bf16, bufs, None, &stream) }.unwrap_err();
+        let e = unsafe { dec.decode_raw(&plan, etap::Dtype::Bf16, bufs, None, stream.as_inner()) }.unwrap_err();
         assert!(matches!(e, EtapError::Misaligned { arg, .. } if arg == want), "{e:?}");
     }
     stream.synchronize().unwrap();

@@ -4,7 +4,8 @@
 use cust::launch;
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
-use etap::gpu::{decoder_or_skip, set_dynamic_smem};
+use etap::driver::set_dynamic_smem;
+use etap::gpu::decoder_or_skip;
 use etap::tma::DeviceTensorMap;
 use etap::{Bf16, Element, F16};
 use rand::{Rng, SeedableRng};

@@ -27,7 +27,6 @@ fn expected_entry_points() -> Vec<String> {
             names.push(format!("etap_decode_{dtype}_c{cols}"));
         }
         names.push(format!("etap_decode_wide_{dtype}"));
-        names.push(format!("etap_decode_seesaw_{dtype}"));
     }
     names.push("etap_schedule".to_string());
     names

@@ -246,7 +246,6 @@ fn layout_name(l: Layout) -> &'static str {
     match l {
         Layout::KvOnM => "kv",
         Layout::HeadsOnM => "heads",
-        Layout::Seesaw => "seesaw",
     }
 }
 

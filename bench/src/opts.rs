@@ -19,8 +19,7 @@ options:
   --iters N          timed iterations per configuration (default 100; 30 with --quick)
   --dtype D          bf16 (default, to keep the run short), f16 or both
   --layout L         auto (default: the plan's choice), kv (ETAP, KV rows on M), heads (the
-                     wide heads-on-M kernel), seesaw (heads on M, alternating scorer), both
-                     (kv and heads: every configuration twice) or all (three times)
+                     wide heads-on-M kernel) or both (every configuration twice)
   --out DIR          where the results go (default target/bench)
   --list             print the configuration names and exit
   -h, --help         this text
@@ -128,14 +127,8 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                     "auto" => vec![None],
                     "kv" => vec![Some(Layout::KvOnM)],
                     "heads" => vec![Some(Layout::HeadsOnM)],
-                    "seesaw" => vec![Some(Layout::Seesaw)],
                     "both" => vec![Some(Layout::KvOnM), Some(Layout::HeadsOnM)],
-                    "all" => vec![Some(Layout::KvOnM), Some(Layout::HeadsOnM), Some(Layout::Seesaw)],
-                    _ => {
-                        return Err(format!(
-                            "--layout: expected auto, kv, heads, seesaw, both or all, got `{value}`"
-                        ))
-                    }
+                    _ => return Err(format!("--layout: expected auto, kv, heads or both, got `{value}`")),
                 }
             }
             "--out" => o.out = PathBuf::from(value),

@@ -19,7 +19,7 @@ pub struct RunInfo {
 pub struct Row {
     pub config: String,
     pub dtype: String,
-    /// The decode layout used: "kv" (ETAP, KV rows on M), "heads" (the wide kernel) or "seesaw".
+    /// The decode layout used: "kv" (ETAP, KV rows on M), or "heads" (the wide kernel).
     pub layout: String,
     pub batch: usize,
     pub s_q: usize,
@@ -222,11 +222,10 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
 }
 
 /// The SVG dash pattern of a layout's lines: solid for ETAP (KV on M), dashed for the
-/// heads-on-M kernels.
+/// heads-on-M kernel.
 fn layout_dash(layout: &str) -> &'static str {
     match layout {
         "heads" => r#" stroke-dasharray="3 3""#,
-        "seesaw" => r#" stroke-dasharray="8 3""#,
         _ => "",
     }
 }

@@ -105,12 +105,28 @@ impl WorkRange {
         _pad: [0; 2],
     };
 
+    /// The split index, within request `r`, of this run's segment of it: `first_split` for the
+    /// run's first request, 0 for every later one (it starts there).
+    #[inline]
+    pub fn split_of(&self, r: u32) -> u32 {
+        if r == self.begin_req {
+            self.first_split
+        } else {
+            0
+        }
+    }
+
     /// The page range `[lo, hi)` of request `r` inside this run (`lo == hi` when none), for a
-    /// request `r` in `begin_req..=end_req` that has `pages` pages.
+    /// request `r` in `begin_req..=end_req` that has `pages` pages now: the run's pages, never
+    /// past `pages` (the plan may have been made for longer seqlens).
     #[inline]
     pub fn segment(&self, r: u32, pages: u32) -> (u32, u32) {
         let lo = if r == self.begin_req { self.begin_page } else { 0 };
-        let hi = if r == self.end_req { self.end_page } else { pages };
+        let hi = if r == self.end_req && self.end_page < pages {
+            self.end_page
+        } else {
+            pages
+        };
         if lo >= hi {
             (lo, lo)
         } else {

@@ -46,6 +46,9 @@ pub enum EtapError {
     RequestIndex { request: usize, batch: usize },
     /// A raw device address not aligned as the kernels need (`decode_raw`).
     Misaligned { arg: &'static str, align: u64, addr: u64 },
+    /// An argument with a value the call cannot take, and why (a softmax scale that is not
+    /// finite and positive, a stream of another context than the plan's, ...).
+    Invalid { arg: &'static str, why: String },
     /// The machine has no CUDA device.
     NoDevice,
     /// A device-side failure with its message: a device that is not Hopper (compute capability
@@ -100,6 +103,7 @@ impl fmt::Display for EtapError {
             Misaligned { arg, align, addr } => {
                 write!(f, "{arg} at {addr:#x} must be {align}-byte aligned")
             }
+            Invalid { arg, why } => write!(f, "{arg}: {why}"),
             NoDevice => write!(f, "no CUDA device"),
             Device(msg) => write!(f, "device: {msg}"),
             Cuda(e) => write!(f, "CUDA error: {e}"),

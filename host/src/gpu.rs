@@ -3,9 +3,7 @@ use crate::error::{EtapError, Result};
 use cust::context::Context;
 use cust::device::Device;
 use cust::module::Module;
-use cust::stream::Stream;
 use cust::sys::CUfunction;
-use std::ffi::c_void;
 
 /// Columns per CTA of the decode kernel variants, in the order of [`Kernels::decode`].
 pub(crate) const DECODE_COLS: [u32; 2] = [16, 32];
@@ -18,8 +16,6 @@ pub(crate) struct Kernels {
     pub decode: [[CUfunction; 2]; 2],
     /// The wide (heads-on-M) decode kernel, `[dtype]`.
     pub wide: [CUfunction; 2],
-    /// The seesaw (heads-on-M, alternating scorer) decode kernel, `[dtype]`.
-    pub seesaw: [CUfunction; 2],
     pub schedule: CUfunction,
 }
 
@@ -104,24 +100,19 @@ impl Decoder {
         let raw = |name: String| -> Result<CUfunction> { Ok(module.get_function(name)?.to_raw()) };
         let mut decode = [[std::ptr::null_mut(); 2]; 2];
         let mut wide = [std::ptr::null_mut(); 2];
-        let mut seesaw = [std::ptr::null_mut(); 2];
         for (d, dt) in ["bf16", "f16"].iter().enumerate() {
             for (c, cols) in DECODE_COLS.iter().enumerate() {
                 let f = module.get_function(format!("etap_decode_{dt}_c{cols}"))?;
-                set_dynamic_smem(&f, crate::plan::decode_smem_bytes(*cols))?;
+                crate::driver::set_dynamic_smem(&f, crate::plan::decode_smem_bytes(*cols))?;
                 decode[d][c] = f.to_raw();
             }
             let f = module.get_function(format!("etap_decode_wide_{dt}"))?;
-            set_dynamic_smem(&f, crate::plan::WIDE_SMEM)?;
+            crate::driver::set_dynamic_smem(&f, crate::plan::WIDE_SMEM)?;
             wide[d] = f.to_raw();
-            let f = module.get_function(format!("etap_decode_seesaw_{dt}"))?;
-            set_dynamic_smem(&f, crate::plan::SEESAW_SMEM)?;
-            seesaw[d] = f.to_raw();
         }
         let kernels = Kernels {
             decode,
             wide,
-            seesaw,
             schedule: raw("etap_schedule".into())?,
         };
         Ok(Decoder {
@@ -173,126 +164,4 @@ pub fn decoder_or_skip(what: &str) -> Option<Decoder> {
         }
         Err(e) => panic!("{what}: a CUDA device is present but unusable: {e}"),
     }
-}
-
-/// Raise a kernel's dynamic shared-memory limit (above the default 48 KiB) to `bytes`.
-pub fn set_dynamic_smem(func: &cust::function::Function, bytes: u32) -> Result<()> {
-    use cust::sys::{cuFuncSetAttribute, CUfunction_attribute, CUresult};
-    // SAFETY: `func` is a live function handle of a loaded module; the attribute takes an int.
-    let rc = unsafe {
-        cuFuncSetAttribute(
-            func.to_raw(),
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-    };
-    if rc != CUresult::CUDA_SUCCESS {
-        return Err(EtapError::Device(format!(
-            "cuFuncSetAttribute(max dynamic smem = {bytes}) failed: {rc:?}"
-        )));
-    }
-    Ok(())
-}
-
-/// `CUlaunchAttribute` of the CUDA 12 driver API (not in `cust_raw` 0.11): an id and a
-/// 64-byte value union, 8-byte aligned.
-#[repr(C)]
-struct LaunchAttribute {
-    id: u32,
-    _pad: u32,
-    value: [u64; 8],
-}
-
-/// `CUlaunchConfig` of the CUDA 12 driver API.
-#[repr(C)]
-struct LaunchConfig {
-    grid: [u32; 3],
-    block: [u32; 3],
-    smem: u32,
-    stream: cust::sys::CUstream,
-    attrs: *mut LaunchAttribute,
-    num_attrs: u32,
-}
-
-/// `CU_LAUNCH_ATTRIBUTE_COOPERATIVE`.
-const LAUNCH_ATTRIBUTE_COOPERATIVE: u32 = 2;
-
-extern "C" {
-    fn cuLaunchKernelEx(
-        config: *const LaunchConfig,
-        f: CUfunction,
-        params: *mut *mut c_void,
-        extra: *mut *mut c_void,
-    ) -> cust::sys::CUresult;
-}
-
-/// Launch a kernel by raw handle.
-///
-/// # Safety
-/// `f` is a kernel of a live module of the current context; `params` holds one pointer per
-/// kernel parameter, each to a value of exactly the parameter's type and size, live for the
-/// call (the driver copies them before returning); `smem` is within the kernel's limit.
-pub(crate) unsafe fn launch(
-    f: CUfunction,
-    grid: (u32, u32),
-    block: u32,
-    smem: u32,
-    stream: &Stream,
-    params: &mut [*mut c_void],
-) -> Result<()> {
-    launch_ex(f, grid, block, smem, stream, params, false)
-}
-
-/// Launch a kernel by raw handle cooperatively: the driver starts it only when every CTA of the
-/// grid can be resident at once (or fails the launch), so its CTAs may wait for each other.
-///
-/// # Safety
-/// As [`launch`].
-pub(crate) unsafe fn launch_cooperative(
-    f: CUfunction,
-    grid: (u32, u32),
-    block: u32,
-    smem: u32,
-    stream: &Stream,
-    params: &mut [*mut c_void],
-) -> Result<()> {
-    launch_ex(f, grid, block, smem, stream, params, true)
-}
-
-/// Both launches: `cuLaunchKernelEx`, with the cooperative attribute when `cooperative`.
-///
-/// # Safety
-/// As [`launch`].
-unsafe fn launch_ex(
-    f: CUfunction,
-    grid: (u32, u32),
-    block: u32,
-    smem: u32,
-    stream: &Stream,
-    params: &mut [*mut c_void],
-    cooperative: bool,
-) -> Result<()> {
-    let mut attr = LaunchAttribute {
-        id: LAUNCH_ATTRIBUTE_COOPERATIVE,
-        _pad: 0,
-        value: [0; 8],
-    };
-    // cooperative = 1 (an int at the start of the union).
-    attr.value[0] = 1;
-    let config = LaunchConfig {
-        grid: [grid.0, grid.1, 1],
-        block: [block, 1, 1],
-        smem,
-        stream: stream.as_inner(),
-        attrs: &mut attr,
-        num_attrs: cooperative as u32,
-    };
-    let rc = cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut());
-    if rc != cust::sys::CUresult::CUDA_SUCCESS {
-        return Err(EtapError::Device(format!(
-            "kernel launch{} failed: {rc:?}",
-            if cooperative { " (cooperative)" } else { "" }
-        )));
-    }
-    Ok(())
 }

@@ -1,19 +1,22 @@
 //! The split plan (FlashMLA's `get_mla_metadata`) and the decode launch.
+use crate::driver::{self, PinnedBuffer};
+use crate::driver::{launch, launch_cooperative};
 use crate::dtype::{Dtype, Element};
 use crate::error::{EtapError, Result};
-use crate::gpu::{launch, launch_cooperative, Decoder, DECODE_COLS};
+use crate::gpu::{Decoder, DECODE_COLS};
 use crate::shape::DecodeShape;
 use crate::tma::{encode_2d, TensorMap};
 use crate::validate::{validate_lengths, validate_shape, validate_tables};
 use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
 use cust::stream::Stream;
+use cust::sys::CUstream;
 use etap_core::{max_splits, COLS_PER_CTA, D_QK, D_V, PAGE_ROWS};
 
 /// Columns per CTA of the ETAP (KV-on-M) kernel at most: its variants are built for 16 and 32
 /// (wider requests take the heads-on-M kernel, or several column groups when forced).
 pub const KV_ON_M_MAX_COLS: u32 = 32;
-use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
+use std::sync::Mutex;
 
 /// Threads of the decode kernel: two consumer warpgroups and a producer warpgroup.
 const DECODE_THREADS: u32 = 384;
@@ -35,14 +38,6 @@ pub enum Layout {
     /// (`S = Q·K^T`). For 32 or more columns, where M is (nearly) full anyway and the wider
     /// GEMMs and the row softmax cost less than ETAP's narrow GEMMs and column reductions.
     HeadsOnM,
-    /// Heads on M with the scorer's role alternating between the two consumer warpgroups, unit
-    /// by unit, over a ring of four half-page units (the seesaw kernel): one warpgroup's S runs
-    /// on the tensor cores while the other computes its softmax. Experimental, only on request
-    /// (`plan_with_layout`): 0.7-1.2% ahead of the wide kernel at 64 columns on an H100, even at
-    /// 32 and 48, behind above 64; compute-sanitizer's racecheck reports hazards on its hand-over
-    /// buffers that neither the protocol nor the tests show, and until that is understood
-    /// `Layout::for_shape` does not pick it (docs/perf-notes.md v20).
-    Seesaw,
 }
 
 /// Columns (`s_q * h_q`) from which [`Layout::for_shape`] picks [`Layout::HeadsOnM`]: at 32
@@ -78,7 +73,7 @@ impl ColumnTiling {
         let n = shape.cols() as u32;
         let cols_per_cta = match layout {
             Layout::KvOnM => n.div_ceil(16).saturating_mul(16).min(KV_ON_M_MAX_COLS),
-            Layout::HeadsOnM | Layout::Seesaw => COLS_PER_CTA as u32,
+            Layout::HeadsOnM => COLS_PER_CTA as u32,
         };
         ColumnTiling {
             layout,
@@ -92,15 +87,6 @@ impl ColumnTiling {
         match self.layout {
             Layout::KvOnM => decode_smem_bytes(self.cols_per_cta),
             Layout::HeadsOnM => WIDE_SMEM,
-            Layout::Seesaw => SEESAW_SMEM,
-        }
-    }
-
-    /// KV rows per TMA box of the cache's tensor map: a page, or the seesaw kernel's half page.
-    pub fn kv_box_rows(&self) -> u32 {
-        match self.layout {
-            Layout::KvOnM | Layout::HeadsOnM => PAGE_ROWS as u32,
-            Layout::Seesaw => SEESAW_UNIT_ROWS,
         }
     }
 }
@@ -119,37 +105,54 @@ pub fn decode_smem_bytes(cols: u32) -> u32 {
 pub const WIDE_SMEM: u32 =
     9 * 64 * 128 + STAGES * (PAGE_ROWS * D_QK * 2) as u32 + 64 * 128 + 4 * 64 * 4 + 16 * STAGES + 16;
 
-/// KV rows of the seesaw kernel's ring units (kernels/src/tile.rs, `UNIT_ROWS`): half a page.
-pub const SEESAW_UNIT_ROWS: u32 = 32;
-
-/// Dynamic shared memory of the seesaw kernel (mirrors `decode_seesaw::smem_bytes`): Q of 64
-/// rows, four half-page units, the P (32 bytes a thread), running-max (8) and row-sum
-/// (2 x 2 x 8) hand-overs of 128 threads, the mbarriers of four units.
-pub const SEESAW_SMEM: u32 =
-    9 * 64 * 128 + 4 * (SEESAW_UNIT_ROWS * D_QK as u32 * 2) + 128 * 32 + 128 * 8 + 2 * 2 * 128 * 8 + 16 * 4 + 16;
-
 /// A split plan for one decode step: which pages each CTA handles, and the buffers for the
 /// partial results. Computed on the GPU from the device seqlens (no host sync), reusable for
-/// every layer of the step. A plan is used on one stream at a time: each decode call writes
-/// its tensor maps and parameters into the plan's device buffers in stream order.
+/// every layer of the step, and re-planned in place for the next step
+/// ([`Decoder::replan`]: no allocation, so it can be captured in a CUDA graph).
+///
+/// A plan is used on one stream at a time (its merge counters and partial buffers are
+/// per call). It may be moved and shared between threads (`Send + Sync`): its host state (the
+/// tensor-map slots) sits behind a mutex.
+///
+/// CUDA graphs: a captured `decode` replays correctly any number of times, with new q and
+/// seqlens written into the same buffers between replays (re-plan inside the captured region,
+/// or before each replay). Nothing the host counts is frozen into the graph: the merge's
+/// counters reset themselves on the device. The plan must outlive every graph that used it.
 pub struct Plan {
     shape: DecodeShape,
     tiling: ColumnTiling,
     parts: u32,
+    /// The context the plan's buffers belong to: a decode on a stream of another is an error.
+    ctx: usize,
     ranges: DeviceBuffer<u32>,
     split_offsets: DeviceBuffer<u32>,
     o_accum: DeviceBuffer<f32>,
     lse_accum: DeviceBuffer<f32>,
-    /// The split merge's counters, `[b][column groups]`, zeroed once: each call adds
-    /// `splits * 2` to those of its split requests, and waits for `epoch * splits * 2`.
+    /// The split merge's counters, `[b][column groups]`, zeroed once: each call's publishes and
+    /// merges bring each back to 0 (kernels/src/merge.rs).
     counters: DeviceBuffer<u32>,
-    /// Decode calls launched with this plan (wrapping).
-    epoch: Cell<u32>,
     /// Tensor maps of q and the cache, a pair per slot, uploaded once per (q, cache) address
     /// pair: a model's layers each have their own cache, and steady-state calls then copy
-    /// nothing to the device. `map_slots[i]` is the pair slot i was encoded for.
+    /// nothing to the device.
     maps: DeviceBuffer<TensorMap>,
-    map_slots: RefCell<Vec<(u64, u64)>>,
+    slots: Mutex<MapSlots>,
+}
+
+/// The host's record of a plan's tensor-map slots.
+struct MapSlots {
+    /// `pairs[i]`: the (q, cache) addresses slot i was encoded for.
+    pairs: Vec<(u64, u64)>,
+    /// Slot i's maps are on the device in stream order (uploaded by an eager call). A slot
+    /// uploaded only inside a captured graph is not: an eager call uploads it again.
+    resident: Vec<bool>,
+    /// Slot i is read by a captured graph: never re-assigned (the graph would read another
+    /// pair's maps).
+    in_graph: Vec<bool>,
+    /// The next slot to re-assign once all are taken (round robin).
+    next: usize,
+    /// Page-locked copies of the maps that captured graphs upload (a graph's copy reads its
+    /// source at every replay; slot i's entries never change once it is in a graph).
+    pinned: PinnedBuffer<TensorMap>,
 }
 
 impl Plan {
@@ -185,6 +188,103 @@ impl Plan {
             })
             .collect())
     }
+
+    /// The device address of the tensor maps for (q, cache) at `q_addr`/`kv_addr`, uploading them
+    /// into a slot when no slot holds them yet (eagerly, or as a copy in the graph being
+    /// captured on `stream`).
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the plan's context.
+    unsafe fn maps_for(&self, q_addr: u64, kv_addr: u64, stream: CUstream) -> Result<u64> {
+        let capturing = driver::is_capturing(stream)?;
+        let mut sl = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let pair = (q_addr, kv_addr);
+        let slot = match sl.pairs.iter().position(|&p| p == pair) {
+            Some(i) => i,
+            None => {
+                let i = if sl.pairs.len() < MAP_SLOTS {
+                    sl.pairs.push(pair);
+                    sl.resident.push(false);
+                    sl.in_graph.push(false);
+                    sl.pairs.len() - 1
+                } else {
+                    let i = (0..MAP_SLOTS)
+                        .map(|k| (sl.next + k) % MAP_SLOTS)
+                        .find(|&k| !sl.in_graph[k])
+                        .ok_or_else(|| EtapError::Invalid {
+                            arg: "q/kv_cache",
+                            why: format!(
+                                "all {MAP_SLOTS} tensor-map slots of this plan are read by captured graphs; \
+                                 use another plan for more (q, kv_cache) pairs"
+                            ),
+                        })?;
+                    sl.next = (i + 1) % MAP_SLOTS;
+                    sl.pairs[i] = pair;
+                    sl.resident[i] = false;
+                    i
+                };
+                i
+            }
+        };
+        let base = self.maps.as_device_ptr().as_raw() + (2 * slot * std::mem::size_of::<TensorMap>()) as u64;
+        if capturing {
+            if !sl.resident[slot] {
+                // The graph uploads the maps itself, from page-locked memory that stays as it is
+                // while the slot is in a graph: every replay then finds them, whatever ran
+                // before it.
+                let maps = self.encode_maps(q_addr, kv_addr)?;
+                sl.pinned.set(2 * slot, maps[0]);
+                sl.pinned.set(2 * slot + 1, maps[1]);
+                // SAFETY: 256 bytes into pair slot `slot` of the plan's 2 * MAP_SLOTS maps, from
+                // the plan's page-locked copy, which lives as long as the plan (and every graph
+                // must not outlive the plan) and is not rewritten while the slot is in a graph.
+                unsafe {
+                    driver::copy_htod_async(
+                        base,
+                        sl.pinned.as_ptr(2 * slot) as *const c_void,
+                        2 * std::mem::size_of::<TensorMap>(),
+                        stream,
+                    )?
+                };
+            }
+            sl.in_graph[slot] = true;
+        } else if !sl.resident[slot] {
+            let maps = self.encode_maps(q_addr, kv_addr)?;
+            // SAFETY: 256 bytes into pair slot `slot` of the plan's buffer, in stream order, so
+            // kernels already enqueued that read the slot's old maps run first; a pageable source
+            // is staged before the call returns, so `maps` may drop.
+            unsafe {
+                driver::copy_htod_async(
+                    base,
+                    maps.as_ptr() as *const c_void,
+                    std::mem::size_of_val(&maps),
+                    stream,
+                )?
+            };
+            sl.resident[slot] = true;
+        }
+        Ok(base)
+    }
+
+    /// The tensor maps of q (`[b * cols, 576]` in boxes of the CTA's columns) and of the cache
+    /// (`[num_pages * 64, 576]` in boxes of one page).
+    fn encode_maps(&self, q_addr: u64, kv_addr: u64) -> Result<[TensorMap; 2]> {
+        let shape = &self.shape;
+        Ok([
+            encode_2d(
+                q_addr,
+                shape.batch as u64 * shape.cols() as u64,
+                D_QK as u64,
+                self.tiling.cols_per_cta,
+            )?,
+            encode_2d(
+                kv_addr,
+                (shape.num_pages * PAGE_ROWS) as u64,
+                D_QK as u64,
+                PAGE_ROWS as u32,
+            )?,
+        ])
+    }
 }
 
 /// Kernel parameters of `etap_decode_*` (mirror of `decode::DecodeParams`).
@@ -206,8 +306,8 @@ struct DecodeParams {
     s_q: u32,
     h_q: u32,
     max_pages: u32,
+    num_pages: u32,
     scale_log2: f32,
-    epoch: u32,
 }
 // SAFETY: plain integers and floats (device addresses as u64).
 unsafe impl DeviceCopy for DecodeParams {}
@@ -223,7 +323,7 @@ pub struct RawBuffers {
     pub block_table: u64,
     /// `[b]` i32.
     pub cache_seqlens: u64,
-    /// `[b, s_q, h_q, 512]`, the dtype of q.
+    /// `[b, s_q, h_q, 512]`, the dtype of q, 8-byte aligned.
     pub out: u64,
     /// `[b, h_q, s_q]` f32.
     pub lse: u64,
@@ -245,13 +345,12 @@ impl Decoder {
                 self.kernels().decode[d][c]
             }
             Layout::HeadsOnM => self.kernels().wide[d],
-            Layout::Seesaw => self.kernels().seesaw[d],
         }
     }
 
     /// Make a split plan for `shape` from the device-resident `cache_seqlens`, on `stream`
-    /// (nothing is copied back to the host). The plan stays valid while the seqlens are those
-    /// of this step; decode with a new plan when they change.
+    /// (nothing is copied back to the host). Re-plan it for each step's seqlens with
+    /// [`Decoder::replan`].
     pub fn plan(&self, shape: &DecodeShape, cache_seqlens: &DeviceBuffer<i32>, stream: &Stream) -> Result<Plan> {
         self.plan_with_layout(shape, cache_seqlens, stream, Layout::for_shape(shape))
     }
@@ -265,75 +364,138 @@ impl Decoder {
         stream: &Stream,
         layout: Layout,
     ) -> Result<Plan> {
+        check_seqlens_len(shape, cache_seqlens.len())?;
+        // SAFETY: a live device buffer of `shape.batch` i32 (checked), kept by the caller while
+        // the stream runs the scheduling kernel (the borrow ends here, but `Stream` work on it
+        // is ordered before the caller can free it only if the caller synchronizes or keeps
+        // it: as for every cust buffer used with async work).
+        unsafe {
+            self.plan_raw(
+                shape,
+                cache_seqlens.as_device_ptr().as_raw(),
+                stream.as_inner(),
+                Some(layout),
+            )
+        }
+    }
+
+    /// The raw planning entry point (for interop: seqlens and stream from another library).
+    /// `layout` `None` takes [`Layout::for_shape`]. Allocates the plan's buffers (not in a
+    /// captured region), zeroes the merge counters and runs the scheduler on `stream`.
+    ///
+    /// # Safety
+    /// `cache_seqlens` is the device address of `shape.batch` i32 in the current context, valid
+    /// until `stream` has run the scheduler; `stream` is a stream of the current context (or
+    /// null, the legacy default stream).
+    pub unsafe fn plan_raw(
+        &self,
+        shape: &DecodeShape,
+        cache_seqlens: u64,
+        stream: CUstream,
+        layout: Option<Layout>,
+    ) -> Result<Plan> {
         validate_shape(shape)?;
-        if cache_seqlens.len() != shape.batch {
-            return Err(EtapError::Length {
+        if !cache_seqlens.is_multiple_of(4) {
+            return Err(EtapError::Misaligned {
                 arg: "cache_seqlens",
-                expected: shape.batch,
-                got: cache_seqlens.len(),
+                align: 4,
+                addr: cache_seqlens,
             });
         }
-        let tiling = ColumnTiling::for_shape(shape, layout);
+        let tiling = ColumnTiling::for_shape(shape, layout.unwrap_or_else(|| Layout::for_shape(shape)));
         let parts = (self.num_sms() / tiling.groups).max(1);
         let splits = max_splits(shape.batch, parts as usize);
         let cols = shape.cols();
-        // SAFETY (all four): device allocations of plain numbers that the kernels fully
+        // SAFETY (all five): device allocations of plain numbers that the kernels fully
         // write before reading (ranges and offsets by the scheduler; the accumulators only in
         // the slots the plan assigns, each written by the decode kernel before its split merge
-        // reads it, after the merge counter says so).
-        let ranges = unsafe { DeviceBuffer::<u32>::uninitialized(parts as usize * RANGE_WORDS)? };
-        let split_offsets = unsafe { DeviceBuffer::<u32>::uninitialized(shape.batch + 1)? };
-        let o_accum = unsafe { DeviceBuffer::<f32>::uninitialized(splits * cols * D_V)? };
-        let lse_accum = unsafe { DeviceBuffer::<f32>::uninitialized(splits * cols)? };
-        let maps = unsafe { DeviceBuffer::<TensorMap>::uninitialized(2 * MAP_SLOTS)? };
-        let counters = unsafe { DeviceBuffer::<u32>::uninitialized(shape.batch * tiling.groups as usize)? };
+        // reads it, after the merge counter says so; the maps before any decode reads them).
+        let ranges = DeviceBuffer::<u32>::uninitialized(parts as usize * RANGE_WORDS)?;
+        let split_offsets = DeviceBuffer::<u32>::uninitialized(shape.batch + 1)?;
+        let o_accum = DeviceBuffer::<f32>::uninitialized(splits * cols * D_V)?;
+        let lse_accum = DeviceBuffer::<f32>::uninitialized(splits * cols)?;
+        let maps = DeviceBuffer::<TensorMap>::uninitialized(2 * MAP_SLOTS)?;
+        let counters = DeviceBuffer::<u32>::uninitialized(shape.batch * tiling.groups as usize)?;
         // SAFETY: zeroes the plan's own counters (4 bytes each), in stream order before any
         // decode call with this plan.
-        let rc = unsafe {
-            cust::sys::cuMemsetD32Async(counters.as_device_ptr().as_raw(), 0, counters.len(), stream.as_inner())
-        };
-        if rc != cust::sys::CUresult::CUDA_SUCCESS {
-            return Err(EtapError::Device(format!("zeroing the merge counters failed: {rc:?}")));
-        }
-        let mut batch = shape.batch as u32;
-        let mut max_pages = shape.max_pages as u32;
-        let mut parts_arg = parts;
-        let mut seq = cache_seqlens.as_device_ptr().as_raw();
-        let mut rp = ranges.as_device_ptr().as_raw();
-        let mut op = split_offsets.as_device_ptr().as_raw();
-        // SAFETY: the arguments match etap_schedule's signature (pointer, u32, u32, pointer,
-        // u32, pointer); the buffers have the lengths it writes (`parts` ranges, `batch + 1`
-        // offsets) and are owned by the plan, which the caller keeps while the stream runs.
-        unsafe {
-            launch(
-                self.kernels().schedule,
-                (1, 1),
-                1,
-                0,
-                stream,
-                &mut [
-                    &mut seq as *mut u64 as *mut c_void,
-                    &mut batch as *mut u32 as *mut c_void,
-                    &mut max_pages as *mut u32 as *mut c_void,
-                    &mut rp as *mut u64 as *mut c_void,
-                    &mut parts_arg as *mut u32 as *mut c_void,
-                    &mut op as *mut u64 as *mut c_void,
-                ],
-            )?;
-        }
-        Ok(Plan {
+        driver::fill_u32_async(counters.as_device_ptr().as_raw(), 0, counters.len(), stream)?;
+        let plan = Plan {
             shape: *shape,
             tiling,
             parts,
+            ctx: driver::stream_context(stream)? as usize,
             ranges,
             split_offsets,
             o_accum,
             lse_accum,
             counters,
-            epoch: Cell::new(0),
             maps,
-            map_slots: RefCell::new(Vec::new()),
-        })
+            slots: Mutex::new(MapSlots {
+                pairs: Vec::new(),
+                resident: Vec::new(),
+                in_graph: Vec::new(),
+                next: 0,
+                pinned: PinnedBuffer::zeroed(2 * MAP_SLOTS)?,
+            }),
+        };
+        self.schedule(&plan, cache_seqlens, stream)?;
+        Ok(plan)
+    }
+
+    /// Re-plan `plan` for new seqlens of the same shape (the next decode step), into its own
+    /// buffers: one kernel launch on `stream`, no allocation and no host synchronization, so it
+    /// may be captured in a CUDA graph beside the decode calls it plans.
+    pub fn replan(&self, plan: &mut Plan, cache_seqlens: &DeviceBuffer<i32>, stream: &Stream) -> Result<()> {
+        check_seqlens_len(&plan.shape, cache_seqlens.len())?;
+        // SAFETY: a live device buffer of `batch` i32 (checked), borrowed for the call.
+        unsafe { self.replan_raw(plan, cache_seqlens.as_device_ptr().as_raw(), stream.as_inner()) }
+    }
+
+    /// [`Decoder::replan`] with a raw seqlens address and stream.
+    ///
+    /// # Safety
+    /// As [`Decoder::plan_raw`].
+    pub unsafe fn replan_raw(&self, plan: &mut Plan, cache_seqlens: u64, stream: CUstream) -> Result<()> {
+        if !cache_seqlens.is_multiple_of(4) {
+            return Err(EtapError::Misaligned {
+                arg: "cache_seqlens",
+                align: 4,
+                addr: cache_seqlens,
+            });
+        }
+        check_context(plan, stream)?;
+        self.schedule(plan, cache_seqlens, stream)
+    }
+
+    /// Launch the scheduler for `plan` on the seqlens at `cache_seqlens`.
+    ///
+    /// # Safety
+    /// As [`Decoder::plan_raw`].
+    unsafe fn schedule(&self, plan: &Plan, cache_seqlens: u64, stream: CUstream) -> Result<()> {
+        let mut batch = plan.shape.batch as u32;
+        let mut max_pages = plan.shape.max_pages as u32;
+        let mut parts_arg = plan.parts;
+        let mut seq = cache_seqlens;
+        let mut rp = plan.ranges.as_device_ptr().as_raw();
+        let mut op = plan.split_offsets.as_device_ptr().as_raw();
+        // SAFETY: the arguments match etap_schedule's signature (pointer, u32, u32, pointer,
+        // u32, pointer); the buffers have the lengths it writes (`parts` ranges, `batch + 1`
+        // offsets) and are owned by the plan, which the caller keeps while the stream runs.
+        launch(
+            self.kernels().schedule,
+            (1, 1),
+            1,
+            0,
+            stream,
+            &mut [
+                &mut seq as *mut u64 as *mut c_void,
+                &mut batch as *mut u32 as *mut c_void,
+                &mut max_pages as *mut u32 as *mut c_void,
+                &mut rp as *mut u64 as *mut c_void,
+                &mut parts_arg as *mut u32 as *mut c_void,
+                &mut op as *mut u64 as *mut c_void,
+            ],
+        )
     }
 
     /// The checked path: copy the block table and seqlens to the host (one synchronization,
@@ -447,85 +609,55 @@ impl Decoder {
         // SAFETY: the buffers are live device allocations of the lengths the plan's shape
         // needs (validated above), borrowed for the call; the kernels run in stream order and
         // the caller owns synchronization before reading `out`/`lse` or freeing inputs.
-        unsafe { self.decode_raw(plan, T::DTYPE, bufs, softmax_scale, stream) }
+        unsafe { self.decode_raw(plan, T::DTYPE, bufs, softmax_scale, stream.as_inner()) }
     }
 
-    /// The raw entry point, for interop with other CUDA libraries (device pointers from
-    /// PyTorch, say).
+    /// The raw entry point, for interop with other CUDA libraries (device pointers and the
+    /// stream from PyTorch, say). Checks the shape, alignments, the scale and the stream's
+    /// context; on error nothing is launched and nothing written. Capturable in a CUDA graph.
     ///
     /// # Safety
-    /// Every address in `bufs` must point to live device memory of the current context with
+    /// Every address in `bufs` must point to live device memory of the plan's context with
     /// the length and element type that `plan.shape()` and `dtype` imply (q, cache and out 16-bit
-    /// of `dtype`, 16-byte aligned; block table and seqlens i32; lse f32), must stay valid
-    /// until the stream has run the launches, and `out`/`lse` must not overlap the inputs. The
-    /// seqlens must be those the plan was made from.
+    /// of `dtype`; block table and seqlens i32; lse f32), must stay valid until the stream has
+    /// run the launch (in a graph: at every replay), and `out`/`lse` must not overlap the
+    /// inputs. `stream` is a stream of the plan's context (or null, the legacy default stream).
+    /// Seqlens other than the plan's are memory-safe (docs/design.md, "Bounds safety"), with
+    /// the result described there.
     pub unsafe fn decode_raw(
         &self,
         plan: &Plan,
         dtype: Dtype,
         bufs: RawBuffers,
         softmax_scale: Option<f32>,
-        stream: &Stream,
+        stream: CUstream,
     ) -> Result<()> {
         let shape = plan.shape;
         validate_shape(&shape)?;
-        // q and the cache: the copy engine reads 16-byte aligned tensors; out: the kernels store
-        // pairs of 16-bit outputs as one word; lse: f32.
+        // q and the cache: the copy engine reads 16-byte aligned tensors; out: the split merge
+        // stores four 16-bit outputs as one 8-byte store; the block table, seqlens and lse: 4.
         for (arg, addr, align) in [
             ("q", bufs.q, 16),
             ("kv_cache", bufs.kv_cache, 16),
-            ("out", bufs.out, 4),
+            ("out", bufs.out, 8),
             ("lse", bufs.lse, 4),
+            ("block_table", bufs.block_table, 4),
+            ("cache_seqlens", bufs.cache_seqlens, 4),
         ] {
             if addr % align != 0 {
                 return Err(EtapError::Misaligned { arg, align, addr });
             }
         }
         let scale = softmax_scale.unwrap_or(1.0 / (D_QK as f32).sqrt());
-        let tiling = plan.tiling;
-        let cols = shape.cols() as u64;
-        // Tensor maps: q as [b * cols, 576] in boxes of the CTA's columns; the cache as
-        // [num_pages * 64, 576] in boxes of one page (half a page for the seesaw kernel). Encoded
-        // and uploaded once per pair.
-        let slot = {
-            let mut slots = plan.map_slots.borrow_mut();
-            match slots.iter().position(|&p| p == (bufs.q, bufs.kv_cache)) {
-                Some(i) => i,
-                None => {
-                    let i = slots.len() % MAP_SLOTS;
-                    let maps = [
-                        encode_2d(bufs.q, shape.batch as u64 * cols, D_QK as u64, tiling.cols_per_cta)?,
-                        encode_2d(
-                            bufs.kv_cache,
-                            (shape.num_pages * PAGE_ROWS) as u64,
-                            D_QK as u64,
-                            tiling.kv_box_rows(),
-                        )?,
-                    ];
-                    // SAFETY: copies 2 maps (256 bytes) into pair slot i of the plan's buffer of
-                    // 2 * MAP_SLOTS maps, in stream order, so kernels already enqueued that read
-                    // the slot's old maps run first (a pageable source is staged before the call
-                    // returns, so `maps` may drop).
-                    let rc = cust::sys::cuMemcpyHtoDAsync_v2(
-                        plan.maps.as_device_ptr().as_raw() + (2 * i * std::mem::size_of::<TensorMap>()) as u64,
-                        maps.as_ptr() as *const c_void,
-                        std::mem::size_of_val(&maps),
-                        stream.as_inner(),
-                    );
-                    if rc != cust::sys::CUresult::CUDA_SUCCESS {
-                        return Err(EtapError::Device(format!("uploading tensor maps failed: {rc:?}")));
-                    }
-                    if slots.len() < MAP_SLOTS {
-                        slots.push((bufs.q, bufs.kv_cache));
-                    } else {
-                        slots[i] = (bufs.q, bufs.kv_cache);
-                    }
-                    i
-                }
-            }
-        };
-        let map_base = plan.maps.as_device_ptr().as_raw() + (2 * slot * std::mem::size_of::<TensorMap>()) as u64;
-        let params = DecodeParams {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(EtapError::Invalid {
+                arg: "softmax_scale",
+                why: format!("{scale} is not finite and positive"),
+            });
+        }
+        check_context(plan, stream)?;
+        let map_base = plan.maps_for(bufs.q, bufs.kv_cache, stream)?;
+        let mut params = DecodeParams {
             q_map: map_base,
             kv_map: map_base + std::mem::size_of::<TensorMap>() as u64,
             block_table: bufs.block_table,
@@ -541,25 +673,48 @@ impl Decoder {
             s_q: shape.s_q as u32,
             h_q: shape.h_q as u32,
             max_pages: shape.max_pages as u32,
+            num_pages: shape.num_pages as u32,
             scale_log2: scale * std::f32::consts::LOG2_E,
-            epoch: plan.epoch.get().wrapping_add(1),
         };
-        let kernel = self.kernel_for(&tiling, dtype);
-        let mut params = params;
+        let tiling = plan.tiling;
         // Cooperative: the CTAs that share a request wait for each other's partial results
         // before merging them (kernels/src/merge.rs), so they must all be resident.
         launch_cooperative(
-            kernel,
+            self.kernel_for(&tiling, dtype),
             (plan.parts, tiling.groups),
             DECODE_THREADS,
             tiling.smem_bytes(),
             stream,
             &mut [&mut params as *mut DecodeParams as *mut c_void],
-        )?;
-        // Counted only once launched: the kernel's counters then hold this call's arrivals.
-        plan.epoch.set(params.epoch);
-        Ok(())
+        )
     }
+}
+
+/// `cache_seqlens` has one entry per request.
+fn check_seqlens_len(shape: &DecodeShape, len: usize) -> Result<()> {
+    if len != shape.batch {
+        return Err(EtapError::Length {
+            arg: "cache_seqlens",
+            expected: shape.batch,
+            got: len,
+        });
+    }
+    Ok(())
+}
+
+/// `stream` belongs to the context the plan was made in.
+///
+/// # Safety
+/// `stream` is a live stream handle (or null).
+unsafe fn check_context(plan: &Plan, stream: CUstream) -> Result<()> {
+    let ctx = driver::stream_context(stream)? as usize;
+    if ctx != plan.ctx {
+        return Err(EtapError::Invalid {
+            arg: "stream",
+            why: "belongs to another CUDA context (device) than the plan".into(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -596,7 +751,7 @@ mod tests {
         for s_q in 1..=4 {
             for h_q in [8, 16, 32, 64, 128] {
                 let sh = shape(s_q, h_q);
-                for layout in [Layout::KvOnM, Layout::HeadsOnM, Layout::Seesaw] {
+                for layout in [Layout::KvOnM, Layout::HeadsOnM] {
                     let t = ColumnTiling::for_shape(&sh, layout);
                     let n = sh.cols() as u32;
                     assert!(t.groups * t.cols_per_cta >= n, "{layout:?} s_q={s_q} h_q={h_q}");

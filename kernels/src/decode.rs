@@ -51,6 +51,9 @@ const _: () = assert!(
 const BAR_CONSUMERS: u32 = 3;
 /// Named barriers of the tensor-core turn of warpgroup 0 and 1 ([`tile::Turn`]).
 const BAR_TURN: u32 = 4;
+/// Named barrier of the producer warpgroup's three idle warps (`merge::publish_empty_splits`);
+/// above every consumer barrier of both kernels (1-5).
+const BAR_IDLE: u32 = 6;
 
 /// Everything the kernel reads, passed by value as one kernel parameter (the tensor maps
 /// themselves live in global memory: a by-value map would need 64-byte parameter alignment,
@@ -75,11 +78,10 @@ pub struct DecodeParams {
     pub s_q: u32,
     pub h_q: u32,
     pub max_pages: u32,
+    /// Pages of the cache: a block-table entry outside `0..num_pages` reads as a page of zeros.
+    pub num_pages: u32,
     /// softmax_scale * log2(e).
     pub scale_log2: f32,
-    /// This call's number among the plan's calls, from 1 (wrapping): the merge's counters
-    /// reach `epoch * splits * CONSUMERS` when this call's splits are all written.
-    pub epoch: u32,
 }
 
 impl DecodeParams {
@@ -93,8 +95,10 @@ impl DecodeParams {
     }
 
     /// Request `r`'s rows read (its seqlen clamped to the block table) and the pages
-    /// `[lo, hi)` of it inside `range` (`lo == hi` when none): the segment a consumer of either
-    /// decode kernel works through.
+    /// `[lo, hi)` of it inside `range` (`lo == hi` when none): the segment the producer and the
+    /// consumers of either decode kernel work through. The pages are the plan's, clamped to the
+    /// request's current length, and none for a request the plan gave no split (it was empty
+    /// when planned): with a stale plan the kernel reads no page the plan did not assign.
     ///
     /// # Safety
     /// `r` is a request of `range`; `seqlens` points to the batch's lengths.
@@ -102,7 +106,20 @@ impl DecodeParams {
     pub(crate) unsafe fn segment(&self, range: &WorkRange, r: u32) -> (u32, u32, u32) {
         let seqlen = *self.seqlens.add(r as usize);
         let (lo, hi) = range.segment(r, pages_of(seqlen, self.max_pages));
+        let hi = if self.splits(r) == 0 { lo } else { hi };
         (rows_of(seqlen, self.max_pages), lo, hi)
+    }
+
+    /// The cache row of KV page `id`'s row `row`: a block-table entry outside the cache maps
+    /// to the first row past it, which the copy engine fills with zeros (never another page).
+    #[inline(always)]
+    pub(crate) fn page_row(&self, id: i32, row: u32) -> i32 {
+        let page = if (id as u32) < self.num_pages {
+            id as u32
+        } else {
+            self.num_pages
+        };
+        (page * PAGE_ROWS as u32 + row) as i32
     }
 }
 
@@ -223,7 +240,7 @@ pub(crate) unsafe fn run_producer(
     })
 }
 
-/// [`run_producer`] with the loads issued by `produce` (the seesaw kernel's half-page units).
+/// [`run_producer`] with the loads issued by `produce`.
 ///
 /// # Safety
 /// As [`run_producer`].
@@ -244,16 +261,17 @@ pub(crate) unsafe fn run_producer_with(
     if t == CONSUMERS * index::WARPGROUP {
         produce();
     } else if t >= first_idle {
-        // The producer warpgroup's other three warps: the requests with no rows that fall to
-        // this CTA (zeros and lse = -inf), while the loads run.
+        // The producer warpgroup's other three warps, while the loads run: the requests with no
+        // rows that fall to this CTA (zeros and lse = -inf), and with a stale plan the splits
+        // of this CTA left without pages.
         merge::write_empty(prm, group, cols, n_req, t - first_idle, THREADS - first_idle);
+        merge::publish_empty_splits(prm, group, cols, n_req, t - first_idle, THREADS - first_idle, BAR_IDLE);
     }
     true
 }
 
 /// The producer: the first thread of warpgroup 2 walks the part's segments and issues the loads
-/// of each request's Q and its KV tiles of `TILE_ROWS` rows (a page, or the seesaw kernel's
-/// half page) into a ring of `SLOTS`.
+/// of each request's Q and its KV tiles of `TILE_ROWS` rows (a page, or part of one) into a ring of `SLOTS`.
 ///
 /// # Safety
 /// One thread, after the prologue, with the ring laid out in `sm` and a KV tensor map of
@@ -271,8 +289,8 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
     let tile_bytes = QK_BLOCKS as u32 * TILE_ROWS * ROW_BYTES;
     // The part's first page id, read beside the first request's seqlen rather than after it
     // (the entry exists whatever the seqlen: the table has `max_pages` entries a request).
-    // Tile 0 is on that page: the plan starts a range at a page its request has (it skips
-    // empty requests), for the seqlens it was made from, which `decode` requires.
+    // Tile 0 is on that page when the seqlens are the plan's (it starts a range at a page its
+    // request has); with a stale plan the test of `r` below keeps it to that page.
     let first_page = if range.begin_page < prm.max_pages {
         range.begin_page
     } else {
@@ -284,8 +302,7 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
     let mut it = 0u32; // tiles issued so far
     let mut q_round = 0u32;
     for r in range.begin_req..=range.end_req {
-        let seqlen = *prm.seqlens.add(r as usize);
-        let (lo, hi) = range.segment(r, pages_of(seqlen, prm.max_pages));
+        let (rows, lo, hi) = prm.segment(range, r);
         if lo == hi {
             continue;
         }
@@ -295,7 +312,7 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
         let end = if per_page == 1 {
             hi
         } else {
-            tiles_end(hi, rows_of(seqlen, prm.max_pages), TILE_ROWS)
+            tiles_end(hi, rows, TILE_ROWS)
         };
         for u in lo * per_page..end {
             let slot = it % SLOTS;
@@ -303,12 +320,12 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
                 tile::wait(sm.empty + 8 * slot, (it / SLOTS - 1) & 1);
             }
             let page = u / per_page;
-            let id = if it == 0 && page == first_page {
+            let id = if it == 0 && r == range.begin_req && page == first_page {
                 first_id
             } else {
                 *table.add(page as usize)
             };
-            let row = id * PAGE_ROWS as i32 + ((u % per_page) * TILE_ROWS) as i32;
+            let row = prm.page_row(id, (u % per_page) * TILE_ROWS);
             mbarrier::arrive_expect_tx(sm.full + 8 * slot, tile_bytes);
             let (dst, bar) = (sm.pages + slot * tile_bytes, sm.full + 8 * slot);
             tile::load_kv_tile(prm.kv_map, dst, bar, row, TILE_ROWS);
@@ -384,7 +401,6 @@ unsafe fn consume<const NW: usize, const F16: bool>(
     }
     let mut it = 0u32;
     let mut q_round = 0u32;
-    let mut split = range.first_split;
     for r in range.begin_req..=range.end_req {
         let (rows, lo, hi) = prm.segment(range, r);
         if lo == hi {
@@ -425,9 +441,7 @@ unsafe fn consume<const NW: usize, const F16: bool>(
             mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
             it += 1;
         }
-        let seg_split = split;
-        split = 0;
-        finish_segment::<NW, F16>(prm, r, seg_split, col0, n_req, &st, &o, red, bar_id);
+        finish_segment::<NW, F16>(prm, r, range.split_of(r), col0, n_req, &st, &o, red, bar_id);
         if prm.splits(r) > 1 {
             merge::publish(prm, r, group, bar_id);
         }

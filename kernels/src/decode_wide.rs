@@ -109,7 +109,6 @@ unsafe fn consume<const F16: bool>(
     let col0 = group * WIDE_ROWS;
     let mut it = 0u32;
     let mut q_round = 0u32;
-    let mut split = range.first_split;
     for r in range.begin_req..=range.end_req {
         let (rows, lo, hi) = prm.segment(range, r);
         if lo == hi {
@@ -165,9 +164,7 @@ unsafe fn consume<const F16: bool>(
             mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
             it += 1;
         }
-        let seg_split = split;
-        split = 0;
-        finish_segment::<F16>(prm, r, seg_split, col0, n_req, &st, &o, red_sum, wg);
+        finish_segment::<F16>(prm, r, range.split_of(r), col0, n_req, &st, &o, red_sum, wg);
         if prm.splits(r) > 1 {
             merge::publish(prm, r, group, BAR_OWN + wg);
         }
@@ -220,7 +217,7 @@ unsafe fn finish_segment<const F16: bool>(
     store_rows!(F16; prm, r, split, col0, n_req, o, inv, lse, wg, tw, lane);
 }
 
-/// The end of a heads-on-M segment, shared by the wide and the seesaw kernel: write warpgroup
+/// The end of a heads-on-M segment: write warpgroup
 /// `wg`'s 256 features of the segment's rows (thread `tw`, lane `lane`), normalized by `inv`
 /// (1 / l of the thread's two rows), and from warpgroup 0 their `lse`: the final out / lse when
 /// request `r` has a single split, else split `split`'s partial O and lse. A macro rather than

@@ -6,8 +6,6 @@
 //! - [`decode`]: the split-KV ETAP decode kernel.
 //! - [`decode_wide`]: the heads-on-M decode kernel for requests of 32 or more (token, head)
 //!   rows, sharing the ETAP kernel's producer, ring and partial outputs.
-//! - [`decode_seesaw`]: an experimental heads-on-M kernel whose warpgroups take turns as the
-//!   scorer, over half-page units (used only when asked for).
 //! - [`merge`]: the decode kernels' own merge of each request's splits by their lse.
 //! - [`schedule`]: the one-thread kernel that runs `etap_core::schedule` on device seqlens.
 //! - [`tile_gemm`]: a test kernel proving descriptors and layouts on the hardware.
@@ -16,7 +14,6 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod decode;
-pub mod decode_seesaw;
 pub mod decode_wide;
 pub mod device;
 pub mod merge;

@@ -16,18 +16,25 @@
 //!
 //! Before merging, a CTA waits until every split of the request is written: a counter per
 //! (request, column group), to which each consumer warpgroup adds 1 after writing its part of
-//! a partial ([`publish`]). Counters are never reset: call `e` of a plan waits for
-//! `e * n * CONSUMERS` (wrapping), so a plan is reused across layers without clearing anything.
+//! a partial ([`publish`]), so it reaches `n * CONSUMERS`. Each of the `n - 1` merging CTAs then
+//! adds 1 more as it leaves the wait, and the last to leave sets the counter back to 0: every
+//! call finds its counters at 0 (the plan zeroes them once), with no count carried from call to
+//! call on the host. So a captured CUDA graph replays correctly, and a re-plan needs no reset.
+//!
+//! The counts are the plan's, whatever the seqlens: every split the plan made publishes, even
+//! one whose pages the current seqlens leave empty (it publishes an empty partial, lse = -inf),
+//! so a stale plan never leaves a merge waiting (docs/design.md, "Bounds safety").
 //!
 //! Waiting for other CTAs needs them resident: the host launches the decode kernels
 //! cooperatively, and every CTA finishes all its pages before it waits for anything.
 //!
-//! Requests with no rows are written here too (zeros and lse = -inf), by the CTA whose part
-//! index is the request index modulo the parts ([`write_empty`]).
+//! Requests with no rows, and requests the plan gave no split, are written here too (zeros and
+//! lse = -inf), by the CTA whose part index is the request index modulo the parts
+//! ([`write_empty`]).
 use crate::decode::{DecodeParams, CONSUMERS};
 use crate::device::{global, index, math, sync};
 use crate::unroll;
-use etap_core::{lse_index, rows_of, WorkRange, D_V};
+use etap_core::{lse_index, pages_of, rows_of, D_V};
 
 /// Threads that merge: both consumer warpgroups.
 const THREADS: u32 = CONSUMERS * index::WARPGROUP;
@@ -69,12 +76,8 @@ pub unsafe fn merge_splits<const F16: bool>(prm: &DecodeParams, group: u32, grou
     // The part's range, read again (volatile: not replaced by the values the main loop had)
     // rather than kept in registers through the main loop, where they made ptxas spill.
     let range = &core::ptr::read_volatile(prm.ranges.add(index::block_x() as usize));
-    let split = if range.end_req == range.begin_req {
-        range.first_split
-    } else {
-        0
-    };
-    merge_request::<F16>(prm, range, range.end_req, split, group, group_cols, n_req, bar_id);
+    let split = range.split_of(range.end_req);
+    merge_request::<F16>(prm, range.end_req, split, group, group_cols, n_req, bar_id);
 }
 
 /// This CTA's share of request `r`, whose split `split` it wrote, when the request has more
@@ -83,7 +86,6 @@ pub unsafe fn merge_splits<const F16: bool>(prm: &DecodeParams, group: u32, grou
 #[allow(clippy::too_many_arguments)]
 unsafe fn merge_request<const F16: bool>(
     prm: &DecodeParams,
-    range: &WorkRange,
     r: u32,
     split: u32,
     group: u32,
@@ -91,10 +93,9 @@ unsafe fn merge_request<const F16: bool>(
     n_req: u32,
     bar_id: u32,
 ) {
-    let (_, lo, hi) = prm.segment(range, r);
     let first = *prm.split_offsets.add(r as usize);
     let n = *prm.split_offsets.add(r as usize + 1) - first;
-    if lo < hi && n > 1 && split + 1 < n {
+    if n > 1 && split + 1 < n {
         let col0 = group * group_cols;
         let cols = if n_req - col0 < group_cols {
             n_req - col0
@@ -107,7 +108,7 @@ unsafe fn merge_request<const F16: bool>(
             prm.o_accum,
             prm.lse_accum,
             counter(prm, r, group),
-            prm.epoch.wrapping_mul(n * CONSUMERS),
+            n * CONSUMERS,
             n_req,
             prm.h_q,
             prm.s_q,
@@ -123,7 +124,8 @@ unsafe fn merge_request<const F16: bool>(
 }
 
 /// Merge share `k` of request `r`'s `n` splits (partials in slots `first..first + n`) for the
-/// columns `col0..col0 + cols`. Not inlined: the decode kernels' main loops keep their
+/// columns `col0..col0 + cols`, once `counter` has reached `target` (every split published).
+/// The `n - 1` sharers then each add 1 as they leave the wait; the last resets it to 0. Not inlined: the decode kernels' main loops keep their
 /// registers (inlined, the merge made ptxas spill them); its arguments are plain values, so
 /// the call needs no stack frame.
 ///
@@ -138,7 +140,7 @@ unsafe fn merge_share<const F16: bool>(
     lse: *mut f32,
     o_accum: *const f32,
     lse_accum: *const f32,
-    counter: *const u32,
+    counter: *mut u32,
     target: u32,
     n_req: u32,
     h_q: u32,
@@ -151,9 +153,12 @@ unsafe fn merge_share<const F16: bool>(
     k: u32,
     bar_id: u32,
 ) {
-    // Every split of the request is written.
+    // Every split of the request is written. Then leave: the last of the n - 1 sharers to
+    // leave (the counter at target + n - 2 before its add) resets the counter for the next call;
+    // every other sharer has passed its wait by then.
     if index::thread_x() == 0 {
         global::wait_reached(counter, target);
+        global::leave_and_reset(counter, target + n - 2);
     }
     sync::bar_sync(bar_id, THREADS);
 
@@ -354,6 +359,86 @@ impl ShareItems {
     }
 }
 
+/// With a stale plan (seqlens shrunk since planning): the splits of the plan in this CTA's
+/// range that the current seqlens leave without pages, which the consumers skip, get an empty
+/// partial for the CTA's columns `group * cols ..` (O = 0, lse = -inf: the merge weighs it as
+/// nothing) and are published for both consumer warpgroups, so that no merge waits for them.
+/// Only the range's first and last request can be split (every request between lies whole in
+/// the range). Run by the producer warpgroup's idle warps (`rank` of `threads`, `bar_id` their
+/// own barrier), outside the consumers' register budget.
+///
+/// # Safety
+/// `prm` holds the plan's buffers; every one of the `threads` threads calls it.
+#[inline(always)]
+pub unsafe fn publish_empty_splits(
+    prm: &DecodeParams,
+    group: u32,
+    cols: u32,
+    n_req: u32,
+    rank: u32,
+    threads: u32,
+    bar_id: u32,
+) {
+    let range = &core::ptr::read_volatile(prm.ranges.add(index::block_x() as usize));
+    let mut r = range.begin_req;
+    loop {
+        let seqlen = *prm.seqlens.add(r as usize);
+        let first = *prm.split_offsets.add(r as usize);
+        let n = *prm.split_offsets.add(r as usize + 1) - first;
+        let (lo, hi) = range.segment(r, pages_of(seqlen, prm.max_pages));
+        if lo == hi && n > 1 {
+            let slot = first + range.split_of(r);
+            write_empty_partial(
+                prm.o_accum,
+                prm.lse_accum,
+                slot,
+                n_req,
+                group * cols,
+                cols,
+                rank,
+                threads,
+            );
+            sync::bar_sync(bar_id, threads);
+            global::release_add_if(rank == 0, counter(prm, r, group), CONSUMERS);
+        }
+        if r == range.end_req {
+            break;
+        }
+        r = range.end_req;
+    }
+}
+
+/// Write split slot `slot`'s partial empty (O = 0, lse = -inf) for the columns `c0..c0 + nc`
+/// below `n_req`; `rank` of `threads` threads share the work.
+///
+/// # Safety
+/// `slot` is a split slot of the plan; the accumulators have `n_req` columns per slot.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_empty_partial(
+    o_accum: *mut f32,
+    lse_accum: *mut f32,
+    slot: u32,
+    n_req: u32,
+    c0: u32,
+    nc: u32,
+    rank: u32,
+    threads: u32,
+) {
+    let cols = if n_req > c0 { (n_req - c0).min(nc) } else { 0 };
+    let base = o_accum.add(((slot * n_req + c0) * D_V as u32) as usize);
+    let mut i = rank;
+    while i < cols * D_V as u32 {
+        *base.add(i as usize) = 0.0;
+        i += threads;
+    }
+    let mut c = rank;
+    while c < cols {
+        *lse_accum.add((slot * n_req + c0 + c) as usize) = f32::NEG_INFINITY;
+        c += threads;
+    }
+}
+
 /// Write the requests with no rows (out = 0, lse = -inf) that fall to this CTA: those whose
 /// index is this part's modulo the parts, in this CTA's column group. `rank` and `threads`:
 /// this thread's index among the `threads` that call it.
@@ -370,7 +455,10 @@ pub unsafe fn write_empty(prm: &DecodeParams, group: u32, group_cols: u32, n_req
     };
     let mut r = index::block_x();
     while r < prm.batch {
-        if rows_of(*prm.seqlens.add(r as usize), prm.max_pages) == 0 {
+        // No split in the plan (the request was empty when planned), or one split and no rows
+        // now. (A request with several splits is always written by its merge.)
+        let n = prm.splits(r);
+        if n == 0 || (n == 1 && rows_of(*prm.seqlens.add(r as usize), prm.max_pages) == 0) {
             let out = prm.out.add(((r * n_req + col0) * D_V as u32) as usize) as *mut u32;
             let mut i = rank;
             while i < cols * D_V as u32 / 2 {

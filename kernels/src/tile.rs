@@ -57,8 +57,8 @@ impl Turn {
 /// Per-thread accumulator fragment of an m64nN tile (N <= 64): the first N/2 floats are used.
 pub type Frag = [f32; 32];
 
-/// Issue the TMA loads of one KV tile of `tile_rows` rows (cache rows `row ..`: a page, or the
-/// seesaw kernel's half page; one box of `tile_rows` x 64 columns per block) into `dst` (blocks
+/// Issue the TMA loads of one KV tile of `tile_rows` rows (cache rows `row ..`: a page, or part of
+/// one; one box of `tile_rows` x 64 columns per block) into `dst` (blocks
 /// of `tile_rows` x 128 bytes), completing on `bar`. One thread calls it.
 ///
 /// # Safety
@@ -443,7 +443,7 @@ pub unsafe fn row_softmax(s: &mut Frag, st: &mut RowState, visible: &[u32; 2], r
 }
 
 /// [`row_softmax`] of an S of `N` KV columns (`N / 2` fragment elements a thread): 64 for a
-/// page, 32 for the seesaw kernel's units.
+/// page, fewer for a tile of part of a page.
 ///
 /// # Safety
 /// As [`row_softmax`].
@@ -550,125 +550,6 @@ pub unsafe fn accumulate_o<const F16: bool>(o: &mut WideAcc, page: u32, p_tile: 
         // 16 KV rows of 128 bytes per step.
         let b = Desc::m_major_sw128(page + vb0 * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
         wgmma::mma_n256::<0, 1, F16>(o, a, b, true);
-    });
-    wgmma::commit_group();
-    wgmma::wait_group::<0>();
-}
-
-// ---------------------------------------------------------------------------------------------
-// The seesaw kernel's tiles (`decode_seesaw`): heads on M as in the wide kernel, over ring
-// units of half a page (32 KV rows, 36 KiB), so that four units fit where two pages did and a
-// unit's buffer is refilled after half the work. Per unit, the warpgroups take turns as the
-// scorer; the scorer's P goes to its own O update straight from registers (the RS form of
-// wgmma) and to the other warpgroup through a per-thread slot in shared memory:
-//
-//   S[64 x 32]     = Q[64 x 576] · K[32 x 576]^T        Q K-major A, the unit K-major B (scorer)
-//   row softmax against the running max of the previous unit, P -> registers and shared memory
-//   O_w[64 x 256] += P[64 x 32] · V[32 x 256w..]        P from registers, the unit N-major B
-// ---------------------------------------------------------------------------------------------
-
-/// KV rows of one seesaw ring unit: half a page. S is m64n32 (N = 32 KV rows) and O's K is 32
-/// (two k16 steps).
-pub const UNIT_ROWS: u32 = 32;
-/// Bytes of one [32 rows][64 cols] block of a unit: one TMA box (32-row boxes).
-pub const UNIT_BLOCK_BYTES: u32 = UNIT_ROWS * ROW_BYTES;
-/// Bytes of a unit in shared memory (9 blocks of 4 KiB, each 1024-aligned).
-pub const UNIT_BYTES: u32 = QK_BLOCKS as u32 * UNIT_BLOCK_BYTES;
-/// A unit's P as a thread's wgmma A fragments: 32 KV columns = 2 k16 steps x 4 registers of
-/// two 16-bit elements.
-pub type PFrag = [u32; 8];
-/// Bytes of one thread's slot in the P hand-over buffer (its [`PFrag`]).
-pub const P_SLOT_BYTES: u32 = 32;
-
-/// S[64 x 32] = Q[64 x 576] · K[32 x 576]^T: the unit at `unit` against the 64 Q rows at `q`.
-/// Issues 36 wgmmas (m64n32k16) and waits. The first 16 floats of `s` are the fragment.
-///
-/// # Safety
-/// The whole warpgroup calls it, with the unit and Q loaded.
-#[inline(always)]
-pub unsafe fn scores_unit<const F16: bool>(s: &mut Frag, q: u32, unit: u32) {
-    let (unit, q) = (smem::opaque(unit), smem::opaque(q));
-    wgmma::fence();
-    for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
-        let blk = kk / STEPS_PER_BLOCK;
-        let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
-        let a = Desc::k_major_sw128(q + blk * WIDE_ROWS * ROW_BYTES + within);
-        let b = Desc::k_major_sw128(unit + blk * UNIT_BLOCK_BYTES + within);
-        wgmma::mma::<{ UNIT_ROWS as usize }, 0, 0, F16>(s, a, b, kk > 0);
-    }
-    wgmma::commit_group();
-    wgmma::wait_group::<0>();
-}
-
-/// P (the first 16 floats of `s`, after [`row_softmax_n`]) as A fragments: the accumulator's
-/// element pairs (2j, 2j + 1) are adjacent KV columns of one row, and registers 4t..4t+3 are
-/// exactly the m64k16 A fragment of KV columns 16t..16t+15 (rows r, r + 8; columns c, c + 8).
-#[inline(always)]
-pub fn pack_p<const F16: bool>(s: &Frag) -> PFrag {
-    let mut p = [0u32; 8];
-    unroll!(j < 8, max 8 => {
-        p[j] = math::pack2::<F16>(s[2 * j], s[2 * j + 1]);
-    });
-    p
-}
-
-/// Hand P and the running row maxima to the other warpgroup: each thread writes its own
-/// fragment and maxima to its slot (the other warpgroup's thread of the same rank holds the same
-/// rows and columns). Plain shared-memory stores: the reader loads them into registers.
-///
-/// # Safety
-/// The whole warpgroup calls it; the other warpgroup has read the previous contents.
-#[inline(always)]
-pub unsafe fn publish_p(p_buf: u32, m_buf: u32, tw: u32, p: &PFrag, m: [f32; 2]) {
-    let slot = smem::opaque(p_buf) + tw * P_SLOT_BYTES;
-    smem::st_v4_u32(slot, [p[0], p[1], p[2], p[3]]);
-    smem::st_v4_u32(slot + 16, [p[4], p[5], p[6], p[7]]);
-    smem::st_v2_f32(m_buf + tw * 8, m);
-}
-
-/// Read what [`publish_p`] wrote (this thread's slot): P's fragments and the row maxima.
-///
-/// # Safety
-/// After the publishing warpgroup's signal.
-#[inline(always)]
-pub unsafe fn read_p(p_buf: u32, m_buf: u32, tw: u32) -> (PFrag, [f32; 2]) {
-    let slot = smem::opaque(p_buf) + tw * P_SLOT_BYTES;
-    let a = smem::ld_v4_u32(slot);
-    let b = smem::ld_v4_u32(slot + 16);
-    let m = smem::ld_v2_f32(m_buf + tw * 8);
-    ([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]], m)
-}
-
-/// Move this warpgroup's running maxima to `m_new` (the scorer's, after another warpgroup's
-/// unit) and return the factor O's rows must be scaled by; the row sums are scaled alike. The
-/// same conventions as [`row_softmax`] (a row with no KV row seen keeps -inf).
-#[inline(always)]
-pub fn advance_max(st: &mut RowState, m_new: [f32; 2]) -> [f32; 2] {
-    let mut alpha = [0f32; 2];
-    unroll!(h < 2, max 2 => {
-        let m_use = if m_new[h] == f32::NEG_INFINITY { 0.0 } else { m_new[h] };
-        alpha[h] = math::exp2(st.m[h] - m_use);
-        st.m[h] = m_new[h];
-        st.l[h] *= alpha[h];
-    });
-    alpha
-}
-
-/// O_w[64 x 256] += P[64 x 32] · V[32 x 256]: this warpgroup's 256 features of the unit's V
-/// (blocks `vb0..vb0+4`, 4 KiB apart), P from registers, two m64n256k16 wgmmas. Waits.
-///
-/// # Safety
-/// The whole warpgroup calls it, with the unit loaded (and its rows past the request's end
-/// zeroed).
-#[inline(always)]
-pub unsafe fn accumulate_o_rs<const F16: bool>(o: &mut WideAcc, unit: u32, vb0: u32, p: &PFrag) {
-    let unit = smem::opaque(unit);
-    wgmma::fence();
-    unroll!(t < 2, max 2 => {
-        // 16 KV rows of 128 bytes per step.
-        let b = Desc::mn_major_sw128(unit + vb0 * UNIT_BLOCK_BYTES + t as u32 * K_STEP * ROW_BYTES, UNIT_BLOCK_BYTES);
-        let a = [p[4 * t], p[4 * t + 1], p[4 * t + 2], p[4 * t + 3]];
-        wgmma::mma_rs_n256::<1, F16>(o, a, b, true);
     });
     wgmma::commit_group();
     wgmma::wait_group::<0>();

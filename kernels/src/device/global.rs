@@ -38,7 +38,7 @@ pub unsafe fn ld_acquire(ptr: *const u32) -> u32 {
 }
 
 /// Spin until `*ptr - target`, read as a wrapping difference, is no longer negative: the
-/// counter has reached `target` (counters only grow, and wrap). Traps after about a second, as
+/// counter has reached `target`. Traps after about a second, as
 /// `mbarrier::wait` does, instead of hanging the GPU on a bug.
 ///
 /// # Safety
@@ -53,6 +53,25 @@ pub unsafe fn wait_reached(ptr: *const u32, target: u32) {
             super::sync::trap();
         }
     }
+}
+
+/// Add 1 to `*ptr`, and set it to 0 when it held `last` before the add (the last of the
+/// counter's users this launch). Relaxed: the reset is read by the next launch on the stream,
+/// which a kernel boundary orders after this one.
+///
+/// # Safety
+/// As [`release_add_if`], in one thread.
+#[inline(always)]
+pub unsafe fn leave_and_reset(ptr: *mut u32, last: u32) {
+    asm!(
+        "{{ .reg .pred p; .reg .b32 old;",
+        "atom.relaxed.gpu.global.add.u32 old, [{0}], 1;",
+        "setp.eq.u32 p, old, {1};",
+        "@p st.relaxed.gpu.global.u32 [{0}], 0; }}",
+        in(reg64) ptr,
+        in(reg32) last,
+        options(nostack)
+    );
 }
 
 /// Polls after which [`wait_reached`] gives up (at 64 ns or more a poll: over a second).

@@ -69,8 +69,7 @@ impl Desc {
 
     /// An M- or N-major operand, 128-byte swizzle, wider than one swizzle row: its 64-element
     /// blocks (along M or N) lie `block_bytes` apart (the leading offset); within a block as
-    /// [`Desc::m_major_sw128`]. The seesaw kernel's V is N-major B in blocks of 32 KV rows
-    /// (4 KiB).
+    /// [`Desc::m_major_sw128`] (e.g. V of a 32-row tile as N-major B: blocks 4 KiB apart).
     #[inline(always)]
     pub const fn mn_major_sw128(addr: u32, block_bytes: u32) -> Desc {
         Desc::new(addr, block_bytes, 1024, Swizzle::B128)
