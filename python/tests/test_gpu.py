@@ -246,7 +246,6 @@ def _split_pages(bt, sl, parts):
 
 @pytest.mark.parametrize("parts", [2, 3])
 def test_merge_states_equals_the_whole(torch_cuda, parts):
-    torch = torch_cuda
     q, k, bt, sl = make_inputs(6, 1, 16, 900, varlen=True, seed=19)
     sl[0] = 30  # one page: the other parts are empty for this request
     full_out, full_lse = etap.flash_mla_with_kvcache(q, k, bt, sl, 512, etap.get_mla_metadata()[0], None)
