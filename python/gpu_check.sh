@@ -49,8 +49,8 @@ run() {
 # From tests/, so that the source folder python/etap does not shadow the installed wheel.
 cd "$here/tests"
 # -p no:cacheprovider: the checkout may be read-only. -rs: print every skip's reason.
-run "pytest: host-side + GPU matrix, errors, devices, merge" \
-    "$py" -m pytest -p no:cacheprovider -q -rs --maxfail=25 test_host.py test_gpu.py
+run "pytest: host-side + GPU matrix, errors, devices, merge, custom op, bench" \
+    "$py" -m pytest -p no:cacheprovider -q -rs --maxfail=25 test_host.py test_gpu.py test_ops.py
 run "pytest: CUDA graphs (capture, many replays)" \
     "$py" -m pytest -p no:cacheprovider -q -rs --maxfail=25 test_graph.py
 if [ "$("$py" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
