@@ -14,6 +14,7 @@ per (device, shape) and re-planned in place (one small kernel, no allocation), s
   a new plan allocates device memory, which a capture forbids; the error says so.
 """
 
+import itertools
 import threading
 from collections import OrderedDict
 
@@ -84,11 +85,14 @@ class _Slot:
     def __init__(self, plan, device):
         self.plan = plan
         self.device = device
-        self.owner = None  # the EtapMetadata (by id) the plan was last scheduled for
+        self.owner = None  # the EtapMetadata (by token) the plan was last scheduled for
         self.pinned = False
 
 
 _plans = _PlanCache()
+# Metadata identities: a counter, not id(), which Python reuses once an object is freed (a new
+# step's metadata could then pass for the old one and decode with its stale schedule).
+_tokens = itertools.count(1)
 
 
 class EtapMetadata:
@@ -99,9 +103,10 @@ class EtapMetadata:
     same ``cache_seqlens`` values (FlashMLA's rule). Make a new one for each step.
     """
 
-    __slots__ = ("batch", "cols", "device", "key", "capture", "__weakref__")
+    __slots__ = ("batch", "cols", "device", "key", "capture", "token", "__weakref__")
 
     def __init__(self, batch=None, cols=None, device=None):
+        self.token = next(_tokens)
         self.batch = batch
         self.cols = cols
         self.device = device
@@ -262,7 +267,7 @@ def flash_mla_with_kvcache(
     _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse)
     stream = _stream_handle(device)
     meta = tile_scheduler_metadata
-    dec, p = _scheduled_plan(id(meta), device, shape, cache_seqlens, stream, meta)
+    dec, p = _scheduled_plan(meta.token, device, shape, cache_seqlens, stream, meta)
     dec.decode(p, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
                out.data_ptr(), lse.data_ptr(), scale, stream)
     _empty_lse(lse, empty_lse)

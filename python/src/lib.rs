@@ -105,11 +105,10 @@ impl PyDecoder {
         // SAFETY: reads the calling thread's current context (null when none) into a local.
         unsafe { cust::sys::cuCtxGetCurrent(&mut prev) };
         let made = etap::Decoder::on_device(device);
-        if !prev.is_null() {
-            // SAFETY: restores the context that was current before (on_device makes its own
-            // current); `prev` is a live context: the caller (torch) holds it.
-            unsafe { cust::sys::cuCtxSetCurrent(prev) };
-        }
+        // SAFETY: restores the context that was current before (on_device makes its own
+        // current): `prev` is a live context (the caller, torch, holds it) or null (none: the
+        // thread is left without a current context, as it was).
+        unsafe { cust::sys::cuCtxSetCurrent(prev) };
         Ok(PyDecoder {
             inner: Arc::new(made.map_err(to_py)?),
         })

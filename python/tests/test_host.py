@@ -275,3 +275,72 @@ def test_decoder_without_a_gpu_is_a_clear_error():
         assert d.device == 0 and d.num_sms > 0
     with pytest.raises((RuntimeError, OverflowError)):
         _etap.Decoder(1 << 20)
+
+
+# --- the metadata's plan bookkeeping, with a fake decoder ---------------------------------------
+
+
+class FakeDecoder:
+    def __init__(self):
+        self.calls = []
+        self.capture = None
+
+    def plan(self, *args):
+        self.calls.append(("plan",) + args[:5])
+        return object()
+
+    def replan(self, plan, seqlens, stream):
+        self.calls.append(("replan", seqlens))
+
+    def decode(self, plan, dtype, *args):
+        self.calls.append(("decode", dtype))
+
+
+def test_one_plan_per_shape_replanned_once_per_metadata(monkeypatch):
+    dec = FakeDecoder()
+    monkeypatch.setattr(interface, "decoder", lambda device: dec)
+    monkeypatch.setattr(interface, "_stream_handle", lambda device: 0)
+    monkeypatch.setattr(interface._etap, "stream_capture_id", lambda d, s: dec.capture)
+    monkeypatch.setattr(interface, "_plans", interface._PlanCache())
+
+    def step(meta, q, k, bt, sl, layers=3):
+        for _ in range(layers):
+            out = FakeTensor((2, 1, 16, 512), BF16)
+            lse = FakeTensor((2, 16, 1), F32)
+            etap.flash_mla_with_kvcache(q, k, bt, sl, 512, meta, None, out=out, lse=lse, empty_lse="-inf")
+
+    q, k, bt, sl = decode_inputs()
+    m1 = etap.get_mla_metadata(sl, 16, 1)[0]
+    step(m1, q, k, bt, sl)
+    assert [c[0] for c in dec.calls] == ["plan", "decode", "decode", "decode"]
+    assert dec.calls[0][1:] == (2, 1, 16, 8, 4)
+    dec.calls.clear()
+    m2 = etap.get_mla_metadata()[0]  # the next step: re-planned once, into the same plan
+    step(m2, q, k, bt, sl)
+    assert [c[0] for c in dec.calls] == ["replan", "decode", "decode", "decode"]
+    dec.calls.clear()
+    step(m1, q, k, bt, sl, layers=1)  # an older step's metadata again: re-planned for it
+    assert [c[0] for c in dec.calls] == ["replan", "decode"]
+    dec.calls.clear()
+    # A graph capture: the first call of a metadata inside it re-plans (captured), even for a
+    # metadata already planned eagerly; the plan is pinned.
+    dec.capture = 77
+    step(m1, q, k, bt, sl)
+    assert [c[0] for c in dec.calls] == ["replan", "decode", "decode", "decode"]
+    assert interface._plans.get((0, 2, 1, 16, 8, 4)).pinned
+    dec.capture = None
+    dec.calls.clear()
+    # Another shape (a wider block table): a new plan; the metadata of the first is refused.
+    q2, k2, bt2, sl2 = decode_inputs(max_pages=6)
+    step(etap.get_mla_metadata()[0], q2, k2, bt2, sl2, layers=1)
+    assert [c[0] for c in dec.calls] == ["plan", "decode"]
+    with pytest.raises(ValueError, match="planned for another shape"):
+        step(m1, q2, k2, bt2, sl2, layers=1)
+
+
+def test_metadata_tokens_are_never_reused():
+    seen = set()
+    for _ in range(1000):
+        m = etap.EtapMetadata()  # freed at once: id() would repeat, the token does not
+        assert m.token not in seen
+        seen.add(m.token)
