@@ -98,6 +98,13 @@ pub fn all() -> Vec<Config> {
     }
     v.push(Config::uniform(64, 1, 16, 8192));
     v.push(Config::uniform(128, 1, 16, 4096));
+    // The serving-mode shapes of the speed issue (anchors.md) not above.
+    v.push(Config::uniform(128, 1, 16, 1024));
+    v.push(Config::uniform(32, 2, 16, 8192));
+    v.push(Config::uniform(16, 2, 16, 16384));
+    v.push(Config::uniform(16, 2, 64, 4096));
+    v.push(Config::uniform(64, 1, 128, 4096));
+    v.push(Config::uniform(16, 1, 128, 16384));
     v.push(Config::varlen());
     for s_q in [1, 2, 4] {
         v.push(Config::imbalanced(s_q));
@@ -132,7 +139,7 @@ mod tests {
     #[test]
     fn names_are_unique_and_filterable() {
         let all = all();
-        assert_eq!(all.len(), 7 + 4 + 2 + 1 + 3);
+        assert_eq!(all.len(), 7 + 4 + 2 + 6 + 1 + 3);
         let mut names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
         names.sort_unstable();
         names.dedup();
@@ -142,9 +149,14 @@ mod tests {
         let f = filter(all.clone(), &["sk4k".into()]);
         assert_eq!(
             f.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
-            ["b16-sq1-h16-sk4k", "b128-sq1-h16-sk4k"]
+            [
+                "b16-sq1-h16-sk4k",
+                "b128-sq1-h16-sk4k",
+                "b16-sq2-h64-sk4k",
+                "b64-sq1-h128-sk4k"
+            ]
         );
-        assert_eq!(filter(all.clone(), &["imbalanced".into(), "h128".into()]).len(), 4);
+        assert_eq!(filter(all.clone(), &["imbalanced".into(), "h128".into()]).len(), 6);
         assert_eq!(filter(all.clone(), &[]).len(), all.len());
         assert_eq!(all.iter().filter(|c| c.in_sweep()).count(), 7);
         for q in quick() {

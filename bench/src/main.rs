@@ -11,6 +11,7 @@ mod gen;
 mod metrics;
 mod opts;
 mod report;
+mod serving;
 
 use configs::Config;
 use cust::device::{Device, DeviceAttribute};
@@ -268,6 +269,7 @@ fn bench_config<T: Element>(
         s_q: cfg.s_q,
         h_q: cfg.h_q,
         s_k_max: cfg.max_len(),
+        seqlens: cfg.seqlens.clone(),
         total_rows: metrics::total_rows(&cfg.seqlens),
         sweep: cfg.in_sweep(),
         sets: 0,
@@ -284,16 +286,75 @@ fn bench_config<T: Element>(
         checked_requests: vec![],
         status: "ERROR".into(),
         note: String::new(),
+        serve_us: f64::NAN,
+        serve_us_contig: f64::NAN,
+        serve_pct: f64::NAN,
+        serve_pct_contig: f64::NAN,
+        layers: 0,
     };
-    if let Err(e) = bench_inner::<T>(dec, stream, info, cfg, o, layout, &mut row) {
-        row.status = "ERROR".into();
-        row.note = e.to_string();
-        // Let whatever was launched finish before the buffers go.
-        let _ = stream.synchronize();
+    match bench_inner::<T>(dec, stream, info, cfg, o, layout, &mut row) {
+        Err(e) => {
+            row.status = "ERROR".into();
+            row.note = e.to_string();
+            // Let whatever was launched finish before the buffers go.
+            let _ = stream.synchronize();
+        }
+        Ok((x, checked)) if o.layers > 0 => {
+            if let Err(e) = bench_serving(dec, info, &x, &checked, layout, o.layers, &mut row) {
+                row.status = "ERROR".into();
+                row.note = format!("serving mode: {e}");
+            }
+        }
+        Ok(_) => {}
     }
     row
 }
 
+/// Serving mode (see `serving`) with the shuffled and the contiguous block table. Each run's
+/// last output must equal, bit for bit, the per-call output that was checked against the
+/// reference (the same rows, the same arithmetic).
+fn bench_serving<T: Element>(
+    dec: &Decoder,
+    info: &RunInfo,
+    x: &gen::HostInputs<T>,
+    checked: &(Vec<f32>, Vec<f32>),
+    layout: Layout,
+    layers: usize,
+    row: &mut Row,
+) -> BoxResult<()> {
+    let shape = &x.shape;
+    let same = |s: &serving::Serving| {
+        s.out.iter().zip(&checked.0).all(|(a, b)| a.to_bits() == b.to_bits())
+            && s.lse.iter().zip(&checked.1).all(|(a, b)| a.to_bits() == b.to_bits())
+    };
+    let shuffled = serving::time(dec, shape, layout, &x.q, &x.cache, &x.block_table, &x.seqlens, layers)?;
+    let (table, cache) = serving::contiguous(shape, &x.block_table, &x.seqlens, &x.cache);
+    let contig = serving::time(dec, shape, layout, &x.q, &cache, &table, &x.seqlens, layers)?;
+    row.layers = shuffled.layers.min(contig.layers);
+    row.serve_us = shuffled.us;
+    row.serve_us_contig = contig.us;
+    row.serve_pct = metrics::gbps(row.bytes, shuffled.us) / info.copy_gbps * 100.0;
+    row.serve_pct_contig = metrics::gbps(row.bytes, contig.us) / info.copy_gbps * 100.0;
+    if row.layers < layers {
+        if !row.note.is_empty() {
+            row.note.push_str("; ");
+        }
+        row.note.push_str(&format!("serving: {} layers fit", row.layers));
+    }
+    if !same(&shuffled) || !same(&contig) {
+        row.status = "FAILED".into();
+        if !row.note.is_empty() {
+            row.note.push_str("; ");
+        }
+        row.note
+            .push_str("serving-mode output differs from the checked per-call output");
+    }
+    Ok(())
+}
+
+/// The per-call timing and the checks; returns the inputs and the checked output (out as f32,
+/// lse) for serving mode.
+#[allow(clippy::type_complexity)]
 fn bench_inner<T: Element>(
     dec: &Decoder,
     stream: &Stream,
@@ -302,7 +363,7 @@ fn bench_inner<T: Element>(
     o: &Options,
     layout: Layout,
     row: &mut Row,
-) -> BoxResult<()> {
+) -> BoxResult<(gen::HostInputs<T>, (Vec<f32>, Vec<f32>))> {
     let tag = format!("[{} {} {}]", cfg.name, T::DTYPE, layout_name(layout));
     let t0 = Instant::now();
     let seed = seed_of(&cfg.name);
@@ -373,6 +434,7 @@ fn bench_inner<T: Element>(
     };
     let (go, gl) = fetch(&out, &lse)?;
     let first = check::compare(&reference, shape.cols(), &go, &gl);
+    let checked = (go, gl);
     row.checked_requests = picks.clone();
     eprintln!(
         "{tag} check of requests {picks:?} (reference {ref_s:.1} s): rel err {:.2e}, lse diff {:.2e}{}",
@@ -437,5 +499,5 @@ fn bench_inner<T: Element>(
         }
     }
     drop(plans);
-    Ok(())
+    Ok((x, checked))
 }

@@ -20,6 +20,8 @@ options:
   --dtype D          bf16 (default, to keep the run short), f16 or both
   --layout L         auto (default: the plan's choice), kv (ETAP, KV rows on M), heads (the
                      wide heads-on-M kernel) or both (every configuration twice)
+  --layers N         layers of the serving-mode CUDA graph, each with its own cache
+                     (default 61; 0 skips serving mode)
   --out DIR          where the results go (default target/bench)
   --list             print the configuration names and exit
   -h, --help         this text
@@ -38,6 +40,8 @@ pub struct Options {
     /// Layouts to run; `None` = the plan's own choice.
     pub layouts: Vec<Option<Layout>>,
     pub out: PathBuf,
+    /// Layers of the serving-mode graph (0: no serving-mode timing).
+    pub layers: usize,
     pub list: bool,
     pub help: bool,
 }
@@ -45,6 +49,8 @@ pub struct Options {
 pub const DEFAULT_ITERS: usize = 100;
 pub const QUICK_ITERS: usize = 30;
 pub const WARMUP: usize = 10;
+/// Layers of the serving-mode graph: DeepSeek-V3's 61.
+pub const DEFAULT_LAYERS: usize = 61;
 
 fn parse_usize(opt: &str, s: &str) -> Result<usize, String> {
     s.trim()
@@ -63,6 +69,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         dtypes: vec![Dtype::Bf16],
         layouts: vec![None],
         out: PathBuf::from("target/bench"),
+        layers: DEFAULT_LAYERS,
         list: false,
         help: false,
     };
@@ -75,7 +82,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         };
         let takes_value = matches!(
             name,
-            "--only" | "--shape" | "--iters" | "--dtype" | "--layout" | "--out"
+            "--only" | "--shape" | "--iters" | "--dtype" | "--layout" | "--out" | "--layers"
         );
         let value = if takes_value {
             match inline {
@@ -107,6 +114,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                 }
                 o.shapes.push((n[0], n[1], n[2], n[3]));
             }
+            "--layers" => o.layers = parse_usize("--layers", &value)?,
             "--iters" => {
                 let n = parse_usize("--iters", &value)?;
                 if n == 0 {
@@ -191,7 +199,15 @@ mod tests {
         let o = p(&["--quick", "--only", "h128,varlen", "--iters=7"]).unwrap();
         assert_eq!(o.iters, 7);
         let names: Vec<String> = o.configs().into_iter().map(|c| c.name).collect();
-        assert_eq!(names, ["b16-sq1-h128-sk64k", "b32-sq1-h16-varlen8k"]);
+        assert_eq!(
+            names,
+            [
+                "b16-sq1-h128-sk64k",
+                "b64-sq1-h128-sk4k",
+                "b16-sq1-h128-sk16k",
+                "b32-sq1-h16-varlen8k"
+            ]
+        );
         let o = p(&[
             "--shape",
             "2,1,16,1000",

@@ -26,6 +26,8 @@ pub struct Row {
     pub h_q: usize,
     /// Longest request.
     pub s_k_max: i32,
+    /// Every request's length (for the peers' script, which times the same batch).
+    pub seqlens: Vec<i32>,
     pub total_rows: u64,
     /// Whether this is a point of the b16 s_q1 h16 sweep.
     pub sweep: bool,
@@ -48,6 +50,14 @@ pub struct Row {
     /// `ok`, `FAILED` (check) or `ERROR` (CUDA or API error).
     pub status: String,
     pub note: String,
+    /// Serving mode (bench/src/serving.rs): us per layer with the shuffled and the contiguous
+    /// block table, and the layers in the graph (0 when not run).
+    pub serve_us: f64,
+    pub serve_us_contig: f64,
+    /// The same as % of the copy roof.
+    pub serve_pct: f64,
+    pub serve_pct_contig: f64,
+    pub layers: usize,
 }
 
 impl Row {
@@ -73,15 +83,19 @@ fn fmt_e(v: f64) -> String {
 }
 
 pub const TABLE_HEADER: &str =
-    "config                     dtype layout      us    GB/s  TFLOP/s  % copy   rel err  lse diff  status";
+    "config                     dtype layout  serve us  % copy  contig us  % copy   call us    GB/s  TFLOP/s  % copy   rel err  lse diff  status";
 
 /// One line of the table.
 pub fn table_line(r: &Row) -> String {
     format!(
-        "{:<26} {:<5} {:<6} {:>8} {:>7} {:>8} {:>7} {:>9} {:>9}  {}{}",
+        "{:<26} {:<5} {:<6} {:>9} {:>7} {:>10} {:>7} {:>9} {:>7} {:>8} {:>7} {:>9} {:>9}  {}{}",
         r.config,
         r.dtype,
         r.layout,
+        fmt_f(r.serve_us, 1),
+        fmt_f(r.serve_pct, 1),
+        fmt_f(r.serve_us_contig, 1),
+        fmt_f(r.serve_pct_contig, 1),
         fmt_f(r.us, 1),
         fmt_f(r.gbps, 0),
         fmt_f(r.tflops, 1),
@@ -118,7 +132,8 @@ fn csv_num(v: f64) -> String {
 
 pub const CSV_HEADER: &str =
     "card,copy_gbps,config,dtype,layout,batch,s_q,h_q,s_k_max,total_rows,sets,iters,bytes,flops,\
-us_median,us_min,us_loop_mean,gbps,tflops,pct_copy,rel_err,lse_diff,status,note";
+us_median,us_min,us_loop_mean,gbps,tflops,pct_copy,rel_err,lse_diff,serve_us_shuffled,serve_us_contiguous,serve_layers,\
+status,note";
 
 pub fn csv(info: &RunInfo, rows: &[Row]) -> String {
     let mut s = String::from(CSV_HEADER);
@@ -147,6 +162,9 @@ pub fn csv(info: &RunInfo, rows: &[Row]) -> String {
             csv_num(r.pct_copy),
             csv_num(r.rel_err),
             csv_num(r.lse_diff),
+            csv_num(r.serve_us),
+            csv_num(r.serve_us_contig),
+            r.layers.to_string(),
             csv_field(&r.status),
             csv_field(&r.note),
         ];
@@ -167,11 +185,15 @@ pub fn json(info: &RunInfo, rows: &[Row]) -> String {
         .map(|r| {
             json!({
                 "config": r.config, "dtype": r.dtype, "layout": r.layout, "batch": r.batch, "s_q": r.s_q, "h_q": r.h_q,
+                "seqlens": r.seqlens,
                 "s_k_max": r.s_k_max, "total_rows": r.total_rows, "sets": r.sets,
                 "bytes": jnum(r.bytes), "flops": jnum(r.flops),
                 "us_median": jnum(r.us), "us_min": jnum(r.us_min), "us_loop_mean": jnum(r.us_loop),
                 "gbps": jnum(r.gbps), "tflops": jnum(r.tflops), "pct_copy": jnum(r.pct_copy),
                 "rel_err": jnum(r.rel_err), "lse_diff": jnum(r.lse_diff),
+                "serving_us_per_layer_shuffled": jnum(r.serve_us), "serving_us_per_layer_contiguous": jnum(r.serve_us_contig),
+                "serving_pct_copy_shuffled": jnum(r.serve_pct), "serving_pct_copy_contiguous": jnum(r.serve_pct_contig),
+                "serving_layers": r.layers,
                 "checked_requests": r.checked_requests, "status": r.status, "note": r.note,
             })
         })
@@ -184,6 +206,8 @@ pub fn json(info: &RunInfo, rows: &[Row]) -> String {
         "copy_us_1gib": jnum(info.copy_us),
         "iters": info.iters,
         "warmup": info.warmup,
+        "serving": "one CUDA graph of `serving_layers` decode calls, each layer its own cache, one plan; median of 20 replays / layers; \
+                    block table shuffled and contiguous (same page data); the re-plan is outside the graph",
         "timing": "median of per-iteration CUDA event pairs around decode_into (one decode kernel, split merge included); \
                    plan made once per configuration outside the timed region; inputs rotated so the L2 is not reused",
         "formulas": {
@@ -518,6 +542,7 @@ mod tests {
             s_q: 1,
             h_q: 16,
             s_k_max: s_k,
+            seqlens: sl.clone(),
             total_rows: crate::metrics::total_rows(&sl),
             sweep,
             sets: 1,
@@ -534,6 +559,11 @@ mod tests {
             checked_requests: vec![0, 15],
             status: "ok".into(),
             note: String::new(),
+            serve_us: us * 0.97,
+            serve_us_contig: us * 0.96,
+            serve_pct: gbps / 0.97 / 3000.0 * 100.0,
+            serve_pct_contig: gbps / 0.96 / 3000.0 * 100.0,
+            layers: 61,
         }
     }
 
@@ -613,7 +643,13 @@ mod tests {
     #[test]
     fn table_lines() {
         let r = rows();
-        assert!(table_line(&r[0]).starts_with("b16-sq1-h16-sk1k           bf16  kv         25.0"));
+        // Serving mode (shuffled, contiguous) first, then the per-call figure.
+        let line = table_line(&r[0]);
+        assert!(line.starts_with("b16-sq1-h16-sk1k           bf16  kv"), "{line}");
+        let nums: Vec<&str> = line.split_whitespace().skip(3).take(5).collect();
+        assert_eq!(nums[0], format!("{:.1}", 25.0 * 0.97));
+        assert_eq!(nums[2], format!("{:.1}", 25.0 * 0.96));
+        assert_eq!(nums[4], "25.0");
         assert!(TABLE_HEADER.starts_with("config"));
         assert_eq!(log_ticks(15.0, 600.0), vec![20.0, 50.0, 100.0, 200.0, 500.0]);
     }

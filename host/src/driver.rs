@@ -231,3 +231,131 @@ unsafe fn launch_ex(
     }
     Ok(())
 }
+
+/// A CUDA graph captured from a stream and instantiated, for replays (serving engines run each
+/// decode step as one). Destroyed on drop.
+pub struct Graph {
+    graph: cu::CUgraph,
+    exec: cu::CUgraphExec,
+}
+
+impl Graph {
+    /// Record the work `body` enqueues on `stream` (global capture mode: calls that would
+    /// synchronize are errors meanwhile) and instantiate it. Nothing runs until [`Graph::launch`].
+    ///
+    /// # Safety
+    /// `stream` is a live, non-default stream of the current context; every buffer the recorded
+    /// work uses must stay valid for every launch of the graph.
+    pub unsafe fn capture(stream: CUstream, body: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        check(
+            cu::cuStreamBeginCapture_v2(stream, cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL),
+            "cuStreamBeginCapture",
+        )?;
+        let recorded = body();
+        let mut graph: cu::CUgraph = std::ptr::null_mut();
+        let ended = check(cu::cuStreamEndCapture(stream, &mut graph), "cuStreamEndCapture");
+        recorded?;
+        ended?;
+        let mut exec: cu::CUgraphExec = std::ptr::null_mut();
+        if let Err(e) = check(
+            cu::cuGraphInstantiateWithFlags(&mut exec, graph, 0),
+            "cuGraphInstantiate",
+        ) {
+            cu::cuGraphDestroy(graph);
+            return Err(e);
+        }
+        Ok(Graph { graph, exec })
+    }
+
+    /// Replay the graph on `stream`.
+    ///
+    /// # Safety
+    /// As [`Graph::capture`]: the buffers it recorded are still valid.
+    pub unsafe fn launch(&self, stream: CUstream) -> Result<()> {
+        check(cu::cuGraphLaunch(self.exec, stream), "cuGraphLaunch")
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: both handles were created by `capture` and are destroyed once.
+        unsafe {
+            cu::cuGraphExecDestroy(self.exec);
+            cu::cuGraphDestroy(self.graph);
+        }
+    }
+}
+
+/// A stream that does not synchronize with the legacy default stream (`cust`'s `Stream::new`
+/// drops that flag), as CUDA-graph capture and serving engines use. Destroyed on drop.
+pub struct RawStream(CUstream);
+
+impl RawStream {
+    pub fn non_blocking() -> Result<RawStream> {
+        let mut s: CUstream = std::ptr::null_mut();
+        // SAFETY: creates a stream in the current context into `s`.
+        check(
+            unsafe { cu::cuStreamCreate(&mut s, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
+            "cuStreamCreate",
+        )?;
+        Ok(RawStream(s))
+    }
+
+    /// The handle, for the raw entry points (`Decoder::decode_raw`, ...).
+    pub fn raw(&self) -> CUstream {
+        self.0
+    }
+
+    /// Wait until the stream's work has run; an error of that work is returned here.
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: a live stream handle owned by self.
+        check(unsafe { cu::cuStreamSynchronize(self.0) }, "cuStreamSynchronize")
+    }
+}
+
+impl Drop for RawStream {
+    fn drop(&mut self) {
+        // SAFETY: created by `non_blocking`, destroyed once.
+        unsafe {
+            cu::cuStreamDestroy_v2(self.0);
+        }
+    }
+}
+
+/// A CUDA event for timing work on a [`RawStream`]. Destroyed on drop.
+pub struct RawEvent(cu::CUevent);
+
+impl RawEvent {
+    pub fn new() -> Result<RawEvent> {
+        let mut e: cu::CUevent = std::ptr::null_mut();
+        // SAFETY: creates an event in the current context into `e`.
+        check(unsafe { cu::cuEventCreate(&mut e, 0) }, "cuEventCreate")?;
+        Ok(RawEvent(e))
+    }
+
+    /// Record the event on `stream`.
+    pub fn record(&self, stream: &RawStream) -> Result<()> {
+        // SAFETY: both handles are live (owned by their wrappers).
+        check(unsafe { cu::cuEventRecord(self.0, stream.raw()) }, "cuEventRecord")
+    }
+
+    /// Microseconds from `start` to this event (both recorded and done).
+    pub fn since_us(&self, start: &RawEvent) -> Result<f64> {
+        let mut ms = 0f32;
+        // SAFETY: both events are live; writes one float.
+        check(
+            unsafe { cu::cuEventElapsedTime(&mut ms, start.0, self.0) },
+            "cuEventElapsedTime",
+        )?;
+        Ok(ms as f64 * 1e3)
+    }
+}
+
+impl Drop for RawEvent {
+    fn drop(&mut self) {
+        // SAFETY: created by `new`, destroyed once.
+        unsafe {
+            cu::cuEventDestroy_v2(self.0);
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Serving mode, the headline figure: decode as vLLM and SGLang run it. L layers (61, as
+//! DeepSeek-V3), each with its own KV cache (so the L2 holds none of it), share one plan and
+//! one q; all L decode calls are captured in one CUDA graph, and the figure is the median
+//! replay time / L. Timed with the block table shuffled (a cache after hours of serving) and
+//! contiguous (each request's pages in order), the page data the same in both.
+//!
+//! The re-plan is not inside the timed graph (as the peers' metadata is not): it runs once per
+//! step for all layers.
+use crate::BoxResult;
+use cust::memory::{CopyDestination, DeviceBuffer};
+use etap::driver::{Graph, RawEvent, RawStream};
+use etap::{DecodeShape, Decoder, Element, Layout, RawBuffers};
+use etap_core::PAGE_ROWS;
+
+/// Timed replays (after [`WARM_REPLAYS`]).
+pub const REPLAYS: usize = 20;
+pub const WARM_REPLAYS: usize = 3;
+
+/// One serving-mode timing.
+pub struct Serving {
+    /// Median replay time / layers, in us.
+    pub us: f64,
+    /// Layers in the graph (fewer than asked when the caches do not fit in device memory).
+    pub layers: usize,
+    /// The last layer's output of the last replay (out as f32, lse), for the check against the
+    /// per-call result.
+    pub out: Vec<f32>,
+    pub lse: Vec<f32>,
+}
+
+/// The block table with each request's pages laid out in order (`r`'s slot `i` -> page
+/// `first_r + i`), and the cache permuted to match, so both layouts hold the same rows.
+pub fn contiguous<T: Element>(shape: &DecodeShape, table: &[i32], seqlens: &[i32], cache: &[T]) -> (Vec<i32>, Vec<T>) {
+    let mp = shape.max_pages;
+    let page = PAGE_ROWS * shape.d_qk;
+    let mut new_table = table.to_vec();
+    let mut new_cache = cache.to_vec();
+    let mut next = 0usize;
+    for (r, &s) in seqlens.iter().enumerate() {
+        let used = etap_core::pages_of(s, mp as u32) as usize;
+        for slot in 0..used {
+            let old = table[r * mp + slot] as usize;
+            new_cache[next * page..(next + 1) * page].copy_from_slice(&cache[old * page..(old + 1) * page]);
+            new_table[r * mp + slot] = next as i32;
+            next += 1;
+        }
+    }
+    (new_table, new_cache)
+}
+
+/// Time `layers` decode calls in one graph: `cache` copied into `layers` device buffers,
+/// `table`/`seqlens` its block table and lengths, `q` the query.
+#[allow(clippy::too_many_arguments)]
+pub fn time<T: Element>(
+    dec: &Decoder,
+    shape: &DecodeShape,
+    layout: Layout,
+    q: &[T],
+    cache: &[T],
+    table: &[i32],
+    seqlens: &[i32],
+    layers: usize,
+) -> BoxResult<Serving> {
+    let stream = RawStream::non_blocking()?;
+    let cache_bytes = std::mem::size_of_val(cache);
+    let (free, _) = cust::memory::mem_get_info()?;
+    let layers = layers.min(((free as f64 * 0.85) / cache_bytes as f64) as usize).max(1);
+    let q_d = DeviceBuffer::from_slice(q)?;
+    let bt = DeviceBuffer::from_slice(table)?;
+    let sl = DeviceBuffer::from_slice(seqlens)?;
+    let first = DeviceBuffer::from_slice(cache)?;
+    let mut caches = vec![];
+    for _ in 1..layers {
+        // SAFETY: filled right below by a device-to-device copy of the whole buffer.
+        let c = unsafe { DeviceBuffer::<T>::uninitialized(cache.len())? };
+        // SAFETY: two live allocations of `cache_bytes` bytes that do not overlap.
+        let rc = unsafe {
+            cust::sys::cuMemcpyDtoD_v2(c.as_device_ptr().as_raw(), first.as_device_ptr().as_raw(), cache_bytes)
+        };
+        if rc != cust::sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuMemcpyDtoD failed: {rc:?}").into());
+        }
+        caches.push(c);
+    }
+    caches.insert(0, first);
+    let out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()])?;
+    let lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()])?;
+    let raw = |c: &DeviceBuffer<T>| RawBuffers {
+        q: q_d.as_device_ptr().as_raw(),
+        kv_cache: c.as_device_ptr().as_raw(),
+        block_table: bt.as_device_ptr().as_raw(),
+        cache_seqlens: sl.as_device_ptr().as_raw(),
+        out: out.as_device_ptr().as_raw(),
+        lse: lse.as_device_ptr().as_raw(),
+    };
+    // SAFETY (the raw calls): every buffer above lives until this function returns, after the
+    // stream's last synchronization; lengths are the shape's, allocations aligned, one context.
+    let plan = unsafe { dec.plan_raw(shape, sl.as_device_ptr().as_raw(), stream.raw(), Some(layout))? };
+    // One eager call per layer first: the tensor maps are uploaded then, not in the graph.
+    let all = || -> etap::Result<()> {
+        for c in &caches {
+            unsafe { dec.decode_raw(&plan, T::DTYPE, raw(c), None, stream.raw())? };
+        }
+        Ok(())
+    };
+    all()?;
+    stream.synchronize()?;
+    let graph = unsafe { Graph::capture(stream.raw(), all)? };
+    for _ in 0..WARM_REPLAYS {
+        unsafe { graph.launch(stream.raw())? };
+    }
+    let (start, stop) = (RawEvent::new()?, RawEvent::new()?);
+    let mut times = Vec::with_capacity(REPLAYS);
+    for _ in 0..REPLAYS {
+        start.record(&stream)?;
+        unsafe { graph.launch(stream.raw())? };
+        stop.record(&stream)?;
+        stream.synchronize()?;
+        times.push(stop.since_us(&start)? / layers as f64);
+    }
+    let mut o = vec![T::default(); shape.out_len()];
+    let mut l = vec![0f32; shape.lse_len()];
+    out.copy_to(&mut o[..])?;
+    lse.copy_to(&mut l[..])?;
+    Ok(Serving {
+        us: crate::metrics::median(&times),
+        layers,
+        out: o.iter().map(|v| v.to_f32()).collect(),
+        lse: l,
+    })
+}
