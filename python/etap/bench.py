@@ -86,14 +86,21 @@ def _flash_mla_step(fm, layers, bt, sl, s_q, h):
 
 def _fa3_step(fa3, layers, bt, sl, s_q, h):
     # FA3's MLA form: q_pe/k_pe (the 64 RoPE columns) as q/k, q_nope as qv, the latent (first 512
-    # columns of the cache rows) as v: views of the same tensors.
+    # columns of the cache rows) as v: views of the same tensors. Its scheduler metadata is made
+    # once, outside the graph, where the version has get_scheduler_metadata.
     views = [(q[..., 512:], q[..., :512], k[..., 512:], k[..., :512]) for q, k in layers]
+    extra = {}
+    if hasattr(fa3, "get_scheduler_metadata"):
+        q0 = layers[0][0]
+        extra["scheduler_metadata"] = fa3.get_scheduler_metadata(
+            q0.shape[0], s_q, int(sl.max()), h, 1, 64, sl, q0.dtype, headdim_v=512, page_size=64, causal=True
+        )
 
     def step():
         for q_pe, q_nope, k_pe, c_kv in views:
             fa3.flash_attn_with_kvcache(
                 q=q_pe, k_cache=k_pe, v_cache=c_kv, qv=q_nope, page_table=bt, cache_seqlens=sl,
-                causal=True, softmax_scale=576 ** -0.5,
+                causal=True, softmax_scale=576 ** -0.5, return_softmax_lse=True, **extra,
             )
 
     return step
