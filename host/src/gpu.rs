@@ -54,6 +54,30 @@ impl Decoder {
         Self::on_device(0)
     }
 
+    /// As [`Decoder::new`], on the device of the calling thread's current context (PyTorch's
+    /// current device, say: torch makes its device's primary context current). The decoder
+    /// uses that device's primary context; without a current context this is device 0.
+    pub fn current() -> Result<Self> {
+        match cust::init(cust::CudaFlags::empty()) {
+            Ok(()) => {}
+            Err(cust::error::CudaError::NoDevice) => return Err(EtapError::NoDevice),
+            Err(e) => return Err(e.into()),
+        }
+        let mut ctx: cust::sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: writes one handle through a valid pointer.
+        unsafe { cust::sys::cuCtxGetCurrent(&mut ctx) };
+        if ctx.is_null() {
+            return Self::on_device(0);
+        }
+        let mut device: cust::sys::CUdevice = 0;
+        // SAFETY: a context is current (checked above); writes one int through a valid pointer.
+        let rc = unsafe { cust::sys::cuCtxGetDevice(&mut device) };
+        if rc != cust::sys::CUresult::CUDA_SUCCESS {
+            return Err(EtapError::Device(format!("cuCtxGetDevice failed: {rc:?}")));
+        }
+        Self::on_device(device as u32)
+    }
+
     /// As [`Decoder::new`], on the device of ordinal `index` (CUDA's numbering, as
     /// `torch.device("cuda", index)`; `CUDA_VISIBLE_DEVICES` applies).
     pub fn on_device(index: u32) -> Result<Self> {
