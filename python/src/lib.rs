@@ -62,7 +62,60 @@ fn check_addresses(q: u64, k_cache: u64, block_table: u64, cache_seqlens: u64, o
 /// A decoder on one CUDA device: the device's primary context (PyTorch's) and the kernels.
 #[pyclass(name = "Decoder", module = "etap._etap", frozen)]
 struct PyDecoder {
-    inner: Arc<etap::Decoder>,
+    inner: Arc<Owned>,
+}
+
+/// An `etap::Decoder` dropped with its own context current (its module is unloaded from that
+/// context, whatever context the dropping thread has current). It holds one more retain of the
+/// device's primary context, released after the context is popped again, so the context is
+/// never released while pushed.
+struct Owned {
+    decoder: std::mem::ManuallyDrop<etap::Decoder>,
+    device: cust::sys::CUdevice,
+}
+
+impl Owned {
+    fn new(decoder: etap::Decoder) -> Result<Self, EtapError> {
+        let mut device: cust::sys::CUdevice = 0;
+        let mut ctx: cust::sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: the driver is initialized (the decoder exists) and the ordinal is the
+        // decoder's; both write one value through valid pointers. The retain does not change
+        // any thread's current context.
+        let rc = unsafe {
+            match cust::sys::cuDeviceGet(&mut device, decoder.device() as i32) {
+                cust::sys::CUresult::CUDA_SUCCESS => cust::sys::cuDevicePrimaryCtxRetain(&mut ctx, device),
+                e => e,
+            }
+        };
+        if rc != cust::sys::CUresult::CUDA_SUCCESS {
+            return Err(EtapError::Device(format!(
+                "retaining the device's primary context failed: {rc:?}"
+            )));
+        }
+        Ok(Owned {
+            decoder: std::mem::ManuallyDrop::new(decoder),
+            device,
+        })
+    }
+}
+
+impl std::ops::Deref for Owned {
+    type Target = etap::Decoder;
+    fn deref(&self) -> &etap::Decoder {
+        &self.decoder
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        {
+            let _guard = ContextGuard::new(&self.decoder);
+            // SAFETY: dropped once, here; the field is not used after.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.decoder) };
+        }
+        // SAFETY: releases the retain taken in `new`, after the context was popped.
+        unsafe { cust::sys::cuDevicePrimaryCtxRelease_v2(self.device) };
+    }
 }
 
 /// A split plan for one decode shape on one device (FlashMLA's tile-scheduler metadata, plus
@@ -70,7 +123,7 @@ struct PyDecoder {
 #[pyclass(name = "Plan", module = "etap._etap")]
 struct PyPlan {
     plan: Option<etap::Plan>,
-    decoder: Arc<etap::Decoder>,
+    decoder: Arc<Owned>,
 }
 
 impl Drop for PyPlan {
@@ -110,7 +163,7 @@ impl PyDecoder {
         // thread is left without a current context, as it was).
         unsafe { cust::sys::cuCtxSetCurrent(prev) };
         Ok(PyDecoder {
-            inner: Arc::new(made.map_err(to_py)?),
+            inner: Arc::new(Owned::new(made.map_err(to_py)?).map_err(to_py)?),
         })
     }
 
