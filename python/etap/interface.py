@@ -54,7 +54,7 @@ class _PlanCache:
     """Plans by (device, shape), least recently used first. A plan that a graph
     capture used is pinned (the graph's replays write into it) and never evicted."""
 
-    def __init__(self, limit=64):
+    def __init__(self, limit=32):
         self.limit = limit
         self.plans = OrderedDict()  # key -> _Slot
 
@@ -68,7 +68,8 @@ class _PlanCache:
         self.plans[key] = slot
         self.plans.move_to_end(key)
         while len(self.plans) > self.limit:
-            victim = next((k for k, s in self.plans.items() if not s.pinned), None)
+            # Never the plan just added (this call uses it), nor one a graph captured.
+            victim = next((k for k, s in self.plans.items() if not s.pinned and k != key), None)
             if victim is None:
                 break
             old = self.plans.pop(victim)

@@ -344,3 +344,26 @@ def test_metadata_tokens_are_never_reused():
         m = etap.EtapMetadata()  # freed at once: id() would repeat, the token does not
         assert m.token not in seen
         seen.add(m.token)
+
+
+def test_plan_cache_evicts_least_recent_unpinned_never_the_new_one(monkeypatch):
+    import sys
+    import types
+
+    synced = []
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(synchronize=lambda d: synced.append(d)))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    cache = interface._PlanCache(limit=2)
+    slots = {}
+    for name in "abc":
+        slots[name] = interface._Slot(object(), 0)
+    slots["a"].pinned = True
+    cache.put("a", slots["a"])
+    cache.put("b", slots["b"])
+    cache.get("a")
+    cache.put("c", slots["c"])  # over the limit: b goes (a is pinned), after a sync
+    assert list(cache.plans) == ["a", "c"] and synced == [0]
+    slots["c"].pinned = True
+    d = interface._Slot(object(), 0)
+    cache.put("d", d)  # every other is pinned: d stays although over the limit
+    assert "d" in cache.plans and cache.get("d") is d
