@@ -118,7 +118,16 @@ class EtapMetadata:
         return f"etap.EtapMetadata(batch={self.batch}, cols={self.cols}, device={self.device}, planned={self.key is not None})"
 
 
-def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k=None, num_heads_k=None, *args, **kwargs):
+def get_mla_metadata(
+    cache_seqlens=None,
+    num_q_tokens_per_head_k=None,
+    num_heads_k=None,
+    num_heads_q=None,
+    is_fp8_kvcache=False,
+    topk=None,
+    *,
+    num_heads_per_head_k=None,
+):
     """FlashMLA's ``get_mla_metadata``: returns ``(tile_scheduler_metadata, num_splits)``.
 
     Both of FlashMLA's forms are accepted: the older
@@ -128,8 +137,17 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k=None, num_heads
     the first decode call); ``num_splits`` is ``None`` (kept for the call's signature).
     Launches nothing and does not synchronize.
     """
-    if args or kwargs:
-        raise TypeError("get_mla_metadata: takes (cache_seqlens, num_q_tokens_per_head_k, num_heads_k) or nothing")
+    # FlashMLA's other versions: the count's older name, and the fp8 / sparse options.
+    if num_heads_per_head_k is not None:
+        if num_q_tokens_per_head_k is not None:
+            raise TypeError("get_mla_metadata: num_heads_per_head_k is num_q_tokens_per_head_k's old name: give one")
+        num_q_tokens_per_head_k = num_heads_per_head_k
+    if is_fp8_kvcache:
+        raise NotImplementedError("is_fp8_kvcache: etap implements FlashMLA's dense bf16/fp16 decode only")
+    if topk is not None:
+        raise NotImplementedError("topk: etap implements FlashMLA's dense decode only (no sparse attention)")
+    if num_heads_q is not None and (isinstance(num_heads_q, bool) or not isinstance(num_heads_q, int)):
+        raise TypeError(f"num_heads_q: expected an int, got {type(num_heads_q).__name__}")
     given = [a is not None for a in (cache_seqlens, num_q_tokens_per_head_k, num_heads_k)]
     if not any(given):
         return EtapMetadata(), None

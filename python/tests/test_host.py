@@ -71,6 +71,10 @@ def test_metadata_new_and_old_forms():
     assert (meta.batch, meta.cols, meta.device) == (5, 32, 1) and splits is None
     meta, _ = etap.get_mla_metadata(cache_seqlens=seqlens, num_q_tokens_per_head_k=128 * 4, num_heads_k=1)
     assert meta.cols == 512
+    meta, _ = etap.get_mla_metadata(seqlens, num_heads_per_head_k=64, num_heads_k=1)  # the older name
+    assert meta.cols == 64
+    meta, _ = etap.get_mla_metadata(seqlens, 16, 1, num_heads_q=16, is_fp8_kvcache=False, topk=None)
+    assert meta.cols == 16
 
 
 @pytest.mark.parametrize(
@@ -86,6 +90,8 @@ def test_metadata_new_and_old_forms():
         ((FakeTensor((0,), I32), 16, 1), ValueError, "cache_seqlens"),
         (([1, 2], 16, 1), TypeError, "cache_seqlens"),
         ((FakeTensor((4,), I32), 16, None), TypeError, "get_mla_metadata"),
+        ((FakeTensor((4,), I32), 16, 1, None, True), NotImplementedError, "is_fp8_kvcache"),
+        ((FakeTensor((4,), I32), 16, 1, None, False, 2048), NotImplementedError, "topk"),
     ],
 )
 def test_metadata_rejects(args, exc, needle):
