@@ -218,7 +218,10 @@ impl PyDecoder {
     /// allocation: capturable in a CUDA graph, where each replay re-plans).
     fn replan(&self, plan: &mut PyPlan, cache_seqlens: u64, stream: usize) -> PyResult<()> {
         if !Arc::ptr_eq(&plan.decoder, &self.inner) {
-            return Err(PyValueError::new_err("plan: made by a decoder of another device"));
+            return Err(PyValueError::new_err(format!(
+                "plan: made by another decoder than this one (device {})",
+                self.inner.device()
+            )));
         }
         let p = plan
             .plan
@@ -252,7 +255,10 @@ impl PyDecoder {
         stream: usize,
     ) -> PyResult<()> {
         if !Arc::ptr_eq(&plan.decoder, &self.inner) {
-            return Err(PyValueError::new_err("plan: made by a decoder of another device"));
+            return Err(PyValueError::new_err(format!(
+                "plan: made by another decoder than this one (device {})",
+                self.inner.device()
+            )));
         }
         let dtype = dtype_of(dtype)?;
         check_alignment([q, k_cache, block_table, cache_seqlens, out, lse]).map_err(to_py)?;
