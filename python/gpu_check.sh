@@ -19,10 +19,16 @@ site="$(mktemp -d /tmp/etap-gpu-check.XXXXXX)"
 [ "${GPU_CHECK_KEEP:-0}" = 1 ] || trap 'rm -rf "$site"' EXIT
 
 echo "== etap GPU check: $(basename "$wheel") [$(date -u +%H:%M:%S)]"
-"$py" -m pip install --no-deps --no-index --disable-pip-version-check --quiet --target "$site" "$wheel" || {
-    echo "gpu_check: pip install of the wheel failed" >&2
-    exit 2
-}
+if "$py" -m pip --version >/dev/null 2>&1; then
+    "$py" -m pip install --no-deps --no-index --disable-pip-version-check --quiet --target "$site" "$wheel" || {
+        echo "gpu_check: pip install of the wheel failed" >&2
+        exit 2
+    }
+else
+    # No pip: a wheel is a zip whose top level is the install folder's content.
+    echo "gpu_check: no pip for $py; unpacking the wheel instead"
+    "$py" -m zipfile -e "$wheel" "$site" || exit 2
+fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export ETAP_REQUIRE_GPU=1
 "$py" - <<'PY' || exit 2
