@@ -1,10 +1,10 @@
-//! CPU-only property tests: the split-KV scheduler, the split/combine emulation against the
-//! reference, the reference against a naive implementation and hand-computed cases, and input
-//! validation.
-use etap::emulate::{mla_decode_split, mla_decode_split_f64, split_partials};
+//! CPU-only property tests: the split-KV scheduler, the split merge's arithmetic against the
+//! reference, the reference against a naive implementation and hand-computed cases, input
+//! validation, the output checks of `etap::check` and their tolerances, and the GPU-required
+//! mode.
 use etap::reference::{mla_decode, mla_decode_f64, mla_decode_into, mla_decode_request};
 use etap::validate::{validate_lengths, validate_shape, validate_tables};
-use etap::{Bf16, DecodeShape, Element, EtapError, F16};
+use etap::{Bf16, DecodeShape, Dtype, Element, EtapError, F16};
 use etap_core::{
     lse_index, max_splits, pages_of, schedule, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, SPLIT_COST_PAGES,
     SUPPORTED_HEADS,
@@ -23,6 +23,48 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
     let mut ranges = vec![WorkRange::default(); num_parts];
     let mut offsets = vec![u32::MAX; b + 1];
     let total = schedule(seqlens, max_pages, &mut ranges, &mut offsets);
+    check_ranges(seqlens, max_pages, &ranges, &offsets, total)
+}
+
+/// The largest part cost the scheduler documents (core/src/lib.rs, docs/design.md §5):
+/// `ceil(total / parts) + SPLIT_COST_PAGES`.
+fn balance_bound(total_cost: u64, num_parts: usize) -> u64 {
+    total_cost.div_ceil(num_parts as u64) + SPLIT_COST_PAGES as u64
+}
+
+/// The cost of each part of a schedule: its pages plus [`SPLIT_COST_PAGES`] per segment.
+fn part_costs(seqlens: &[i32], max_pages: u32, ranges: &[WorkRange]) -> Vec<u64> {
+    ranges
+        .iter()
+        .map(|range| {
+            if range.empty != 0 {
+                return 0;
+            }
+            (range.begin_req..=range.end_req)
+                .map(|r| {
+                    let (lo, hi) = range.segment(r, pages_of(seqlens[r as usize], max_pages));
+                    if lo == hi {
+                        0
+                    } else {
+                        (hi - lo) as u64 + SPLIT_COST_PAGES as u64
+                    }
+                })
+                .sum()
+        })
+        .collect()
+}
+
+/// Check every scheduler invariant of a schedule (`ranges`, `offsets`, and `total` as
+/// `schedule` returned it) of `seqlens` over `ranges.len()` parts.
+fn check_ranges(
+    seqlens: &[i32],
+    max_pages: u32,
+    ranges: &[WorkRange],
+    offsets: &[u32],
+    total: u32,
+) -> Result<(), TestCaseError> {
+    let b = seqlens.len();
+    let num_parts = ranges.len();
     let pages: Vec<u32> = seqlens.iter().map(|&s| pages_of(s, max_pages)).collect();
 
     // split_offsets is a prefix sum ending at the returned total.
@@ -37,11 +79,11 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
     // Walk the parts: coverage, split indices in part order, per-part cost.
     let mut covered: Vec<Vec<u8>> = pages.iter().map(|&p| vec![0u8; p as usize]).collect();
     let mut split_seq: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut part_costs = Vec::with_capacity(num_parts);
+    let mut costs = Vec::with_capacity(num_parts);
     for (p, range) in ranges.iter().enumerate() {
         if range.empty != 0 {
             prop_assert_eq!(*range, WorkRange::EMPTY, "part {} empty but not EMPTY", p);
-            part_costs.push(0u64);
+            costs.push(0u64);
             continue;
         }
         prop_assert!(range.begin_req <= range.end_req, "part {}: reversed range", p);
@@ -96,7 +138,7 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
             }
             cost += (hi - lo) as u64 + SPLIT_COST_PAGES as u64;
         }
-        part_costs.push(cost);
+        costs.push(cost);
     }
     for (r, c) in covered.iter().enumerate() {
         for (pg, &n) in c.iter().enumerate() {
@@ -115,14 +157,17 @@ fn check_schedule(seqlens: &[i32], max_pages: u32, num_parts: usize) -> Result<(
         );
         prop_assert_eq!(n == 0, pages[r] == 0, "request {}: splits iff pages", r);
     }
-    // Balance.
+    // Balance: exactly the bound `schedule` documents, the last part (which takes whatever is
+    // left) included.
     let total_cost: u64 = pages
         .iter()
         .filter(|&&p| p > 0)
         .map(|&p| p as u64 + SPLIT_COST_PAGES as u64)
         .sum();
-    let bound = 2 * total_cost.div_ceil(num_parts as u64) + 2 * SPLIT_COST_PAGES as u64;
-    for (p, &c) in part_costs.iter().enumerate() {
+    prop_assert_eq!(total_cost, etap_core::total_cost(seqlens, max_pages) as u64);
+    prop_assert_eq!(&costs, &part_costs(seqlens, max_pages, ranges));
+    let bound = balance_bound(total_cost, num_parts);
+    for (p, &c) in costs.iter().enumerate() {
         prop_assert!(
             c <= bound,
             "part {} cost {} > bound {} (total {})",
@@ -183,6 +228,32 @@ fn schedule_clamps_to_block_table() {
     // device-resident length nobody checked): still every page exactly once.
     check_schedule(&[10_000, -5, 3], 4, 7).unwrap();
     check_schedule(&[i32::MAX, 1], 2, 3).unwrap();
+}
+
+/// The balance check holds the documented bound, not the 2x looser one it used to: a
+/// scheduler that left half the parts idle (a correct schedule over half the parts, padded
+/// with empty ones) covers every page once, passed the old bound
+/// (`2 * ceil(total / parts) + 2 * SPLIT_COST_PAGES`) and fails now.
+#[test]
+fn schedule_balance_check_catches_idle_half() {
+    let seqlens = vec![4096; 16];
+    let max_pages = 64;
+    let parts = 132;
+    let mut ranges = vec![WorkRange::default(); parts];
+    let mut offsets = vec![0u32; seqlens.len() + 1];
+    let total = schedule(&seqlens, max_pages, &mut ranges[..parts / 2], &mut offsets);
+    for r in &mut ranges[parts / 2..] {
+        *r = WorkRange::EMPTY;
+    }
+    let total_cost = etap_core::total_cost(&seqlens, max_pages) as u64;
+    let worst = *part_costs(&seqlens, max_pages, &ranges).iter().max().unwrap();
+    let old_bound = 2 * total_cost.div_ceil(parts as u64) + 2 * SPLIT_COST_PAGES as u64;
+    assert!(worst <= old_bound, "the old check passed it: {worst} <= {old_bound}");
+    assert!(worst > balance_bound(total_cost, parts));
+    let e = check_ranges(&seqlens, max_pages, &ranges, &offsets, total).unwrap_err();
+    assert!(e.to_string().contains("> bound"), "{e}");
+    // The real schedule over all the parts passes.
+    check_schedule(&seqlens, max_pages, parts).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,30 +336,96 @@ fn case_any<T: Element>(s_q: usize, h_q: usize, seqlens: &[i32], seed: u64) -> C
     Case::new(s_q, h_q, seqlens, seed)
 }
 
-/// f32 lse within one f32 rounding of the f64 value.
-fn lse_f32_close(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(&x, &y)| {
-            (x == f32::NEG_INFINITY && y == f32::NEG_INFINITY)
-                || (x.is_finite() && y.is_finite() && (x - y).abs() <= 2.0 * f32::EPSILON * y.abs().max(1.0))
-        })
+/// The attention of column (token `t`, head `h`) of request `r` over the KV rows `rows` (only
+/// those the token sees): the partial state one split of the kernels holds, as (out normalized
+/// by the segment's own softmax sum, natural-log lse); zeros and `-inf` when it sees none.
+fn attend_rows<T: Element>(c: &Case<T>, r: usize, t: usize, h: usize, rows: std::ops::Range<usize>) -> (Vec<f64>, f64) {
+    let sh = c.shape;
+    let vis = visible_rows(c.seqlens[r].max(0) as u32, sh.s_q as u32, t as u32) as usize;
+    let rows = rows.start..rows.end.min(vis);
+    let mut out = vec![0f64; D_V];
+    if rows.is_empty() {
+        return (out, f64::NEG_INFINITY);
+    }
+    let q = &c.q[((r * sh.s_q + t) * sh.h_q + h) * D_QK..][..D_QK];
+    let kv = |j: usize| {
+        let page = c.block_table[r * sh.max_pages + j / PAGE_ROWS] as usize;
+        &c.cache[(page * PAGE_ROWS + j % PAGE_ROWS) * D_QK..][..D_QK]
+    };
+    let s: Vec<f64> = rows.clone().map(|j| c.softmax_scale as f64 * dot64(q, kv(j))).collect();
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = s.iter().map(|x| (x - m).exp()).sum();
+    for (j, &sj) in rows.zip(&s) {
+        let p = (sj - m).exp() / sum;
+        for (o, v) in out.iter_mut().zip(kv(j)) {
+            *o += p * v.to_f32() as f64;
+        }
+    }
+    (out, m + sum.ln())
 }
 
-fn check_split_matches<T: Element>(c: &Case<T>, num_parts: usize) -> Result<(), TestCaseError> {
-    let args = (&c.shape, &c.q[..], &c.cache[..], &c.block_table[..], &c.seqlens[..]);
-    let (ro, rl) = mla_decode_f64(args.0, args.1, args.2, args.3, args.4, c.softmax_scale).unwrap();
-    let (so, sl) = mla_decode_split_f64(args.0, args.1, args.2, args.3, args.4, c.softmax_scale, num_parts).unwrap();
-    let e = rel_err_f64(&so, &ro);
+/// The split merge's arithmetic (kernels/src/merge.rs): `lse = log(sum_i exp(lse_i))` over the
+/// splits, ignoring `-inf` ones, and `out = sum_i exp(lse_i - lse) * out_i`; zeros and `-inf`
+/// when every split is `-inf`.
+fn merge_splits(parts: &[(Vec<f64>, f64)]) -> (Vec<f64>, f64) {
+    let max = parts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let mut out = vec![0f64; D_V];
+    if max == f64::NEG_INFINITY {
+        return (out, max);
+    }
+    let lse = max + parts.iter().map(|p| (p.1 - max).exp()).sum::<f64>().ln();
+    for (o_i, lse_i) in parts {
+        let w = (lse_i - lse).exp();
+        for (o, x) in out.iter_mut().zip(o_i) {
+            *o += w * x;
+        }
+    }
+    (out, lse)
+}
+
+/// Split every request as [`schedule`] does over `num_parts` parts, attend each split's pages
+/// on its own ([`attend_rows`]), merge the splits per request and column ([`merge_splits`]):
+/// the result must be the unsplit reference's, to f64 rounding.
+fn check_split_merge<T: Element>(c: &Case<T>, num_parts: usize) -> Result<(), TestCaseError> {
+    let sh = c.shape;
+    let max_pages = sh.max_pages as u32;
+    let mut ranges = vec![WorkRange::EMPTY; num_parts];
+    let mut offsets = vec![0u32; sh.batch + 1];
+    schedule(&c.seqlens, max_pages, &mut ranges, &mut offsets);
+    // Each request's splits as page ranges, in split-index order.
+    let mut splits: Vec<Vec<(u32, u32, u32)>> = vec![Vec::new(); sh.batch];
+    for range in ranges.iter().filter(|r| r.empty == 0) {
+        for r in range.begin_req..=range.end_req {
+            let (lo, hi) = range.segment(r, pages_of(c.seqlens[r as usize], max_pages));
+            if lo < hi {
+                let split = if r == range.begin_req { range.first_split } else { 0 };
+                splits[r as usize].push((split, lo, hi));
+            }
+        }
+    }
+    let (ro, rl) = mla_decode_f64(&sh, &c.q, &c.cache, &c.block_table, &c.seqlens, c.softmax_scale).unwrap();
+    let mut out = vec![0f64; sh.out_len()];
+    let mut lse = vec![0f64; sh.lse_len()];
+    for (r, s) in splits.iter_mut().enumerate() {
+        s.sort_unstable();
+        let n = offsets[r + 1] - offsets[r];
+        prop_assert_eq!(s.iter().map(|x| x.0).collect::<Vec<_>>(), (0..n).collect::<Vec<_>>());
+        for t in 0..sh.s_q {
+            for h in 0..sh.h_q {
+                let parts: Vec<(Vec<f64>, f64)> = s
+                    .iter()
+                    .map(|&(_, lo, hi)| attend_rows(c, r, t, h, lo as usize * PAGE_ROWS..hi as usize * PAGE_ROWS))
+                    .collect();
+                let (o, l) = merge_splits(&parts);
+                out[((r * sh.s_q + t) * sh.h_q + h) * D_V..][..D_V].copy_from_slice(&o);
+                lse[(r * sh.h_q + h) * sh.s_q + t] = l;
+            }
+        }
+    }
+    let e = rel_err_f64(&out, &ro);
     prop_assert!(e < 1e-9, "out rel err {} (parts {}, seed {})", e, num_parts, c.seed);
-    let d = max_abs_diff_lse_f64(&sl, &rl);
+    let d = max_abs_diff_lse_f64(&lse, &rl);
     prop_assert!(d < 1e-9, "lse diff {} (parts {}, seed {})", d, num_parts, c.seed);
-    // The f32 API too.
-    let (ro32, rl32) = mla_decode(args.0, args.1, args.2, args.3, args.4, c.softmax_scale).unwrap();
-    let (so32, sl32) = mla_decode_split(args.0, args.1, args.2, args.3, args.4, c.softmax_scale, num_parts).unwrap();
-    let e = rel_err(&so32, &ro32);
-    prop_assert!(e < 1e-9, "f32 out rel err {}", e);
-    prop_assert!(lse_f32_close(&sl32, &rl32), "f32 lse differ");
-    prop_assert!(max_abs_diff_lse(&sl32, &rl32) < 1e-5);
     Ok(())
 }
 
@@ -313,13 +450,13 @@ fn emu_seqlen() -> impl Strategy<Value = i32> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Emulated split + combine == reference; reference == naive
+// Split + merge == reference; reference == naive
 // ---------------------------------------------------------------------------------------------
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
-    fn split_combine_matches_reference(
+    fn split_merge_matches_reference(
         h_idx in 0..SUPPORTED_HEADS.len(),
         s_q in 1..=4usize,
         seqlens in prop::collection::vec(emu_seqlen(), 1..=3),
@@ -329,9 +466,9 @@ proptest! {
     ) {
         let h_q = SUPPORTED_HEADS[h_idx];
         if bf16 {
-            check_split_matches(&case_any::<Bf16>(s_q, h_q, &seqlens, seed), num_parts)?;
+            check_split_merge(&case_any::<Bf16>(s_q, h_q, &seqlens, seed), num_parts)?;
         } else {
-            check_split_matches(&case_any::<F16>(s_q, h_q, &seqlens, seed), num_parts)?;
+            check_split_merge(&case_any::<F16>(s_q, h_q, &seqlens, seed), num_parts)?;
         }
     }
 
@@ -353,20 +490,20 @@ proptest! {
 }
 
 #[test]
-fn split_combine_fixed_cases() {
+fn split_merge_fixed_cases() {
     let c = Case::<Bf16>::new(4, 128, &[0, 1, 64, 65, 600, 1000], 0xE7A9);
     for parts in [1, 7, 132] {
-        check_split_matches(&c, parts).unwrap();
+        check_split_merge(&c, parts).unwrap();
     }
     let c = Case::<F16>::new(1, 16, &[3000, 5, 129], 42);
     for parts in [2, 31, 264] {
-        check_split_matches(&c, parts).unwrap();
+        check_split_merge(&c, parts).unwrap();
     }
     // Every request cut into many splits, including ones whose pages are all masked for the
     // early tokens of an s_q = 4 request.
     let c = Case::<Bf16>::new(4, 8, &[2, 3, 700], 7);
     for parts in [5, 50] {
-        check_split_matches(&c, parts).unwrap();
+        check_split_merge(&c, parts).unwrap();
     }
 }
 
@@ -395,23 +532,6 @@ fn request_reference_is_a_slice_of_the_batch() {
     assert_eq!(
         mla_decode_request(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, 1.0, 4),
         Err(EtapError::RequestIndex { request: 4, batch: 4 })
-    );
-}
-
-#[test]
-fn split_partials_layout() {
-    let c = Case::<Bf16>::new(2, 8, &[300, 0, 64], 5);
-    let p = split_partials(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, c.softmax_scale, 3).unwrap();
-    let ns = p.num_splits();
-    assert_eq!(p.split_offsets.len(), 4);
-    assert_eq!(p.split_offsets[1], p.split_offsets[2], "seqlen 0: no split");
-    assert!(ns >= 3, "300 rows over 3 parts are cut: {:?}", p.split_offsets);
-    assert_eq!(p.out.len(), ns * c.shape.cols() * D_V);
-    assert_eq!(p.lse.len(), ns * c.shape.cols());
-    assert!(p.out.iter().all(|x| x.is_finite()));
-    assert_eq!(
-        split_partials(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, 1.0, 0),
-        Err(EtapError::Zero { arg: "num_parts" })
     );
 }
 
@@ -545,9 +665,7 @@ fn seqlen_zero_gives_zeros_and_neg_inf() {
     assert!(out[cols * D_V..][..cols * D_V].iter().all(|x| x.is_finite()));
     assert!(lse[cols..][..cols].iter().all(|x| x.is_finite()));
     // And the split path agrees.
-    let (so, sl) = mla_decode_split(&c.shape, &c.q, &c.cache, &c.block_table, &c.seqlens, c.softmax_scale, 4).unwrap();
-    assert!(rel_err(&so, &out) < 1e-9);
-    assert!(max_abs_diff_lse(&sl, &lse) < 1e-6);
+    check_split_merge(&c, 4).unwrap();
 }
 
 #[test]
@@ -850,7 +968,7 @@ proptest! {
 }
 
 #[test]
-fn decode_into_writes_nothing_on_error() {
+fn reference_decode_into_writes_nothing_on_error() {
     let c = base_case();
     let sh = c.shape;
     let poison_out = 777.25f32;
@@ -922,4 +1040,224 @@ fn decode_into_writes_nothing_on_error() {
     let (ro, rl) = c.reference();
     assert_eq!(out, ro);
     assert_eq!(max_abs_diff_lse(&lse, &rl), 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU-required mode (ETAP_REQUIRE_GPU): a GPU test may skip only where no GPU is expected
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn gpu_required_values() {
+    use etap::gpu::gpu_required;
+    use std::ffi::OsStr;
+    assert!(!gpu_required(None));
+    assert!(!gpu_required(Some(OsStr::new(""))));
+    assert!(!gpu_required(Some(OsStr::new("0"))));
+    assert!(gpu_required(Some(OsStr::new("1"))));
+    assert!(gpu_required(Some(OsStr::new("yes"))));
+}
+
+/// Only run by [`require_gpu_turns_a_skip_into_a_failure`], in a child process.
+#[test]
+#[ignore = "a probe that require_gpu_turns_a_skip_into_a_failure runs in a child process"]
+fn gpu_skip_probe() {
+    let _ = etap::gpu::decoder_or_skip("gpu_skip_probe");
+}
+
+/// Runs [`gpu_skip_probe`] (this binary, in a child process) with and without
+/// `ETAP_REQUIRE_GPU=1`. Without a CUDA device: it skips (passes, printing `SKIP`) without the
+/// variable and fails with it. With a device it passes either way.
+#[test]
+fn require_gpu_turns_a_skip_into_a_failure() {
+    let has_device = match etap::Decoder::new() {
+        Ok(_) => true,
+        Err(EtapError::NoDevice) => false,
+        Err(e) => panic!("a CUDA device is present but unusable: {e}"),
+    };
+    let run = |require: Option<&str>| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "gpu_skip_probe",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ]);
+        cmd.env_remove(etap::gpu::REQUIRE_GPU_VAR);
+        if let Some(v) = require {
+            cmd.env(etap::gpu::REQUIRE_GPU_VAR, v);
+        }
+        let o = cmd.output().expect("running this test binary again");
+        let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.success(), text)
+    };
+    let (ok, text) = run(None);
+    assert!(ok, "without {}: {text}", etap::gpu::REQUIRE_GPU_VAR);
+    assert_eq!(text.contains("SKIP gpu_skip_probe"), !has_device, "{text}");
+    let (ok, text) = run(Some("1"));
+    if has_device {
+        assert!(ok, "with a device: {text}");
+    } else {
+        assert!(!ok, "ETAP_REQUIRE_GPU=1 without a device passed: {text}");
+        assert!(text.contains("ETAP_REQUIRE_GPU is set"), "{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The output checks (etap::check): per-request and per-row errors, per-dtype bounds, finiteness
+// ---------------------------------------------------------------------------------------------
+
+/// `etap::check::compare` of a full-batch `out`/`lse` against `c`'s reference, every request
+/// compared.
+fn check_all<T: Element>(
+    c: &Case<T>,
+    out: &[f32],
+    lse: &[f32],
+    reference: &(Vec<f32>, Vec<f32>),
+) -> etap::check::Outcome {
+    let per = c.shape.cols() * D_V;
+    let cols = c.shape.cols();
+    let refs: Vec<(usize, &[f32], &[f32])> = (0..c.shape.batch)
+        .map(|r| (r, &reference.0[r * per..][..per], &reference.1[r * cols..][..cols]))
+        .collect();
+    etap::check::compare(T::DTYPE, c.shape.s_q, c.shape.h_q, &c.seqlens, out, lse, &refs)
+}
+
+/// The model of a correct kernel (`kernel_model` with the dtype's own roundings) passes the
+/// dtype's bound on every (request, token) row: short requests (1-5 rows, where one rounded
+/// probability moves the whole row), page-boundary lengths, long ones, every head count, s_q 1
+/// to 4. `ETAP_TOL_CASES` batches (default 10; the bounds' derivation in etap::check used 40:
+/// worst row 0.58 u for bf16, 0.59 u for fp16).
+#[test]
+fn tolerances_hold_a_correct_kernel() {
+    use etap_tests::{kernel_model, round_to};
+    use rand::{Rng, SeedableRng};
+    let cases: usize = std::env::var("ETAP_TOL_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut worst = [0f64; 2];
+    for k in 0..cases {
+        let h_q = SUPPORTED_HEADS[k % SUPPORTED_HEADS.len()];
+        let s_q = 1 + (k / 2) % 4;
+        let max = if h_q * s_q >= 128 { 300 } else { 2000 };
+        let mut seqlens = vec![1, 2, 3, 4, 5, 8, 64, 65];
+        seqlens.extend((0..3).map(|_| rng.gen_range(1..=max)));
+        let seed = rng.gen();
+        let cb = Case::<Bf16>::new(s_q, h_q, &seqlens, seed);
+        let (o, l) = kernel_model(&cb, round_to::<Bf16>, round_to::<Bf16>);
+        let ob = check_all(&cb, &o, &l, &cb.reference());
+        let cf = Case::<F16>::new(s_q, h_q, &seqlens, seed);
+        let (o, l) = kernel_model(&cf, round_to::<F16>, round_to::<F16>);
+        let of = check_all(&cf, &o, &l, &cf.reference());
+        for (i, o) in [ob, of].iter().enumerate() {
+            assert!(
+                o.passes(),
+                "h_q {h_q} s_q {s_q} seqlens {seqlens:?} seed {seed}: {:?}",
+                o.failure()
+            );
+            worst[i] = worst[i].max(o.row_err);
+        }
+    }
+    println!(
+        "worst row: bf16 {:.3e} ({:.2} u), f16 {:.3e} ({:.2} u)",
+        worst[0],
+        worst[0] / etap::check::BF16_UNIT_ROUNDOFF,
+        worst[1],
+        worst[1] / etap::check::F16_UNIT_ROUNDOFF
+    );
+}
+
+/// An fp16 kernel that rounds P or its output through bf16 fails the fp16 bound (it passed the
+/// old shared 3e-3), while the correct fp16 model passes.
+#[test]
+fn f16_bound_catches_a_bf16_rounding() {
+    use etap_tests::{kernel_model, round_to};
+    let c = Case::<F16>::new(2, 16, &[3, 200, 1000, 65], 31);
+    let reference = c.reference();
+    let via_bf16 = |x: f32| round_to::<F16>(round_to::<Bf16>(x));
+    let (o, l) = kernel_model(&c, round_to::<F16>, round_to::<F16>);
+    let good = check_all(&c, &o, &l, &reference);
+    assert!(good.passes(), "{:?}", good.failure());
+    for (what, (o, l)) in [
+        ("P through bf16", kernel_model(&c, via_bf16, round_to::<F16>)),
+        ("out through bf16", kernel_model(&c, round_to::<F16>, via_bf16)),
+    ] {
+        let bad = check_all(&c, &o, &l, &reference);
+        assert!(
+            !bad.passes(),
+            "{what}: passed the f16 bound, row err {:.3e}",
+            bad.row_err
+        );
+        assert!(bad.row_err <= 3e-3, "{what}: the old shared bound passed it too");
+        assert!(
+            bad.failure().unwrap().contains("rel err"),
+            "{what}: {:?}",
+            bad.failure()
+        );
+    }
+}
+
+/// Scaling the long request's output by 1.05 in a batch of seqlens [3, 20000] fails the check
+/// per request, where the old pooled error over the batch stayed under 3e-3.
+#[test]
+fn per_request_error_catches_a_scaled_long_request() {
+    // Seed 5: the pooled error is 2.99e-3, the figure (other seeds give 2.9e-3 to 3.2e-3).
+    let c = Case::<Bf16>::new(1, 16, &[3, 20_000], 5);
+    let reference = c.reference();
+    let (mut out, lse) = reference.clone();
+    let per = c.shape.cols() * D_V;
+    for v in &mut out[per..2 * per] {
+        *v *= 1.05;
+    }
+    let o = check_all(&c, &out, &lse, &reference);
+    assert!(!o.passes());
+    assert_eq!(o.worst_row, (1, 0));
+    assert!((o.request_err - 0.05).abs() < 1e-4, "{o:?}");
+    let cols = c.shape.cols();
+    let refs: Vec<(usize, &[f32], &[f32])> = (0..2)
+        .map(|r| (r, &reference.0[r * per..][..per], &reference.1[r * cols..][..cols]))
+        .collect();
+    let pooled = etap::check::pooled_rel_err(1, 16, &out, &refs);
+    println!("pooled rel err {pooled:.3e}, per request {:.3e}", o.request_err);
+    assert!(pooled <= 3e-3, "the old pooled check should pass it: {pooled:.3e}");
+}
+
+/// Every row of the whole batch must be written and finite, compared or not: a NaN row (an
+/// unwritten output poisoned with NaN) in a request the check does not compare fails; so do a
+/// NaN or missing lse, an lse that should be -inf, and a non-zero output of a token that sees
+/// no row.
+#[test]
+fn unwritten_rows_fail_in_unsampled_requests() {
+    let c = Case::<Bf16>::new(2, 8, &[70, 0, 1, 300], 3);
+    let (sh, cols, per) = (c.shape, c.shape.cols(), c.shape.cols() * D_V);
+    let reference = c.reference();
+    let (out, lse) = reference.clone();
+    // Only request 0 compared, as a big check samples.
+    let refs = [(0usize, &reference.0[..per], &reference.1[..cols])];
+    let check =
+        |out: &[f32], lse: &[f32]| etap::check::compare(Dtype::Bf16, sh.s_q, sh.h_q, &c.seqlens, out, lse, &refs);
+    assert!(check(&out, &lse).passes(), "{:?}", check(&out, &lse).failure());
+    let mut bad = out.clone();
+    bad[3 * per + 5 * D_V + 7] = f32::NAN; // request 3, token 0, head 5
+    let o = check(&bad, &lse);
+    assert!(!o.passes() && o.row_err == 0.0, "{o:?}");
+    assert!(o.unwritten.unwrap().starts_with("request 3 token 0 head 5"));
+    let mut bad = lse.clone();
+    bad[3 * cols + 2] = f32::NAN;
+    assert!(!check(&out, &bad).passes());
+    // Request 1 has no rows; request 2's token 0 (of s_q = 2) sees none of its 1 row.
+    assert_eq!(reference.1[cols], f32::NEG_INFINITY);
+    assert_eq!(reference.1[2 * cols], f32::NEG_INFINITY);
+    let mut bad = lse.clone();
+    bad[cols] = 0.0;
+    assert!(check(&out, &bad).unwritten.unwrap().contains("want -inf"));
+    let mut bad = out.clone();
+    bad[2 * per + 3] = 1.0; // request 2, token 0, head 0
+    assert!(check(&bad, &lse).unwritten.unwrap().contains("want 0"));
+    let mut bad = lse.clone();
+    bad[2 * cols + 1] = f32::NEG_INFINITY; // request 2, head 0, token 1 sees its row
+    assert!(check(&out, &bad).unwritten.unwrap().contains("sees rows"));
+    assert!(!check(&out[1..], &lse).passes(), "a short out");
 }

@@ -2,8 +2,8 @@
 //!
 //! This crate is `no_std` and has no dependencies, so the very same code is compiled into the
 //! device crate (for `nvptx64-nvidia-cuda`, where the scheduler runs as a one-thread kernel) and
-//! into the host crate (where property tests check it and the CPU emulation of split + combine
-//! uses it). One implementation, tested on the CPU, run on the GPU.
+//! into the host crate (where property tests check it, and check that merging the splits it
+//! makes gives the unsplit result). One implementation, tested on the CPU, run on the GPU.
 #![no_std]
 
 /// Rows of one page of the paged KV cache. It is also the wgmma M dimension: ETAP puts one page

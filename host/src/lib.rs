@@ -8,9 +8,9 @@
 //! SMs (on the GPU, from the device seqlens), then [`Decoder::decode`] runs the split-KV kernel,
 //! which also merges each request's splits. [`reference::mla_decode`] is the CPU reference with the same
 //! semantics, public so deployments can validate themselves.
+pub mod check;
 pub mod driver;
 pub mod dtype;
-pub mod emulate;
 pub mod error;
 pub mod gpu;
 pub mod interop;

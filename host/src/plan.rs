@@ -166,13 +166,15 @@ impl Plan {
     pub fn parts(&self) -> u32 {
         self.parts
     }
-    /// Copy the plan's split offsets to the host (`batch + 1` entries; a sync).
+    /// Copy the plan's split offsets to the host (`batch + 1` entries). A synchronous copy on
+    /// the legacy default stream: synchronize the plan's stream first when it is a
+    /// non-blocking one.
     pub fn split_offsets(&self) -> Result<Vec<u32>> {
         let mut v = vec![0u32; self.split_offsets.len()];
         self.split_offsets.copy_to(&mut v[..])?;
         Ok(v)
     }
-    /// Copy the work ranges to the host (a sync).
+    /// Copy the work ranges to the host (as [`Plan::split_offsets`]).
     pub fn ranges(&self) -> Result<Vec<etap_core::WorkRange>> {
         let mut v = vec![0u32; self.ranges.len()];
         self.ranges.copy_to(&mut v[..])?;
@@ -364,6 +366,7 @@ impl Decoder {
         stream: &Stream,
         layout: Layout,
     ) -> Result<Plan> {
+        validate_shape(shape)?;
         check_seqlens_len(shape, cache_seqlens.len())?;
         // SAFETY: a live device buffer of `shape.batch` i32 (checked), kept by the caller while
         // the stream runs the scheduling kernel (the borrow ends here, but `Stream` work on it

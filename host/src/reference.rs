@@ -264,7 +264,7 @@ pub fn mla_decode<T: Element>(
 }
 
 /// [`mla_decode`] before the final rounding to f32: for comparisons tighter than f32 allows
-/// (the split-KV emulation against the reference, say).
+/// (the split merge's test in `tests/cpu_props.rs`, say).
 pub fn mla_decode_f64<T: Element>(
     shape: &DecodeShape,
     q: &[T],

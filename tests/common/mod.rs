@@ -218,3 +218,76 @@ pub fn random_seqlens(rng: &mut StdRng, batch: usize, max: i32) -> Vec<i32> {
 }
 
 pub use etap::metrics::{max_abs_diff_lse, max_abs_diff_lse_f64, rel_err, rel_err_f64};
+
+/// Round `x` to `T` and back: the rounding a 16-bit kernel operand or output goes through.
+pub fn round_to<T: Element>(x: f32) -> f32 {
+    T::from_f32(x).to_f32()
+}
+
+/// A CPU model of what the decode kernels compute, with the kernels' roundings and nothing
+/// else (docs/design.md §6): q and the cache are used exactly as given (16-bit values, products
+/// accumulated exactly enough: the f32 tensor-core sums are far below the roundings below);
+/// the online softmax runs page by page with a running max; each probability `p` is rounded by
+/// `round_p` before it multiplies V (the wgmma operand), while the row sum `l` adds the
+/// unrounded `p`; the output `acc / l` is rounded once by `round_out`. With `round_to::<T>` for
+/// both it is a correct kernel's result up to f32 noise; other roundings model faulty kernels
+/// (an fp16 path that rounds through bf16, say). Returns out and lse as the reference lays
+/// them out.
+pub fn kernel_model<T: Element>(
+    c: &Case<T>,
+    round_p: impl Fn(f32) -> f32,
+    round_out: impl Fn(f32) -> f32,
+) -> (Vec<f32>, Vec<f32>) {
+    use etap_core::{visible_rows, D_QK, D_V};
+    let sh = c.shape;
+    let scale = c.softmax_scale as f64;
+    let mut out = vec![0f32; sh.out_len()];
+    let mut lse = vec![f32::NEG_INFINITY; sh.lse_len()];
+    let mut acc = vec![0f64; D_V];
+    for r in 0..sh.batch {
+        let seqlen = c.seqlens[r].max(0) as u32;
+        for t in 0..sh.s_q {
+            let vis = visible_rows(seqlen, sh.s_q as u32, t as u32) as usize;
+            for h in 0..sh.h_q {
+                if vis == 0 {
+                    continue; // zeros and -inf
+                }
+                let q: Vec<f64> = c.q[((r * sh.s_q + t) * sh.h_q + h) * D_QK..][..D_QK]
+                    .iter()
+                    .map(|x| x.to_f32() as f64)
+                    .collect();
+                let (mut m, mut l) = (f64::NEG_INFINITY, 0f64);
+                acc.fill(0.0);
+                for row0 in (0..vis).step_by(PAGE_ROWS) {
+                    let page = c.block_table[r * sh.max_pages + row0 / PAGE_ROWS] as usize;
+                    let rows = (vis - row0).min(PAGE_ROWS);
+                    let kv = |k: usize| &c.cache[(page * PAGE_ROWS + k) * D_QK..][..D_QK];
+                    let s: Vec<f64> = (0..rows)
+                        .map(|k| scale * q.iter().zip(kv(k)).map(|(a, b)| a * b.to_f32() as f64).sum::<f64>())
+                        .collect();
+                    let tile_max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    if tile_max > m {
+                        let f = (m - tile_max).exp();
+                        l *= f;
+                        acc.iter_mut().for_each(|a| *a *= f);
+                        m = tile_max;
+                    }
+                    for (k, &sk) in s.iter().enumerate() {
+                        let p = (sk - m).exp() as f32;
+                        l += p as f64;
+                        let pr = round_p(p) as f64;
+                        for (a, v) in acc.iter_mut().zip(kv(k)) {
+                            *a += pr * v.to_f32() as f64;
+                        }
+                    }
+                }
+                let o = &mut out[((r * sh.s_q + t) * sh.h_q + h) * D_V..][..D_V];
+                for (o, a) in o.iter_mut().zip(&acc) {
+                    *o = round_out((a / l) as f32);
+                }
+                lse[(r * sh.h_q + h) * sh.s_q + t] = (m + l.ln()) as f32;
+            }
+        }
+    }
+    (out, lse)
+}

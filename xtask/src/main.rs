@@ -335,7 +335,7 @@ fn bundle() -> Result<(), String> {
     for b in &bins {
         println!("  binary:      {}", b.executable.display());
     }
-    println!("on the GPU machine: target/bundle/run.sh [FILTER]");
+    println!("on the GPU machine: target/bundle/run.sh [--sanitize] [FILTER]");
     Ok(())
 }
 
@@ -489,5 +489,65 @@ mod tests {
             return;
         };
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// run.sh in a scratch bundle with a stand-in test binary and a stand-in compute-sanitizer
+    /// (shell scripts): it exports ETAP_REQUIRE_GPU=1 to the tests, `--sanitize` runs each of
+    /// the three tools over `gpu_decode --exact sanitizer_cases` with one summary line each,
+    /// and a reported hazard fails the run.
+    #[test]
+    fn run_sh_requires_the_gpu_and_sanitizes() {
+        if Command::new("bash").arg("--version").output().is_err() {
+            eprintln!("bash not found; not running run.sh");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("etap-run-sh-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("tests")).unwrap();
+        fs::create_dir_all(dir.join("bin")).unwrap();
+        write_exe(&dir.join("run.sh"), RUN_SH).unwrap();
+        write_exe(
+            &dir.join("tests/gpu_decode"),
+            "#!/usr/bin/env bash\necho \"args: $* REQUIRE=$ETAP_REQUIRE_GPU\"\necho 'test result: ok. 1 passed; 0 failed'\n",
+        )
+        .unwrap();
+        write_exe(
+            &dir.join("bin/compute-sanitizer"),
+            "#!/usr/bin/env bash\n[ \"$1\" = --version ] && exit 0\ntool=$2; shift 4; \"$@\" || exit $?\n\
+             [ \"$tool\" = racecheck ] && echo \"========= RACECHECK SUMMARY: ${FAKE_HAZARDS:-0} hazards displayed\"\n\
+             echo '========= ERROR SUMMARY: 0 errors'\n",
+        )
+        .unwrap();
+        let run = |hazards: &str| {
+            let path = format!(
+                "{}:{}",
+                dir.join("bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            let out = Command::new("bash")
+                .arg(dir.join("run.sh"))
+                .args(["--sanitize", "sanitizer_cases"])
+                .env("PATH", path)
+                .env("FAKE_HAZARDS", hazards)
+                .env_remove("ETAP_REQUIRE_GPU")
+                .env_remove("ETAP_SANITIZE")
+                .env("ETAP_SANITIZE_OUT", dir.join("san"))
+                .output()
+                .unwrap();
+            (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let (ok, text) = run("0");
+        assert!(ok, "{text}");
+        assert!(text.contains("REQUIRE=1"), "{text}");
+        for tool in ["memcheck", "racecheck", "synccheck"] {
+            assert!(text.contains(&format!("sanitizer {tool}: ")), "{tool}: {text}");
+            assert!(!text.contains(&format!("FAIL sanitizer-{tool}")), "{tool}: {text}");
+        }
+        let log = fs::read_to_string(dir.join("san/racecheck.log")).unwrap();
+        assert!(log.contains("args: --exact sanitizer_cases --test-threads=1"), "{log}");
+        let (ok, text) = run("3");
+        assert!(!ok, "a racecheck hazard passed: {text}");
+        assert!(text.contains("FAIL sanitizer-racecheck"), "{text}");
+        let _ = fs::remove_dir_all(&dir);
     }
 }
