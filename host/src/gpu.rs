@@ -19,27 +19,83 @@ pub(crate) struct Kernels {
     pub schedule: CUfunction,
 }
 
-/// Owns the CUDA context and the loaded kernel module.
+/// Owns a reference to a device's primary context and the kernel module loaded into it.
+///
+/// The context is the device's *primary* context (the one the CUDA runtime, and so PyTorch,
+/// uses), retained, not created: memory allocated by other libraries on the device is valid
+/// in it, and their streams can be used with it.
 pub struct Decoder {
     kernels: Kernels,
     module: Module,
     num_sms: u32,
-    _ctx: Context,
+    device: u32,
+    ctx: Context,
 }
+
+// SAFETY: a Decoder holds driver handles (the retained primary context, the module and its
+// functions) that it never mutates after construction; the CUDA driver API is thread-safe, and
+// a primary context may be made current on any number of threads at once. What is per-thread is
+// which context is *current*: every method that allocates or launches needs the decoder's
+// context current on the calling thread (`Decoder::new` / `on_device` make it current on the
+// constructing thread; elsewhere use `cuCtxSetCurrent` / `cuCtxPushCurrent` with
+// `Decoder::context_raw`, as `etap::interop::ContextGuard` does). Calling with another context
+// current makes the driver calls fail with an error; it does not touch the wrong memory, since
+// each launch names functions of this decoder's module, which the driver rejects in another
+// context.
+unsafe impl Send for Decoder {}
+// SAFETY: see `Send`: every method takes `&self` and only reads the handles.
+unsafe impl Sync for Decoder {}
 
 impl Decoder {
     /// Initialize CUDA on device 0, check that it is Hopper (compute capability 9.x), and load
-    /// the embedded PTX (or the PTX file named by the `ETAP_PTX` environment variable).
+    /// the embedded PTX (or the PTX file named by the `ETAP_PTX` environment variable). The
+    /// device's primary context is left current on the calling thread.
     pub fn new() -> Result<Self> {
+        Self::on_device(0)
+    }
+
+    /// As [`Decoder::new`], on the device of the calling thread's current context (PyTorch's
+    /// current device, say: torch makes its device's primary context current). The decoder
+    /// uses that device's primary context; without a current context this is device 0.
+    pub fn current() -> Result<Self> {
         match cust::init(cust::CudaFlags::empty()) {
             Ok(()) => {}
             Err(cust::error::CudaError::NoDevice) => return Err(EtapError::NoDevice),
             Err(e) => return Err(e.into()),
         }
-        if Device::num_devices()? == 0 {
+        let mut ctx: cust::sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: writes one handle through a valid pointer.
+        unsafe { cust::sys::cuCtxGetCurrent(&mut ctx) };
+        if ctx.is_null() {
+            return Self::on_device(0);
+        }
+        let mut device: cust::sys::CUdevice = 0;
+        // SAFETY: a context is current (checked above); writes one int through a valid pointer.
+        let rc = unsafe { cust::sys::cuCtxGetDevice(&mut device) };
+        if rc != cust::sys::CUresult::CUDA_SUCCESS {
+            return Err(EtapError::Device(format!("cuCtxGetDevice failed: {rc:?}")));
+        }
+        Self::on_device(device as u32)
+    }
+
+    /// As [`Decoder::new`], on the device of ordinal `index` (CUDA's numbering, as
+    /// `torch.device("cuda", index)`; `CUDA_VISIBLE_DEVICES` applies).
+    pub fn on_device(index: u32) -> Result<Self> {
+        match cust::init(cust::CudaFlags::empty()) {
+            Ok(()) => {}
+            Err(cust::error::CudaError::NoDevice) => return Err(EtapError::NoDevice),
+            Err(e) => return Err(e.into()),
+        }
+        let count = Device::num_devices()?;
+        if count == 0 {
             return Err(EtapError::NoDevice);
         }
-        let device = Device::get_device(0)?;
+        if index >= count {
+            return Err(EtapError::Device(format!(
+                "device index {index} is out of range: this process sees {count} CUDA device(s)"
+            )));
+        }
+        let device = Device::get_device(index)?;
         let major = device.get_attribute(cust::device::DeviceAttribute::ComputeCapabilityMajor)?;
         let minor = device.get_attribute(cust::device::DeviceAttribute::ComputeCapabilityMinor)?;
         if major != 9 {
@@ -87,8 +143,19 @@ impl Decoder {
             kernels,
             module,
             num_sms,
-            _ctx: ctx,
+            device: index,
+            ctx,
         })
+    }
+
+    /// The device ordinal this decoder runs on.
+    pub fn device(&self) -> u32 {
+        self.device
+    }
+
+    /// The raw handle of the device's primary context (to make it current on another thread).
+    pub fn context_raw(&self) -> cust::sys::CUcontext {
+        self.ctx.as_raw()
     }
 
     pub(crate) fn kernels(&self) -> &Kernels {

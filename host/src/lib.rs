@@ -13,6 +13,7 @@ pub mod driver;
 pub mod dtype;
 pub mod error;
 pub mod gpu;
+pub mod interop;
 pub mod metrics;
 pub mod plan;
 pub mod reference;

@@ -1,0 +1,33 @@
+"""etap: ETAP MLA decode for NVIDIA Hopper, FlashMLA-compatible, for PyTorch serving engines.
+
+    import etap
+    meta, num_splits = etap.get_mla_metadata(cache_seqlens, s_q * h_q, 1)
+    out, lse = etap.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
+                                           meta, num_splits, causal=True)
+
+Tensors are read through their attributes and torch's current stream is used, so one wheel
+works with any torch version; torch is imported only when a GPU call needs it.
+"""
+
+from . import _etap
+from ._checks import D_QK, D_V, MAX_S_Q, PAGE_ROWS, SUPPORTED_HEADS
+from .interface import EtapMetadata, Plan, decode, decoder, flash_mla_with_kvcache, get_mla_metadata, plan
+from .merge import merge_states
+
+__version__ = _etap.__version__
+
+__all__ = [
+    "D_QK",
+    "D_V",
+    "MAX_S_Q",
+    "PAGE_ROWS",
+    "SUPPORTED_HEADS",
+    "EtapMetadata",
+    "Plan",
+    "decode",
+    "decoder",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
+    "merge_states",
+    "plan",
+]

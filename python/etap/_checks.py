@@ -1,0 +1,212 @@
+"""Argument checks of the decode calls, before anything is launched.
+
+Torch-free on purpose: a tensor is read only through its attributes (``dtype``, ``device``,
+``shape``, ``stride()``, ``data_ptr()``), so these checks run (and are tested) on a machine
+without torch or a GPU. Each failure raises ``TypeError`` (wrong type or dtype), ``ValueError``
+(wrong shape, stride, device, size, value) or ``NotImplementedError`` (a valid FlashMLA call
+that etap's kernels do not support), and names the argument at fault.
+"""
+
+import math
+
+from . import _etap
+
+D_QK = _etap.D_QK  # 576: q and cache rows (512 latent + 64 RoPE)
+D_V = _etap.D_V  # 512: V = the first 512 columns of the cache rows; out
+PAGE_ROWS = _etap.PAGE_ROWS  # 64 rows per cache page
+MAX_S_Q = _etap.MAX_S_Q  # 4
+SUPPORTED_HEADS = tuple(_etap.SUPPORTED_HEADS)  # (8, 16, 32, 64, 128)
+
+# dtype names as torch prints them (str(torch.bfloat16) == "torch.bfloat16").
+_HALF = {"torch.bfloat16": "bf16", "torch.float16": "f16"}
+_I32 = "torch.int32"
+_F32 = "torch.float32"
+
+
+def dtype_name(t):
+    return str(t.dtype)
+
+
+def _is_tensor(t):
+    return all(hasattr(t, a) for a in ("dtype", "device", "shape", "stride", "data_ptr"))
+
+
+def require_tensor(name, t):
+    if not _is_tensor(t):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def shape_of(t):
+    return tuple(int(d) for d in t.shape)
+
+
+def is_contiguous(t):
+    """Row-major contiguity from shape and strides (strides of size-1 dims do not matter)."""
+    expected = 1
+    for size, stride in reversed(list(zip(shape_of(t), t.stride()))):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def device_of(t):
+    """(type, index) of a tensor's device: ("cuda", 0)."""
+    dev = t.device
+    return (dev.type, dev.index)
+
+
+def require_cuda(name, t):
+    kind, index = device_of(t)
+    if kind != "cuda":
+        raise ValueError(f"{name}: must be on a CUDA device, is on {kind}")
+    if index is None:
+        raise ValueError(f"{name}: a CUDA tensor without a device index")
+    return index
+
+
+def require_same_device(name, t, device_index, ref="q"):
+    index = require_cuda(name, t)
+    if index != device_index:
+        raise ValueError(f"{name}: on cuda:{index}, but {ref} is on cuda:{device_index}")
+
+
+def require_dtype(name, t, want, why=""):
+    got = dtype_name(t)
+    if got != want:
+        raise TypeError(f"{name}: dtype must be {want}{why}, got {got}")
+
+
+def require_contiguous(name, t):
+    if not is_contiguous(t):
+        raise ValueError(
+            f"{name}: must be contiguous (row-major; shape {shape_of(t)}, strides {tuple(t.stride())}); "
+            f"call .contiguous() first"
+        )
+
+
+def check_scale(softmax_scale):
+    if softmax_scale is None:
+        return None
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    s = float(softmax_scale)
+    if not (math.isfinite(s) and s > 0.0):
+        raise ValueError(f"softmax_scale: {softmax_scale} must be finite and positive")
+    return s
+
+
+def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, causal=True):
+    """Check a decode call's inputs; return (device index, dtype name, (b, s_q, h_q, num_pages, max_pages))."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        require_tensor(name, t)
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int):
+        raise TypeError(f"head_dim_v: expected an int, got {type(head_dim_v).__name__}")
+    if head_dim_v != D_V:
+        raise ValueError(f"head_dim_v: must be {D_V} (MLA's V head dim), got {head_dim_v}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+
+    # q: [b, s_q, h_q, 576], bf16 or fp16.
+    qd = dtype_name(q)
+    if qd not in _HALF:
+        raise TypeError(f"q: dtype must be torch.bfloat16 or torch.float16, got {qd}")
+    device = require_cuda("q", q)
+    qs = shape_of(q)
+    if len(qs) != 4:
+        raise ValueError(f"q: expected 4 dims [batch, s_q, h_q, {D_QK}], got shape {qs}")
+    b, s_q, h_q, d = qs
+    if d != D_QK:
+        raise ValueError(f"q: head dim must be {D_QK} (512 latent + 64 RoPE), got {d}")
+    if b < 1:
+        raise ValueError("q: empty batch (batch must be at least 1)")
+    if not 1 <= s_q <= MAX_S_Q:
+        raise ValueError(f"q: s_q = {s_q} query tokens per request is not supported (1 to {MAX_S_Q})")
+    if h_q not in SUPPORTED_HEADS:
+        raise ValueError(f"q: h_q = {h_q} heads is not supported (supported: {', '.join(map(str, SUPPORTED_HEADS))})")
+    require_contiguous("q", q)
+    if s_q > 1 and not causal:
+        raise NotImplementedError(
+            "causal=False with s_q > 1 is not supported by etap's kernels (every query token would see "
+            "the whole sequence); pass causal=True (FlashMLA's mask), or s_q = 1, where both are the same"
+        )
+
+    # k_cache: [num_pages, 64, 1, 576], q's dtype.
+    require_same_device("k_cache", k_cache, device)
+    require_dtype("k_cache", k_cache, qd, " (the same as q)")
+    ks = shape_of(k_cache)
+    if len(ks) != 4:
+        raise ValueError(f"k_cache: expected 4 dims [num_blocks, {PAGE_ROWS}, 1, {D_QK}], got shape {ks}")
+    num_pages, page, h_k, dk = ks
+    if page != PAGE_ROWS:
+        raise ValueError(f"k_cache: page_block_size must be {PAGE_ROWS}, got {page}")
+    if h_k != 1:
+        raise ValueError(f"k_cache: num_heads_k must be 1 (MLA's one latent KV head), got {h_k}")
+    if dk != D_QK:
+        raise ValueError(f"k_cache: head dim must be {D_QK}, got {dk}")
+    if num_pages < 1:
+        raise ValueError("k_cache: has no pages")
+    require_contiguous("k_cache", k_cache)
+
+    # block_table: [b, max_pages] int32.
+    require_same_device("block_table", block_table, device)
+    require_dtype("block_table", block_table, _I32)
+    bs = shape_of(block_table)
+    if len(bs) != 2 or bs[0] != b:
+        raise ValueError(f"block_table: expected shape [batch = {b}, max_pages], got {bs}")
+    if bs[1] < 1:
+        raise ValueError("block_table: max_pages must be at least 1")
+    require_contiguous("block_table", block_table)
+
+    # cache_seqlens: [b] int32.
+    require_same_device("cache_seqlens", cache_seqlens, device)
+    require_dtype("cache_seqlens", cache_seqlens, _I32)
+    ss = shape_of(cache_seqlens)
+    if ss != (b,):
+        raise ValueError(f"cache_seqlens: expected shape [batch = {b}], got {ss}")
+    require_contiguous("cache_seqlens", cache_seqlens)
+
+    shape = (b, s_q, h_q, num_pages, bs[1])
+    _etap.validate_shape(*shape)  # ValueError for sizes past the kernels' 32-bit coordinates
+    return device, _HALF[qd], shape
+
+
+def _span(t):
+    """[start, end) bytes a contiguous tensor covers."""
+    n = 1
+    for d in shape_of(t):
+        n *= d
+    start = t.data_ptr()
+    return start, start + n * int(t.element_size())
+
+
+def check_outputs(out, lse, q, shape, inputs):
+    """Check caller-given out [b, s_q, h_q, 512] (q's dtype) and lse [b, h_q, s_q] float32."""
+    b, s_q, h_q, _, _ = shape
+    device = q.device.index
+    for name, t, want_shape, want_dtype in (
+        ("out", out, (b, s_q, h_q, D_V), dtype_name(q)),
+        ("lse", lse, (b, h_q, s_q), _F32),
+    ):
+        require_tensor(name, t)
+        require_same_device(name, t, device)
+        require_dtype(name, t, want_dtype, " (q's dtype)" if name == "out" else "")
+        if shape_of(t) != want_shape:
+            raise ValueError(f"{name}: expected shape {list(want_shape)}, got {list(shape_of(t))}")
+        require_contiguous(name, t)
+    spans = {name: _span(t) for name, t in inputs}
+    for name, t in (("out", out), ("lse", lse)):
+        a0, a1 = _span(t)
+        for other, (b0, b1) in spans.items():
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"{name}: overlaps {other} in memory")
+    o0, o1 = _span(out)
+    l0, l1 = _span(lse)
+    if o0 < l1 and l0 < o1:
+        raise ValueError("lse: overlaps out in memory")
+
+
+def check_addresses(q, k_cache, block_table, cache_seqlens, out, lse):
+    _etap.check_addresses(
+        q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr()
+    )

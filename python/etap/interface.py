@@ -1,0 +1,375 @@
+"""FlashMLA's interface on etap's kernels, and etap's own plan-based call.
+
+Design (README, "Python"): FlashMLA's ``get_mla_metadata`` returns metadata made from the
+seqlens alone, but etap's plan also needs the batch's shape (s_q, h_q, the block table's width,
+the cache's pages). So, as FlashMLA itself does since its ``FlashMLASchedMeta``, the metadata is
+an object that plans on the first ``flash_mla_with_kvcache`` call it is given, and every later
+call with it (the other layers of the step) reuses that plan. The plan's device buffers are kept
+per (device, shape) and re-planned in place (one small kernel, no allocation), so:
+
+- eager: one schedule launch per step (per metadata object), the plan's memory reused;
+- CUDA graphs: inside a capture, the first call with a metadata object re-plans (captured), so
+  every replay schedules for the seqlens then in the captured ``cache_seqlens`` tensor. A shape
+  must have been run once before the capture (a warm-up, as every engine does), because making
+  a new plan allocates device memory, which a capture forbids; the error says so.
+"""
+
+import itertools
+import threading
+from collections import OrderedDict
+
+from . import _checks, _etap
+
+__all__ = [
+    "EtapMetadata",
+    "get_mla_metadata",
+    "flash_mla_with_kvcache",
+    "decoder",
+    "Plan",
+    "plan",
+    "decode",
+]
+
+_lock = threading.Lock()
+_decoders = {}
+
+
+def decoder(device_index):
+    """The ``etap._etap.Decoder`` of a CUDA device (made once per process and device)."""
+    with _lock:
+        d = _decoders.get(device_index)
+        if d is None:
+            d = _etap.Decoder(device_index)
+            _decoders[device_index] = d
+        return d
+
+
+def _stream_handle(device_index):
+    import torch
+
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+class _PlanCache:
+    """Plans by (device, shape), least recently used first. A plan that a graph
+    capture used is pinned (the graph's replays write into it) and never evicted."""
+
+    def __init__(self, limit=32):
+        self.limit = limit
+        self.plans = OrderedDict()  # key -> _Slot
+
+    def get(self, key):
+        slot = self.plans.get(key)
+        if slot is not None:
+            self.plans.move_to_end(key)
+        return slot
+
+    def put(self, key, slot):
+        self.plans[key] = slot
+        self.plans.move_to_end(key)
+        while len(self.plans) > self.limit:
+            # Never the plan just added (this call uses it), nor one a graph captured.
+            victim = next((k for k, s in self.plans.items() if not s.pinned and k != key), None)
+            if victim is None:
+                break
+            old = self.plans.pop(victim)
+            # Work already enqueued may still use the plan's buffers: wait for its stream.
+            import torch
+
+            torch.cuda.synchronize(old.device)
+            del old
+
+
+class _Slot:
+    __slots__ = ("plan", "device", "owner", "pinned")
+
+    def __init__(self, plan, device):
+        self.plan = plan
+        self.device = device
+        self.owner = None  # the EtapMetadata (by token) the plan was last scheduled for
+        self.pinned = False
+
+
+_plans = _PlanCache()
+# Metadata identities: a counter, not id(), which Python reuses once an object is freed (a new
+# step's metadata could then pass for the old one and decode with its stale schedule).
+_tokens = itertools.count(1)
+
+
+class EtapMetadata:
+    """The scheduling metadata of one decode step (FlashMLA's ``tile_scheduler_metadata``).
+
+    Made by :func:`get_mla_metadata`; planned by the first :func:`flash_mla_with_kvcache` call
+    it is passed to and reused by the calls after it, which must have the same shapes and the
+    same ``cache_seqlens`` values (FlashMLA's rule). Make a new one for each step.
+    """
+
+    __slots__ = ("batch", "cols", "device", "key", "capture", "token", "__weakref__")
+
+    def __init__(self, batch=None, cols=None, device=None):
+        self.token = next(_tokens)
+        self.batch = batch
+        self.cols = cols
+        self.device = device
+        self.key = None  # the plan key of the first call
+        self.capture = None  # the graph capture (id) the plan was last scheduled in, None: eager
+
+    def __repr__(self):
+        return f"etap.EtapMetadata(batch={self.batch}, cols={self.cols}, device={self.device}, planned={self.key is not None})"
+
+
+def get_mla_metadata(
+    cache_seqlens=None,
+    num_q_tokens_per_head_k=None,
+    num_heads_k=None,
+    num_heads_q=None,
+    is_fp8_kvcache=False,
+    topk=None,
+    *,
+    num_heads_per_head_k=None,
+):
+    """FlashMLA's ``get_mla_metadata``: returns ``(tile_scheduler_metadata, num_splits)``.
+
+    Both of FlashMLA's forms are accepted: the older
+    ``get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)`` (checked now, and
+    against the decode call: the batch and ``s_q * h_q``) and the newer ``get_mla_metadata()``.
+    ``tile_scheduler_metadata`` is an :class:`EtapMetadata` (it plans lazily, on the tensors of
+    the first decode call); ``num_splits`` is ``None`` (kept for the call's signature).
+    Launches nothing and does not synchronize.
+    """
+    # FlashMLA's other versions: the count's older name, and the fp8 / sparse options.
+    if num_heads_per_head_k is not None:
+        if num_q_tokens_per_head_k is not None:
+            raise TypeError("get_mla_metadata: num_heads_per_head_k is num_q_tokens_per_head_k's old name: give one")
+        num_q_tokens_per_head_k = num_heads_per_head_k
+    if is_fp8_kvcache:
+        raise NotImplementedError("is_fp8_kvcache: etap implements FlashMLA's dense bf16/fp16 decode only")
+    if topk is not None:
+        raise NotImplementedError("topk: etap implements FlashMLA's dense decode only (no sparse attention)")
+    if num_heads_q is not None and (isinstance(num_heads_q, bool) or not isinstance(num_heads_q, int)):
+        raise TypeError(f"num_heads_q: expected an int, got {type(num_heads_q).__name__}")
+    given = [a is not None for a in (cache_seqlens, num_q_tokens_per_head_k, num_heads_k)]
+    if not any(given):
+        return EtapMetadata(), None
+    if not all(given):
+        raise TypeError("get_mla_metadata: give all of cache_seqlens, num_q_tokens_per_head_k and num_heads_k, or none")
+    _checks.require_tensor("cache_seqlens", cache_seqlens)
+    _checks.require_dtype("cache_seqlens", cache_seqlens, _checks._I32)
+    device = _checks.require_cuda("cache_seqlens", cache_seqlens)
+    shape = _checks.shape_of(cache_seqlens)
+    if len(shape) != 1 or shape[0] < 1:
+        raise ValueError(f"cache_seqlens: expected shape [batch] with batch >= 1, got {list(shape)}")
+    for name, v in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if num_heads_k != 1:
+        raise ValueError(f"num_heads_k: must be 1 (MLA's one latent KV head), got {num_heads_k}")
+    valid = sorted({s * h for s in range(1, _checks.MAX_S_Q + 1) for h in _checks.SUPPORTED_HEADS})
+    if num_q_tokens_per_head_k not in valid:
+        raise ValueError(
+            f"num_q_tokens_per_head_k: {num_q_tokens_per_head_k} (= s_q * h_q / num_heads_k) is not supported: "
+            f"s_q must be 1 to {_checks.MAX_S_Q} and h_q one of {_checks.SUPPORTED_HEADS}"
+        )
+    return EtapMetadata(shape[0], num_q_tokens_per_head_k, device), None
+
+
+def _check_metadata(meta, num_splits, device, shape):
+    if not isinstance(meta, EtapMetadata):
+        raise TypeError(
+            f"tile_scheduler_metadata: expected the etap.EtapMetadata that etap.get_mla_metadata returns, "
+            f"got {type(meta).__name__} (FlashMLA's metadata tensors do not carry etap's plan)"
+        )
+    if num_splits is not None:
+        raise TypeError("num_splits: must be None, as etap.get_mla_metadata returns it")
+    b, s_q, h_q = shape[0], shape[1], shape[2]
+    if meta.batch is not None and meta.batch != b:
+        raise ValueError(f"tile_scheduler_metadata: made for a batch of {meta.batch}, but q has a batch of {b}")
+    if meta.cols is not None and meta.cols != s_q * h_q:
+        raise ValueError(
+            f"tile_scheduler_metadata: made for num_q_tokens_per_head_k = {meta.cols}, but q has "
+            f"s_q * h_q = {s_q} * {h_q} = {s_q * h_q}"
+        )
+    if meta.device is not None and meta.device != device:
+        raise ValueError(f"tile_scheduler_metadata: made for cuda:{meta.device}, but q is on cuda:{device}")
+
+
+def _scheduled_plan(meta_id, device, shape, cache_seqlens, stream, meta=None):
+    """The plan for this call, scheduled for `meta` (re-planned if another step used it since,
+    or if this is a new graph capture)."""
+    dec = decoder(device)
+    capture = _etap.stream_capture_id(dec, stream)
+    # Not keyed by stream: torch.cuda.graph captures on a stream of its own, after warm-up
+    # calls on another; calls must be ordered (one stream, or synchronized) across steps.
+    key = (device,) + tuple(shape)
+    if meta is not None and meta.key is not None and meta.key != key:
+        raise ValueError(
+            "tile_scheduler_metadata: planned for another shape "
+            f"(batch, s_q, h_q, num_pages, max_pages = {meta.key[1:]}); this call has {tuple(shape)}: "
+            "make one metadata per step and shape"
+        )
+    with _lock:
+        slot = _plans.get(key)
+        if slot is None:
+            # Makes the plan and schedules it (raises if the stream is capturing).
+            slot = _Slot(dec.plan(*shape, cache_seqlens.data_ptr(), stream), device)
+            _plans.put(key, slot)
+        elif meta_id is None or slot.owner != meta_id or (meta is not None and meta.capture != capture):
+            dec.replan(slot.plan, cache_seqlens.data_ptr(), stream)
+        if capture is not None:
+            slot.pinned = True
+        slot.owner = meta_id
+        if meta is not None:
+            meta.key = key
+            meta.capture = capture
+        return dec, slot.plan
+
+
+def _empty_lse(lse, empty_lse):
+    # The kernel writes -inf for a (token, head) that saw no row; FlashMLA returns +inf.
+    if empty_lse == "+inf":
+        lse.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=float("inf"))
+    elif empty_lse != "-inf":
+        raise ValueError(f"empty_lse: must be '+inf' (FlashMLA's) or '-inf', got {empty_lse!r}")
+
+
+def flash_mla_with_kvcache(
+    q,
+    k_cache,
+    block_table,
+    cache_seqlens,
+    head_dim_v,
+    tile_scheduler_metadata,
+    num_splits=None,
+    softmax_scale=None,
+    causal=False,
+    is_fp8_kvcache=False,
+    indices=None,
+    attn_sink=None,
+    extra_k_cache=None,
+    extra_indices_in_kvcache=None,
+    topk_length=None,
+    extra_topk_length=None,
+    *,
+    empty_lse="+inf",
+    out=None,
+    lse=None,
+):
+    """FlashMLA's ``flash_mla_with_kvcache`` on etap: returns ``(out, lse)``.
+
+    q ``[b, s_q, h_q, 576]`` bf16/fp16; k_cache ``[num_blocks, 64, 1, 576]`` (q's dtype);
+    block_table ``int32[b, max_blocks]``; cache_seqlens ``int32[b]``; head_dim_v 512.
+    out ``[b, s_q, h_q, 512]`` (q's dtype), lse ``float32[b, h_q, s_q]``, natural log. Runs on
+    q's device and torch's current stream, without host synchronization; capturable in a CUDA
+    graph. ``causal=True`` is FlashMLA's mask (token t sees rows < seqlen - s_q + t + 1);
+    ``causal=False`` is supported for s_q = 1 only (where the two agree). A (token, head) that
+    sees no row gets out = 0 and lse = +inf as FlashMLA returns it, or -inf with
+    ``empty_lse="-inf"`` (what merging partial states needs). ``out``/``lse`` may be given
+    (etap's extension) to write into the caller's tensors.
+    """
+    for name, v in (
+        ("is_fp8_kvcache", is_fp8_kvcache),
+        ("indices", indices),
+        ("attn_sink", attn_sink),
+        ("extra_k_cache", extra_k_cache),
+        ("extra_indices_in_kvcache", extra_indices_in_kvcache),
+        ("topk_length", topk_length),
+        ("extra_topk_length", extra_topk_length),
+    ):
+        if v is not None and v is not False:
+            raise NotImplementedError(f"{name}: etap implements FlashMLA's dense bf16/fp16 decode only")
+    scale = _checks.check_scale(softmax_scale)
+    if empty_lse not in ("+inf", "-inf"):
+        raise ValueError(f"empty_lse: must be '+inf' (FlashMLA's) or '-inf', got {empty_lse!r}")
+    device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, causal)
+    _check_metadata(tile_scheduler_metadata, num_splits, device, shape)
+    out, lse = _outputs(q, shape, out, lse, (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
+    _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse)
+    stream = _stream_handle(device)
+    meta = tile_scheduler_metadata
+    dec, p = _scheduled_plan(meta.token, device, shape, cache_seqlens, stream, meta)
+    dec.decode(p, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
+               out.data_ptr(), lse.data_ptr(), scale, stream)
+    _empty_lse(lse, empty_lse)
+    return out, lse
+
+
+def _outputs(q, shape, out, lse, inputs):
+    b, s_q, h_q, _, _ = shape
+    if out is None:
+        import torch
+
+        out = torch.empty((b, s_q, h_q, _checks.D_V), dtype=q.dtype, device=q.device)
+    if lse is None:
+        import torch
+
+        lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
+    _checks.check_outputs(out, lse, q, shape, inputs)
+    return out, lse
+
+
+class Plan:
+    """etap's own call: an explicit plan for one shape on one device and stream.
+
+    ``plan = etap.plan(q, k_cache, block_table, cache_seqlens)`` schedules for the seqlens now
+    in ``cache_seqlens``; ``plan.replan(cache_seqlens)`` re-schedules in place for a new step
+    (no allocation: capturable); ``etap.decode(plan, q, k_cache, block_table, cache_seqlens)``
+    decodes, as often as there are layers. Unlike the metadata of
+    :func:`flash_mla_with_kvcache`, a Plan owns its buffers (no sharing between steps).
+    """
+
+    def __init__(self, q, k_cache, block_table, cache_seqlens, causal=True):
+        device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, _checks.D_V, causal)
+        self.device = device
+        self.shape = shape
+        self.stream = _stream_handle(device)
+        self._dec = decoder(device)
+        self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream)
+
+    def replan(self, cache_seqlens):
+        """Schedule for the seqlens now in `cache_seqlens` (same batch), on the current stream."""
+        _checks.require_tensor("cache_seqlens", cache_seqlens)
+        _checks.require_same_device("cache_seqlens", cache_seqlens, self.device, ref="the plan")
+        _checks.require_dtype("cache_seqlens", cache_seqlens, _checks._I32)
+        if _checks.shape_of(cache_seqlens) != (self.shape[0],):
+            raise ValueError(f"cache_seqlens: expected shape [batch = {self.shape[0]}], got {list(_checks.shape_of(cache_seqlens))}")
+        _checks.require_contiguous("cache_seqlens", cache_seqlens)
+        stream = _stream_handle(self.device)
+        self._dec.replan(self._plan, cache_seqlens.data_ptr(), stream)
+
+    @property
+    def layout(self):
+        return self._plan.layout
+
+    def __repr__(self):
+        return repr(self._plan)
+
+
+def plan(q, k_cache, block_table, cache_seqlens, causal=True):
+    """Make a :class:`Plan` for these tensors' shape, scheduled for ``cache_seqlens``."""
+    return Plan(q, k_cache, block_table, cache_seqlens, causal)
+
+
+def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, causal=True, *, out=None, lse=None,
+           empty_lse="-inf"):
+    """Decode with an explicit :class:`Plan` (made or last re-planned for these seqlens).
+    Returns ``(out, lse)``; writes into ``out``/``lse`` when given. lse of a (token, head) that
+    saw no row is -inf by default here (``empty_lse="+inf"`` for FlashMLA's)."""
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan: expected an etap.Plan, got {type(plan).__name__}")
+    scale = _checks.check_scale(softmax_scale)
+    if empty_lse not in ("+inf", "-inf"):
+        raise ValueError(f"empty_lse: must be '+inf' or '-inf', got {empty_lse!r}")
+    device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, _checks.D_V, causal)
+    if device != plan.device:
+        raise ValueError(f"plan: made for cuda:{plan.device}, but q is on cuda:{device}")
+    if tuple(shape) != tuple(plan.shape):
+        raise ValueError(
+            f"plan: made for (batch, s_q, h_q, num_pages, max_pages) = {tuple(plan.shape)}, this call has {tuple(shape)}"
+        )
+    out, lse = _outputs(q, shape, out, lse, (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
+    _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse)
+    stream = _stream_handle(device)
+    plan._dec.decode(plan._plan, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(),
+                     cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(), scale, stream)
+    _empty_lse(lse, empty_lse)
+    return out, lse

@@ -1,0 +1,44 @@
+"""etap as a torch custom op, so torch.compile sees it (one opaque node, with a fake
+implementation for shape propagation): ``torch.ops.etap.mla_decode``.
+
+    import etap.ops
+    out, lse = torch.ops.etap.mla_decode(q, k_cache, block_table, cache_seqlens, None, True, True)
+
+Arguments: q, k_cache, block_table, cache_seqlens as in ``flash_mla_with_kvcache``;
+softmax_scale (float or None); causal (bool); fmla_lse (True: lse +inf for a (token, head) that
+saw no row, FlashMLA's; False: -inf). No metadata crosses the op boundary, so each call
+re-plans for its seqlens (one small scheduler launch more per call than the FlashMLA-style
+call, which plans once per step). Needs torch >= 2.4 (torch.library.custom_op).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _checks
+from .interface import flash_mla_with_kvcache, get_mla_metadata
+
+
+@torch.library.custom_op("etap::mla_decode", mutates_args=())
+def mla_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: Optional[float],
+    causal: bool,
+    fmla_lse: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    meta, _ = get_mla_metadata()
+    return flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, _checks.D_V, meta, None, softmax_scale, causal,
+        empty_lse="+inf" if fmla_lse else "-inf",
+    )
+
+
+@mla_decode.register_fake
+def _(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, fmla_lse):
+    b, s_q, h_q, _ = q.shape
+    out = q.new_empty((b, s_q, h_q, _checks.D_V))
+    lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    return out, lse

@@ -1,0 +1,91 @@
+"""A torch reference of MLA decode (float64), and FlashMLA-style test inputs, for validating
+etap in a deployment and for the package's own GPU tests."""
+
+import math
+import random
+
+
+def make_inputs(b, s_q, h_q, s_k, varlen=False, dtype=None, device="cuda", seed=0, zero_lens=False, num_extra_pages=3):
+    """FlashMLA's test data: q and a shuffled paged cache (values in [-1, 1] / 10-ish), NaN in
+    every cache row past each request's length, and block-table slots past the used pages set to
+    2147480000 (never read). Returns (q, k_cache, block_table, cache_seqlens)."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    rng = random.Random(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lens = [s_k] * b
+    if varlen:
+        lens = [max(int(rng.normalvariate(s_k, s_k / 2)), s_q) for _ in range(b)]
+    if zero_lens:
+        lens = [0 if rng.random() < 0.5 else n for n in lens]
+    max_len = max(max(lens), 1)
+    max_pages = (max_len + 255) // 256 * 4
+    num_pages = b * max_pages + num_extra_pages
+    perm = torch.randperm(num_pages, generator=gen, device=device)[: b * max_pages].view(b, max_pages).to(torch.int32)
+    q = (torch.randn(b, s_q, h_q, 576, generator=gen, device=device) / 10).clamp_(-1, 1).to(dtype)
+    k = (torch.randn(num_pages, 64, 1, 576, generator=gen, device=device) / 10).clamp_(-1, 1).to(dtype)
+    bt = perm.clone()
+    perm_cpu = perm.cpu()
+    for i, n in enumerate(lens):
+        used = (n + 63) // 64
+        k[perm_cpu[i, used:].long().to(device)] = float("nan")
+        if n % 64:
+            k[int(perm_cpu[i, used - 1]), n % 64 :] = float("nan")
+        bt[i, used:] = 2147480000
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return q, k, bt, seqlens
+
+
+def mla_decode_reference(q, k_cache, block_table, cache_seqlens, softmax_scale=None, causal=True, empty_lse="+inf"):
+    """MLA decode in float64 with FlashMLA's semantics: out [b, s_q, h_q, 512] (float64), lse
+    [b, h_q, s_q] (float64, natural log); a (token, head) that sees no row gets out 0 and lse
+    +inf (FlashMLA) or -inf. causal: token t sees rows < seqlen - s_q + t + 1."""
+    import torch
+
+    b, s_q, h_q, d = q.shape
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    lens = [int(x) for x in cache_seqlens.cpu()]
+    out = torch.zeros(b, s_q, h_q, 512, dtype=torch.float64, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float64, device=q.device)
+    for i in range(b):
+        n = lens[i]
+        pages = block_table[i, : (n + 63) // 64].long()
+        kv = k_cache[pages].reshape(-1, d)[:n].double()  # [n, 576]
+        qi = q[i].double().reshape(s_q * h_q, d)  # rows (t, h)
+        s = (qi @ kv.T) * scale  # [s_q*h_q, n]
+        if causal:
+            t = torch.arange(s_q, device=q.device).repeat_interleave(h_q)  # token of each row
+            rows = torch.arange(n, device=q.device)
+            visible = rows[None, :] < (n - s_q + t + 1)[:, None]
+            s = s.masked_fill(~visible, float("-inf"))
+        m = torch.logsumexp(s, dim=-1) if n > 0 else torch.full((s_q * h_q,), float("-inf"), dtype=torch.float64, device=q.device)
+        p = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m)[:, None]) if n > 0 else s
+        o = p @ kv[:, :512] if n > 0 else torch.zeros(s_q * h_q, 512, dtype=torch.float64, device=q.device)
+        empty = torch.isneginf(m)
+        o[empty] = 0.0
+        out[i] = o.view(s_q, h_q, 512)
+        m = m.clone()
+        if empty_lse == "+inf":
+            m[empty] = float("inf")
+        lse[i] = m.view(s_q, h_q).T
+    return out, lse
+
+
+def max_violation(out, lse, ref_out, ref_lse, out_atol=8e-4, out_rtol=2.01 / 128, lse_atol=1e-4, lse_rtol=1.3e-4):
+    """The largest ratio |err| / tolerance over out and lse (<= 1 passes), with the tolerances
+    of FlashMLA's own test for out (abs 8e-4, rel 2/128) and etap's for lse; infinite lse must
+    match exactly; any NaN fails."""
+    import torch
+
+    o = out.double()
+    if torch.isnan(o).any() or torch.isnan(lse).any():
+        return float("inf")
+    eo = ((o - ref_out).abs() / (out_atol + out_rtol * ref_out.abs())).max().item()
+    l = lse.double()
+    inf = torch.isinf(ref_lse)
+    if not torch.equal(torch.isinf(l), inf) or not torch.equal(l[inf], ref_lse[inf]):
+        return float("inf")
+    fin = ~inf
+    el = ((l[fin] - ref_lse[fin]).abs() / (lse_atol + lse_rtol * ref_lse[fin].abs())).max().item() if fin.any() else 0.0
+    return max(eo, el)
