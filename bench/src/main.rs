@@ -301,7 +301,7 @@ fn bench_config<T: Element>(
             let _ = stream.synchronize();
         }
         Ok((x, checked)) if o.layers > 0 => {
-            if let Err(e) = bench_serving(dec, info, &x, &checked, layout, o.layers, &mut row) {
+            if let Err(e) = bench_serving(dec, info, &x, &checked, layout, o.layers, o.shared_cache, &mut row) {
                 row.status = "ERROR".into();
                 row.note = format!("serving mode: {e}");
             }
@@ -321,6 +321,7 @@ fn bench_serving<T: Element>(
     checked: &(Vec<f32>, Vec<f32>),
     layout: Layout,
     layers: usize,
+    shared_cache: bool,
     row: &mut Row,
 ) -> BoxResult<()> {
     let shape = &x.shape;
@@ -328,9 +329,29 @@ fn bench_serving<T: Element>(
         s.out.iter().zip(&checked.0).all(|(a, b)| a.to_bits() == b.to_bits())
             && s.lse.iter().zip(&checked.1).all(|(a, b)| a.to_bits() == b.to_bits())
     };
-    let shuffled = serving::time(dec, shape, layout, &x.q, &x.cache, &x.block_table, &x.seqlens, layers)?;
+    let shuffled = serving::time(
+        dec,
+        shape,
+        layout,
+        &x.q,
+        &x.cache,
+        &x.block_table,
+        &x.seqlens,
+        layers,
+        shared_cache,
+    )?;
     let (table, cache) = serving::contiguous(shape, &x.block_table, &x.seqlens, &x.cache);
-    let contig = serving::time(dec, shape, layout, &x.q, &cache, &table, &x.seqlens, layers)?;
+    let contig = serving::time(
+        dec,
+        shape,
+        layout,
+        &x.q,
+        &cache,
+        &table,
+        &x.seqlens,
+        layers,
+        shared_cache,
+    )?;
     row.layers = shuffled.layers.min(contig.layers);
     row.serve_us = shuffled.us;
     row.serve_us_contig = contig.us;
@@ -441,7 +462,11 @@ fn bench_inner<T: Element>(
         "{tag} check of requests {picks:?} (reference {ref_s:.1} s): rel err {:.2e}, lse diff {:.2e}{}",
         first.rel_err,
         first.lse_diff,
-        if first.nan { ", NaN in the output" } else { "" }
+        if first.nan {
+            ", a row unwritten, not finite or wrongly empty"
+        } else {
+            ""
+        }
     );
 
     // Timing. Poison the outputs again: the check after timing sees only the timed runs' writes.
@@ -466,7 +491,11 @@ fn bench_inner<T: Element>(
             "{tag} after timing: rel err {:.2e}, lse diff {:.2e}{}",
             second.rel_err,
             second.lse_diff,
-            if second.nan { ", NaN in the output" } else { "" }
+            if second.nan {
+                ", a row unwritten, not finite or wrongly empty"
+            } else {
+                ""
+            }
         );
     }
 
@@ -482,9 +511,11 @@ fn bench_inner<T: Element>(
     let passed = first.passes() && second.passes();
     row.status = if passed { "ok" } else { "FAILED" }.into();
     if !passed {
-        let mut why = vec![];
-        if first.nan || second.nan {
-            why.push("NaN in the output");
+        let mut why: Vec<&str> = vec![];
+        // The check's own reason (a row over its bound, a row unwritten or not finite, a wrong
+        // -inf), from the first failing check.
+        if let Some(f) = first.failure.as_deref().or(second.failure.as_deref()) {
+            why.push(f);
         }
         if !first.passes() && second.passes() {
             why.push("before timing only");

@@ -22,6 +22,8 @@ options:
                      wide heads-on-M kernel) or both (every configuration twice)
   --layers N         layers of the serving-mode CUDA graph, each with its own cache
                      (default 61; 0 skips serving mode)
+  --shared-cache     serving mode with one cache for every layer (a diagnostic of what
+                     distinct caches cost; engines have one per layer)
   --out DIR          where the results go (default target/bench)
   --list             print the configuration names and exit
   -h, --help         this text
@@ -42,6 +44,8 @@ pub struct Options {
     pub out: PathBuf,
     /// Layers of the serving-mode graph (0: no serving-mode timing).
     pub layers: usize,
+    /// Serving mode with one cache read by every layer (a diagnostic; not how engines run).
+    pub shared_cache: bool,
     pub list: bool,
     pub help: bool,
 }
@@ -70,6 +74,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         layouts: vec![None],
         out: PathBuf::from("target/bench"),
         layers: DEFAULT_LAYERS,
+        shared_cache: false,
         list: false,
         help: false,
     };
@@ -141,6 +146,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             }
             "--out" => o.out = PathBuf::from(value),
             "--quick" => o.quick = true,
+            "--shared-cache" => o.shared_cache = true,
             "--list" => o.list = true,
             "-h" | "--help" => o.help = true,
             _ => return Err(format!("unknown argument `{arg}`")),

@@ -48,7 +48,8 @@ pub fn contiguous<T: Element>(shape: &DecodeShape, table: &[i32], seqlens: &[i32
     (new_table, new_cache)
 }
 
-/// Time `layers` decode calls in one graph: `cache` copied into `layers` device buffers,
+/// Time `layers` decode calls in one graph: `cache` copied into `layers` device buffers (one,
+/// read by every layer, with `shared_cache`: a diagnostic of what distinct caches cost),
 /// `table`/`seqlens` its block table and lengths, `q` the query.
 #[allow(clippy::too_many_arguments)]
 pub fn time<T: Element>(
@@ -60,6 +61,7 @@ pub fn time<T: Element>(
     table: &[i32],
     seqlens: &[i32],
     layers: usize,
+    shared_cache: bool,
 ) -> BoxResult<Serving> {
     let stream = RawStream::non_blocking()?;
     let cache_bytes = std::mem::size_of_val(cache);
@@ -70,7 +72,8 @@ pub fn time<T: Element>(
     let sl = DeviceBuffer::from_slice(seqlens)?;
     let first = DeviceBuffer::from_slice(cache)?;
     let mut caches = vec![];
-    for _ in 1..layers {
+    let distinct = if shared_cache { 1 } else { layers };
+    for _ in 1..distinct {
         // SAFETY: filled right below by a device-to-device copy of the whole buffer.
         let c = unsafe { DeviceBuffer::<T>::uninitialized(cache.len())? };
         // SAFETY: two live allocations of `cache_bytes` bytes that do not overlap.
@@ -98,8 +101,8 @@ pub fn time<T: Element>(
     let plan = unsafe { dec.plan_raw(shape, sl.as_device_ptr().as_raw(), stream.raw(), Some(layout))? };
     // One eager call per layer first: the tensor maps are uploaded then, not in the graph.
     let all = || -> etap::Result<()> {
-        for c in &caches {
-            unsafe { dec.decode_raw(&plan, T::DTYPE, raw(c), None, stream.raw())? };
+        for l in 0..layers {
+            unsafe { dec.decode_raw(&plan, T::DTYPE, raw(&caches[l % distinct]), None, stream.raw())? };
         }
         Ok(())
     };
