@@ -314,6 +314,7 @@ fn bench_config<T: Element>(
 /// Serving mode (see `serving`) with the shuffled and the contiguous block table. Each run's
 /// last output must equal, bit for bit, the per-call output that was checked against the
 /// reference (the same rows, the same arithmetic).
+#[allow(clippy::too_many_arguments)]
 fn bench_serving<T: Element>(
     dec: &Decoder,
     info: &RunInfo,
