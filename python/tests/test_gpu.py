@@ -216,7 +216,7 @@ def test_second_device_leaves_torch_current_device(torch_cuda):
     assert max_violation(out, lse, *mla_decode_reference(q, k, bt, sl)) <= 1.0
     # Inputs on two devices.
     with pytest.raises(ValueError, match="k_cache: on cuda:0, but q is on cuda:1"):
-        etap.flash_mla_with_kvcache(q, k.to("cuda:0"), bt, sl, 512, etap.get_mla_metadata()[0], None)
+        etap.flash_mla_with_kvcache(q, k.to("cuda:0"), bt, sl, 512, etap.get_mla_metadata()[0], None, causal=True)
     # A native plan used on the other device's tensors.
     p = etap.plan(q, k, bt, sl)
     with pytest.raises(ValueError, match="plan: made for cuda:1"):

@@ -513,9 +513,11 @@ mod tests {
         .unwrap();
         write_exe(
             &dir.join("bin/compute-sanitizer"),
+            // As the real tool prints them (2025.3): racecheck has no ERROR SUMMARY line.
             "#!/usr/bin/env bash\n[ \"$1\" = --version ] && exit 0\ntool=$2; shift 4; \"$@\" || exit $?\n\
-             [ \"$tool\" = racecheck ] && echo \"========= RACECHECK SUMMARY: ${FAKE_HAZARDS:-0} hazards displayed\"\n\
-             echo '========= ERROR SUMMARY: 0 errors'\n",
+             if [ \"$tool\" = racecheck ]; then \
+             echo \"========= RACECHECK SUMMARY: ${FAKE_HAZARDS:-0} hazards displayed (0 errors, 0 warnings)\"; \
+             else echo '========= ERROR SUMMARY: 0 errors'; fi\n",
         )
         .unwrap();
         let run = |hazards: &str| {
