@@ -54,6 +54,14 @@ impl Layer {
         }
     }
 
+    /// One eager decode of this layer with `plan` (default softmax scale) on `stream`.
+    fn decode(&self, dec: &Decoder, plan: &Plan, bt: &DeviceBuffer<i32>, sl: &DeviceBuffer<i32>, stream: &RawStream) {
+        let bufs = self.raw(bt.as_device_ptr().as_raw(), sl.as_device_ptr().as_raw());
+        // SAFETY: the layer's, the table's and the seqlens' buffers are live allocations of the
+        // plan's shape in this context; the callers synchronize the stream before they drop.
+        unsafe { dec.decode_raw(plan, etap::Dtype::Bf16, bufs, None, stream.raw()) }.unwrap();
+    }
+
     fn poison(&mut self, shape: &DecodeShape) {
         self.out.copy_from(&vec![Bf16::nan(); shape.out_len()][..]).unwrap();
         self.lse.copy_from(&vec![f32::NAN; shape.lse_len()][..]).unwrap();
@@ -248,16 +256,7 @@ fn stale_plan_reads_only_planned_pages() {
             layer.q.copy_from(&case.q[..]).unwrap();
             layer.kv.copy_from(&case.cache[..]).unwrap();
             layer.poison(&shape);
-            unsafe {
-                dec.decode_raw(
-                    &plan,
-                    etap::Dtype::Bf16,
-                    layer.raw(bt.as_device_ptr().as_raw(), sl.as_device_ptr().as_raw()),
-                    None,
-                    stream.raw(),
-                )
-                .unwrap()
-            };
+            layer.decode(&dec, &plan, &bt, &sl, &stream);
             stream.synchronize().unwrap();
             // The documented result: request r over its first min(seqlen, covered pages * 64)
             // rows; a request the plan saw empty is written empty.
@@ -313,14 +312,7 @@ fn bad_block_table_entries_read_zeros() {
             let plan = dec
                 .plan_raw(&shape, sl.as_device_ptr().as_raw(), stream.raw(), Some(layout))
                 .unwrap();
-            dec.decode_raw(
-                &plan,
-                etap::Dtype::Bf16,
-                layer.raw(bt.as_device_ptr().as_raw(), sl.as_device_ptr().as_raw()),
-                None,
-                stream.raw(),
-            )
-            .unwrap();
+            layer.decode(&dec, &plan, &bt, &sl, &stream);
             stream.synchronize().unwrap();
         }
         // The documented result: those pages' rows are zeros. The reference reads them from a
