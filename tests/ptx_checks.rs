@@ -11,24 +11,21 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use etap_core::contract::Kernel;
 use etap_ptx_builder::{self as pb, KernelReport};
 
-/// The kernels the PTX must define. The wgmma test GEMMs: bf16/f16, A K-major or M-major
-/// (transposed), N = 8..64.
+/// The kernels the PTX must define: the decode path's, by the names the host looks them up by
+/// (`etap_core::contract::Kernel`, the one list both sides use), and the wgmma test GEMMs
+/// (bf16/f16, A K-major or M-major (transposed), N = 8..64).
 fn expected_entry_points() -> Vec<String> {
-    let mut names = Vec::new();
+    let mut names: Vec<String> = Kernel::ALL.iter().map(|k| k.name().to_string()).collect();
     for dtype in ["bf16", "f16"] {
         for major in ["k", "m"] {
             for n in [8, 16, 32, 64] {
                 names.push(format!("etap_test_gemm_{dtype}_{major}_n{n}"));
             }
         }
-        for cols in [16, 32] {
-            names.push(format!("etap_decode_{dtype}_c{cols}"));
-        }
-        names.push(format!("etap_decode_wide_{dtype}"));
     }
-    names.push("etap_schedule".to_string());
     names
 }
 
@@ -99,6 +96,29 @@ fn ptx_targets_sm_90a_and_defines_the_kernels() {
         assert!(
             name.starts_with("etap_"),
             "entry point {name} is not an etap kernel (a mangled name?)"
+        );
+    }
+}
+
+/// The host and the decode kernels agree on the parameter block: each decode kernel's one
+/// parameter is `size_of::<DecodeParams>()` bytes, 8-byte aligned (both sides compile the one
+/// definition in `etap_core::contract`; this catches a kernel entry that takes another type).
+#[test]
+fn decode_kernels_take_the_contracts_parameter_block() {
+    let size = std::mem::size_of::<etap_core::contract::DecodeParams>();
+    for k in Kernel::ALL {
+        if k == Kernel::Schedule {
+            continue;
+        }
+        let want = format!(
+            ".entry {}(\n\t.param .align 8 .b8 {}_param_0[{size}]\n)",
+            k.name(),
+            k.name()
+        );
+        assert!(
+            etap::PTX.contains(&want),
+            "{}: its parameter is not the {size}-byte DecodeParams",
+            k.name()
         );
     }
 }

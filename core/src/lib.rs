@@ -6,6 +6,8 @@
 //! makes gives the unsplit result). One implementation, tested on the CPU, run on the GPU.
 #![no_std]
 
+pub mod contract;
+
 /// Rows of one page of the paged KV cache. It is also the wgmma M dimension: ETAP puts one page
 /// of KV rows on M, so one page is exactly one m64 tile.
 pub const PAGE_ROWS: usize = 64;

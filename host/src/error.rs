@@ -13,9 +13,9 @@ pub enum EtapError {
         expected: usize,
         got: usize,
     },
-    /// `h_q` outside [8, 16, 32, 64, 128].
+    /// `h_q` outside `etap_core::SUPPORTED_HEADS`.
     UnsupportedHeads { h_q: usize },
-    /// `s_q` outside 1..=4.
+    /// `s_q` outside `1..=etap_core::MAX_S_Q`.
     UnsupportedSeqQ { s_q: usize },
     /// A buffer whose length does not match the shape.
     Length {
@@ -66,9 +66,17 @@ impl fmt::Display for EtapError {
             HeadDim { arg, expected, got } => {
                 write!(f, "{arg}: head dimension {got} is not supported (MLA needs {expected})")
             }
-            UnsupportedHeads { h_q } => write!(f, "h_q = {h_q} is not supported (supported: 8, 16, 32, 64, 128)"),
+            UnsupportedHeads { h_q } => write!(
+                f,
+                "h_q = {h_q} is not supported (supported: {:?})",
+                etap_core::SUPPORTED_HEADS
+            ),
             UnsupportedSeqQ { s_q } => {
-                write!(f, "s_q = {s_q} is not supported (supported: 1 to 4)")
+                write!(
+                    f,
+                    "s_q = {s_q} is not supported (supported: 1 to {})",
+                    etap_core::MAX_S_Q
+                )
             }
             Length { arg, expected, got } => write!(f, "{arg}: expected {expected} elements for this shape, got {got}"),
             Zero { arg } => write!(f, "{arg} must be positive"),

@@ -4,19 +4,21 @@ use cust::context::Context;
 use cust::device::Device;
 use cust::module::Module;
 use cust::sys::CUfunction;
+use etap_core::contract::Kernel;
 
-/// Columns per CTA of the decode kernel variants, in the order of [`Kernels::decode`].
-pub(crate) const DECODE_COLS: [u32; 2] = [16, 32];
+/// Raw handles of the kernels (`Kernel::ALL`'s order), looked up once when the module loads
+/// (a lookup by name and a shared-memory attribute per call would cost microseconds of host time
+/// per decode step). Valid while the module lives: [`Decoder`] owns both.
+pub(crate) struct Kernels([CUfunction; Kernel::ALL.len()]);
 
-/// Raw handles of the kernels, looked up once when the module loads (a lookup by name and a
-/// shared-memory attribute per call would cost microseconds of host time per decode step).
-/// Valid while the module lives: [`Decoder`] owns both.
-pub(crate) struct Kernels {
-    /// `[dtype: bf16, f16][cols index]`
-    pub decode: [[CUfunction; 2]; 2],
-    /// The wide (heads-on-M) decode kernel, `[dtype]`.
-    pub wide: [CUfunction; 2],
-    pub schedule: CUfunction,
+impl Kernels {
+    pub(crate) fn get(&self, k: Kernel) -> CUfunction {
+        let i = Kernel::ALL
+            .iter()
+            .position(|&x| x == k)
+            .expect("every kernel is in Kernel::ALL");
+        self.0[i]
+    }
 }
 
 /// Owns a reference to a device's primary context and the kernel module loaded into it.
@@ -121,24 +123,14 @@ impl Decoder {
                 etap_core::DECODE_ENTRY_REGS,
             )],
         )?;
-        let raw = |name: String| -> Result<CUfunction> { Ok(module.get_function(name)?.to_raw()) };
-        let mut decode = [[std::ptr::null_mut(); 2]; 2];
-        let mut wide = [std::ptr::null_mut(); 2];
-        for (d, dt) in ["bf16", "f16"].iter().enumerate() {
-            for (c, cols) in DECODE_COLS.iter().enumerate() {
-                let f = module.get_function(format!("etap_decode_{dt}_c{cols}"))?;
-                crate::driver::set_dynamic_smem(&f, crate::plan::decode_smem_bytes(*cols))?;
-                decode[d][c] = f.to_raw();
+        let mut kernels = Kernels([std::ptr::null_mut(); Kernel::ALL.len()]);
+        for (i, k) in Kernel::ALL.into_iter().enumerate() {
+            let f = module.get_function(k.name())?;
+            if k.smem_bytes() > 0 {
+                crate::driver::set_dynamic_smem(&f, k.smem_bytes())?;
             }
-            let f = module.get_function(format!("etap_decode_wide_{dt}"))?;
-            crate::driver::set_dynamic_smem(&f, crate::plan::WIDE_SMEM)?;
-            wide[d] = f.to_raw();
+            kernels.0[i] = f.to_raw();
         }
-        let kernels = Kernels {
-            decode,
-            wide,
-            schedule: raw("etap_schedule".into())?,
-        };
         Ok(Decoder {
             kernels,
             module,

@@ -3,25 +3,22 @@ use crate::driver::{self, PinnedBuffer};
 use crate::driver::{launch, launch_cooperative};
 use crate::dtype::{Dtype, Element};
 use crate::error::{EtapError, Result};
-use crate::gpu::{Decoder, DECODE_COLS};
+use crate::gpu::Decoder;
 use crate::shape::DecodeShape;
-use crate::tma::{encode_2d, TensorMap};
+use crate::tma::{encode_2d, DeviceMap, TensorMap};
 use crate::validate::{validate_lengths, validate_shape, validate_tables};
-use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
+use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::Stream;
 use cust::sys::CUstream;
+use etap_core::contract::{DecodeParams, Kernel, DECODE_THREADS, KV_ON_M_COLS};
 use etap_core::{max_splits, COLS_PER_CTA, D_QK, D_V, PAGE_ROWS};
 
 /// Columns per CTA of the ETAP (KV-on-M) kernel at most: its variants are built for 16 and 32
 /// (wider requests take the heads-on-M kernel, or several column groups when forced).
-pub const KV_ON_M_MAX_COLS: u32 = 32;
+pub const KV_ON_M_MAX_COLS: u32 = KV_ON_M_COLS[KV_ON_M_COLS.len() - 1];
 use std::ffi::c_void;
 use std::sync::Mutex;
 
-/// Threads of the decode kernel: two consumer warpgroups and a producer warpgroup.
-const DECODE_THREADS: u32 = 384;
-/// KV page buffers in the decode kernel's ring (kernels/src/decode.rs, `STAGES`).
-const STAGES: u32 = 2;
 /// (q, cache) address pairs whose tensor maps a plan keeps on the device (a DeepSeek-V3 model
 /// has 61 layers); past this, slots are reused round-robin.
 const MAP_SLOTS: usize = 128;
@@ -82,28 +79,26 @@ impl ColumnTiling {
         }
     }
 
-    /// Dynamic shared memory of the CTAs of this tiling.
-    pub fn smem_bytes(&self) -> u32 {
+    /// The kernel that runs this tiling for `dtype`.
+    pub fn kernel(&self, dtype: Dtype) -> Kernel {
+        let f16 = dtype == Dtype::F16;
         match self.layout {
-            Layout::KvOnM => decode_smem_bytes(self.cols_per_cta),
-            Layout::HeadsOnM => WIDE_SMEM,
+            Layout::KvOnM => Kernel::Decode {
+                f16,
+                cols: KV_ON_M_COLS
+                    .iter()
+                    .position(|&c| c == self.cols_per_cta)
+                    .expect("the tiling picks a built column count"),
+            },
+            Layout::HeadsOnM => Kernel::Wide { f16 },
         }
     }
-}
 
-/// Dynamic shared memory of the decode kernel for `cols` columns per CTA (mirrors
-/// `decode::smem_bytes` in the kernel crate): Q, the KV ring, two P tiles, the reduction
-/// scratch and the mbarriers.
-pub fn decode_smem_bytes(cols: u32) -> u32 {
-    let nw = cols / 2;
-    let page = (PAGE_ROWS * D_QK * 2) as u32;
-    9 * cols * 128 + STAGES * page + 2 * nw * 128 + 2 * 2 * 4 * nw * 4 + 16 * STAGES + 16
+    /// Dynamic shared memory of the CTAs of this tiling.
+    pub fn smem_bytes(&self) -> u32 {
+        self.kernel(Dtype::Bf16).smem_bytes()
+    }
 }
-
-/// Dynamic shared memory of the wide kernel (mirrors `decode_wide::smem_bytes`): Q of 64 rows,
-/// the KV ring, one P tile of 64 x 64, the scorer's hand-over slots, the mbarriers.
-pub const WIDE_SMEM: u32 =
-    9 * 64 * 128 + STAGES * (PAGE_ROWS * D_QK * 2) as u32 + 64 * 128 + 4 * 64 * 4 + 16 * STAGES + 16;
 
 /// A split plan for one decode step: which pages each CTA handles, and the buffers for the
 /// partial results. Computed on the GPU from the device seqlens (no host sync), reusable for
@@ -134,7 +129,7 @@ pub struct Plan {
     /// Tensor maps of q and the cache, a pair per slot, uploaded once per (q, cache) address
     /// pair: a model's layers each have their own cache, and steady-state calls then copy
     /// nothing to the device.
-    maps: DeviceBuffer<TensorMap>,
+    maps: DeviceBuffer<DeviceMap>,
     slots: Mutex<MapSlots>,
 }
 
@@ -289,31 +284,6 @@ impl Plan {
     }
 }
 
-/// Kernel parameters of `etap_decode_*` (mirror of `decode::DecodeParams`).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct DecodeParams {
-    q_map: u64,
-    kv_map: u64,
-    block_table: u64,
-    seqlens: u64,
-    ranges: u64,
-    split_offsets: u64,
-    out: u64,
-    lse: u64,
-    o_accum: u64,
-    lse_accum: u64,
-    counters: u64,
-    batch: u32,
-    s_q: u32,
-    h_q: u32,
-    max_pages: u32,
-    num_pages: u32,
-    scale_log2: f32,
-}
-// SAFETY: plain integers and floats (device addresses as u64).
-unsafe impl DeviceCopy for DecodeParams {}
-
 /// Device addresses of one decode call's buffers (the raw entry point's arguments).
 #[derive(Clone, Copy, Debug)]
 pub struct RawBuffers {
@@ -332,24 +302,6 @@ pub struct RawBuffers {
 }
 
 impl Decoder {
-    /// The decode kernel of `tiling`'s layout and column count for `dtype`.
-    fn kernel_for(&self, tiling: &ColumnTiling, dtype: Dtype) -> cust::sys::CUfunction {
-        let d = match dtype {
-            Dtype::Bf16 => 0,
-            Dtype::F16 => 1,
-        };
-        match tiling.layout {
-            Layout::KvOnM => {
-                let c = DECODE_COLS
-                    .iter()
-                    .position(|&c| c == tiling.cols_per_cta)
-                    .expect("tiling picks a built variant");
-                self.kernels().decode[d][c]
-            }
-            Layout::HeadsOnM => self.kernels().wide[d],
-        }
-    }
-
     /// Make a split plan for `shape` from the device-resident `cache_seqlens`, on `stream`
     /// (nothing is copied back to the host). Re-plan it for each step's seqlens with
     /// [`Decoder::replan`].
@@ -417,7 +369,7 @@ impl Decoder {
         let split_offsets = DeviceBuffer::<u32>::uninitialized(shape.batch + 1)?;
         let o_accum = DeviceBuffer::<f32>::uninitialized(splits * cols * D_V)?;
         let lse_accum = DeviceBuffer::<f32>::uninitialized(splits * cols)?;
-        let maps = DeviceBuffer::<TensorMap>::uninitialized(2 * MAP_SLOTS)?;
+        let maps = DeviceBuffer::<DeviceMap>::uninitialized(2 * MAP_SLOTS)?;
         let counters = DeviceBuffer::<u32>::uninitialized(shape.batch * tiling.groups as usize)?;
         // SAFETY: zeroes the plan's own counters (4 bytes each), in stream order before any
         // decode call with this plan.
@@ -485,7 +437,7 @@ impl Decoder {
         // u32, pointer); the buffers have the lengths it writes (`parts` ranges, `batch + 1`
         // offsets) and are owned by the plan, which the caller keeps while the stream runs.
         launch(
-            self.kernels().schedule,
+            self.kernels().get(Kernel::Schedule),
             (1, 1),
             1,
             0,
@@ -660,18 +612,19 @@ impl Decoder {
         }
         check_context(plan, stream)?;
         let map_base = plan.maps_for(bufs.q, bufs.kv_cache, stream)?;
+        // The kernels' parameter block (the contract's type): device addresses as pointers.
         let mut params = DecodeParams {
-            q_map: map_base,
-            kv_map: map_base + std::mem::size_of::<TensorMap>() as u64,
-            block_table: bufs.block_table,
-            seqlens: bufs.cache_seqlens,
-            ranges: plan.ranges.as_device_ptr().as_raw(),
-            split_offsets: plan.split_offsets.as_device_ptr().as_raw(),
-            out: bufs.out,
-            lse: bufs.lse,
-            o_accum: plan.o_accum.as_device_ptr().as_raw(),
-            lse_accum: plan.lse_accum.as_device_ptr().as_raw(),
-            counters: plan.counters.as_device_ptr().as_raw(),
+            q_map: map_base as *const TensorMap,
+            kv_map: (map_base + std::mem::size_of::<TensorMap>() as u64) as *const TensorMap,
+            block_table: bufs.block_table as *const i32,
+            seqlens: bufs.cache_seqlens as *const i32,
+            ranges: plan.ranges.as_device_ptr().as_raw() as *const etap_core::WorkRange,
+            split_offsets: plan.split_offsets.as_device_ptr().as_raw() as *const u32,
+            out: bufs.out as *mut u16,
+            lse: bufs.lse as *mut f32,
+            o_accum: plan.o_accum.as_device_ptr().as_raw() as *mut f32,
+            lse_accum: plan.lse_accum.as_device_ptr().as_raw() as *mut f32,
+            counters: plan.counters.as_device_ptr().as_raw() as *mut u32,
             batch: shape.batch as u32,
             s_q: shape.s_q as u32,
             h_q: shape.h_q as u32,
@@ -683,7 +636,7 @@ impl Decoder {
         // Cooperative: the CTAs that share a request wait for each other's partial results
         // before merging them (kernels/src/merge.rs), so they must all be resident.
         launch_cooperative(
-            self.kernel_for(&tiling, dtype),
+            self.kernels().get(tiling.kernel(dtype)),
             (plan.parts, tiling.groups),
             DECODE_THREADS,
             tiling.smem_bytes(),

@@ -7,14 +7,19 @@ use crate::error::{EtapError, Result};
 use cust::memory::{DeviceBox, DeviceCopy};
 use std::ffi::c_void;
 
-/// An encoded tensor map: 128 opaque bytes, 64-byte aligned, as the driver defines it.
-#[repr(C, align(64))]
+/// An encoded tensor map: 128 opaque bytes, 64-byte aligned, as the driver defines it (the
+/// contract's type, which the kernels read).
+pub use etap_core::contract::TensorMap;
+
+/// A [`TensorMap`] as an element of device memory (`cust`'s buffers need their element type to
+/// be `DeviceCopy`, a trait `etap-core`, with no dependencies, does not implement).
+#[repr(transparent)]
 #[derive(Clone, Copy, Debug)]
-pub struct TensorMap(pub [u64; 16]);
+pub struct DeviceMap(pub TensorMap);
 
 // SAFETY: plain bytes with no pointers the device could misuse (the global address inside is
 // the device address the map describes).
-unsafe impl DeviceCopy for TensorMap {}
+unsafe impl DeviceCopy for DeviceMap {}
 
 /// `CU_TENSOR_MAP_DATA_TYPE_UINT16`: the copy engine only moves bytes; 16-bit elements of
 /// either float type travel the same.
@@ -88,14 +93,14 @@ pub fn encode_2d(addr: u64, rows: u64, cols: u64, box_rows: u32) -> Result<Tenso
 
 /// A tensor map copied to device memory, where the kernels read it.
 pub struct DeviceTensorMap {
-    pub buf: DeviceBox<TensorMap>,
+    pub buf: DeviceBox<DeviceMap>,
 }
 
 impl DeviceTensorMap {
     pub fn new(addr: u64, rows: u64, cols: u64, box_rows: u32) -> Result<Self> {
         let map = encode_2d(addr, rows, cols, box_rows)?;
         Ok(DeviceTensorMap {
-            buf: DeviceBox::new(&map)?,
+            buf: DeviceBox::new(&DeviceMap(map))?,
         })
     }
     /// Device address of the map.

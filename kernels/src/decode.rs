@@ -19,20 +19,14 @@
 //! At the end of each segment (the part's pages of one request) the consumers write either the
 //! final output (when the request has one split) or a partial O and lse, which the CTAs of the
 //! request then merge (`merge`).
-use crate::device::{index, math, mbarrier, smem, sync, tma, tma::TensorMap};
+use crate::device::{index, math, mbarrier, smem, sync, tma};
 use crate::merge;
 use crate::tile::{self, ColumnState, Frag, PAGE_BYTES, ROW_BYTES};
 use crate::unroll;
-use etap_core::{lse_index, pages_of, rows_of, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
+use etap_core::{lse_index, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
 
-/// KV page buffers in the ring: two 72 KiB pages per CTA (three would not fit in 227 KiB next
-/// to even a 16-column Q tile).
-pub const STAGES: u32 = 2;
-/// Consumer warpgroups.
-pub const CONSUMERS: u32 = 2;
-/// Threads per CTA: the consumer warpgroups plus a producer warpgroup (one thread of which
-/// issues the loads; a whole warpgroup so that it can hand its registers over with setmaxnreg).
-pub const THREADS: u32 = (CONSUMERS + 1) * index::WARPGROUP;
+pub use etap_core::contract::{CONSUMERS, DECODE_THREADS as THREADS, STAGES};
+const _: () = assert!(etap_core::contract::WARPGROUP == index::WARPGROUP);
 /// Register cap at entry (see `etap_core::DECODE_ENTRY_REGS`); setmaxnreg needs one.
 pub const ENTRY_REGS: u32 = etap_core::DECODE_ENTRY_REGS;
 /// Registers per thread after the hand-over: the producer keeps [`PRODUCER_REGS`], the two
@@ -55,73 +49,7 @@ const BAR_TURN: u32 = 4;
 /// above every consumer barrier of both kernels (1-5).
 const BAR_IDLE: u32 = 6;
 
-/// Everything the kernel reads, passed by value as one kernel parameter (the tensor maps
-/// themselves live in global memory: a by-value map would need 64-byte parameter alignment,
-/// more than rustc's PTX kernel ABI gives).
-#[repr(C)]
-pub struct DecodeParams {
-    pub q_map: *const TensorMap,
-    pub kv_map: *const TensorMap,
-    pub block_table: *const i32,
-    pub seqlens: *const i32,
-    pub ranges: *const WorkRange,
-    pub split_offsets: *const u32,
-    /// Final output [b, s_q, h_q, 512] (16-bit) and lse [b, h_q, s_q].
-    pub out: *mut u16,
-    pub lse: *mut f32,
-    /// Partial outputs [split][col][512] f32 and lse [split][col] (natural log).
-    pub o_accum: *mut f32,
-    pub lse_accum: *mut f32,
-    /// The merge's counters, [b][column groups] (`merge`).
-    pub counters: *mut u32,
-    pub batch: u32,
-    pub s_q: u32,
-    pub h_q: u32,
-    pub max_pages: u32,
-    /// Pages of the cache: a block-table entry outside `0..num_pages` reads as a page of zeros.
-    pub num_pages: u32,
-    /// softmax_scale * log2(e).
-    pub scale_log2: f32,
-}
-
-impl DecodeParams {
-    /// How many splits request `r`'s KV was cut into (1: the segment writes the final output).
-    ///
-    /// # Safety
-    /// `r` is a request of the batch; `split_offsets` has `batch + 1` entries.
-    #[inline(always)]
-    pub(crate) unsafe fn splits(&self, r: u32) -> u32 {
-        *self.split_offsets.add(r as usize + 1) - *self.split_offsets.add(r as usize)
-    }
-
-    /// Request `r`'s rows read (its seqlen clamped to the block table) and the pages
-    /// `[lo, hi)` of it inside `range` (`lo == hi` when none): the segment the producer and the
-    /// consumers of either decode kernel work through. The pages are the plan's, clamped to the
-    /// request's current length, and none for a request the plan gave no split (it was empty
-    /// when planned): with a stale plan the kernel reads no page the plan did not assign.
-    ///
-    /// # Safety
-    /// `r` is a request of `range`; `seqlens` points to the batch's lengths.
-    #[inline(always)]
-    pub(crate) unsafe fn segment(&self, range: &WorkRange, r: u32) -> (u32, u32, u32) {
-        let seqlen = *self.seqlens.add(r as usize);
-        let (lo, hi) = range.segment(r, pages_of(seqlen, self.max_pages));
-        let hi = if self.splits(r) == 0 { lo } else { hi };
-        (rows_of(seqlen, self.max_pages), lo, hi)
-    }
-
-    /// The cache row of KV page `id`'s row `row`: a block-table entry outside the cache maps
-    /// to the first row past it, which the copy engine fills with zeros (never another page).
-    #[inline(always)]
-    pub(crate) fn page_row(&self, id: i32, row: u32) -> i32 {
-        let page = if (id as u32) < self.num_pages {
-            id as u32
-        } else {
-            self.num_pages
-        };
-        (page * PAGE_ROWS as u32 + row) as i32
-    }
-}
+pub use etap_core::contract::DecodeParams;
 
 /// Shared-memory layout for a CTA of `COLS` columns (two warpgroups of COLS/2). The wide
 /// kernel (`decode_wide`) lays out the same fields its own way.
@@ -159,16 +87,8 @@ impl Smem {
     }
 }
 
-/// Dynamic shared memory the kernel of `cols` columns needs.
-pub const fn smem_bytes(cols: u32) -> u32 {
-    let nw = cols / 2;
-    QK_BLOCKS as u32 * cols * ROW_BYTES
-        + STAGES * PAGE_BYTES
-        + CONSUMERS * nw * ROW_BYTES
-        + CONSUMERS * 2 * 4 * nw * 4
-        + 16 * STAGES
-        + 16
-}
+/// Dynamic shared memory the kernel of `cols` columns needs (the layout above).
+pub use etap_core::contract::decode_smem_bytes as smem_bytes;
 
 #[inline(always)]
 unsafe fn decode<const NW: usize, const F16: bool>(prm: &DecodeParams) {

@@ -61,15 +61,9 @@ fn layout() -> (Smem, u32) {
     (sm, red_sum)
 }
 
-/// Dynamic shared memory of the wide kernel (230,448 bytes of the 232,448 a CTA may have).
-pub const fn smem_bytes() -> u32 {
-    QK_BLOCKS as u32 * WIDE_ROWS * ROW_BYTES
-        + STAGES * PAGE_BYTES
-        + WIDE_ROWS * ROW_BYTES
-        + 4 * WIDE_ROWS * 4
-        + 16 * STAGES
-        + 16
-}
+/// Dynamic shared memory of the wide kernel (230,448 bytes of the 232,448 a CTA may have: the
+/// layout above).
+pub use etap_core::contract::wide_smem_bytes as smem_bytes;
 
 #[inline(always)]
 unsafe fn decode_wide<const F16: bool>(prm: &DecodeParams) {
@@ -282,7 +276,4 @@ decode_wide_entry! {
     etap_decode_wide_f16 = true;
 }
 
-const _: () = assert!(
-    smem_bytes() <= 232_448,
-    "the wide kernel's shared memory exceeds a CTA's"
-);
+const _: () = assert!(smem_bytes() == 230_448);

@@ -18,10 +18,10 @@ use etap_core::{BLOCK_COLS, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
 
 /// Bytes of one [64 rows][64 cols] block of 16-bit elements: one TMA box of a KV page.
 pub const BLOCK_BYTES: u32 = (PAGE_ROWS * BLOCK_COLS * 2) as u32;
-/// Bytes of a KV page in shared memory (9 blocks).
-pub const PAGE_BYTES: u32 = QK_BLOCKS as u32 * BLOCK_BYTES;
-/// Bytes of one 128-byte swizzle row: 64 16-bit elements.
-pub const ROW_BYTES: u32 = 128;
+/// Bytes of a KV page in shared memory (9 blocks) and of one 128-byte swizzle row (64 16-bit
+/// elements): the contract's.
+pub use etap_core::contract::{PAGE_BYTES, ROW_BYTES};
+const _: () = assert!(PAGE_BYTES == QK_BLOCKS as u32 * BLOCK_BYTES);
 /// wgmma K per instruction for 16-bit operands.
 pub const K_STEP: u32 = 16;
 /// K steps in one 64-wide block (4 steps of 32 bytes along a swizzle row).
@@ -355,7 +355,7 @@ pub unsafe fn wait(bar: u32, parity: u32) {
 /// 64-feature blocks of O each warpgroup accumulates: half of V's 8.
 pub const WIDE_V_BLOCKS: usize = V_BLOCKS / 2;
 /// Rows of the wide kernel's tiles (Q, P, O): one wgmma M.
-pub const WIDE_ROWS: u32 = 64;
+pub use etap_core::contract::WIDE_ROWS;
 /// Accumulator of a warpgroup's O_w[64 x 256] (one m64n256 fragment: 128 floats a thread).
 pub type WideAcc = [f32; 128];
 

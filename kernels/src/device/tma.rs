@@ -5,9 +5,8 @@
 use core::arch::asm;
 
 /// A CUtensorMap (128 bytes, 64-byte aligned), built on the host by `cuTensorMapEncodeTiled`
-/// and kept in global memory.
-#[repr(C, align(64))]
-pub struct TensorMap(pub [u64; 16]);
+/// and kept in global memory (the contract's type).
+pub use etap_core::contract::TensorMap;
 
 /// Copy the box at (`col`, `row`) (innermost coordinate first) of `map` to shared address
 /// `dst`, completing on mbarrier `bar`.

@@ -1,0 +1,206 @@
+//! The contract between the host and the decode kernels, defined once and compiled into both:
+//! the kernels' parameter block, the tensor-map type, the launch shape, the shared-memory sizes
+//! and the kernels' names. Nothing here is copied on either side; compile-time asserts pin the
+//! layout.
+use crate::{pages_of, rows_of, WorkRange, PAGE_ROWS, QK_BLOCKS};
+
+/// A CUtensorMap (128 bytes, 64-byte aligned), encoded on the host by `cuTensorMapEncodeTiled`
+/// and kept in global memory, where the kernels' copy engine reads it.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMap(pub [u64; 16]);
+
+/// Threads of a warpgroup (the unit of wgmma and of `setmaxnreg`).
+pub const WARPGROUP: u32 = 128;
+/// KV page buffers in a decode CTA's ring: two 72 KiB pages (three would not fit in 227 KiB
+/// next to even a 16-column Q tile).
+pub const STAGES: u32 = 2;
+/// Consumer warpgroups of a decode CTA.
+pub const CONSUMERS: u32 = 2;
+/// Threads of a decode CTA: the consumer warpgroups plus a producer warpgroup (one thread of
+/// which issues the loads; a whole warpgroup so that it can hand its registers over with
+/// `setmaxnreg`).
+pub const DECODE_THREADS: u32 = (CONSUMERS + 1) * WARPGROUP;
+/// Bytes of one 128-byte swizzle row: a shared-memory tile row of 64 16-bit elements.
+pub const ROW_BYTES: u32 = 128;
+/// Bytes of one page of KV in shared memory: 64 rows of 576 16-bit elements.
+pub const PAGE_BYTES: u32 = QK_BLOCKS as u32 * PAGE_ROWS as u32 * ROW_BYTES;
+/// (token, head) rows of a heads-on-M (wide) CTA: one wgmma M.
+pub const WIDE_ROWS: u32 = 64;
+/// The most dynamic shared memory a CTA may have on sm_90 (227 KiB).
+pub const MAX_SMEM: u32 = 232_448;
+
+/// Dynamic shared memory of an ETAP (KV-on-M) decode CTA of `cols` columns (two consumer
+/// warpgroups of `cols / 2`): Q, the KV ring, the two P tiles, the column reductions' scratch
+/// (2 buffers x 4 warps x `cols / 2` floats per warpgroup), the mbarriers (full and empty per
+/// stage, Q's full and empty).
+pub const fn decode_smem_bytes(cols: u32) -> u32 {
+    let nw = cols / 2;
+    QK_BLOCKS as u32 * cols * ROW_BYTES
+        + STAGES * PAGE_BYTES
+        + CONSUMERS * nw * ROW_BYTES
+        + CONSUMERS * 2 * 4 * nw * 4
+        + 16 * STAGES
+        + 16
+}
+
+/// Dynamic shared memory of a wide (heads-on-M) decode CTA: Q (64 rows), the KV ring, one P
+/// tile of 64 x 64, the scorer's hand-overs (the rows' rescale factors and their 1 / l, 64 f32
+/// each in slots sized for two warpgroups), the mbarriers.
+pub const fn wide_smem_bytes() -> u32 {
+    QK_BLOCKS as u32 * WIDE_ROWS * ROW_BYTES
+        + STAGES * PAGE_BYTES
+        + WIDE_ROWS * ROW_BYTES
+        + 4 * WIDE_ROWS * 4
+        + 16 * STAGES
+        + 16
+}
+
+/// Columns per CTA of the ETAP kernel's builds (`etap_decode_{dtype}_c{cols}`).
+pub const KV_ON_M_COLS: [u32; 2] = [16, 32];
+
+const _: () = assert!(decode_smem_bytes(KV_ON_M_COLS[1]) <= MAX_SMEM && wide_smem_bytes() <= MAX_SMEM);
+const _: () = assert!(core::mem::size_of::<TensorMap>() == 128 && core::mem::align_of::<TensorMap>() == 64);
+
+/// The kernels of the module, each with the name both sides use: the host looks them up by it,
+/// the PTX checks require each to be defined (the kernels' `#[no_mangle]` entries carry it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// The ETAP decode kernel for CTAs of `KV_ON_M_COLS[cols]` columns.
+    Decode { f16: bool, cols: usize },
+    /// The wide (heads-on-M) decode kernel.
+    Wide { f16: bool },
+    /// The one-thread scheduler.
+    Schedule,
+}
+
+impl Kernel {
+    /// Every kernel of the decode path.
+    pub const ALL: [Kernel; 7] = [
+        Kernel::Decode { f16: false, cols: 0 },
+        Kernel::Decode { f16: false, cols: 1 },
+        Kernel::Decode { f16: true, cols: 0 },
+        Kernel::Decode { f16: true, cols: 1 },
+        Kernel::Wide { f16: false },
+        Kernel::Wide { f16: true },
+        Kernel::Schedule,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kernel::Decode { f16: false, cols: 0 } => "etap_decode_bf16_c16",
+            Kernel::Decode { f16: false, .. } => "etap_decode_bf16_c32",
+            Kernel::Decode { f16: true, cols: 0 } => "etap_decode_f16_c16",
+            Kernel::Decode { f16: true, .. } => "etap_decode_f16_c32",
+            Kernel::Wide { f16: false } => "etap_decode_wide_bf16",
+            Kernel::Wide { f16: true } => "etap_decode_wide_f16",
+            Kernel::Schedule => "etap_schedule",
+        }
+    }
+
+    /// Dynamic shared memory of a CTA (0 for the scheduler).
+    pub const fn smem_bytes(self) -> u32 {
+        match self {
+            Kernel::Decode { cols, .. } => decode_smem_bytes(KV_ON_M_COLS[cols]),
+            Kernel::Wide { .. } => wide_smem_bytes(),
+            Kernel::Schedule => 0,
+        }
+    }
+}
+
+/// Everything a decode kernel reads, passed by value as its one kernel parameter (the tensor
+/// maps themselves live in global memory: a by-value map would need 64-byte parameter
+/// alignment, more than rustc's PTX kernel ABI gives). The host fills it with device addresses.
+#[repr(C)]
+pub struct DecodeParams {
+    pub q_map: *const TensorMap,
+    pub kv_map: *const TensorMap,
+    pub block_table: *const i32,
+    pub seqlens: *const i32,
+    pub ranges: *const WorkRange,
+    pub split_offsets: *const u32,
+    /// Final output [b, s_q, h_q, 512] (16-bit) and lse [b, h_q, s_q].
+    pub out: *mut u16,
+    pub lse: *mut f32,
+    /// Partial outputs [split][col][512] f32 and lse [split][col] (natural log).
+    pub o_accum: *mut f32,
+    pub lse_accum: *mut f32,
+    /// The merge's counters, [b][column groups] (kernels/src/merge.rs).
+    pub counters: *mut u32,
+    pub batch: u32,
+    pub s_q: u32,
+    pub h_q: u32,
+    pub max_pages: u32,
+    /// Pages of the cache: a block-table entry outside `0..num_pages` reads as a page of zeros.
+    pub num_pages: u32,
+    /// softmax_scale * log2(e).
+    pub scale_log2: f32,
+}
+
+/// Eleven device addresses, then six 32-bit values.
+const _: () = assert!(core::mem::size_of::<DecodeParams>() == 11 * 8 + 6 * 4);
+
+impl DecodeParams {
+    /// How many splits request `r`'s KV was cut into (1: the segment writes the final output).
+    ///
+    /// # Safety
+    /// `r` is a request of the batch; `split_offsets` has `batch + 1` entries.
+    #[inline(always)]
+    pub unsafe fn splits(&self, r: u32) -> u32 {
+        *self.split_offsets.add(r as usize + 1) - *self.split_offsets.add(r as usize)
+    }
+
+    /// Request `r`'s rows read (its seqlen clamped to the block table) and the pages
+    /// `[lo, hi)` of it inside `range` (`lo == hi` when none): the segment the producer and the
+    /// consumers of either decode kernel work through. The pages are the plan's, clamped to the
+    /// request's current length, and none for a request the plan gave no split (it was empty
+    /// when planned): with a stale plan the kernel reads no page the plan did not assign.
+    ///
+    /// # Safety
+    /// `r` is a request of `range`; `seqlens` points to the batch's lengths.
+    #[inline(always)]
+    pub unsafe fn segment(&self, range: &WorkRange, r: u32) -> (u32, u32, u32) {
+        let seqlen = *self.seqlens.add(r as usize);
+        let (lo, hi) = range.segment(r, pages_of(seqlen, self.max_pages));
+        let hi = if self.splits(r) == 0 { lo } else { hi };
+        (rows_of(seqlen, self.max_pages), lo, hi)
+    }
+
+    /// The cache row of KV page `id`'s row `row`: a block-table entry outside the cache maps
+    /// to the first row past it, which the copy engine fills with zeros (never another page).
+    #[inline(always)]
+    pub fn page_row(&self, id: i32, row: u32) -> i32 {
+        let page = if (id as u32) < self.num_pages {
+            id as u32
+        } else {
+            self.num_pages
+        };
+        (page * PAGE_ROWS as u32 + row) as i32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_have_distinct_names_and_fit_shared_memory() {
+        for (i, a) in Kernel::ALL.iter().enumerate() {
+            assert!(a.smem_bytes() <= MAX_SMEM, "{}", a.name());
+            for b in &Kernel::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+        }
+        // The ETAP kernels' sizes as the layout adds them up: Q 9 x 128 bytes a column, two
+        // pages of 72 KiB, P 128 bytes a column, the reduction scratch, 48 bytes of mbarriers.
+        assert_eq!(
+            decode_smem_bytes(16),
+            9 * 16 * 128 + 2 * 73_728 + 16 * 128 + 2 * 2 * 4 * 8 * 4 + 48
+        );
+        assert_eq!(wide_smem_bytes(), 230_448);
+        assert_eq!(
+            Kernel::Decode { f16: true, cols: 1 }.smem_bytes(),
+            decode_smem_bytes(32)
+        );
+    }
+}
