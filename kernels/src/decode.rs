@@ -20,6 +20,7 @@
 //! final output (when the request has one split) or a partial O and lse, which the CTAs of the
 //! request then merge (`merge`).
 use crate::device::{index, math, mbarrier, smem, sync, tma};
+use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
 use crate::tile::{self, ColumnState, Frag, PAGE_BYTES, ROW_BYTES};
 use crate::unroll;
@@ -91,7 +92,7 @@ impl Smem {
 pub use etap_core::contract::decode_smem_bytes as smem_bytes;
 
 #[inline(always)]
-unsafe fn decode<const NW: usize, const F16: bool>(prm: &DecodeParams) {
+unsafe fn decode<const NW: usize, E: Elem>(prm: &DecodeParams) {
     let cols = 2 * NW as u32;
     let sm = Smem::new(cols, NW as u32);
     let group = index::block_y();
@@ -100,7 +101,7 @@ unsafe fn decode<const NW: usize, const F16: bool>(prm: &DecodeParams) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, cols, n_req) {
                 sync::setmaxnreg_inc::<CONSUMER_REGS>();
-                consume::<NW, F16>(prm, &range, &sm, group, n_req);
+                consume::<NW, E>(prm, &range, &sm, group, n_req);
             }
         }
         None => merge::write_empty(prm, group, cols, n_req, index::thread_x(), THREADS),
@@ -293,13 +294,7 @@ pub(crate) unsafe fn load_request_q(
 
 /// A consumer warpgroup: S^T, softmax, O^T for its NW columns over the part's pages.
 #[inline(always)]
-unsafe fn consume<const NW: usize, const F16: bool>(
-    prm: &DecodeParams,
-    range: &WorkRange,
-    sm: &Smem,
-    group: u32,
-    n_req: u32,
-) {
+unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, n_req: u32) {
     let t = index::thread_x();
     let wg = t / index::WARPGROUP;
     let tw = t % index::WARPGROUP;
@@ -351,17 +346,17 @@ unsafe fn consume<const NW: usize, const F16: bool>(
                 sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
             }
             let mut s: Frag = [0f32; 32];
-            tile::scores_t::<NW, F16>(&mut s, kv, q_cols, cols, turn);
+            tile::scores_t::<NW, E>(&mut s, kv, q_cols, cols, turn);
             // This warpgroup no longer reads Q after its last page's scores.
             mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
             let red_buf = red + (it & 1) * 4 * NW as u32 * 4;
             tile::column_softmax::<NW>(&mut s, &mut o, &mut st, &visible, row0, prm.scale_log2, red_buf, bar_id);
-            tile::store_p_t::<NW, F16>(p_tile, &s, bar_id);
-            tile::accumulate_o_t::<NW, F16>(&mut o, kv, p_tile, turn);
+            tile::store_p_t::<NW, E>(p_tile, &s, bar_id);
+            tile::accumulate_o_t::<NW, E>(&mut o, kv, p_tile, turn);
             mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
             it += 1;
         }
-        finish_segment::<NW, F16>(prm, r, range.split_of(r), col0, n_req, &st, &o, red, bar_id);
+        finish_segment::<NW, E>(prm, r, range.split_of(r), col0, n_req, &st, &o, red, bar_id);
         if prm.splits(r) > 1 {
             merge::publish(prm, r, group, bar_id);
         }
@@ -371,14 +366,14 @@ unsafe fn consume<const NW: usize, const F16: bool>(
         // takes): consume it so that no barrier is left half-arrived at exit.
         turn.take();
     }
-    merge::merge_splits::<F16>(prm, group, cols, n_req, BAR_CONSUMERS);
+    merge::merge_splits::<E>(prm, group, cols, n_req, BAR_CONSUMERS);
 }
 
 /// Reduce the row sums, normalize, and write this warpgroup's columns of one segment: the final
 /// out/lse when the request has a single split, else the partial O and lse.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn finish_segment<const NW: usize, const F16: bool>(
+unsafe fn finish_segment<const NW: usize, E: Elem>(
     prm: &DecodeParams,
     r: u32,
     split: u32,
@@ -429,7 +424,7 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
                 let v = o[c][i] * inv[tile::col_slot(i)];
                 if splits == 1 {
                     let idx = ((r * n_req + n) * D_V as u32 + d) as usize;
-                    *prm.out.add(idx) = math::pack2::<F16>(v, 0.0) as u16;
+                    *prm.out.add(idx) = math::pack2::<E>(v, 0.0) as u16;
                 } else {
                     let idx = ((slot_base * n_req + n) * D_V as u32 + d) as usize;
                     *prm.o_accum.add(idx) = v;
@@ -454,21 +449,21 @@ unsafe fn finish_segment<const NW: usize, const F16: bool>(
 }
 
 macro_rules! decode_entry {
-    ($($name:ident = ($nw:literal, $f16:literal);)*) => {$(
+    ($($name:ident = ($nw:literal, $e:ty);)*) => {$(
         /// ETAP split-KV decode for CTAs of 2 x NW columns; see the module documentation.
         /// Launch: grid (parts, column groups), [`THREADS`] threads, [`smem_bytes`] bytes.
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(params: DecodeParams) {
-            decode::<$nw, $f16>(&params)
+            decode::<$nw, $e>(&params)
         }
     )*};
 }
 
 decode_entry! {
-    etap_decode_bf16_c16 = (8, false);
-    etap_decode_bf16_c32 = (16, false);
-    etap_decode_f16_c16 = (8, true);
-    etap_decode_f16_c32 = (16, true);
+    etap_decode_bf16_c16 = (8, Bf16);
+    etap_decode_bf16_c32 = (16, Bf16);
+    etap_decode_f16_c16 = (8, F16);
+    etap_decode_f16_c32 = (16, F16);
 }
 
 /// The width of q/cache rows, checked against the tile layout at compile time.

@@ -21,6 +21,7 @@
 //! read of a page is mostly an L2 hit (docs/perf-notes.md).
 use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES, THREADS};
 use crate::device::{index, mbarrier, smem, sync};
+use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
 use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
@@ -66,7 +67,7 @@ fn layout() -> (Smem, u32) {
 pub use etap_core::contract::wide_smem_bytes as smem_bytes;
 
 #[inline(always)]
-unsafe fn decode_wide<const F16: bool>(prm: &DecodeParams) {
+unsafe fn decode_wide<E: Elem>(prm: &DecodeParams) {
     let (sm, red_sum) = layout();
     let group = index::block_y();
     let n_req = prm.s_q * prm.h_q;
@@ -74,7 +75,7 @@ unsafe fn decode_wide<const F16: bool>(prm: &DecodeParams) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, WIDE_ROWS, n_req) {
                 sync::setmaxnreg_inc::<CONSUMER_REGS>();
-                consume::<F16>(prm, &range, &sm, red_sum, group, n_req);
+                consume::<E>(prm, &range, &sm, red_sum, group, n_req);
             }
         }
         None => merge::write_empty(prm, group, WIDE_ROWS, n_req, index::thread_x(), THREADS),
@@ -84,14 +85,7 @@ unsafe fn decode_wide<const F16: bool>(prm: &DecodeParams) {
 /// A consumer warpgroup. Warpgroup 0 (the scorer) computes S and the softmax of every page and
 /// hands P and the rescale factors over through shared memory; both update their half of O.
 #[inline(always)]
-unsafe fn consume<const F16: bool>(
-    prm: &DecodeParams,
-    range: &WorkRange,
-    sm: &Smem,
-    red_sum: u32,
-    group: u32,
-    n_req: u32,
-) {
+unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red_sum: u32, group: u32, n_req: u32) {
     let t = index::thread_x();
     let wg = sync::warp_uniform(t / index::WARPGROUP);
     let tw = t % index::WARPGROUP;
@@ -133,13 +127,13 @@ unsafe fn consume<const F16: bool>(
             }
             let alpha = if scorer {
                 let mut s: Frag = [0f32; 32];
-                tile::scores::<F16>(&mut s, sm.q, kv);
+                tile::scores::<E>(&mut s, sm.q, kv);
                 // The scorer no longer reads Q after its last page's scores.
                 mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
                 let alpha = tile::row_softmax(&mut s, &mut st, &visible, row0, prm.scale_log2);
                 // The other warpgroup is done with the previous P (and alpha).
                 sync::bar_sync(BAR_P_FREE, CONSUMERS * index::WARPGROUP);
-                tile::store_p::<F16>(sm.p, &s, alpha, alpha_buf);
+                tile::store_p::<E>(sm.p, &s, alpha, alpha_buf);
                 sync::bar_sync(BAR_P_READY, CONSUMERS * index::WARPGROUP);
                 alpha
             } else {
@@ -154,16 +148,16 @@ unsafe fn consume<const F16: bool>(
                 ]
             };
             tile::rescale_rows(&mut o, alpha);
-            tile::accumulate_o::<F16>(&mut o, kv, sm.p, vb0);
+            tile::accumulate_o::<E>(&mut o, kv, sm.p, vb0);
             mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
             it += 1;
         }
-        finish_segment::<F16>(prm, r, range.split_of(r), col0, n_req, &st, &o, red_sum, wg);
+        finish_segment::<E>(prm, r, range.split_of(r), col0, n_req, &st, &o, red_sum, wg);
         if prm.splits(r) > 1 {
             merge::publish(prm, r, group, BAR_OWN + wg);
         }
     }
-    merge::merge_splits::<F16>(prm, group, WIDE_ROWS, n_req, BAR_CONSUMERS);
+    merge::merge_splits::<E>(prm, group, WIDE_ROWS, n_req, BAR_CONSUMERS);
 }
 
 /// Add up the scorer's row sums (over the quad), pass 1 / l to the other warpgroup through
@@ -175,7 +169,7 @@ unsafe fn consume<const F16: bool>(
 /// warpgroup arrives only after this read.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn finish_segment<const F16: bool>(
+unsafe fn finish_segment<E: Elem>(
     prm: &DecodeParams,
     r: u32,
     split: u32,
@@ -208,7 +202,7 @@ unsafe fn finish_segment<const F16: bool>(
             inv[h] = smem::ld_f32(red_sum + row * 4);
         });
     }
-    store_rows!(F16; prm, r, split, col0, n_req, o, inv, lse, wg, tw, lane);
+    store_rows!(E; prm, r, split, col0, n_req, o, inv, lse, wg, tw, lane);
 }
 
 /// The end of a heads-on-M segment: write warpgroup
@@ -260,20 +254,20 @@ macro_rules! store_rows {
 pub(crate) use store_rows;
 
 macro_rules! decode_wide_entry {
-    ($($name:ident = $f16:literal;)*) => {$(
+    ($($name:ident = $e:ty;)*) => {$(
         /// Wide (heads-on-M) split-KV decode, CTAs of 64 (token, head) rows; see the module
         /// documentation. Launch: grid (parts, column groups), `decode::THREADS` threads,
         /// [`smem_bytes`] bytes.
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(params: DecodeParams) {
-            decode_wide::<$f16>(&params)
+            decode_wide::<$e>(&params)
         }
     )*};
 }
 
 decode_wide_entry! {
-    etap_decode_wide_bf16 = false;
-    etap_decode_wide_f16 = true;
+    etap_decode_wide_bf16 = Bf16;
+    etap_decode_wide_f16 = F16;
 }
 
 const _: () = assert!(smem_bytes() == 230_448);

@@ -1,6 +1,7 @@
 //! etap's device code: ETAP MLA decode kernels for Hopper (sm_90a), in Rust.
 //!
 //! - [`device`]: our small device runtime (indices, barriers, mbarrier, TMA, wgmma).
+//! - [`elem`]: the element type (bf16, fp16) as a type the kernels are generic over.
 //! - [`tile`]: the named tile operations the kernels are written in (load tile,
 //!   S^T = K·Q^T, column softmax, O^T += V^T·P^T, store), as ThunderKittens keeps its tile ops.
 //! - [`decode`]: the split-KV ETAP decode kernel.
@@ -16,6 +17,7 @@
 pub mod decode;
 pub mod decode_wide;
 pub mod device;
+pub mod elem;
 pub mod merge;
 pub mod schedule;
 pub mod tile;

@@ -31,9 +31,10 @@
 //! Requests with no rows, and requests the plan gave no split, are written here too (zeros and
 //! lse = -inf), by the CTA whose part index is the request index modulo the parts
 //! ([`write_empty`]).
-use crate::decode::{DecodeParams, CONSUMERS};
 use crate::device::{global, index, math, sync};
+use crate::elem::Elem;
 use crate::unroll;
+use etap_core::contract::{DecodeParams, CONSUMERS};
 use etap_core::{lse_index, pages_of, rows_of, D_V};
 
 /// Threads that merge: both consumer warpgroups.
@@ -72,19 +73,19 @@ pub unsafe fn publish(prm: &DecodeParams, r: u32, group: u32, bar_id: u32) {
 /// # Safety
 /// After every consumer thread has published its last segment.
 #[inline(always)]
-pub unsafe fn merge_splits<const F16: bool>(prm: &DecodeParams, group: u32, group_cols: u32, n_req: u32, bar_id: u32) {
+pub unsafe fn merge_splits<E: Elem>(prm: &DecodeParams, group: u32, group_cols: u32, n_req: u32, bar_id: u32) {
     // The part's range, read again (volatile: not replaced by the values the main loop had)
     // rather than kept in registers through the main loop, where they made ptxas spill.
     let range = &core::ptr::read_volatile(prm.ranges.add(index::block_x() as usize));
     let split = range.split_of(range.end_req);
-    merge_request::<F16>(prm, range.end_req, split, group, group_cols, n_req, bar_id);
+    merge_request::<E>(prm, range.end_req, split, group, group_cols, n_req, bar_id);
 }
 
 /// This CTA's share of request `r`, whose split `split` it wrote, when the request has more
 /// than one split and `split` is not the last.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn merge_request<const F16: bool>(
+unsafe fn merge_request<E: Elem>(
     prm: &DecodeParams,
     r: u32,
     split: u32,
@@ -102,7 +103,7 @@ unsafe fn merge_request<const F16: bool>(
         } else {
             group_cols
         };
-        merge_share::<F16>(
+        merge_share::<E>(
             prm.out,
             prm.lse,
             prm.o_accum,
@@ -135,7 +136,7 @@ unsafe fn merge_request<const F16: bool>(
 /// round of loads from L2 when `n` is small, and no shared memory.
 #[inline(never)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn merge_share<const F16: bool>(
+unsafe fn merge_share<E: Elem>(
     out: *mut u16,
     lse: *mut f32,
     o_accum: *const f32,
@@ -189,11 +190,11 @@ unsafe fn merge_share<const F16: bool>(
         count,
     };
     if count <= THREADS {
-        sh.merge_items::<F16, 1, 8>(lanes);
+        sh.merge_items::<E, 1, 8>(lanes);
     } else if count <= 2 * THREADS {
-        sh.merge_items::<F16, 2, 8>(1);
+        sh.merge_items::<E, 2, 8>(1);
     } else {
-        sh.merge_items::<F16, 4, 4>(1);
+        sh.merge_items::<E, 4, 4>(1);
     }
 }
 
@@ -257,7 +258,7 @@ impl ShareItems {
     /// predicated instructions.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // constant indices keep the arrays in registers
-    unsafe fn merge_items<const F16: bool, const P: usize, const U: usize>(&self, lanes: u32) {
+    unsafe fn merge_items<E: Elem, const P: usize, const U: usize>(&self, lanes: u32) {
         let t = index::thread_x();
         let sub = t % lanes;
         // Threads' items in one row of a pass, and the items a pass covers.
@@ -337,8 +338,8 @@ impl ShareItems {
                     head,
                     self.out.add(at as usize) as *mut u32,
                     [
-                        math::pack2::<F16>(st[p].acc[0] * inv, st[p].acc[1] * inv),
-                        math::pack2::<F16>(st[p].acc[2] * inv, st[p].acc[3] * inv),
+                        math::pack2::<E>(st[p].acc[0] * inv, st[p].acc[1] * inv),
+                        math::pack2::<E>(st[p].acc[2] * inv, st[p].acc[3] * inv),
                     ],
                 );
                 // The lse, once per column: by the item of its first chunk.

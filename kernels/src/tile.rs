@@ -13,6 +13,7 @@
 //! - P: per warpgroup [its cols][64 KV rows] = one block of [cols][128 B]: the K-major B operand
 //!   of O^T (K = KV rows).
 use crate::device::{index, math, mbarrier, smem, sync, tma, tma::TensorMap, wgmma, wgmma::Desc};
+use crate::elem::Elem;
 use crate::unroll;
 use etap_core::{BLOCK_COLS, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
 
@@ -101,13 +102,7 @@ pub unsafe fn load_q(map: *const TensorMap, dst: u32, bar: u32, row: i32, cols: 
 /// # Safety
 /// The whole warpgroup calls it, with the page and Q loaded.
 #[inline(always)]
-pub unsafe fn scores_t<const NW: usize, const F16: bool>(
-    s: &mut Frag,
-    page: u32,
-    q_cols: u32,
-    q_rows: u32,
-    turn: Turn,
-) {
+pub unsafe fn scores_t<const NW: usize, E: Elem>(s: &mut Frag, page: u32, q_cols: u32, q_rows: u32, turn: Turn) {
     let (page, q_cols) = (smem::opaque(page), smem::opaque(q_cols));
     turn.take();
     wgmma::fence();
@@ -116,7 +111,7 @@ pub unsafe fn scores_t<const NW: usize, const F16: bool>(
         let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
         let a = Desc::k_major_sw128(page + blk * BLOCK_BYTES + within);
         let b = Desc::k_major_sw128(q_cols + blk * q_rows * ROW_BYTES + within);
-        wgmma::mma::<NW, 0, 0, F16>(s, a, b, kk > 0);
+        wgmma::mma::<NW, 0, 0, E>(s, a, b, kk > 0);
     }
     wgmma::commit_group();
     turn.pass();
@@ -130,12 +125,7 @@ pub unsafe fn scores_t<const NW: usize, const F16: bool>(
 /// # Safety
 /// The whole warpgroup calls it, with P written and fenced.
 #[inline(always)]
-pub unsafe fn accumulate_o_t<const NW: usize, const F16: bool>(
-    o: &mut [Frag; V_BLOCKS],
-    page: u32,
-    p: u32,
-    turn: Turn,
-) {
+pub unsafe fn accumulate_o_t<const NW: usize, E: Elem>(o: &mut [Frag; V_BLOCKS], page: u32, p: u32, turn: Turn) {
     let (page, p) = (smem::opaque(page), smem::opaque(p));
     turn.take();
     wgmma::fence();
@@ -144,7 +134,7 @@ pub unsafe fn accumulate_o_t<const NW: usize, const F16: bool>(
             // 16 KV rows of 128 bytes per step.
             let a = Desc::m_major_sw128(page + c as u32 * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
             let b = Desc::k_major_sw128(p + j as u32 * K_STEP * 2);
-            wgmma::mma::<NW, 1, 0, F16>(&mut o[c], a, b, true);
+            wgmma::mma::<NW, 1, 0, E>(&mut o[c], a, b, true);
         });
     });
     wgmma::commit_group();
@@ -283,12 +273,12 @@ pub fn rescale_column<const NW: usize>(o: &mut [Frag; V_BLOCKS], slot: usize, al
 /// # Safety
 /// The whole warpgroup calls it; no wgmma is still reading the P tile.
 #[inline(always)]
-pub unsafe fn store_p_t<const NW: usize, const F16: bool>(p_tile: u32, s: &Frag, bar_id: u32) {
+pub unsafe fn store_p_t<const NW: usize, E: Elem>(p_tile: u32, s: &Frag, bar_id: u32) {
     let t = index::thread_x() % index::WARPGROUP;
     let p_tile = smem::opaque(p_tile);
     unroll!(i < NW / 2, max 16 => {
         let (row, col) = wgmma::frag_pos(t, i as u32);
-        let bits = math::pack2::<F16>(s[i], 0.0) as u16;
+        let bits = math::pack2::<E>(s[i], 0.0) as u16;
         smem::st_u16(p_tile + smem::sw128_offset(col, row), bits);
     });
     sync::fence_proxy_async_shared();
@@ -365,7 +355,7 @@ pub type WideAcc = [f32; 128];
 /// # Safety
 /// The whole warpgroup calls it, with the page and Q loaded.
 #[inline(always)]
-pub unsafe fn scores<const F16: bool>(s: &mut Frag, q: u32, page: u32) {
+pub unsafe fn scores<E: Elem>(s: &mut Frag, q: u32, page: u32) {
     let (page, q) = (smem::opaque(page), smem::opaque(q));
     wgmma::fence();
     for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
@@ -373,7 +363,7 @@ pub unsafe fn scores<const F16: bool>(s: &mut Frag, q: u32, page: u32) {
         let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
         let a = Desc::k_major_sw128(q + blk * WIDE_ROWS * ROW_BYTES + within);
         let b = Desc::k_major_sw128(page + blk * BLOCK_BYTES + within);
-        wgmma::mma::<PAGE_ROWS, 0, 0, F16>(s, a, b, kk > 0);
+        wgmma::mma::<PAGE_ROWS, 0, 0, E>(s, a, b, kk > 0);
     }
     wgmma::commit_group();
     wgmma::wait_group::<0>();
@@ -517,14 +507,14 @@ pub fn rescale_rows(o: &mut WideAcc, alpha: [f32; 2]) {
 /// # Safety
 /// The whole warpgroup calls it; no wgmma still reads the P tile, nobody reads `alpha_buf`.
 #[inline(always)]
-pub unsafe fn store_p<const F16: bool>(p_tile: u32, s: &Frag, alpha: [f32; 2], alpha_buf: u32) {
+pub unsafe fn store_p<E: Elem>(p_tile: u32, s: &Frag, alpha: [f32; 2], alpha_buf: u32) {
     let t = index::thread_x() % index::WARPGROUP;
     let p_tile = smem::opaque(p_tile);
     unroll!(j < PAGE_ROWS / 4, max 16 => {
         // Elements 2j and 2j + 1 are adjacent KV columns of one row: one 32-bit store.
         let i = 2 * j;
         let (row, col) = wgmma::frag_pos(t, i as u32);
-        let bits = math::pack2::<F16>(s[i], s[i + 1]);
+        let bits = math::pack2::<E>(s[i], s[i + 1]);
         smem::st_u32(p_tile + smem::sw128_offset(row, col), bits);
     });
     unroll!(h < 2, max 2 => {
@@ -542,14 +532,14 @@ pub unsafe fn store_p<const F16: bool>(p_tile: u32, s: &Frag, alpha: [f32; 2], a
 /// # Safety
 /// The whole warpgroup calls it, with P written and fenced.
 #[inline(always)]
-pub unsafe fn accumulate_o<const F16: bool>(o: &mut WideAcc, page: u32, p_tile: u32, vb0: u32) {
+pub unsafe fn accumulate_o<E: Elem>(o: &mut WideAcc, page: u32, p_tile: u32, vb0: u32) {
     let (page, p_tile) = (smem::opaque(page), smem::opaque(p_tile));
     wgmma::fence();
     unroll!(j < STEPS_PER_BLOCK as usize, max 4 => {
         let a = Desc::k_major_sw128(p_tile + j as u32 * K_STEP * 2);
         // 16 KV rows of 128 bytes per step.
         let b = Desc::m_major_sw128(page + vb0 * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
-        wgmma::mma_n256::<0, 1, F16>(o, a, b, true);
+        wgmma::mma_n256::<0, 1, E>(o, a, b, true);
     });
     wgmma::commit_group();
     wgmma::wait_group::<0>();

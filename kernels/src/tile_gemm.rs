@@ -5,6 +5,7 @@
 //! like K in S^T = K·Q^T) or as A^T [576 x 64] (M-major, like V^T in O^T = V^T·P^T, where the
 //! cache tile's rows are the K dimension). One warpgroup; one mbarrier; one commit group.
 use crate::device::{index, mbarrier, smem, sync, tma, tma::TensorMap, wgmma};
+use crate::elem::{Bf16, Elem, F16};
 use etap_core::{BLOCK_COLS, D_QK, QK_BLOCKS};
 
 /// Bytes of one 64 x 64 block of 16-bit elements: one TMA box, eight swizzle atoms.
@@ -16,7 +17,7 @@ const STEPS_PER_BLOCK: usize = BLOCK_COLS / K_STEP;
 
 /// The kernel body; `TA` = 1 when A arrives as A^T (M-major).
 #[inline(always)]
-unsafe fn tile_gemm<const N: usize, const TA: u32, const F16: bool>(
+unsafe fn tile_gemm<const N: usize, const TA: u32, E: Elem>(
     a_map: *const TensorMap,
     b_map: *const TensorMap,
     c: *mut f32,
@@ -65,7 +66,7 @@ unsafe fn tile_gemm<const N: usize, const TA: u32, const F16: bool>(
             wgmma::Desc::m_major_sw128(a_tile + kk as u32 * (K_STEP as u32 * 128))
         };
         let b = wgmma::Desc::k_major_sw128(b_tile + blk * b_block_bytes + within);
-        wgmma::mma::<N, TA, 0, F16>(&mut acc, a, b, kk > 0);
+        wgmma::mma::<N, TA, 0, E>(&mut acc, a, b, kk > 0);
     }
     wgmma::commit_group();
     wgmma::wait_group::<0>();
@@ -78,31 +79,31 @@ unsafe fn tile_gemm<const N: usize, const TA: u32, const F16: bool>(
 }
 
 macro_rules! tile_gemm_entry {
-    ($($name:ident = ($n:literal, $ta:literal, $f16:literal);)*) => {$(
+    ($($name:ident = ($n:literal, $ta:literal, $e:ty);)*) => {$(
         /// Test kernel: see the module documentation. Launch with 128 threads and
         /// `9 * (8192 + 128 * N) + 8` bytes of dynamic shared memory.
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(a_map: *const TensorMap, b_map: *const TensorMap, c: *mut f32) {
-            tile_gemm::<$n, $ta, $f16>(a_map, b_map, c)
+            tile_gemm::<$n, $ta, $e>(a_map, b_map, c)
         }
     )*};
 }
 
 tile_gemm_entry! {
-    etap_test_gemm_bf16_k_n8 = (8, 0, false);
-    etap_test_gemm_bf16_k_n16 = (16, 0, false);
-    etap_test_gemm_bf16_k_n32 = (32, 0, false);
-    etap_test_gemm_bf16_k_n64 = (64, 0, false);
-    etap_test_gemm_bf16_m_n8 = (8, 1, false);
-    etap_test_gemm_bf16_m_n16 = (16, 1, false);
-    etap_test_gemm_bf16_m_n32 = (32, 1, false);
-    etap_test_gemm_bf16_m_n64 = (64, 1, false);
-    etap_test_gemm_f16_k_n8 = (8, 0, true);
-    etap_test_gemm_f16_k_n16 = (16, 0, true);
-    etap_test_gemm_f16_k_n32 = (32, 0, true);
-    etap_test_gemm_f16_k_n64 = (64, 0, true);
-    etap_test_gemm_f16_m_n8 = (8, 1, true);
-    etap_test_gemm_f16_m_n16 = (16, 1, true);
-    etap_test_gemm_f16_m_n32 = (32, 1, true);
-    etap_test_gemm_f16_m_n64 = (64, 1, true);
+    etap_test_gemm_bf16_k_n8 = (8, 0, Bf16);
+    etap_test_gemm_bf16_k_n16 = (16, 0, Bf16);
+    etap_test_gemm_bf16_k_n32 = (32, 0, Bf16);
+    etap_test_gemm_bf16_k_n64 = (64, 0, Bf16);
+    etap_test_gemm_bf16_m_n8 = (8, 1, Bf16);
+    etap_test_gemm_bf16_m_n16 = (16, 1, Bf16);
+    etap_test_gemm_bf16_m_n32 = (32, 1, Bf16);
+    etap_test_gemm_bf16_m_n64 = (64, 1, Bf16);
+    etap_test_gemm_f16_k_n8 = (8, 0, F16);
+    etap_test_gemm_f16_k_n16 = (16, 0, F16);
+    etap_test_gemm_f16_k_n32 = (32, 0, F16);
+    etap_test_gemm_f16_k_n64 = (64, 0, F16);
+    etap_test_gemm_f16_m_n8 = (8, 1, F16);
+    etap_test_gemm_f16_m_n16 = (16, 1, F16);
+    etap_test_gemm_f16_m_n32 = (32, 1, F16);
+    etap_test_gemm_f16_m_n64 = (64, 1, F16);
 }

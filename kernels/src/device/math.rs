@@ -1,4 +1,5 @@
 //! Fast math and conversions.
+use crate::elem::Elem;
 use core::arch::asm;
 
 /// 2^x, the SFU's approximation (max relative error 2^-22), as the softmax uses it.
@@ -52,10 +53,10 @@ pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
     r
 }
 
-/// Pack a pair in the element type: fp16 when `F16`, else bf16.
+/// Pack a pair in the element type `E`: fp16 or bf16.
 #[inline(always)]
-pub fn pack2<const F16: bool>(lo: f32, hi: f32) -> u32 {
-    if F16 {
+pub fn pack2<E: Elem>(lo: f32, hi: f32) -> u32 {
+    if E::F16 {
         pack_f16x2(lo, hi)
     } else {
         pack_bf16x2(lo, hi)

@@ -1,6 +1,7 @@
 //! Warpgroup matrix multiply-accumulate (`wgmma`, sm_90a): fence/commit/wait, shared-memory
 //! matrix descriptors, and `mma` for the tile widths the kernels use.
 use super::wgmma_ops as ops;
+use crate::elem::Elem;
 use core::arch::asm;
 
 /// Make register and shared-memory writes before it visible to the next `wgmma`s (needed
@@ -84,7 +85,7 @@ impl Desc {
 /// As [`ops::mma_bf16_n8`]: the whole warpgroup, between `fence` and `commit_group`, with
 /// descriptors into valid shared memory.
 #[inline(always)]
-pub unsafe fn mma<const N: usize, const TA: u32, const TB: u32, const F16: bool>(
+pub unsafe fn mma<const N: usize, const TA: u32, const TB: u32, E: Elem>(
     d: &mut [f32; 32],
     a: Desc,
     b: Desc,
@@ -95,7 +96,7 @@ pub unsafe fn mma<const N: usize, const TA: u32, const TB: u32, const F16: bool>
         ($bf:ident, $hf:ident, $k:literal) => {{
             // SAFETY: $k <= 32, so the first $k floats of `d` are in bounds.
             let frag = &mut *(d.as_mut_ptr() as *mut [f32; $k]);
-            if F16 {
+            if E::F16 {
                 ops::$hf::<TA, TB>(frag, a.0, b.0, acc)
             } else {
                 ops::$bf::<TA, TB>(frag, a.0, b.0, acc)
@@ -122,14 +123,9 @@ pub unsafe fn mma<const N: usize, const TA: u32, const TB: u32, const F16: bool>
 /// # Safety
 /// As [`mma`].
 #[inline(always)]
-pub unsafe fn mma_n256<const TA: u32, const TB: u32, const F16: bool>(
-    d: &mut [f32; 128],
-    a: Desc,
-    b: Desc,
-    accumulate: bool,
-) {
+pub unsafe fn mma_n256<const TA: u32, const TB: u32, E: Elem>(d: &mut [f32; 128], a: Desc, b: Desc, accumulate: bool) {
     let acc = accumulate as u32;
-    if F16 {
+    if E::F16 {
         ops::mma_f16_n256::<TA, TB>(d, a.0, b.0, acc)
     } else {
         ops::mma_bf16_n256::<TA, TB>(d, a.0, b.0, acc)
@@ -143,9 +139,9 @@ pub unsafe fn mma_n256<const TA: u32, const TB: u32, const F16: bool>(
 /// # Safety
 /// As [`mma`]; `fence` also after `a`'s registers were last written.
 #[inline(always)]
-pub unsafe fn mma_rs_n256<const TB: u32, const F16: bool>(d: &mut [f32; 128], a: [u32; 4], b: Desc, accumulate: bool) {
+pub unsafe fn mma_rs_n256<const TB: u32, E: Elem>(d: &mut [f32; 128], a: [u32; 4], b: Desc, accumulate: bool) {
     let acc = accumulate as u32;
-    if F16 {
+    if E::F16 {
         ops::mma_rs_f16_n256::<TB>(d, a, b.0, acc)
     } else {
         ops::mma_rs_bf16_n256::<TB>(d, a, b.0, acc)
