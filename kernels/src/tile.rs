@@ -95,6 +95,24 @@ pub unsafe fn load_q(map: *const TensorMap, dst: u32, bar: u32, row: i32, cols: 
     }
 }
 
+/// D[64 x N] = A[64 x 576] · B[N x 576]^T, both operands K-major 128-byte-swizzled tiles of
+/// nine 64-wide column blocks (`a_block` and `b_block` bytes apart): the 36 wgmmas of a score
+/// tile (S^T = K·Q^T of the ETAP kernel, S = Q·K^T of the wide kernel), the first overwriting
+/// `d`. The caller fences before and commits after.
+///
+/// # Safety
+/// The whole warpgroup calls it, with both tiles loaded.
+#[inline(always)]
+pub unsafe fn gemm_k576<const N: usize, E: Elem>(d: &mut Frag, a: u32, a_block: u32, b: u32, b_block: u32) {
+    for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
+        let blk = kk / STEPS_PER_BLOCK;
+        let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
+        let da = Desc::k_major_sw128(a + blk * a_block + within);
+        let db = Desc::k_major_sw128(b + blk * b_block + within);
+        wgmma::mma::<N, 0, 0, E>(d, da, db, kk > 0);
+    }
+}
+
 /// S^T[64 KV rows x NW] = K[64 x 576] · Q^T[576 x NW] for this warpgroup's NW columns, whose Q
 /// rows start at `q_cols` (inside a Q tile of `q_rows` rows per block). Issues 36 wgmmas and
 /// waits for them.
@@ -106,13 +124,7 @@ pub unsafe fn scores_t<const NW: usize, E: Elem>(s: &mut Frag, page: u32, q_cols
     let (page, q_cols) = (smem::opaque(page), smem::opaque(q_cols));
     turn.take();
     wgmma::fence();
-    for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
-        let blk = kk / STEPS_PER_BLOCK;
-        let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
-        let a = Desc::k_major_sw128(page + blk * BLOCK_BYTES + within);
-        let b = Desc::k_major_sw128(q_cols + blk * q_rows * ROW_BYTES + within);
-        wgmma::mma::<NW, 0, 0, E>(s, a, b, kk > 0);
-    }
+    gemm_k576::<NW, E>(s, page, BLOCK_BYTES, q_cols, q_rows * ROW_BYTES);
     wgmma::commit_group();
     turn.pass();
     wgmma::wait_group::<0>();
@@ -358,13 +370,7 @@ pub type WideAcc = [f32; 128];
 pub unsafe fn scores<E: Elem>(s: &mut Frag, q: u32, page: u32) {
     let (page, q) = (smem::opaque(page), smem::opaque(q));
     wgmma::fence();
-    for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
-        let blk = kk / STEPS_PER_BLOCK;
-        let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
-        let a = Desc::k_major_sw128(q + blk * WIDE_ROWS * ROW_BYTES + within);
-        let b = Desc::k_major_sw128(page + blk * BLOCK_BYTES + within);
-        wgmma::mma::<PAGE_ROWS, 0, 0, E>(s, a, b, kk > 0);
-    }
+    gemm_k576::<PAGE_ROWS, E>(s, q, WIDE_ROWS * ROW_BYTES, page, BLOCK_BYTES);
     wgmma::commit_group();
     wgmma::wait_group::<0>();
 }
