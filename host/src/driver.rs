@@ -42,6 +42,55 @@ pub fn current_context() -> Result<CUcontext> {
     Ok(ctx)
 }
 
+/// The device of the calling thread's current context, `None` when no context is current.
+pub fn current_device() -> Result<Option<u32>> {
+    if current_context()?.is_null() {
+        return Ok(None);
+    }
+    let mut device: cu::CUdevice = 0;
+    // SAFETY: a context is current (checked above); writes one int through a valid pointer.
+    check(unsafe { cu::cuCtxGetDevice(&mut device) }, "cuCtxGetDevice")?;
+    Ok(Some(device as u32))
+}
+
+/// Push `ctx` on the calling thread's context stack (it becomes current).
+///
+/// # Safety
+/// `ctx` is a live context; the caller pops it ([`pop_context`]) on the same thread.
+pub unsafe fn push_context(ctx: CUcontext) -> Result<()> {
+    check(
+        cu::cuCtxPushCurrent_v2(ctx),
+        "making the device's context current (cuCtxPushCurrent)",
+    )
+}
+
+/// Pop the calling thread's current context (the one a [`push_context`] made current).
+///
+/// # Safety
+/// After a [`push_context`] on this thread that nothing popped yet.
+pub unsafe fn pop_context() {
+    let mut popped: CUcontext = std::ptr::null_mut();
+    cu::cuCtxPopCurrent_v2(&mut popped);
+}
+
+/// The id of the CUDA graph capture `stream` is in now, or `None` when it is not capturing. Ids
+/// are unique per process, so a caller can tell one capture from the next.
+///
+/// # Safety
+/// As [`is_capturing`].
+pub unsafe fn capture_id(stream: CUstream) -> Result<Option<u64>> {
+    let mut status = cu::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    let mut id: u64 = 0;
+    check(
+        cu::cuStreamGetCaptureInfo(stream, &mut status, &mut id),
+        "cuStreamGetCaptureInfo",
+    )?;
+    Ok(match status {
+        cu::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => None,
+        _ => Some(id),
+    })
+}
+
 /// Copy `bytes` bytes from host `src` to device `dst` in stream order.
 ///
 /// # Safety

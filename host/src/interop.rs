@@ -1,9 +1,11 @@
 //! Calling etap from other CUDA libraries (PyTorch through the `etap` Python package): making
 //! the decoder's context current for a call without disturbing the caller's, and checking that
 //! a foreign stream belongs to the decoder's device before anything is enqueued on it.
+use crate::decoder::Decoder;
+use crate::driver;
 use crate::error::{EtapError, Result};
-use crate::gpu::Decoder;
-use cust::sys::{CUcontext, CUresult, CUstream};
+use crate::plan::RawBuffers;
+use cust::sys::CUstream;
 
 /// The decoder's primary context pushed on the calling thread's context stack for the guard's
 /// lifetime, and popped on drop, so the caller's current context (PyTorch's current device) is
@@ -18,12 +20,7 @@ impl ContextGuard {
         // SAFETY: pushes a live context handle (the decoder holds a retained reference to it
         // for at least as long as the caller borrows it); popped in `drop` on the same thread
         // (the guard is neither Send nor Sync).
-        let rc = unsafe { cust::sys::cuCtxPushCurrent_v2(decoder.context_raw()) };
-        if rc != CUresult::CUDA_SUCCESS {
-            return Err(EtapError::Device(format!(
-                "making the device's context current failed: {rc:?}"
-            )));
-        }
+        unsafe { driver::push_context(decoder.context_raw())? };
         Ok(ContextGuard {
             _not_send: std::marker::PhantomData,
         })
@@ -32,11 +29,8 @@ impl ContextGuard {
 
 impl Drop for ContextGuard {
     fn drop(&mut self) {
-        let mut popped: CUcontext = std::ptr::null_mut();
         // SAFETY: pops the context this guard pushed on this thread (guards nest as the stack).
-        unsafe {
-            cust::sys::cuCtxPopCurrent_v2(&mut popped);
-        }
+        unsafe { driver::pop_context() };
     }
 }
 
@@ -48,15 +42,8 @@ impl Drop for ContextGuard {
 /// # Safety
 /// `stream` must be 0, 2 (the per-thread default stream) or a live stream handle.
 pub unsafe fn check_stream(decoder: &Decoder, stream: CUstream) -> Result<()> {
-    let mut ctx: CUcontext = std::ptr::null_mut();
-    // SAFETY: `stream` is a valid handle (the caller's contract); `ctx` is a local out-param.
-    let rc = unsafe { cust::sys::cuStreamGetCtx(stream, &mut ctx) };
-    if rc != CUresult::CUDA_SUCCESS {
-        return Err(EtapError::Device(format!(
-            "stream {:#x}: querying its context failed: {rc:?}",
-            stream as usize
-        )));
-    }
+    // SAFETY: `stream` is a valid handle (the caller's contract).
+    let ctx = unsafe { driver::stream_context(stream)? };
     if ctx != decoder.context_raw() {
         return Err(EtapError::Device(format!(
             "stream {:#x} belongs to another device's context than this decoder's (device {})",
@@ -74,43 +61,23 @@ pub unsafe fn check_stream(decoder: &Decoder, stream: CUstream) -> Result<()> {
 /// # Safety
 /// As [`check_stream`].
 pub unsafe fn capture_id(stream: CUstream) -> Result<Option<u64>> {
-    let mut status = cust::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-    let mut id: u64 = 0;
-    // SAFETY: a valid stream handle (the caller's contract) and local out-params.
-    let rc = unsafe { cust::sys::cuStreamGetCaptureInfo(stream, &mut status, &mut id) };
-    if rc != CUresult::CUDA_SUCCESS {
-        return Err(EtapError::Device(format!("cuStreamGetCaptureInfo failed: {rc:?}")));
-    }
-    Ok(match status {
-        cust::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => None,
-        _ => Some(id),
-    })
+    // SAFETY: a valid stream handle (the caller's contract).
+    unsafe { driver::capture_id(stream) }
 }
 
-/// The alignment in bytes each raw buffer of a decode call needs: the widest access the kernels
-/// make to it (the copy engine reads q and the cache in 16-byte units; the split merge writes
-/// out in 8-byte stores; lse, block table and seqlens are read or written as 4-byte words).
-pub const ALIGN: [(&str, u64); 6] = [
-    ("q", 16),
-    ("k_cache", 16),
-    ("block_table", 4),
-    ("cache_seqlens", 4),
-    ("out", 8),
-    ("lse", 4),
-];
-
-/// Check every address of `addrs` (in [`ALIGN`]'s order) against [`ALIGN`].
+/// Check the addresses of a decode call's `q, k_cache, block_table, cache_seqlens, out, lse`
+/// (FlashMLA's names, [`RawBuffers::ALIGN`]'s order) against the alignments the kernels need.
 pub fn check_alignment(addrs: [u64; 6]) -> Result<()> {
-    for ((arg, align), addr) in ALIGN.iter().zip(addrs) {
-        if addr % align != 0 {
-            return Err(EtapError::Misaligned {
-                arg,
-                align: *align,
-                addr,
-            });
-        }
+    let [q, kv_cache, block_table, cache_seqlens, out, lse] = addrs;
+    RawBuffers {
+        q,
+        kv_cache,
+        block_table,
+        cache_seqlens,
+        out,
+        lse,
     }
-    Ok(())
+    .check_alignment(["q", "k_cache", "block_table", "cache_seqlens", "out", "lse"])
 }
 
 #[cfg(test)]

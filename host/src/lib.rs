@@ -9,6 +9,7 @@
 //! which also merges each request's splits. [`reference::mla_decode`] is the CPU reference with the same
 //! semantics, public so deployments can validate themselves.
 pub mod check;
+pub mod decoder;
 pub mod driver;
 pub mod dtype;
 pub mod error;
@@ -21,9 +22,9 @@ pub mod shape;
 pub mod tma;
 pub mod validate;
 
+pub use decoder::Decoder;
 pub use dtype::{Bf16, Dtype, Element, F16};
 pub use error::{EtapError, Result};
-pub use gpu::Decoder;
 pub use plan::{Layout, Plan, RawBuffers};
 pub use shape::DecodeShape;
 

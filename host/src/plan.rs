@@ -1,16 +1,14 @@
 //! The split plan (FlashMLA's `get_mla_metadata`) and the decode launch.
+#[cfg(doc)]
+use crate::decoder::Decoder;
 use crate::driver::{self, PinnedBuffer};
-use crate::driver::{launch, launch_cooperative};
-use crate::dtype::{Dtype, Element};
+use crate::dtype::Dtype;
 use crate::error::{EtapError, Result};
-use crate::gpu::Decoder;
 use crate::shape::DecodeShape;
 use crate::tma::{encode_2d, DeviceMap, TensorMap};
-use crate::validate::{validate_lengths, validate_shape, validate_tables};
 use cust::memory::{CopyDestination, DeviceBuffer};
-use cust::stream::Stream;
 use cust::sys::CUstream;
-use etap_core::contract::{DecodeParams, Kernel, DECODE_THREADS, KV_ON_M_COLS};
+use etap_core::contract::{Kernel, KV_ON_M_COLS};
 use etap_core::{max_splits, COLS_PER_CTA, D_QK, D_V, PAGE_ROWS};
 
 /// Columns per CTA of the ETAP (KV-on-M) kernel at most: its variants are built for 16 and 32
@@ -21,7 +19,7 @@ use std::sync::Mutex;
 
 /// (q, cache) address pairs whose tensor maps a plan keeps on the device (a DeepSeek-V3 model
 /// has 61 layers); past this, slots are reused round-robin.
-const MAP_SLOTS: usize = 128;
+pub(crate) const MAP_SLOTS: usize = 128;
 /// u32 words of one `etap_core::WorkRange`.
 const RANGE_WORDS: usize = std::mem::size_of::<etap_core::WorkRange>() / 4;
 
@@ -114,27 +112,27 @@ impl ColumnTiling {
 /// or before each replay). Nothing the host counts is frozen into the graph: the merge's
 /// counters reset themselves on the device. The plan must outlive every graph that used it.
 pub struct Plan {
-    shape: DecodeShape,
-    tiling: ColumnTiling,
-    parts: u32,
+    pub(crate) shape: DecodeShape,
+    pub(crate) tiling: ColumnTiling,
+    pub(crate) parts: u32,
     /// The context the plan's buffers belong to: a decode on a stream of another is an error.
-    ctx: usize,
-    ranges: DeviceBuffer<u32>,
-    split_offsets: DeviceBuffer<u32>,
-    o_accum: DeviceBuffer<f32>,
-    lse_accum: DeviceBuffer<f32>,
+    pub(crate) ctx: usize,
+    pub(crate) ranges: DeviceBuffer<u32>,
+    pub(crate) split_offsets: DeviceBuffer<u32>,
+    pub(crate) o_accum: DeviceBuffer<f32>,
+    pub(crate) lse_accum: DeviceBuffer<f32>,
     /// The split merge's counters, `[b][column groups]`, zeroed once: each call's publishes and
     /// merges bring each back to 0 (kernels/src/merge.rs).
-    counters: DeviceBuffer<u32>,
+    pub(crate) counters: DeviceBuffer<u32>,
     /// Tensor maps of q and the cache, a pair per slot, uploaded once per (q, cache) address
     /// pair: a model's layers each have their own cache, and steady-state calls then copy
     /// nothing to the device.
-    maps: DeviceBuffer<DeviceMap>,
-    slots: Mutex<MapSlots>,
+    pub(crate) maps: DeviceBuffer<DeviceMap>,
+    pub(crate) slots: Mutex<MapSlots>,
 }
 
 /// The host's record of a plan's tensor-map slots.
-struct MapSlots {
+pub(crate) struct MapSlots {
     /// `pairs[i]`: the (q, cache) addresses slot i was encoded for.
     pairs: Vec<(u64, u64)>,
     /// Slot i's maps are on the device in stream order (uploaded by an eager call). A slot
@@ -151,6 +149,53 @@ struct MapSlots {
 }
 
 impl Plan {
+    /// A plan's buffers for `shape` tiled as `tiling` over `parts` CTAs per column group, its
+    /// merge counters zeroed in stream order on `stream` (the scheduler has not run yet).
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the current context (or null).
+    pub(crate) unsafe fn allocate(
+        shape: &DecodeShape,
+        tiling: ColumnTiling,
+        parts: u32,
+        stream: CUstream,
+    ) -> Result<Plan> {
+        let splits = max_splits(shape.batch, parts as usize);
+        let cols = shape.cols();
+        // SAFETY (all five): device allocations of plain numbers that the kernels fully
+        // write before reading (ranges and offsets by the scheduler; the accumulators only in
+        // the slots the plan assigns, each written by the decode kernel before its split merge
+        // reads it, after the merge counter says so; the maps before any decode reads them).
+        let ranges = DeviceBuffer::<u32>::uninitialized(parts as usize * RANGE_WORDS)?;
+        let split_offsets = DeviceBuffer::<u32>::uninitialized(shape.batch + 1)?;
+        let o_accum = DeviceBuffer::<f32>::uninitialized(splits * cols * D_V)?;
+        let lse_accum = DeviceBuffer::<f32>::uninitialized(splits * cols)?;
+        let maps = DeviceBuffer::<DeviceMap>::uninitialized(2 * MAP_SLOTS)?;
+        let counters = DeviceBuffer::<u32>::uninitialized(shape.batch * tiling.groups as usize)?;
+        // SAFETY: zeroes the plan's own counters (4 bytes each), in stream order before any
+        // decode call with this plan.
+        driver::fill_u32_async(counters.as_device_ptr().as_raw(), 0, counters.len(), stream)?;
+        Ok(Plan {
+            shape: *shape,
+            tiling,
+            parts,
+            ctx: driver::stream_context(stream)? as usize,
+            ranges,
+            split_offsets,
+            o_accum,
+            lse_accum,
+            counters,
+            maps,
+            slots: Mutex::new(MapSlots {
+                pairs: Vec::new(),
+                resident: Vec::new(),
+                in_graph: Vec::new(),
+                next: 0,
+                pinned: PinnedBuffer::zeroed(2 * MAP_SLOTS)?,
+            }),
+        })
+    }
+
     pub fn shape(&self) -> &DecodeShape {
         &self.shape
     }
@@ -192,7 +237,7 @@ impl Plan {
     ///
     /// # Safety
     /// `stream` is a live stream of the plan's context.
-    unsafe fn maps_for(&self, q_addr: u64, kv_addr: u64, stream: CUstream) -> Result<u64> {
+    pub(crate) unsafe fn maps_for(&self, q_addr: u64, kv_addr: u64, stream: CUstream) -> Result<u64> {
         let capturing = driver::is_capturing(stream)?;
         let mut sl = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let pair = (q_addr, kv_addr);
@@ -301,376 +346,31 @@ pub struct RawBuffers {
     pub lse: u64,
 }
 
-impl Decoder {
-    /// Make a split plan for `shape` from the device-resident `cache_seqlens`, on `stream`
-    /// (nothing is copied back to the host). Re-plan it for each step's seqlens with
-    /// [`Decoder::replan`].
-    pub fn plan(&self, shape: &DecodeShape, cache_seqlens: &DeviceBuffer<i32>, stream: &Stream) -> Result<Plan> {
-        self.plan_with_layout(shape, cache_seqlens, stream, Layout::for_shape(shape))
-    }
+impl RawBuffers {
+    /// The alignment in bytes each address needs (`q, kv_cache, block_table, cache_seqlens, out,
+    /// lse`): the widest access the kernels make to it (the copy engine reads q and the cache in
+    /// 16-byte units, the split merge writes out in 8-byte stores, lse, the block table and the
+    /// seqlens are 4-byte words).
+    pub const ALIGN: [u64; 6] = [16, 16, 4, 4, 8, 4];
 
-    /// [`Decoder::plan`] with the layout chosen by the caller instead of by
-    /// [`Layout::for_shape`] (for benchmarks and tests: both layouts handle every shape).
-    pub fn plan_with_layout(
-        &self,
-        shape: &DecodeShape,
-        cache_seqlens: &DeviceBuffer<i32>,
-        stream: &Stream,
-        layout: Layout,
-    ) -> Result<Plan> {
-        validate_shape(shape)?;
-        check_seqlens_len(shape, cache_seqlens.len())?;
-        // SAFETY: a live device buffer of `shape.batch` i32 (checked), kept by the caller while
-        // the stream runs the scheduling kernel (the borrow ends here, but `Stream` work on it
-        // is ordered before the caller can free it only if the caller synchronizes or keeps
-        // it: as for every cust buffer used with async work).
-        unsafe {
-            self.plan_raw(
-                shape,
-                cache_seqlens.as_device_ptr().as_raw(),
-                stream.as_inner(),
-                Some(layout),
-            )
-        }
-    }
-
-    /// The raw planning entry point (for interop: seqlens and stream from another library).
-    /// `layout` `None` takes [`Layout::for_shape`]. Allocates the plan's buffers (not in a
-    /// captured region), zeroes the merge counters and runs the scheduler on `stream`.
-    ///
-    /// # Safety
-    /// `cache_seqlens` is the device address of `shape.batch` i32 in the current context, valid
-    /// until `stream` has run the scheduler; `stream` is a stream of the current context (or
-    /// null, the legacy default stream).
-    pub unsafe fn plan_raw(
-        &self,
-        shape: &DecodeShape,
-        cache_seqlens: u64,
-        stream: CUstream,
-        layout: Option<Layout>,
-    ) -> Result<Plan> {
-        validate_shape(shape)?;
-        if !cache_seqlens.is_multiple_of(4) {
-            return Err(EtapError::Misaligned {
-                arg: "cache_seqlens",
-                align: 4,
-                addr: cache_seqlens,
-            });
-        }
-        let tiling = ColumnTiling::for_shape(shape, layout.unwrap_or_else(|| Layout::for_shape(shape)));
-        let parts = (self.num_sms() / tiling.groups).max(1);
-        let splits = max_splits(shape.batch, parts as usize);
-        let cols = shape.cols();
-        // SAFETY (all five): device allocations of plain numbers that the kernels fully
-        // write before reading (ranges and offsets by the scheduler; the accumulators only in
-        // the slots the plan assigns, each written by the decode kernel before its split merge
-        // reads it, after the merge counter says so; the maps before any decode reads them).
-        let ranges = DeviceBuffer::<u32>::uninitialized(parts as usize * RANGE_WORDS)?;
-        let split_offsets = DeviceBuffer::<u32>::uninitialized(shape.batch + 1)?;
-        let o_accum = DeviceBuffer::<f32>::uninitialized(splits * cols * D_V)?;
-        let lse_accum = DeviceBuffer::<f32>::uninitialized(splits * cols)?;
-        let maps = DeviceBuffer::<DeviceMap>::uninitialized(2 * MAP_SLOTS)?;
-        let counters = DeviceBuffer::<u32>::uninitialized(shape.batch * tiling.groups as usize)?;
-        // SAFETY: zeroes the plan's own counters (4 bytes each), in stream order before any
-        // decode call with this plan.
-        driver::fill_u32_async(counters.as_device_ptr().as_raw(), 0, counters.len(), stream)?;
-        let plan = Plan {
-            shape: *shape,
-            tiling,
-            parts,
-            ctx: driver::stream_context(stream)? as usize,
-            ranges,
-            split_offsets,
-            o_accum,
-            lse_accum,
-            counters,
-            maps,
-            slots: Mutex::new(MapSlots {
-                pairs: Vec::new(),
-                resident: Vec::new(),
-                in_graph: Vec::new(),
-                next: 0,
-                pinned: PinnedBuffer::zeroed(2 * MAP_SLOTS)?,
-            }),
-        };
-        self.schedule(&plan, cache_seqlens, stream)?;
-        Ok(plan)
-    }
-
-    /// Re-plan `plan` for new seqlens of the same shape (the next decode step), into its own
-    /// buffers: one kernel launch on `stream`, no allocation and no host synchronization, so it
-    /// may be captured in a CUDA graph beside the decode calls it plans.
-    pub fn replan(&self, plan: &mut Plan, cache_seqlens: &DeviceBuffer<i32>, stream: &Stream) -> Result<()> {
-        check_seqlens_len(&plan.shape, cache_seqlens.len())?;
-        // SAFETY: a live device buffer of `batch` i32 (checked), borrowed for the call.
-        unsafe { self.replan_raw(plan, cache_seqlens.as_device_ptr().as_raw(), stream.as_inner()) }
-    }
-
-    /// [`Decoder::replan`] with a raw seqlens address and stream.
-    ///
-    /// # Safety
-    /// As [`Decoder::plan_raw`].
-    pub unsafe fn replan_raw(&self, plan: &mut Plan, cache_seqlens: u64, stream: CUstream) -> Result<()> {
-        if !cache_seqlens.is_multiple_of(4) {
-            return Err(EtapError::Misaligned {
-                arg: "cache_seqlens",
-                align: 4,
-                addr: cache_seqlens,
-            });
-        }
-        check_context(plan, stream)?;
-        self.schedule(plan, cache_seqlens, stream)
-    }
-
-    /// Launch the scheduler for `plan` on the seqlens at `cache_seqlens`.
-    ///
-    /// # Safety
-    /// As [`Decoder::plan_raw`].
-    unsafe fn schedule(&self, plan: &Plan, cache_seqlens: u64, stream: CUstream) -> Result<()> {
-        let mut batch = plan.shape.batch as u32;
-        let mut max_pages = plan.shape.max_pages as u32;
-        let mut parts_arg = plan.parts;
-        let mut seq = cache_seqlens;
-        let mut rp = plan.ranges.as_device_ptr().as_raw();
-        let mut op = plan.split_offsets.as_device_ptr().as_raw();
-        // SAFETY: the arguments match etap_schedule's signature (pointer, u32, u32, pointer,
-        // u32, pointer); the buffers have the lengths it writes (`parts` ranges, `batch + 1`
-        // offsets) and are owned by the plan, which the caller keeps while the stream runs.
-        launch(
-            self.kernels().get(Kernel::Schedule),
-            (1, 1),
-            1,
-            0,
-            stream,
-            &mut [
-                &mut seq as *mut u64 as *mut c_void,
-                &mut batch as *mut u32 as *mut c_void,
-                &mut max_pages as *mut u32 as *mut c_void,
-                &mut rp as *mut u64 as *mut c_void,
-                &mut parts_arg as *mut u32 as *mut c_void,
-                &mut op as *mut u64 as *mut c_void,
-            ],
-        )
-    }
-
-    /// The checked path: copy the block table and seqlens to the host (one synchronization,
-    /// `4 * (b * max_pages + b)` bytes) and validate every used block-table entry and every
-    /// seqlen. The unchecked path never reads out of bounds either (the copy engine fills
-    /// rows outside the cache with zeros, and lengths are clamped to the block table), but a
-    /// bad entry then silently yields wrong numbers.
-    pub fn check_tables(
-        &self,
-        shape: &DecodeShape,
-        block_table: &DeviceBuffer<i32>,
-        cache_seqlens: &DeviceBuffer<i32>,
-    ) -> Result<()> {
-        validate_shape(shape)?;
-        if block_table.len() != shape.block_table_len() {
-            return Err(EtapError::Length {
-                arg: "block_table",
-                expected: shape.block_table_len(),
-                got: block_table.len(),
-            });
-        }
-        if cache_seqlens.len() != shape.batch {
-            return Err(EtapError::Length {
-                arg: "cache_seqlens",
-                expected: shape.batch,
-                got: cache_seqlens.len(),
-            });
-        }
-        let mut bt = vec![0i32; block_table.len()];
-        let mut sl = vec![0i32; cache_seqlens.len()];
-        block_table.copy_to(&mut bt[..])?;
-        cache_seqlens.copy_to(&mut sl[..])?;
-        validate_tables(shape, &bt, &sl)
-    }
-
-    /// Decode one step: out `[b, s_q, h_q, 512]` and lse `[b, h_q, s_q]` (natural log) for q
-    /// `[b, s_q, h_q, 576]` against the paged cache, with `plan` made for these seqlens.
-    /// `softmax_scale` defaults to 1/sqrt(576). Returns new buffers; see [`Decoder::decode_into`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn decode<T: Element>(
-        &self,
-        plan: &Plan,
-        q: &DeviceBuffer<T>,
-        kv_cache: &DeviceBuffer<T>,
-        block_table: &DeviceBuffer<i32>,
-        cache_seqlens: &DeviceBuffer<i32>,
-        softmax_scale: Option<f32>,
-        stream: &Stream,
-    ) -> Result<(DeviceBuffer<T>, DeviceBuffer<f32>)> {
-        let shape = plan.shape;
-        validate_lengths(
-            &shape,
-            q.len(),
-            kv_cache.len(),
-            block_table.len(),
-            cache_seqlens.len(),
-            shape.out_len(),
-            shape.lse_len(),
-        )?;
-        // SAFETY: both are fully written by the kernels before the caller can read them
-        // (every (request, column) gets its out row and lse from the decode kernel).
-        let mut out = unsafe { DeviceBuffer::<T>::uninitialized(shape.out_len())? };
-        let mut lse = unsafe { DeviceBuffer::<f32>::uninitialized(shape.lse_len())? };
-        self.decode_into(
-            plan,
-            q,
-            kv_cache,
-            block_table,
-            cache_seqlens,
-            softmax_scale,
-            &mut out,
-            &mut lse,
-            stream,
-        )?;
-        Ok((out, lse))
-    }
-
-    /// As [`Decoder::decode`], writing into caller-owned `out` and `lse`. Every argument is
-    /// validated first; on error nothing is launched and nothing is written.
-    #[allow(clippy::too_many_arguments)]
-    pub fn decode_into<T: Element>(
-        &self,
-        plan: &Plan,
-        q: &DeviceBuffer<T>,
-        kv_cache: &DeviceBuffer<T>,
-        block_table: &DeviceBuffer<i32>,
-        cache_seqlens: &DeviceBuffer<i32>,
-        softmax_scale: Option<f32>,
-        out: &mut DeviceBuffer<T>,
-        lse: &mut DeviceBuffer<f32>,
-        stream: &Stream,
-    ) -> Result<()> {
-        let shape = plan.shape;
-        validate_lengths(
-            &shape,
-            q.len(),
-            kv_cache.len(),
-            block_table.len(),
-            cache_seqlens.len(),
-            out.len(),
-            lse.len(),
-        )?;
-        let bufs = RawBuffers {
-            q: q.as_device_ptr().as_raw(),
-            kv_cache: kv_cache.as_device_ptr().as_raw(),
-            block_table: block_table.as_device_ptr().as_raw(),
-            cache_seqlens: cache_seqlens.as_device_ptr().as_raw(),
-            out: out.as_device_ptr().as_raw(),
-            lse: lse.as_device_ptr().as_raw(),
-        };
-        // SAFETY: the buffers are live device allocations of the lengths the plan's shape
-        // needs (validated above), borrowed for the call; the kernels run in stream order and
-        // the caller owns synchronization before reading `out`/`lse` or freeing inputs.
-        unsafe { self.decode_raw(plan, T::DTYPE, bufs, softmax_scale, stream.as_inner()) }
-    }
-
-    /// The raw entry point, for interop with other CUDA libraries (device pointers and the
-    /// stream from PyTorch, say). Checks the shape, alignments, the scale and the stream's
-    /// context; on error nothing is launched and nothing written. Capturable in a CUDA graph.
-    ///
-    /// # Safety
-    /// Every address in `bufs` must point to live device memory of the plan's context with
-    /// the length and element type that `plan.shape()` and `dtype` imply (q, cache and out 16-bit
-    /// of `dtype`; block table and seqlens i32; lse f32), must stay valid until the stream has
-    /// run the launch (in a graph: at every replay), and `out`/`lse` must not overlap the
-    /// inputs. `stream` is a stream of the plan's context (or null, the legacy default stream).
-    /// Seqlens other than the plan's are memory-safe (docs/design.md, "Bounds safety"), with
-    /// the result described there.
-    pub unsafe fn decode_raw(
-        &self,
-        plan: &Plan,
-        dtype: Dtype,
-        bufs: RawBuffers,
-        softmax_scale: Option<f32>,
-        stream: CUstream,
-    ) -> Result<()> {
-        let shape = plan.shape;
-        validate_shape(&shape)?;
-        // q and the cache: the copy engine reads 16-byte aligned tensors; out: the split merge
-        // stores four 16-bit outputs as one 8-byte store; the block table, seqlens and lse: 4.
-        for (arg, addr, align) in [
-            ("q", bufs.q, 16),
-            ("kv_cache", bufs.kv_cache, 16),
-            ("out", bufs.out, 8),
-            ("lse", bufs.lse, 4),
-            ("block_table", bufs.block_table, 4),
-            ("cache_seqlens", bufs.cache_seqlens, 4),
-        ] {
+    /// Check every address against [`RawBuffers::ALIGN`], naming the first misaligned one by
+    /// `names` (the same order: the caller's names for the arguments).
+    pub fn check_alignment(&self, names: [&'static str; 6]) -> Result<()> {
+        let addrs = [
+            self.q,
+            self.kv_cache,
+            self.block_table,
+            self.cache_seqlens,
+            self.out,
+            self.lse,
+        ];
+        for ((arg, align), addr) in names.into_iter().zip(Self::ALIGN).zip(addrs) {
             if addr % align != 0 {
                 return Err(EtapError::Misaligned { arg, align, addr });
             }
         }
-        let scale = softmax_scale.unwrap_or(1.0 / (D_QK as f32).sqrt());
-        if !(scale.is_finite() && scale > 0.0) {
-            return Err(EtapError::Invalid {
-                arg: "softmax_scale",
-                why: format!("{scale} is not finite and positive"),
-            });
-        }
-        check_context(plan, stream)?;
-        let map_base = plan.maps_for(bufs.q, bufs.kv_cache, stream)?;
-        // The kernels' parameter block (the contract's type): device addresses as pointers.
-        let mut params = DecodeParams {
-            q_map: map_base as *const TensorMap,
-            kv_map: (map_base + std::mem::size_of::<TensorMap>() as u64) as *const TensorMap,
-            block_table: bufs.block_table as *const i32,
-            seqlens: bufs.cache_seqlens as *const i32,
-            ranges: plan.ranges.as_device_ptr().as_raw() as *const etap_core::WorkRange,
-            split_offsets: plan.split_offsets.as_device_ptr().as_raw() as *const u32,
-            out: bufs.out as *mut u16,
-            lse: bufs.lse as *mut f32,
-            o_accum: plan.o_accum.as_device_ptr().as_raw() as *mut f32,
-            lse_accum: plan.lse_accum.as_device_ptr().as_raw() as *mut f32,
-            counters: plan.counters.as_device_ptr().as_raw() as *mut u32,
-            batch: shape.batch as u32,
-            s_q: shape.s_q as u32,
-            h_q: shape.h_q as u32,
-            max_pages: shape.max_pages as u32,
-            num_pages: shape.num_pages as u32,
-            scale_log2: scale * std::f32::consts::LOG2_E,
-        };
-        let tiling = plan.tiling;
-        // Cooperative: the CTAs that share a request wait for each other's partial results
-        // before merging them (kernels/src/merge.rs), so they must all be resident.
-        launch_cooperative(
-            self.kernels().get(tiling.kernel(dtype)),
-            (plan.parts, tiling.groups),
-            DECODE_THREADS,
-            tiling.smem_bytes(),
-            stream,
-            &mut [&mut params as *mut DecodeParams as *mut c_void],
-        )
+        Ok(())
     }
-}
-
-/// `cache_seqlens` has one entry per request.
-fn check_seqlens_len(shape: &DecodeShape, len: usize) -> Result<()> {
-    if len != shape.batch {
-        return Err(EtapError::Length {
-            arg: "cache_seqlens",
-            expected: shape.batch,
-            got: len,
-        });
-    }
-    Ok(())
-}
-
-/// `stream` belongs to the context the plan was made in.
-///
-/// # Safety
-/// `stream` is a live stream handle (or null).
-unsafe fn check_context(plan: &Plan, stream: CUstream) -> Result<()> {
-    let ctx = driver::stream_context(stream)? as usize;
-    if ctx != plan.ctx {
-        return Err(EtapError::Invalid {
-            arg: "stream",
-            why: "belongs to another CUDA context (device) than the plan".into(),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
