@@ -126,9 +126,9 @@ unsafe fn merge_request<E: Elem>(
 
 /// Merge share `k` of request `r`'s `n` splits (partials in slots `first..first + n`) for the
 /// columns `col0..col0 + cols`, once `counter` has reached `target` (every split published).
-/// The `n - 1` sharers then each add 1 as they leave the wait; the last resets it to 0. Not inlined: the decode kernels' main loops keep their
-/// registers (inlined, the merge made ptxas spill them); its arguments are plain values, so
-/// the call needs no stack frame.
+/// The `n - 1` sharers then each add 1 as they leave the wait; the last resets it to 0. Not
+/// inlined: the decode kernels' main loops keep their registers (inlined, the merge made
+/// ptxas spill them); its arguments are plain values, so the call needs no stack frame.
 ///
 /// One pass over the partials: each thread streams its item's splits, loading each split's
 /// lse with its 4 features, and keeps an online max, rescaled sum and accumulator (as the
