@@ -1261,3 +1261,100 @@ fn unwritten_rows_fail_in_unsampled_requests() {
     assert!(check(&out, &bad).unwritten.unwrap().contains("sees rows"));
     assert!(!check(&out[1..], &lse).passes(), "a short out");
 }
+
+// --- FP8 KV-cache formats (etap::fp8) ----------------------------------------------------------
+
+/// A bf16 cache of `pages` pages with values of standard deviation 2^`log_std`, a few exact
+/// zeros and one large value per token (so tiles have a spread of magnitudes).
+fn fp8_test_cache(pages: usize, log_std: i32, seed: u64) -> Vec<Bf16> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let std = 2f32.powi(log_std);
+    let mut v: Vec<Bf16> = (0..pages * PAGE_ROWS * D_QK)
+        .map(|i| {
+            if i % 97 == 0 {
+                Bf16::from_f32(0.0)
+            } else if i % 576 == 5 {
+                Bf16::from_f32(std * 37.0)
+            } else {
+                Bf16::from_f32(rng.gen_range(-3.0f32..3.0) * std)
+            }
+        })
+        .collect();
+    v[0] = Bf16::from_f32(-std);
+    v
+}
+
+/// FlashMLA's quantizer transcribed literally, a token at a time, into its [page][65][656]
+/// layout: the 512 latent values divided by their tile's scale and cast, the 4 scales, the 64
+/// RoPE values' bf16 bytes.
+fn fp8_656_literal(cache: &[Bf16], pages: usize) -> Vec<u8> {
+    let mut out = vec![vec![vec![0u8; 656]; 65]; pages];
+    for (p, page) in out.iter_mut().enumerate() {
+        for (t, tok) in page.iter_mut().enumerate().take(64) {
+            let x: Vec<f32> = cache[(p * 64 + t) * 576..][..576].iter().map(|v| v.to_f32()).collect();
+            for tile in 0..4 {
+                let amax = x[tile * 128..(tile + 1) * 128]
+                    .iter()
+                    .map(|v| v.abs())
+                    .fold(0f32, f32::max);
+                let inv = 2f32.powf((amax / 448.0).max(1e-4).log2().ceil());
+                for i in 0..128 {
+                    tok[tile * 128 + i] = etap::fp8::e4m3_from_f32(x[tile * 128 + i] / inv);
+                }
+                tok[512 + 4 * tile..516 + 4 * tile].copy_from_slice(&inv.to_le_bytes());
+            }
+            for i in 0..64 {
+                let bits = bytemuck::cast::<Bf16, u16>(cache[(p * 64 + t) * 576 + 512 + i]);
+                tok[528 + 2 * i..530 + 2 * i].copy_from_slice(&bits.to_le_bytes());
+            }
+        }
+    }
+    out.into_iter().flatten().flatten().collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// FlashMLA's 656-byte format: the bytes are those of a literal transcription of its
+    /// quantizer, and dequantized values are within e4m3's rounding of the input: half a unit
+    /// of its 3-bit mantissa relative (2^-4), or half its subnormal spacing (2^-10 x the scale);
+    /// the RoPE part comes back bit for bit.
+    #[test]
+    fn fp8_656_matches_flashmla_layout_and_round_trips(pages in 1usize..3, log_std in -14i32..9, seed in any::<u64>()) {
+        let cache = fp8_test_cache(pages, log_std, seed);
+        let q = etap::fp8::quantize_fp8_656(&cache, pages);
+        prop_assert_eq!(q.len(), pages * 65 * 656);
+        prop_assert!(q == fp8_656_literal(&cache, pages), "bytes differ from the literal transcription");
+        let back = etap::fp8::dequantize_fp8_656(&q, pages);
+        for (i, (x, y)) in cache.iter().zip(&back).enumerate() {
+            let (x, y) = (x.to_f32(), y.to_f32());
+            if i % 576 >= 512 {
+                prop_assert_eq!(x.to_bits(), y.to_bits(), "rope value {} changed", i);
+                continue;
+            }
+            let tile = &cache[i / 576 * 576 + i % 576 / 128 * 128..][..128];
+            let amax = tile.iter().map(|v| v.to_f32().abs()).fold(0f32, f32::max);
+            let scale = etap::fp8::fp8_656_scale(amax);
+            let bound = (x.abs() * 2f32.powi(-4)).max(scale * 2f32.powi(-10));
+            prop_assert!((x - y).abs() <= bound, "value {}: {} -> {} (scale {})", i, x, y, scale);
+        }
+    }
+
+    /// Per-tensor e4m3: the largest magnitude maps to 448 at most, and every value comes back
+    /// within e4m3's rounding (relative 2^-4, or 2^-10 x the scale near zero).
+    #[test]
+    fn fp8_per_tensor_round_trips(log_std in -14i32..9, seed in any::<u64>()) {
+        let cache = fp8_test_cache(1, log_std, seed);
+        let scale = etap::fp8::per_tensor_scale(&cache);
+        let q = etap::fp8::quantize_e4m3_per_tensor(&cache, scale);
+        prop_assert!(q.iter().all(|&b| b & 0x7F != 0x7F), "a NaN code");
+        let back = etap::fp8::dequantize_e4m3_per_tensor(&q, scale);
+        for (i, (x, y)) in cache.iter().zip(&back).enumerate() {
+            let (x, y) = (x.to_f32(), y.to_f32());
+            // The bf16 rounding of the product adds at most 2^-9 relative (2^-8 allowed here).
+            let bound = (x.abs() * (2f32.powi(-4) + 2f32.powi(-8))).max(scale * 2f32.powi(-10));
+            prop_assert!((x - y).abs() <= bound, "value {}: {} -> {} (scale {})", i, x, y, scale);
+        }
+    }
+}

@@ -13,6 +13,7 @@ pub mod decoder;
 pub mod driver;
 pub mod dtype;
 pub mod error;
+pub mod fp8;
 pub mod gpu;
 pub mod interop;
 pub mod metrics;
