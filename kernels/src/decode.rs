@@ -19,6 +19,7 @@
 //! At the end of each segment (the part's pages of one request) the consumers write either the
 //! final output (when the request has one split) or a partial O and lse, which the CTAs of the
 //! request then merge (`merge`).
+use crate::barriers::{CONSUMERS as BAR_CONSUMERS, IDLE as BAR_IDLE, OWN as BAR_OWN, TURN as BAR_TURN};
 use crate::device::{index, math, mbarrier, smem, sync, tma};
 use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
@@ -42,13 +43,6 @@ const _: () = assert!(
     (ENTRY_REGS - PRODUCER_REGS) * index::WARPGROUP >= (CONSUMER_REGS - ENTRY_REGS) * CONSUMERS * index::WARPGROUP,
     "the consumers would take more registers than the producer gives back"
 );
-/// Named barrier over both consumer warpgroups (ids 1 and 2 are the warpgroups' own).
-const BAR_CONSUMERS: u32 = 3;
-/// Named barriers of the tensor-core turn of warpgroup 0 and 1 ([`tile::Turn`]).
-const BAR_TURN: u32 = 4;
-/// Named barrier of the producer warpgroup's three idle warps (`merge::publish_empty_splits`);
-/// above every consumer barrier of both kernels (1-5).
-const BAR_IDLE: u32 = 6;
 
 pub use etap_core::contract::DecodeParams;
 
@@ -298,7 +292,7 @@ unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRang
     let t = index::thread_x();
     let wg = t / index::WARPGROUP;
     let tw = t % index::WARPGROUP;
-    let bar_id = 1 + wg;
+    let bar_id = BAR_OWN + wg;
     let cols = 2 * NW as u32;
     let p_tile = sm.p + wg * NW as u32 * ROW_BYTES;
     let red = sm.red + wg * 2 * 4 * NW as u32 * 4;

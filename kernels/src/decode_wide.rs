@@ -19,6 +19,7 @@
 //! requests (h_q = 128, or s_q * h_q > 64) are cut into column groups of 64 rows, one CTA
 //! each; the CTAs of one part read the same pages at about the same time, so that the second
 //! read of a page is mostly an L2 hit (docs/perf-notes.md).
+use crate::barriers::{CONSUMERS as BAR_CONSUMERS, OWN as BAR_OWN, P_FREE as BAR_P_FREE, P_READY as BAR_P_READY};
 use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES, THREADS};
 use crate::device::{index, mbarrier, smem, sync};
 use crate::elem::{Bf16, Elem, F16};
@@ -26,17 +27,6 @@ use crate::merge;
 use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
 use etap_core::{visible_rows, WorkRange, PAGE_ROWS, QK_BLOCKS};
-
-/// Named barriers of each consumer warpgroup alone (1 + warpgroup), as in the ETAP kernel.
-const BAR_OWN: u32 = 1;
-/// Named barrier over both consumer warpgroups.
-const BAR_CONSUMERS: u32 = 3;
-/// Named barrier: the helper warpgroup (1) is done with the P tile and alpha, the scorer (0)
-/// may overwrite them. Both warpgroups wait at it (the helper has nothing else to do then; an
-/// arrive would do, but compute-sanitizer's racecheck does not follow arrive/sync pairs).
-const BAR_P_FREE: u32 = 4;
-/// Named barrier: the scorer has written P and alpha, the helper may read them (both wait).
-const BAR_P_READY: u32 = 5;
 
 /// The kernel's shared memory: Q (64 rows), the two-page ring, one P tile, the scorer's
 /// hand-overs (`red`: the rows' rescale factors, `red_sum`: their 1 / l at a segment's end;

@@ -7,6 +7,7 @@
 //! - [`decode`]: the split-KV ETAP decode kernel.
 //! - [`decode_wide`]: the heads-on-M decode kernel for requests of 32 or more (token, head)
 //!   rows, sharing the ETAP kernel's producer, ring and partial outputs.
+//! - [`barriers`]: the named barriers' ids, one list for both decode kernels.
 //! - [`merge`]: the decode kernels' own merge of each request's splits by their lse.
 //! - [`schedule`]: the one-thread kernel that runs `etap_core::schedule` on device seqlens.
 //! - [`tile_gemm`]: a test kernel proving descriptors and layouts on the hardware.
@@ -14,6 +15,7 @@
 #![feature(abi_ptx, asm_experimental_arch)]
 #![allow(clippy::missing_safety_doc)]
 
+pub mod barriers;
 pub mod decode;
 pub mod decode_wide;
 pub mod device;
