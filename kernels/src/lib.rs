@@ -4,9 +4,10 @@
 //! - [`elem`]: the element type (bf16, fp16) as a type the kernels are generic over.
 //! - [`tile`]: the named tile operations the kernels are written in (load tile,
 //!   S^T = K·Q^T, column softmax, O^T += V^T·P^T, store), as ThunderKittens keeps its tile ops.
-//! - [`decode`]: the split-KV ETAP decode kernel.
-//! - [`decode_wide`]: the heads-on-M decode kernel for requests of 32 or more (token, head)
-//!   rows, sharing the ETAP kernel's producer, ring and partial outputs.
+//! - [`decode`]: the decode kernels' frame (the parameter block, the shared-memory layout, the
+//!   prologue, the producer and its TMA ring); [`decode::kv_on_m`] the ETAP (KV rows on M)
+//!   consumer and kernels, [`decode::heads_on_m`] the heads-on-M one for requests of 32 or more
+//!   (token, head) rows.
 //! - [`barriers`]: the named barriers' ids, one list for both decode kernels.
 //! - [`merge`]: the decode kernels' own merge of each request's splits by their lse.
 //! - [`schedule`]: the one-thread kernel that runs `etap_core::schedule` on device seqlens.
@@ -17,7 +18,6 @@
 
 pub mod barriers;
 pub mod decode;
-pub mod decode_wide;
 pub mod device;
 pub mod elem;
 pub mod merge;

@@ -19,8 +19,8 @@
 //! requests (h_q = 128, or s_q * h_q > 64) are cut into column groups of 64 rows, one CTA
 //! each; the CTAs of one part read the same pages at about the same time, so that the second
 //! read of a page is mostly an L2 hit (docs/perf-notes.md).
+use super::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES, THREADS};
 use crate::barriers::{CONSUMERS as BAR_CONSUMERS, OWN as BAR_OWN, P_FREE as BAR_P_FREE, P_READY as BAR_P_READY};
-use crate::decode::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES, THREADS};
 use crate::device::{index, mbarrier, smem, sync};
 use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
