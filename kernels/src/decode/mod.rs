@@ -1,8 +1,10 @@
-//! The ETAP split-KV decode kernel.
+//! The split-KV decode kernels' frame, shared by the ETAP kernel ([`kv_on_m`]) and the
+//! heads-on-M one ([`heads_on_m`]): the parameter block, the shared-memory layout, the prologue,
+//! the producer warpgroup and its TMA ring, the register hand-over.
 //!
 //! One CTA per (part, column group). A part is a contiguous run of KV pages over one or more
 //! requests (the scheduler's [`WorkRange`]); a column group is up to 64 of a request's
-//! `s_q * h_q` (token, head) columns. Per page of 64 KV rows:
+//! `s_q * h_q` (token, head) columns. Per page of 64 KV rows, in the ETAP kernel:
 //!
 //! ```text
 //!   S^T[64 x cols] = K[64 x 576] · Q^T[576 x cols]      KV rows on wgmma M: nothing padded
@@ -48,7 +50,7 @@ const _: () = assert!(
 pub use etap_core::contract::DecodeParams;
 
 /// Shared-memory layout for a CTA of `COLS` columns (two warpgroups of COLS/2). The wide
-/// kernel (`decode_wide`) lays out the same fields its own way.
+/// kernel (`heads_on_m`) lays out the same fields its own way.
 pub(crate) struct Smem {
     pub(crate) q: u32,
     pub(crate) pages: u32,

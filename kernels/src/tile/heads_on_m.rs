@@ -6,7 +6,7 @@ use crate::unroll;
 use etap_core::{PAGE_ROWS, V_BLOCKS};
 
 // ---------------------------------------------------------------------------------------------
-// Heads on M: the tile operations of the wide kernel (`decode_wide`), for requests with
+// Heads on M: the tile operations of the wide kernel (`decode::heads_on_m`), for requests with
 // s_q * h_q >= 32 columns, where a 64-row wgmma M is (nearly) filled by (token, head) rows
 // and padding no longer wastes much of the tensor cores. Per page, warpgroup 0 (the scorer) computes all of S and
 // the softmax; both warpgroups then update their half of O (256 features each):
