@@ -220,7 +220,7 @@ impl State {
     fn merge(&mut self, o: &State) {
         let m = math::fmax(self.m, o.m);
         // Both -inf: nothing seen yet; keep the weights finite (0).
-        let safe = if m == f32::NEG_INFINITY { 0.0 } else { m };
+        let safe = math::max_base(m);
         let a = math::exp2((self.m - safe) * core::f32::consts::LOG2_E);
         let b = math::exp2((o.m - safe) * core::f32::consts::LOG2_E);
         self.sum = self.sum * a + o.sum * b;
@@ -297,7 +297,7 @@ impl ShareItems {
                     unroll!(u < U, max 8 => {
                         m = math::fmax(m, l[p][u]);
                     });
-                    let safe = if m == f32::NEG_INFINITY { 0.0 } else { m };
+                    let safe = math::max_base(m);
                     let scale = math::exp2((st[p].m - safe) * core::f32::consts::LOG2_E);
                     st[p].sum *= scale;
                     for d in 0..4 {

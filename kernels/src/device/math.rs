@@ -2,6 +2,18 @@
 use crate::elem::Elem;
 use core::arch::asm;
 
+/// What an online softmax subtracts for a running maximum `m`: `m`, or 0 while `m` is -inf
+/// (nothing seen yet), so that `exp2(-inf - base)` is 0, not NaN. The ETAP and the heads-on-M
+/// softmax and the split merge all use it.
+#[inline(always)]
+pub fn max_base(m: f32) -> f32 {
+    if m == f32::NEG_INFINITY {
+        0.0
+    } else {
+        m
+    }
+}
+
 /// 2^x, the SFU's approximation (max relative error 2^-22), as the softmax uses it.
 #[inline(always)]
 pub fn exp2(x: f32) -> f32 {

@@ -127,9 +127,8 @@ pub unsafe fn row_softmax_n<const N: usize>(
         x = math::fmax(x, sync::shfl_xor_f32(x, 1));
         x = math::fmax(x, sync::shfl_xor_f32(x, 2));
         let m_new = math::fmax(st.m[h], x * scale_log2);
-        // A row that has seen no KV row yet keeps m = -inf; subtract 0 instead so that
-        // exp2(-inf - m) is 0, not NaN.
-        m_use[h] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
+        // A row that has seen no KV row yet keeps m = -inf (and subtracts 0).
+        m_use[h] = math::max_base(m_new);
         alpha[h] = math::exp2(st.m[h] - m_use[h]);
         st.m[h] = m_new;
         st.l[h] *= alpha[h];

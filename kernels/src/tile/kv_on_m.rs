@@ -143,9 +143,8 @@ pub unsafe fn column_softmax<const NW: usize>(
             x = math::fmax(x, smem::ld_f32(red + (w * NW as u32 + col) * 4));
         }
         let m_new = math::fmax(st.m[slot], x);
-        // A column that has seen no row yet keeps m = -inf; subtract 0 instead so that
-        // exp2(-inf - m) is 0, not NaN.
-        m_use[slot] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
+        // A column that has seen no row yet keeps m = -inf (and subtracts 0).
+        m_use[slot] = math::max_base(m_new);
         let alpha = math::exp2(st.m[slot] - m_use[slot]);
         st.m[slot] = m_new;
         st.l[slot] *= alpha;
