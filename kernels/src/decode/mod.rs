@@ -72,6 +72,14 @@ impl Smem {
         let red = p + CONSUMERS * nw * ROW_BYTES;
         // Per warpgroup: 2 buffers x 4 warps x nw floats.
         let bars = red + CONSUMERS * 2 * 4 * nw * 4;
+        Smem::with_barriers_at(q, pages, p, red, bars)
+    }
+
+    /// The layout of buffers at `q`, `pages`, `p`, `red`, with the ring's mbarriers (full and
+    /// empty per stage, then Q's full and empty, 8 bytes each) from `bars` on: both kernels'
+    /// layouts end this way.
+    #[inline(always)]
+    pub(crate) fn with_barriers_at(q: u32, pages: u32, p: u32, red: u32, bars: u32) -> Smem {
         Smem {
             q,
             pages,

@@ -84,21 +84,14 @@ pub unsafe fn load_kv_tile(map: *const TensorMap, dst: u32, bar: u32, row: i32, 
     }
 }
 
-/// Issue the TMA loads of `cols` query rows starting at global row `row` into `dst`.
+/// Issue the TMA loads of `cols` query rows starting at global row `row` into `dst`: the same
+/// nine boxes as a KV tile's, of `cols` rows.
 ///
 /// # Safety
 /// As [`load_kv_tile`]; `dst` holds 9 blocks of `cols` rows.
 #[inline(always)]
 pub unsafe fn load_q(map: *const TensorMap, dst: u32, bar: u32, row: i32, cols: u32) {
-    for blk in 0..QK_BLOCKS as u32 {
-        tma::load_2d(
-            map,
-            dst + blk * cols * ROW_BYTES,
-            bar,
-            (blk * BLOCK_COLS as u32) as i32,
-            row,
-        );
-    }
+    load_kv_tile(map, dst, bar, row, cols)
 }
 
 /// D[64 x N] = A[64 x 576] · B[N x 576]^T, both operands K-major 128-byte-swizzled tiles of
