@@ -6,8 +6,8 @@ use etap::reference::{mla_decode, mla_decode_f64, mla_decode_into, mla_decode_re
 use etap::validate::{validate_lengths, validate_shape, validate_tables};
 use etap::{Bf16, DecodeShape, Dtype, Element, EtapError, F16};
 use etap_core::{
-    lse_index, max_splits, pages_of, schedule, visible_rows, WorkRange, D_QK, D_V, PAGE_ROWS, SPLIT_COST_PAGES,
-    SUPPORTED_HEADS,
+    lse_index, max_splits, schedule, tiles_of, visible_rows, WorkRange, D_QK, D_V, SPLIT_COST_PAGES, SUPPORTED_HEADS,
+    TILE_ROWS,
 };
 use etap_tests::{max_abs_diff_lse, max_abs_diff_lse_f64, rel_err, rel_err_f64, Case, CaseSpec};
 use proptest::prelude::*;
@@ -42,7 +42,7 @@ fn part_costs(seqlens: &[i32], max_pages: u32, ranges: &[WorkRange]) -> Vec<u64>
             }
             (range.begin_req..=range.end_req)
                 .map(|r| {
-                    let (lo, hi) = range.segment(r, pages_of(seqlens[r as usize], max_pages));
+                    let (lo, hi) = range.segment(r, tiles_of(seqlens[r as usize], max_pages));
                     if lo == hi {
                         0
                     } else {
@@ -65,7 +65,7 @@ fn check_ranges(
 ) -> Result<(), TestCaseError> {
     let b = seqlens.len();
     let num_parts = ranges.len();
-    let pages: Vec<u32> = seqlens.iter().map(|&s| pages_of(s, max_pages)).collect();
+    let pages: Vec<u32> = seqlens.iter().map(|&s| tiles_of(s, max_pages)).collect();
 
     // split_offsets is a prefix sum ending at the returned total.
     prop_assert_eq!(offsets[0], 0);
@@ -198,7 +198,7 @@ proptest! {
         extra_slots in 0u32..3,
         num_parts in prop_oneof![1..=8usize, 1..=264usize, Just(132usize), Just(264usize)],
     ) {
-        let needed = seqlens.iter().map(|&s| pages_of(s, u32::MAX)).max().unwrap();
+        let needed = seqlens.iter().map(|&s| tiles_of(s, u32::MAX)).max().unwrap();
         let max_pages = (needed + extra_slots).max(1);
         check_schedule(&seqlens, max_pages, num_parts)?;
     }
@@ -217,7 +217,7 @@ fn schedule_fixed_cases() {
         ((0..64).map(|i| i * 311).collect(), 78),
     ];
     for (seqlens, parts) in cases {
-        let max_pages = seqlens.iter().map(|&s| pages_of(s, u32::MAX)).max().unwrap().max(1);
+        let max_pages = seqlens.iter().map(|&s| tiles_of(s, u32::MAX)).max().unwrap().max(1);
         check_schedule(&seqlens, max_pages, parts).unwrap_or_else(|e| panic!("{seqlens:?} over {parts} parts: {e}"));
     }
 }
@@ -301,8 +301,8 @@ fn naive<T: Element>(c: &Case<T>) -> (Vec<f64>, Vec<f64>) {
                 let qrow = &c.q[((r * sh.s_q + t) * sh.h_q + h) * D_QK..][..D_QK];
                 let rows: Vec<&[T]> = (0..vis)
                     .map(|j| {
-                        let page = c.block_table[r * sh.max_pages + j / PAGE_ROWS] as usize;
-                        &c.cache[(page * PAGE_ROWS + j % PAGE_ROWS) * D_QK..][..D_QK]
+                        let page = c.block_table[r * sh.max_pages + j / TILE_ROWS] as usize;
+                        &c.cache[(page * TILE_ROWS + j % TILE_ROWS) * D_QK..][..D_QK]
                     })
                     .collect();
                 let s: Vec<f64> = rows
@@ -349,8 +349,8 @@ fn attend_rows<T: Element>(c: &Case<T>, r: usize, t: usize, h: usize, rows: std:
     }
     let q = &c.q[((r * sh.s_q + t) * sh.h_q + h) * D_QK..][..D_QK];
     let kv = |j: usize| {
-        let page = c.block_table[r * sh.max_pages + j / PAGE_ROWS] as usize;
-        &c.cache[(page * PAGE_ROWS + j % PAGE_ROWS) * D_QK..][..D_QK]
+        let page = c.block_table[r * sh.max_pages + j / TILE_ROWS] as usize;
+        &c.cache[(page * TILE_ROWS + j % TILE_ROWS) * D_QK..][..D_QK]
     };
     let s: Vec<f64> = rows.clone().map(|j| c.softmax_scale as f64 * dot64(q, kv(j))).collect();
     let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -396,7 +396,7 @@ fn check_split_merge<T: Element>(c: &Case<T>, num_parts: usize) -> Result<(), Te
     let mut splits: Vec<Vec<(u32, u32, u32)>> = vec![Vec::new(); sh.batch];
     for range in ranges.iter().filter(|r| r.empty == 0) {
         for r in range.begin_req..=range.end_req {
-            let (lo, hi) = range.segment(r, pages_of(c.seqlens[r as usize], max_pages));
+            let (lo, hi) = range.segment(r, tiles_of(c.seqlens[r as usize], max_pages));
             if lo < hi {
                 let split = if r == range.begin_req { range.first_split } else { 0 };
                 splits[r as usize].push((split, lo, hi));
@@ -414,7 +414,7 @@ fn check_split_merge<T: Element>(c: &Case<T>, num_parts: usize) -> Result<(), Te
             for h in 0..sh.h_q {
                 let parts: Vec<(Vec<f64>, f64)> = s
                     .iter()
-                    .map(|&(_, lo, hi)| attend_rows(c, r, t, h, lo as usize * PAGE_ROWS..hi as usize * PAGE_ROWS))
+                    .map(|&(_, lo, hi)| attend_rows(c, r, t, h, lo as usize * TILE_ROWS..hi as usize * TILE_ROWS))
                     .collect();
                 let (o, l) = merge_splits(&parts);
                 out[((r * sh.s_q + t) * sh.h_q + h) * D_V..][..D_V].copy_from_slice(&o);
@@ -540,8 +540,8 @@ fn request_reference_is_a_slice_of_the_batch() {
 // ---------------------------------------------------------------------------------------------
 
 fn row<T: Element>(c: &Case<T>, r: usize, j: usize) -> &[T] {
-    let page = c.block_table[r * c.shape.max_pages + j / PAGE_ROWS] as usize;
-    &c.cache[(page * PAGE_ROWS + j % PAGE_ROWS) * D_QK..][..D_QK]
+    let page = c.block_table[r * c.shape.max_pages + j / TILE_ROWS] as usize;
+    &c.cache[(page * TILE_ROWS + j % TILE_ROWS) * D_QK..][..D_QK]
 }
 
 fn qrow<T: Element>(c: &Case<T>, r: usize, t: usize, h: usize) -> &[T] {
@@ -599,8 +599,8 @@ fn causal_mask_hides_the_last_row_from_token_zero() {
     let (out, lse) = c.reference();
     let mut poisoned = c.clone();
     let last = seqlen as usize - 1;
-    let page = poisoned.block_table[last / PAGE_ROWS] as usize;
-    poisoned.cache[(page * PAGE_ROWS + last % PAGE_ROWS) * D_QK..][..D_QK].fill(Bf16::nan());
+    let page = poisoned.block_table[last / TILE_ROWS] as usize;
+    poisoned.cache[(page * TILE_ROWS + last % TILE_ROWS) * D_QK..][..D_QK].fill(Bf16::nan());
     let (pout, plse) = poisoned.reference();
     let h_q = 16;
     for h in 0..h_q {
@@ -683,8 +683,8 @@ fn case_generator_poisons_what_nobody_may_read() {
     assert_eq!(sorted.len(), 5);
     // Row 65 of request 0 (second page, row 1) is NaN, row 64 is not.
     let page = c.block_table[1] as usize;
-    assert!(c.cache[(page * PAGE_ROWS + 1) * D_QK].to_f32().is_nan());
-    assert!(c.cache[(page * PAGE_ROWS) * D_QK].to_f32().is_finite());
+    assert!(c.cache[(page * TILE_ROWS + 1) * D_QK].to_f32().is_nan());
+    assert!(c.cache[(page * TILE_ROWS) * D_QK].to_f32().is_finite());
     // Request 1 has no pages: all its slots are junk.
     assert!(c.block_table[c.shape.max_pages..][..c.shape.max_pages]
         .iter()
@@ -1270,7 +1270,7 @@ fn fp8_test_cache(pages: usize, log_std: i32, seed: u64) -> Vec<Bf16> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let std = 2f32.powi(log_std);
-    let mut v: Vec<Bf16> = (0..pages * PAGE_ROWS * D_QK)
+    let mut v: Vec<Bf16> = (0..pages * TILE_ROWS * D_QK)
         .map(|i| {
             if i % 97 == 0 {
                 Bf16::from_f32(0.0)

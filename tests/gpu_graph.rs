@@ -16,7 +16,7 @@ use cust::memory::{CopyDestination, DeviceBuffer};
 use etap::driver::{Graph, RawStream};
 use etap::gpu::decoder_or_skip;
 use etap::{Bf16, DecodeShape, Decoder, Element, Layout, Plan, RawBuffers};
-use etap_core::{pages_of, PAGE_ROWS};
+use etap_core::{tiles_of, TILE_ROWS};
 use etap_tests::{Case, CaseSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -118,8 +118,8 @@ fn step_case(base: &Case<Bf16>, seqlens: &[i32], rng: &mut StdRng) -> Case<Bf16>
     for (r, &s) in seqlens.iter().enumerate() {
         let old = base.seqlens[r].max(0) as usize;
         for row in s.max(0) as usize..old {
-            let page = c.block_table[r * mp + row / PAGE_ROWS] as usize;
-            let at = (page * PAGE_ROWS + row % PAGE_ROWS) * d;
+            let page = c.block_table[r * mp + row / TILE_ROWS] as usize;
+            let at = (page * TILE_ROWS + row % TILE_ROWS) * d;
             c.cache[at..at + d].fill(Bf16::nan());
         }
     }
@@ -262,9 +262,9 @@ fn stale_plan_reads_only_planned_pages() {
             // rows; a request the plan saw empty is written empty.
             let read: Vec<i32> = (0..shape.batch)
                 .map(|r| {
-                    let pages = pages_of(now[r], shape.max_pages as u32);
+                    let pages = tiles_of(now[r], shape.max_pages as u32);
                     let cover = covered_pages(&plan, &offsets, r, pages);
-                    now[r].min((cover as usize * PAGE_ROWS) as i32)
+                    now[r].min((cover as usize * TILE_ROWS) as i32)
                 })
                 .collect();
             let expect = step_case(&case, &read, &mut StdRng::seed_from_u64(0));
@@ -327,7 +327,7 @@ fn bad_block_table_entries_read_zeros() {
             softmax_scale: case.softmax_scale,
             seed: case.seed,
         };
-        expect.cache.extend(vec![Bf16::from_f32(0.0); PAGE_ROWS * shape.d_qk]);
+        expect.cache.extend(vec![Bf16::from_f32(0.0); TILE_ROWS * shape.d_qk]);
         for &(r, slot, _) in &bad {
             expect.block_table[r * mp + slot] = zero_page as i32;
         }

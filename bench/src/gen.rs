@@ -3,7 +3,7 @@
 //! (a sum of four uniforms) and never zero. Cache rows past each request's length and the
 //! unused pages hold NaN; the block table maps each request to shuffled, non-contiguous pages.
 use etap::{DecodeShape, Element};
-use etap_core::{D_QK, PAGE_ROWS};
+use etap_core::{D_QK, TILE_ROWS};
 
 /// Pages in the cache that no request uses (all NaN).
 pub const EXTRA_PAGES: usize = 16;
@@ -95,7 +95,7 @@ pub fn fill_rows<T: Element>(buf: &mut [T], row_len: usize, seed: u64, live: &(d
 
 /// Pages of a request of `seqlen` rows.
 pub fn pages_for(seqlen: i32) -> usize {
-    (seqlen.max(0) as usize).div_ceil(PAGE_ROWS)
+    (seqlen.max(0) as usize).div_ceil(TILE_ROWS)
 }
 
 /// The block table of a batch: `(shape, block_table, live rows of each page)`. Each request
@@ -127,7 +127,7 @@ pub fn block_table(
             let page = perm[next] as usize;
             next += 1;
             table[r * max_pages + slot] = page as i32;
-            live[page] = (len as usize - slot * PAGE_ROWS).min(PAGE_ROWS) as u8;
+            live[page] = (len as usize - slot * TILE_ROWS).min(TILE_ROWS) as u8;
         }
     }
     (shape, table, live)
@@ -149,7 +149,7 @@ pub fn generate<T: Element>(batch: usize, s_q: usize, h_q: usize, seqlens: &[i32
     fill_rows(&mut q, D_QK, mix(seed ^ 0x0051), &|_| true);
     let mut cache = vec![T::default(); shape.cache_len()];
     fill_rows(&mut cache, D_QK, mix(seed ^ 0xCAC4E), &|row| {
-        row % PAGE_ROWS < live[row / PAGE_ROWS] as usize
+        row % TILE_ROWS < live[row / TILE_ROWS] as usize
     });
     HostInputs {
         shape,
@@ -225,9 +225,9 @@ mod tests {
                 let page = e as usize;
                 assert!(!seen[page], "page {page} used twice");
                 seen[page] = true;
-                for row in 0..PAGE_ROWS {
-                    let v = x.cache[(page * PAGE_ROWS + row) * D_QK].to_f32();
-                    let live = slot * PAGE_ROWS + row < len as usize;
+                for row in 0..TILE_ROWS {
+                    let v = x.cache[(page * TILE_ROWS + row) * D_QK].to_f32();
+                    let live = slot * TILE_ROWS + row < len as usize;
                     assert_eq!(live, v.is_finite(), "request {r} slot {slot} row {row}");
                     assert!(v != 0.0);
                 }
@@ -235,7 +235,7 @@ mod tests {
         }
         // Unused pages are NaN throughout.
         for (page, _) in seen.iter().enumerate().filter(|(_, &u)| !u) {
-            let p = &x.cache[page * PAGE_ROWS * D_QK..(page + 1) * PAGE_ROWS * D_QK];
+            let p = &x.cache[page * TILE_ROWS * D_QK..(page + 1) * TILE_ROWS * D_QK];
             assert!(p.iter().all(|v| v.to_f32().is_nan()));
         }
         // Not the identity mapping, and the same for the same seed.

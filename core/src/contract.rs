@@ -2,7 +2,7 @@
 //! the kernels' parameter block, the tensor-map type, the launch shape, the shared-memory sizes
 //! and the kernels' names. Nothing here is copied on either side; compile-time asserts pin the
 //! layout.
-use crate::{pages_of, rows_of, WorkRange, PAGE_ROWS, QK_BLOCKS};
+use crate::{rows_of, tiles_of, WorkRange, QK_BLOCKS, TILE_ROWS};
 
 /// A CUtensorMap (128 bytes, 64-byte aligned), encoded on the host by `cuTensorMapEncodeTiled`
 /// and kept in global memory, where the kernels' copy engine reads it.
@@ -24,7 +24,7 @@ pub const DECODE_THREADS: u32 = (CONSUMERS + 1) * WARPGROUP;
 /// Bytes of one 128-byte swizzle row: a shared-memory tile row of 64 16-bit elements.
 pub const ROW_BYTES: u32 = 128;
 /// Bytes of one page of KV in shared memory: 64 rows of 576 16-bit elements.
-pub const PAGE_BYTES: u32 = QK_BLOCKS as u32 * PAGE_ROWS as u32 * ROW_BYTES;
+pub const TILE_BYTES: u32 = QK_BLOCKS as u32 * TILE_ROWS as u32 * ROW_BYTES;
 /// (token, head) rows of a heads-on-M (wide) CTA: one wgmma M.
 pub const WIDE_ROWS: u32 = 64;
 /// The most dynamic shared memory a CTA may have on sm_90 (227 KiB).
@@ -37,7 +37,7 @@ pub const MAX_SMEM: u32 = 232_448;
 pub const fn decode_smem_bytes(cols: u32) -> u32 {
     let nw = cols / 2;
     QK_BLOCKS as u32 * cols * ROW_BYTES
-        + STAGES * PAGE_BYTES
+        + STAGES * TILE_BYTES
         + CONSUMERS * nw * ROW_BYTES
         + CONSUMERS * 2 * 4 * nw * 4
         + 16 * STAGES
@@ -49,7 +49,7 @@ pub const fn decode_smem_bytes(cols: u32) -> u32 {
 /// each in slots sized for two warpgroups), the mbarriers.
 pub const fn wide_smem_bytes() -> u32 {
     QK_BLOCKS as u32 * WIDE_ROWS * ROW_BYTES
-        + STAGES * PAGE_BYTES
+        + STAGES * TILE_BYTES
         + WIDE_ROWS * ROW_BYTES
         + 4 * WIDE_ROWS * 4
         + 16 * STAGES
@@ -161,7 +161,7 @@ impl DecodeParams {
     #[inline(always)]
     pub unsafe fn segment(&self, range: &WorkRange, r: u32) -> (u32, u32, u32) {
         let seqlen = *self.seqlens.add(r as usize);
-        let (lo, hi) = range.segment(r, pages_of(seqlen, self.max_pages));
+        let (lo, hi) = range.segment(r, tiles_of(seqlen, self.max_pages));
         let hi = if self.splits(r) == 0 { lo } else { hi };
         (rows_of(seqlen, self.max_pages), lo, hi)
     }
@@ -175,7 +175,7 @@ impl DecodeParams {
         } else {
             self.num_pages
         };
-        (page * PAGE_ROWS as u32 + row) as i32
+        (page * TILE_ROWS as u32 + row) as i32
     }
 }
 

@@ -8,9 +8,10 @@
 
 pub mod contract;
 
-/// Rows of one page of the paged KV cache. It is also the wgmma M dimension: ETAP puts one page
-/// of KV rows on M, so one page is exactly one m64 tile.
-pub const PAGE_ROWS: usize = 64;
+/// Rows of one KV tile: the unit the decode kernels compute on and the scheduler splits work in.
+/// It is also the wgmma M dimension: ETAP puts one tile of KV rows on M, so one tile is exactly
+/// one m64 tile. (The cache's pages are tiles today; the name says which of the two is meant.)
+pub const TILE_ROWS: usize = 64;
 /// Width of a latent KV row and of a query row: 512 (the compressed latent, which is also V)
 /// plus 64 (the decoupled RoPE part).
 pub const D_QK: usize = 576;
@@ -45,15 +46,15 @@ pub const DECODE_ENTRY_REGS: u32 = 168;
 pub const SPLIT_COST_PAGES: u32 = 2;
 
 /// Number of pages a request of `seqlen` rows occupies, with `seqlen` clamped to
-/// `[0, max_pages * PAGE_ROWS]` (a negative length is an empty request; a length past the block
+/// `[0, max_pages * TILE_ROWS]` (a negative length is an empty request; a length past the block
 /// table's capacity is cut to it: the host API rejects it before any launch, and the clamp keeps a
 /// device-resident length that nobody checked from reaching past the block table).
 #[inline]
-pub fn pages_of(seqlen: i32, max_pages: u32) -> u32 {
+pub fn tiles_of(seqlen: i32, max_pages: u32) -> u32 {
     if seqlen <= 0 {
         0
     } else {
-        let pages = (seqlen as u32).div_ceil(PAGE_ROWS as u32);
+        let pages = (seqlen as u32).div_ceil(TILE_ROWS as u32);
         if pages > max_pages {
             max_pages
         } else {
@@ -62,13 +63,13 @@ pub fn pages_of(seqlen: i32, max_pages: u32) -> u32 {
     }
 }
 
-/// The rows of a request that the kernels read: `seqlen` clamped as in [`pages_of`].
+/// The rows of a request that the kernels read: `seqlen` clamped as in [`tiles_of`].
 #[inline]
 pub fn rows_of(seqlen: i32, max_pages: u32) -> u32 {
     if seqlen <= 0 {
         0
     } else {
-        let cap = max_pages * PAGE_ROWS as u32;
+        let cap = max_pages * TILE_ROWS as u32;
         let s = seqlen as u32;
         if s > cap {
             cap
@@ -78,8 +79,8 @@ pub fn rows_of(seqlen: i32, max_pages: u32) -> u32 {
     }
 }
 
-/// The contiguous run of work one CTA (a "part") owns: pages `[begin_page, ..)` of request
-/// `begin_req`, every page of the requests in between, and pages `[.., end_page)` of request
+/// The contiguous run of work one CTA (a "part") owns: pages `[begin_tile, ..)` of request
+/// `begin_req`, every page of the requests in between, and pages `[.., end_tile)` of request
 /// `end_req` (inclusive). Requests are visited in order; a request with no pages inside the run
 /// contributes nothing. `first_split` is the split index, within `begin_req`, of the part's first
 /// segment; every later segment of the part starts its request and so has split index 0.
@@ -87,9 +88,9 @@ pub fn rows_of(seqlen: i32, max_pages: u32) -> u32 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkRange {
     pub begin_req: u32,
-    pub begin_page: u32,
+    pub begin_tile: u32,
     pub end_req: u32,
-    pub end_page: u32,
+    pub end_tile: u32,
     pub first_split: u32,
     /// 1 when the part has no work at all.
     pub empty: u32,
@@ -99,9 +100,9 @@ pub struct WorkRange {
 impl WorkRange {
     pub const EMPTY: WorkRange = WorkRange {
         begin_req: 0,
-        begin_page: 0,
+        begin_tile: 0,
         end_req: 0,
-        end_page: 0,
+        end_tile: 0,
         first_split: 0,
         empty: 1,
         _pad: [0; 2],
@@ -123,9 +124,9 @@ impl WorkRange {
     /// past `pages` (the plan may have been made for longer seqlens).
     #[inline]
     pub fn segment(&self, r: u32, pages: u32) -> (u32, u32) {
-        let lo = if r == self.begin_req { self.begin_page } else { 0 };
-        let hi = if r == self.end_req && self.end_page < pages {
-            self.end_page
+        let lo = if r == self.begin_req { self.begin_tile } else { 0 };
+        let hi = if r == self.end_req && self.end_tile < pages {
+            self.end_tile
         } else {
             pages
         };
@@ -141,7 +142,7 @@ impl WorkRange {
 pub fn total_cost(seqlens: &[i32], max_pages: u32) -> u32 {
     let mut total = 0u32;
     for &s in seqlens {
-        let p = pages_of(s, max_pages);
+        let p = tiles_of(s, max_pages);
         if p > 0 {
             total += p + SPLIT_COST_PAGES;
         }
@@ -222,7 +223,7 @@ fn walk<R: FnMut(usize, WorkRange), S: FnMut(usize, u32)>(
     // `r` is the current request, `page` its next unassigned page and `split` the split
     // index its next segment gets.
     let mut r = 0usize;
-    while r < b && pages_of(seqlens[r], max_pages) == 0 {
+    while r < b && tiles_of(seqlens[r], max_pages) == 0 {
         r += 1;
     }
     let mut page = 0u32;
@@ -235,28 +236,28 @@ fn walk<R: FnMut(usize, WorkRange), S: FnMut(usize, u32)>(
         let last_part = last_takes_rest && p + 1 == parts;
         let mut range = WorkRange {
             begin_req: r as u32,
-            begin_page: page,
+            begin_tile: page,
             end_req: r as u32,
-            end_page: page,
+            end_tile: page,
             first_split: split,
             empty: 0,
             _pad: [0; 2],
         };
         let mut remaining = budget;
         loop {
-            let np = pages_of(seqlens[r], max_pages);
+            let np = tiles_of(seqlens[r], max_pages);
             let left = np - page;
             let cost = left + SPLIT_COST_PAGES;
             if last_part || cost <= remaining {
                 // The rest of request r fits: finish it here.
                 remaining = remaining.saturating_sub(cost);
                 range.end_req = r as u32;
-                range.end_page = np;
+                range.end_tile = np;
                 splits_out(r, split + 1);
                 r += 1;
                 page = 0;
                 split = 0;
-                while r < b && pages_of(seqlens[r], max_pages) == 0 {
+                while r < b && tiles_of(seqlens[r], max_pages) == 0 {
                     r += 1;
                 }
                 if r >= b || (!last_part && remaining <= SPLIT_COST_PAGES) {
@@ -269,7 +270,7 @@ fn walk<R: FnMut(usize, WorkRange), S: FnMut(usize, u32)>(
                 let take = remaining - SPLIT_COST_PAGES;
                 page += take;
                 range.end_req = r as u32;
-                range.end_page = page;
+                range.end_tile = page;
                 split += 1;
                 break;
             }

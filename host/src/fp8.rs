@@ -14,7 +14,7 @@
 //! above 464 (which would round to 480, NaN's code) and NaN become NaN, as PyTorch's
 //! `.to(torch.float8_e4m3fn)` does. The quantizers' scales keep every value within 448.
 use crate::dtype::{Bf16, Element};
-use etap_core::{D_QK, D_V, PAGE_ROWS};
+use etap_core::{D_QK, D_V, TILE_ROWS};
 
 /// The largest finite e4m3 value.
 pub const E4M3_MAX: f32 = 448.0;
@@ -25,7 +25,7 @@ pub const FP8_656_SCALES: usize = D_V / FP8_656_TILE;
 /// Bytes per token of the 656-byte format: 512 e4m3, 4 f32 scales, 64 bf16.
 pub const FP8_656_TOKEN_BYTES: usize = D_V + 4 * FP8_656_SCALES + 2 * (D_QK - D_V);
 /// Bytes between pages of the 656-byte format: FlashMLA's quantizer lays out 65 tokens a page.
-pub const FP8_656_PAGE_STRIDE: usize = (PAGE_ROWS + 1) * FP8_656_TOKEN_BYTES;
+pub const FP8_656_PAGE_STRIDE: usize = (TILE_ROWS + 1) * FP8_656_TOKEN_BYTES;
 /// Bytes per token of the per-tensor format.
 pub const FP8_TENSOR_TOKEN_BYTES: usize = D_QK;
 
@@ -85,11 +85,11 @@ pub fn fp8_656_scale(amax: f32) -> f32 {
 /// format: `num_pages * FP8_656_PAGE_STRIDE` bytes, token `t` of page `p` at
 /// `p * FP8_656_PAGE_STRIDE + t * 656` (each page's 65th token slot zero).
 pub fn quantize_fp8_656(cache: &[Bf16], num_pages: usize) -> Vec<u8> {
-    assert_eq!(cache.len(), num_pages * PAGE_ROWS * D_QK, "cache: [num_pages, 64, 576]");
+    assert_eq!(cache.len(), num_pages * TILE_ROWS * D_QK, "cache: [num_pages, 64, 576]");
     let mut out = vec![0u8; num_pages * FP8_656_PAGE_STRIDE];
     for p in 0..num_pages {
-        for t in 0..PAGE_ROWS {
-            let row = &cache[(p * PAGE_ROWS + t) * D_QK..][..D_QK];
+        for t in 0..TILE_ROWS {
+            let row = &cache[(p * TILE_ROWS + t) * D_QK..][..D_QK];
             let dst = &mut out[p * FP8_656_PAGE_STRIDE + t * FP8_656_TOKEN_BYTES..][..FP8_656_TOKEN_BYTES];
             for tile in 0..FP8_656_SCALES {
                 let vals = &row[tile * FP8_656_TILE..][..FP8_656_TILE];
@@ -117,11 +117,11 @@ pub fn dequantize_fp8_656(bytes: &[u8], num_pages: usize) -> Vec<Bf16> {
         num_pages * FP8_656_PAGE_STRIDE,
         "bytes: num_pages pages of the 656-byte format"
     );
-    let mut out = vec![Bf16::default(); num_pages * PAGE_ROWS * D_QK];
+    let mut out = vec![Bf16::default(); num_pages * TILE_ROWS * D_QK];
     for p in 0..num_pages {
-        for t in 0..PAGE_ROWS {
+        for t in 0..TILE_ROWS {
             let src = &bytes[p * FP8_656_PAGE_STRIDE + t * FP8_656_TOKEN_BYTES..][..FP8_656_TOKEN_BYTES];
-            let row = &mut out[(p * PAGE_ROWS + t) * D_QK..][..D_QK];
+            let row = &mut out[(p * TILE_ROWS + t) * D_QK..][..D_QK];
             for tile in 0..FP8_656_SCALES {
                 let scale = f32::from_le_bytes(src[D_V + 4 * tile..][..4].try_into().expect("4 bytes"));
                 for i in 0..FP8_656_TILE {

@@ -9,7 +9,7 @@ use crate::tma::{encode_2d, DeviceMap, TensorMap};
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::sys::CUstream;
 use etap_core::contract::{Kernel, KV_ON_M_COLS};
-use etap_core::{max_splits, COLS_PER_CTA, D_QK, D_V, PAGE_ROWS};
+use etap_core::{max_splits, COLS_PER_CTA, D_QK, D_V, TILE_ROWS};
 
 /// Columns per CTA of the ETAP (KV-on-M) kernel at most: its variants are built for 16 and 32
 /// (wider requests take the heads-on-M kernel, or several column groups when forced).
@@ -221,9 +221,9 @@ impl Plan {
         Ok(v.chunks_exact(RANGE_WORDS)
             .map(|w| etap_core::WorkRange {
                 begin_req: w[0],
-                begin_page: w[1],
+                begin_tile: w[1],
                 end_req: w[2],
-                end_page: w[3],
+                end_tile: w[3],
                 first_split: w[4],
                 empty: w[5],
                 _pad: [0; 2],
@@ -321,9 +321,9 @@ impl Plan {
             )?,
             encode_2d(
                 kv_addr,
-                (shape.num_pages * PAGE_ROWS) as u64,
+                (shape.num_pages * TILE_ROWS) as u64,
                 D_QK as u64,
-                PAGE_ROWS as u32,
+                TILE_ROWS as u32,
             )?,
         ])
     }

@@ -1,5 +1,5 @@
 //! The shape of one decode step, in FlashMLA's terms.
-use etap_core::{D_QK, D_V, PAGE_ROWS};
+use etap_core::{D_QK, D_V, TILE_ROWS};
 
 /// Shape of a decode step:
 /// - q: `[batch, s_q, h_q, d_qk]`
@@ -43,7 +43,7 @@ impl DecodeShape {
         self.batch * self.s_q * self.h_q * self.d_qk
     }
     pub fn cache_len(&self) -> usize {
-        self.num_pages * PAGE_ROWS * self.d_qk
+        self.num_pages * TILE_ROWS * self.d_qk
     }
     pub fn block_table_len(&self) -> usize {
         self.batch * self.max_pages
@@ -56,6 +56,6 @@ impl DecodeShape {
     }
     /// Rows the block table can hold per request.
     pub fn capacity(&self) -> usize {
-        self.max_pages * PAGE_ROWS
+        self.max_pages * TILE_ROWS
     }
 }

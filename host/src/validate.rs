@@ -2,7 +2,7 @@
 //! reports the first problem it finds as an [`EtapError`] naming the argument at fault.
 use crate::error::{EtapError, Result};
 use crate::shape::DecodeShape;
-use etap_core::{D_QK, D_V, MAX_S_Q, PAGE_ROWS, SUPPORTED_HEADS};
+use etap_core::{D_QK, D_V, MAX_S_Q, SUPPORTED_HEADS, TILE_ROWS};
 
 /// Check the shape itself: a non-empty batch, the MLA head dimensions (576 / 512), a supported
 /// head count and query length, and a cache and block table with at least one page.
@@ -39,8 +39,8 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
     // The kernels address cache rows and query rows with the copy engine's signed 32-bit
     // coordinates, and a request's rows with u32.
     for (arg, rows) in [
-        ("num_pages", shape.num_pages.saturating_mul(PAGE_ROWS)),
-        ("max_pages", shape.max_pages.saturating_mul(PAGE_ROWS)),
+        ("num_pages", shape.num_pages.saturating_mul(TILE_ROWS)),
+        ("max_pages", shape.max_pages.saturating_mul(TILE_ROWS)),
         ("batch * s_q * h_q", shape.batch.saturating_mul(shape.s_q * shape.h_q)),
     ] {
         if rows > MAX_ROWS {
@@ -108,7 +108,7 @@ pub fn validate_tables(shape: &DecodeShape, block_table: &[i32], seqlens: &[i32]
                 capacity,
             });
         }
-        let used = (seqlen as usize).div_ceil(PAGE_ROWS);
+        let used = (seqlen as usize).div_ceil(TILE_ROWS);
         let row = &block_table[request * shape.max_pages..][..used];
         for (slot, &page) in row.iter().enumerate() {
             if page < 0 || page as usize >= shape.num_pages {

@@ -35,7 +35,7 @@ use crate::device::{global, index, math, sync};
 use crate::elem::Elem;
 use crate::unroll;
 use etap_core::contract::{DecodeParams, CONSUMERS};
-use etap_core::{lse_index, pages_of, rows_of, D_V};
+use etap_core::{lse_index, tiles_of, rows_of, D_V};
 
 /// Threads that merge: both consumer warpgroups.
 const THREADS: u32 = CONSUMERS * index::WARPGROUP;
@@ -386,7 +386,7 @@ pub unsafe fn publish_empty_splits(
         let seqlen = *prm.seqlens.add(r as usize);
         let first = *prm.split_offsets.add(r as usize);
         let n = *prm.split_offsets.add(r as usize + 1) - first;
-        let (lo, hi) = range.segment(r, pages_of(seqlen, prm.max_pages));
+        let (lo, hi) = range.segment(r, tiles_of(seqlen, prm.max_pages));
         if lo == hi && n > 1 {
             let slot = first + range.split_of(r);
             write_empty_partial(

@@ -355,7 +355,7 @@ fn _etap(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stream_capture_id, m)?)?;
     m.add("D_QK", etap_core::D_QK)?;
     m.add("D_V", etap_core::D_V)?;
-    m.add("PAGE_ROWS", etap_core::PAGE_ROWS)?;
+    m.add("PAGE_ROWS", etap_core::TILE_ROWS)?;
     m.add("MAX_S_Q", etap_core::MAX_S_Q)?;
     m.add("SUPPORTED_HEADS", etap_core::SUPPORTED_HEADS.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

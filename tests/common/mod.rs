@@ -1,7 +1,7 @@
 //! Shared test support for etap: seeded random decode cases with a poisoned paged cache and a
 //! shuffled block table, and error metrics. Used by the CPU property tests and the GPU tests.
 use etap::{DecodeShape, Element};
-use etap_core::{pages_of, PAGE_ROWS};
+use etap_core::{tiles_of, TILE_ROWS};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -97,14 +97,14 @@ impl<T: Element> Case<T> {
         let needed = spec
             .seqlens
             .iter()
-            .map(|&s| (s.max(0) as usize).div_ceil(PAGE_ROWS))
+            .map(|&s| (s.max(0) as usize).div_ceil(TILE_ROWS))
             .max()
             .unwrap_or(0);
         let max_pages = (needed + spec.extra_slots).max(1);
         let used: Vec<usize> = spec
             .seqlens
             .iter()
-            .map(|&s| pages_of(s, max_pages as u32) as usize)
+            .map(|&s| tiles_of(s, max_pages as u32) as usize)
             .collect();
         let total_used: usize = used.iter().sum();
         let num_pages = (total_used + spec.extra_pages).max(1);
@@ -132,9 +132,9 @@ impl<T: Element> Case<T> {
                     *e = page as i32;
                     if spec.poison {
                         // Rows of the last page past seqlen.
-                        let first_dead = seqlen.saturating_sub(slot * PAGE_ROWS).min(PAGE_ROWS);
-                        let start = (page * PAGE_ROWS + first_dead) * row_len;
-                        let end = (page + 1) * PAGE_ROWS * row_len;
+                        let first_dead = seqlen.saturating_sub(slot * TILE_ROWS).min(TILE_ROWS);
+                        let start = (page * TILE_ROWS + first_dead) * row_len;
+                        let end = (page + 1) * TILE_ROWS * row_len;
                         cache[start..end].fill(T::nan());
                     }
                 } else {
@@ -148,7 +148,7 @@ impl<T: Element> Case<T> {
         }
         if spec.poison {
             for &page in &perm[next..] {
-                cache[page * PAGE_ROWS * row_len..(page + 1) * PAGE_ROWS * row_len].fill(T::nan());
+                cache[page * TILE_ROWS * row_len..(page + 1) * TILE_ROWS * row_len].fill(T::nan());
             }
         }
         Case {
@@ -195,7 +195,7 @@ impl<T: Element> Case<T> {
     pub fn used_pages(&self) -> usize {
         self.seqlens
             .iter()
-            .map(|&s| pages_of(s, self.shape.max_pages as u32) as usize)
+            .map(|&s| tiles_of(s, self.shape.max_pages as u32) as usize)
             .sum()
     }
 }
@@ -208,8 +208,8 @@ pub fn random_seqlens(rng: &mut StdRng, batch: usize, max: i32) -> Vec<i32> {
             let pick = match rng.gen_range(0..8) {
                 0 => 0,
                 1 => 1,
-                2 => PAGE_ROWS as i32 * rng.gen_range(1..=4),
-                3 => PAGE_ROWS as i32 * rng.gen_range(1..=4) + 1,
+                2 => TILE_ROWS as i32 * rng.gen_range(1..=4),
+                3 => TILE_ROWS as i32 * rng.gen_range(1..=4) + 1,
                 _ => rng.gen_range(0..=max),
             };
             pick.min(max)
@@ -258,10 +258,10 @@ pub fn kernel_model<T: Element>(
                     .collect();
                 let (mut m, mut l) = (f64::NEG_INFINITY, 0f64);
                 acc.fill(0.0);
-                for row0 in (0..vis).step_by(PAGE_ROWS) {
-                    let page = c.block_table[r * sh.max_pages + row0 / PAGE_ROWS] as usize;
-                    let rows = (vis - row0).min(PAGE_ROWS);
-                    let kv = |k: usize| &c.cache[(page * PAGE_ROWS + k) * D_QK..][..D_QK];
+                for row0 in (0..vis).step_by(TILE_ROWS) {
+                    let page = c.block_table[r * sh.max_pages + row0 / TILE_ROWS] as usize;
+                    let rows = (vis - row0).min(TILE_ROWS);
+                    let kv = |k: usize| &c.cache[(page * TILE_ROWS + k) * D_QK..][..D_QK];
                     let s: Vec<f64> = (0..rows)
                         .map(|k| scale * q.iter().zip(kv(k)).map(|(a, b)| a * b.to_f32() as f64).sum::<f64>())
                         .collect();

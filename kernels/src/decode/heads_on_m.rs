@@ -24,9 +24,9 @@ use crate::barriers::{CONSUMERS as BAR_CONSUMERS, OWN as BAR_OWN, P_FREE as BAR_
 use crate::device::{index, mbarrier, smem, sync};
 use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
-use crate::tile::{self, Frag, RowState, WideAcc, PAGE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
+use crate::tile::{self, Frag, RowState, WideAcc, TILE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
-use etap_core::{visible_rows, WorkRange, PAGE_ROWS, QK_BLOCKS};
+use etap_core::{visible_rows, WorkRange, TILE_ROWS, QK_BLOCKS};
 
 /// The kernel's shared memory: Q (64 rows), the two-page ring, one P tile, the scorer's
 /// hand-overs (`red`: the rows' rescale factors, `red_sum`: their 1 / l at a segment's end;
@@ -35,7 +35,7 @@ use etap_core::{visible_rows, WorkRange, PAGE_ROWS, QK_BLOCKS};
 fn layout() -> (Smem, u32) {
     let q = smem::base();
     let pages = q + QK_BLOCKS as u32 * WIDE_ROWS * ROW_BYTES;
-    let p = pages + STAGES * PAGE_BYTES;
+    let p = pages + STAGES * TILE_BYTES;
     let red = p + WIDE_ROWS * ROW_BYTES;
     let red_sum = red + 2 * WIDE_ROWS * 4;
     let bars = red_sum + 2 * WIDE_ROWS * 4;
@@ -96,10 +96,10 @@ unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red
         q_round += 1;
         for page in lo..hi {
             let stage = it % STAGES;
-            let kv = sm.pages + stage * PAGE_BYTES;
+            let kv = sm.pages + stage * TILE_BYTES;
             tile::wait(sm.full + 8 * stage, (it / STAGES) & 1);
-            let row0 = page * PAGE_ROWS as u32;
-            if row0 + PAGE_ROWS as u32 > rows {
+            let row0 = page * TILE_ROWS as u32;
+            if row0 + TILE_ROWS as u32 > rows {
                 // The request's last, partial page: zero V's rows past its end.
                 tile::zero_rows_from(kv, rows - row0, t, CONSUMERS * index::WARPGROUP);
                 sync::fence_proxy_async_shared();

@@ -6,9 +6,9 @@ use crate::barriers::{CONSUMERS as BAR_CONSUMERS, OWN as BAR_OWN, TURN as BAR_TU
 use crate::device::{index, math, mbarrier, smem, sync};
 use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
-use crate::tile::{self, ColumnState, Frag, PAGE_BYTES, ROW_BYTES};
+use crate::tile::{self, ColumnState, Frag, TILE_BYTES, ROW_BYTES};
 use crate::unroll;
-use etap_core::{lse_index, visible_rows, WorkRange, D_V, PAGE_ROWS, V_BLOCKS};
+use etap_core::{lse_index, visible_rows, WorkRange, D_V, TILE_ROWS, V_BLOCKS};
 
 #[inline(always)]
 unsafe fn decode<const NW: usize, E: Elem>(prm: &DecodeParams) {
@@ -71,10 +71,10 @@ unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRang
         q_round += 1;
         for page in lo..hi {
             let stage = it % STAGES;
-            let kv = sm.pages + stage * PAGE_BYTES;
+            let kv = sm.pages + stage * TILE_BYTES;
             tile::wait(sm.full + 8 * stage, (it / STAGES) & 1);
-            let row0 = page * PAGE_ROWS as u32;
-            if row0 + PAGE_ROWS as u32 > rows {
+            let row0 = page * TILE_ROWS as u32;
+            if row0 + TILE_ROWS as u32 > rows {
                 // The request's last, partial page: zero V's rows past its end.
                 tile::zero_rows_from(kv, rows - row0, t, CONSUMERS * index::WARPGROUP);
                 sync::fence_proxy_async_shared();

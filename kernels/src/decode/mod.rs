@@ -27,8 +27,8 @@ use crate::device::{index, mbarrier, smem, sync, tma};
 pub mod heads_on_m;
 pub mod kv_on_m;
 use crate::merge;
-use crate::tile::{self, PAGE_BYTES, ROW_BYTES};
-use etap_core::{WorkRange, D_QK, D_V, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
+use crate::tile::{self, TILE_BYTES, ROW_BYTES};
+use etap_core::{WorkRange, D_QK, D_V, TILE_ROWS, QK_BLOCKS, V_BLOCKS};
 
 pub use etap_core::contract::{CONSUMERS, DECODE_THREADS as THREADS, STAGES};
 const _: () = assert!(etap_core::contract::WARPGROUP == index::WARPGROUP);
@@ -68,7 +68,7 @@ impl Smem {
         let base = smem::base();
         let q = base;
         let pages = q + QK_BLOCKS as u32 * cols * ROW_BYTES; // cols * 128 * 9: a multiple of 1024 (cols % 8 == 0)
-        let p = pages + STAGES * PAGE_BYTES;
+        let p = pages + STAGES * TILE_BYTES;
         let red = p + CONSUMERS * nw * ROW_BYTES;
         // Per warpgroup: 2 buffers x 4 warps x nw floats.
         let bars = red + CONSUMERS * 2 * 4 * nw * 4;
@@ -145,7 +145,7 @@ pub(crate) unsafe fn run_producer(
     n_req: u32,
 ) -> bool {
     run_producer_with(prm, group, cols, n_req, || {
-        produce::<{ PAGE_ROWS as u32 }, STAGES>(prm, range, sm, group, cols, n_req)
+        produce::<{ TILE_ROWS as u32 }, STAGES>(prm, range, sm, group, cols, n_req)
     })
 }
 
@@ -194,14 +194,14 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
     cols: u32,
     n_req: u32,
 ) {
-    let per_page = PAGE_ROWS as u32 / TILE_ROWS;
+    let per_page = TILE_ROWS as u32 / TILE_ROWS;
     let tile_bytes = QK_BLOCKS as u32 * TILE_ROWS * ROW_BYTES;
     // The part's first page id, read beside the first request's seqlen rather than after it
     // (the entry exists whatever the seqlen: the table has `max_pages` entries a request).
     // Tile 0 is on that page when the seqlens are the plan's (it starts a range at a page its
     // request has); with a stale plan the test of `r` below keeps it to that page.
-    let first_page = if range.begin_page < prm.max_pages {
-        range.begin_page
+    let first_page = if range.begin_tile < prm.max_pages {
+        range.begin_tile
     } else {
         prm.max_pages - 1
     };
@@ -247,7 +247,7 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
 /// request of `rows` rows: the last page's tiles past the request's end are skipped.
 #[inline(always)]
 pub(crate) fn tiles_end(hi: u32, rows: u32, tile_rows: u32) -> u32 {
-    let all = hi * (PAGE_ROWS as u32 / tile_rows);
+    let all = hi * (TILE_ROWS as u32 / tile_rows);
     let needed = rows.div_ceil(tile_rows);
     if needed < all {
         needed

@@ -3,7 +3,7 @@ use super::*;
 use crate::device::{index, math, smem, sync, wgmma, wgmma::Desc};
 use crate::elem::Elem;
 use crate::unroll;
-use etap_core::{PAGE_ROWS, V_BLOCKS};
+use etap_core::{TILE_ROWS, V_BLOCKS};
 
 // ---------------------------------------------------------------------------------------------
 // Heads on M: the tile operations of the wide kernel (`decode::heads_on_m`), for requests with
@@ -38,7 +38,7 @@ pub type WideAcc = [f32; 128];
 pub unsafe fn scores<E: Elem>(s: &mut Frag, q: u32, page: u32) {
     let (page, q) = (smem::opaque(page), smem::opaque(q));
     wgmma::fence();
-    gemm_k576::<PAGE_ROWS, E>(s, q, WIDE_ROWS * ROW_BYTES, page, BLOCK_BYTES);
+    gemm_k576::<TILE_ROWS, E>(s, q, WIDE_ROWS * ROW_BYTES, page, BLOCK_BYTES);
     wgmma::commit_group();
     wgmma::wait_group::<0>();
 }
@@ -87,7 +87,7 @@ pub const fn row_half(i: usize) -> usize {
 /// The whole warpgroup calls it.
 #[inline(always)]
 pub unsafe fn row_softmax(s: &mut Frag, st: &mut RowState, visible: &[u32; 2], row0: u32, scale_log2: f32) -> [f32; 2] {
-    row_softmax_n::<{ PAGE_ROWS }>(s, st, visible, row0, scale_log2)
+    row_softmax_n::<{ TILE_ROWS }>(s, st, visible, row0, scale_log2)
 }
 
 /// [`row_softmax`] of an S of `N` KV columns (`N / 2` fragment elements a thread): 64 for a
@@ -167,7 +167,7 @@ pub fn rescale_rows(o: &mut WideAcc, alpha: [f32; 2]) {
 pub unsafe fn store_p<E: Elem>(p_tile: u32, s: &Frag, alpha: [f32; 2], alpha_buf: u32) {
     let t = index::thread_x() % index::WARPGROUP;
     let p_tile = smem::opaque(p_tile);
-    unroll!(j < PAGE_ROWS / 4, max 16 => {
+    unroll!(j < TILE_ROWS / 4, max 16 => {
         // Elements 2j and 2j + 1 are adjacent KV columns of one row: one 32-bit store.
         let i = 2 * j;
         let (row, col) = wgmma::frag_pos(t, i as u32);

@@ -16,7 +16,7 @@
 //!   of O^T (K = KV rows).
 use crate::device::{index, math, mbarrier, smem, sync, tma, tma::TensorMap, wgmma, wgmma::Desc};
 use crate::elem::Elem;
-use etap_core::{BLOCK_COLS, PAGE_ROWS, QK_BLOCKS, V_BLOCKS};
+use etap_core::{BLOCK_COLS, TILE_ROWS, QK_BLOCKS, V_BLOCKS};
 
 pub mod heads_on_m;
 pub mod kv_on_m;
@@ -24,11 +24,11 @@ pub use heads_on_m::*;
 pub use kv_on_m::*;
 
 /// Bytes of one [64 rows][64 cols] block of 16-bit elements: one TMA box of a KV page.
-pub const BLOCK_BYTES: u32 = (PAGE_ROWS * BLOCK_COLS * 2) as u32;
+pub const BLOCK_BYTES: u32 = (TILE_ROWS * BLOCK_COLS * 2) as u32;
 /// Bytes of a KV page in shared memory (9 blocks) and of one 128-byte swizzle row (64 16-bit
 /// elements): the contract's.
-pub use etap_core::contract::{PAGE_BYTES, ROW_BYTES};
-const _: () = assert!(PAGE_BYTES == QK_BLOCKS as u32 * BLOCK_BYTES);
+pub use etap_core::contract::{TILE_BYTES, ROW_BYTES};
+const _: () = assert!(TILE_BYTES == QK_BLOCKS as u32 * BLOCK_BYTES);
 /// wgmma K per instruction for 16-bit operands.
 pub const K_STEP: u32 = 16;
 /// K steps in one 64-wide block (4 steps of 32 bytes along a swizzle row).
@@ -120,7 +120,7 @@ pub unsafe fn gemm_k576<const N: usize, E: Elem>(d: &mut Frag, a: u32, a_block: 
 /// No wgmma reads the tile meanwhile; the caller fences and synchronizes afterwards.
 #[inline(always)]
 pub unsafe fn zero_rows_from(page: u32, first: u32, rank: u32, threads: u32) {
-    zero_tile_rows_from(page, PAGE_ROWS as u32, first, rank, threads)
+    zero_tile_rows_from(page, TILE_ROWS as u32, first, rank, threads)
 }
 
 /// [`zero_rows_from`] for a tile of `tile_rows` KV rows (blocks of `tile_rows` x 128 bytes).
