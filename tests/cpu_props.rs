@@ -6,8 +6,8 @@ use etap::reference::{mla_decode, mla_decode_f64, mla_decode_into, mla_decode_re
 use etap::validate::{validate_lengths, validate_shape, validate_tables};
 use etap::{Bf16, DecodeShape, Dtype, Element, EtapError, F16};
 use etap_core::{
-    lse_index, max_splits, schedule, tiles_of, visible_rows, WorkRange, D_QK, D_V, SPLIT_COST_PAGES, SUPPORTED_HEADS,
-    TILE_ROWS,
+    lse_index, max_splits, schedule, tiles_of, visible_rows, WorkRange, D_QK, D_V, MAX_HEADS, MAX_S_Q, PAGE_SIZES,
+    SPLIT_COST_PAGES, TILE_ROWS,
 };
 use etap_tests::{max_abs_diff_lse, max_abs_diff_lse_f64, rel_err, rel_err_f64, Case, CaseSpec};
 use proptest::prelude::*;
@@ -299,12 +299,7 @@ fn naive<T: Element>(c: &Case<T>) -> (Vec<f64>, Vec<f64>) {
                     continue;
                 }
                 let qrow = &c.q[((r * sh.s_q + t) * sh.h_q + h) * D_QK..][..D_QK];
-                let rows: Vec<&[T]> = (0..vis)
-                    .map(|j| {
-                        let page = c.block_table[r * sh.max_pages + j / TILE_ROWS] as usize;
-                        &c.cache[(page * TILE_ROWS + j % TILE_ROWS) * D_QK..][..D_QK]
-                    })
-                    .collect();
+                let rows: Vec<&[T]> = (0..vis).map(|j| c.kv_row(r, j)).collect();
                 let s: Vec<f64> = rows
                     .iter()
                     .map(|k| {
@@ -332,8 +327,11 @@ fn naive<T: Element>(c: &Case<T>) -> (Vec<f64>, Vec<f64>) {
     (out, lse)
 }
 
-fn case_any<T: Element>(s_q: usize, h_q: usize, seqlens: &[i32], seed: u64) -> Case<T> {
-    Case::new(s_q, h_q, seqlens, seed)
+fn case_any<T: Element>(s_q: usize, h_q: usize, seqlens: &[i32], seed: u64, page_size: usize) -> Case<T> {
+    Case::from_spec(&CaseSpec {
+        page_size,
+        ..CaseSpec::new(s_q, h_q, seqlens, seed)
+    })
 }
 
 /// The attention of column (token `t`, head `h`) of request `r` over the KV rows `rows` (only
@@ -348,10 +346,7 @@ fn attend_rows<T: Element>(c: &Case<T>, r: usize, t: usize, h: usize, rows: std:
         return (out, f64::NEG_INFINITY);
     }
     let q = &c.q[((r * sh.s_q + t) * sh.h_q + h) * D_QK..][..D_QK];
-    let kv = |j: usize| {
-        let page = c.block_table[r * sh.max_pages + j / TILE_ROWS] as usize;
-        &c.cache[(page * TILE_ROWS + j % TILE_ROWS) * D_QK..][..D_QK]
-    };
+    let kv = |j: usize| c.kv_row(r, j);
     let s: Vec<f64> = rows.clone().map(|j| c.softmax_scale as f64 * dot64(q, kv(j))).collect();
     let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let sum: f64 = s.iter().map(|x| (x - m).exp()).sum();
@@ -388,15 +383,15 @@ fn merge_splits(parts: &[(Vec<f64>, f64)]) -> (Vec<f64>, f64) {
 /// the result must be the unsplit reference's, to f64 rounding.
 fn check_split_merge<T: Element>(c: &Case<T>, num_parts: usize) -> Result<(), TestCaseError> {
     let sh = c.shape;
-    let max_pages = sh.max_pages as u32;
+    let max_tiles = sh.max_tiles() as u32;
     let mut ranges = vec![WorkRange::EMPTY; num_parts];
     let mut offsets = vec![0u32; sh.batch + 1];
-    schedule(&c.seqlens, max_pages, &mut ranges, &mut offsets);
+    schedule(&c.seqlens, max_tiles, &mut ranges, &mut offsets);
     // Each request's splits as page ranges, in split-index order.
     let mut splits: Vec<Vec<(u32, u32, u32)>> = vec![Vec::new(); sh.batch];
     for range in ranges.iter().filter(|r| r.empty == 0) {
         for r in range.begin_req..=range.end_req {
-            let (lo, hi) = range.segment(r, tiles_of(c.seqlens[r as usize], max_pages));
+            let (lo, hi) = range.segment(r, tiles_of(c.seqlens[r as usize], max_tiles));
             if lo < hi {
                 let split = if r == range.begin_req { range.first_split } else { 0 };
                 splits[r as usize].push((split, lo, hi));
@@ -457,34 +452,34 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
     fn split_merge_matches_reference(
-        h_idx in 0..SUPPORTED_HEADS.len(),
-        s_q in 1..=4usize,
+        h_q in prop_oneof![1..=MAX_HEADS, Just(MAX_HEADS)],
+        s_q in 1..=MAX_S_Q,
         seqlens in prop::collection::vec(emu_seqlen(), 1..=3),
         num_parts in prop_oneof![1..=4usize, 1..=40usize, Just(132usize)],
+        page in prop::sample::select(&PAGE_SIZES[..]),
         seed in any::<u64>(),
         bf16 in any::<bool>(),
     ) {
-        let h_q = SUPPORTED_HEADS[h_idx];
         if bf16 {
-            check_split_merge(&case_any::<Bf16>(s_q, h_q, &seqlens, seed), num_parts)?;
+            check_split_merge(&case_any::<Bf16>(s_q, h_q, &seqlens, seed, page), num_parts)?;
         } else {
-            check_split_merge(&case_any::<F16>(s_q, h_q, &seqlens, seed), num_parts)?;
+            check_split_merge(&case_any::<F16>(s_q, h_q, &seqlens, seed, page), num_parts)?;
         }
     }
 
     #[test]
     fn reference_matches_naive(
-        h_idx in 0..3usize,
-        s_q in 1..=4usize,
+        h_q in 1..=40usize,
+        s_q in 1..=MAX_S_Q,
         seqlens in prop::collection::vec(emu_seqlen(), 1..=3),
+        page in prop::sample::select(&PAGE_SIZES[..]),
         seed in any::<u64>(),
         bf16 in any::<bool>(),
     ) {
-        let h_q = SUPPORTED_HEADS[h_idx];
         if bf16 {
-            check_against_naive(&case_any::<Bf16>(s_q, h_q, &seqlens, seed))?;
+            check_against_naive(&case_any::<Bf16>(s_q, h_q, &seqlens, seed, page))?;
         } else {
-            check_against_naive(&case_any::<F16>(s_q, h_q, &seqlens, seed))?;
+            check_against_naive(&case_any::<F16>(s_q, h_q, &seqlens, seed, page))?;
         }
     }
 }
@@ -540,8 +535,7 @@ fn request_reference_is_a_slice_of_the_batch() {
 // ---------------------------------------------------------------------------------------------
 
 fn row<T: Element>(c: &Case<T>, r: usize, j: usize) -> &[T] {
-    let page = c.block_table[r * c.shape.max_pages + j / TILE_ROWS] as usize;
-    &c.cache[(page * TILE_ROWS + j % TILE_ROWS) * D_QK..][..D_QK]
+    c.kv_row(r, j)
 }
 
 fn qrow<T: Element>(c: &Case<T>, r: usize, t: usize, h: usize) -> &[T] {
@@ -600,7 +594,7 @@ fn causal_mask_hides_the_last_row_from_token_zero() {
     let mut poisoned = c.clone();
     let last = seqlen as usize - 1;
     let page = poisoned.block_table[last / TILE_ROWS] as usize;
-    poisoned.cache[(page * TILE_ROWS + last % TILE_ROWS) * D_QK..][..D_QK].fill(Bf16::nan());
+    poisoned.cache[(page * TILE_ROWS + last % TILE_ROWS) * D_QK..][..D_QK].fill(Bf16::nan()); // pages of 64 rows
     let (pout, plse) = poisoned.reference();
     let h_q = 16;
     for h in 0..h_q {
@@ -726,11 +720,20 @@ fn decode<T: Element>(c: &Case<T>) -> etap::Result<(Vec<f32>, Vec<f32>)> {
 fn shape_errors() {
     let ok = DecodeShape::new(2, 1, 16, 4, 4);
     assert_eq!(validate_shape(&ok), Ok(()));
-    for h in SUPPORTED_HEADS {
+    for h in 1..=MAX_HEADS {
         assert_eq!(validate_shape(&DecodeShape { h_q: h, ..ok }), Ok(()));
     }
-    for s in 1..=4 {
+    for s in 1..=MAX_S_Q {
         assert_eq!(validate_shape(&DecodeShape { s_q: s, ..ok }), Ok(()));
+    }
+    for p in PAGE_SIZES {
+        assert_eq!(validate_shape(&ok.with_page_size(p)), Ok(()));
+    }
+    for p in [0, 1, 8, 48, 63, 65, 256] {
+        assert_eq!(
+            validate_shape(&ok.with_page_size(p)),
+            Err(EtapError::UnsupportedPageSize { page_size: p })
+        );
     }
     assert_eq!(
         validate_shape(&DecodeShape { batch: 0, ..ok }),
@@ -752,13 +755,13 @@ fn shape_errors() {
             got: 576
         })
     );
-    for h in [0, 1, 4, 12, 24, 96, 256] {
+    for h in [0, 129, 256] {
         assert_eq!(
             validate_shape(&DecodeShape { h_q: h, ..ok }),
             Err(EtapError::UnsupportedHeads { h_q: h })
         );
     }
-    for s in [0, 5, 8] {
+    for s in [0, 9, 16] {
         assert_eq!(
             validate_shape(&DecodeShape { s_q: s, ..ok }),
             Err(EtapError::UnsupportedSeqQ { s_q: s })
@@ -772,8 +775,9 @@ fn shape_errors() {
         validate_shape(&DecodeShape { max_pages: 0, ..ok }),
         Err(EtapError::Zero { arg: "max_pages" })
     );
-    // Row counts past the kernels' 32-bit coordinates; the largest that fits is accepted.
-    let max_pages_ok = etap::validate::MAX_ROWS / 64;
+    // Row counts past the kernels' 32-bit coordinates (the cache's rows and the page past it,
+    // which an entry outside the cache reads); the largest that fits is accepted.
+    let max_pages_ok = etap::validate::MAX_ROWS / 64 - 1;
     assert_eq!(
         validate_shape(&DecodeShape {
             num_pages: max_pages_ok,
@@ -789,12 +793,12 @@ fn shape_errors() {
         Err(EtapError::TooLarge {
             arg: "num_pages",
             max: etap::validate::MAX_ROWS,
-            got: (max_pages_ok + 1) * 64
+            got: (max_pages_ok + 2) * 64
         })
     );
     assert!(matches!(
         validate_shape(&DecodeShape {
-            max_pages: max_pages_ok + 1,
+            max_pages: max_pages_ok + 2,
             ..ok
         }),
         Err(EtapError::TooLarge { arg: "max_pages", .. })
@@ -1139,8 +1143,9 @@ fn tolerances_hold_a_correct_kernel() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let mut worst = [0f64; 2];
     for k in 0..cases {
-        let h_q = SUPPORTED_HEADS[k % SUPPORTED_HEADS.len()];
-        let s_q = 1 + (k / 2) % 4;
+        const HEADS: [usize; 13] = [1, 3, 6, 8, 12, 16, 20, 32, 48, 64, 96, 127, 128];
+        let h_q = HEADS[k % HEADS.len()];
+        let s_q = 1 + (k / 2) % MAX_S_Q;
         let max = if h_q * s_q >= 128 { 300 } else { 2000 };
         let mut seqlens = vec![1, 2, 3, 4, 5, 8, 64, 65];
         seqlens.extend((0..3).map(|_| rng.gen_range(1..=max)));

@@ -130,15 +130,33 @@ pub struct DecodeParams {
     pub batch: u32,
     pub s_q: u32,
     pub h_q: u32,
+    /// Entries of a request's block-table row (its stride).
     pub max_pages: u32,
     /// Pages of the cache: a block-table entry outside `0..num_pages` reads as a page of zeros.
     pub num_pages: u32,
     /// softmax_scale * log2(e).
     pub scale_log2: f32,
+    /// Rows of a cache page, one of `PAGE_SIZES`.
+    pub page_size: u32,
+    /// A request's rows at most: the block table's capacity, `max_pages * page_size` (the host
+    /// checks that it fits an i32), and the same in KV tiles, rounded up. Passed rather than
+    /// computed: the producer thread has 24 registers.
+    pub max_rows: u32,
+    pub max_tiles: u32,
 }
 
-/// Eleven device addresses, then six 32-bit values.
-const _: () = assert!(core::mem::size_of::<DecodeParams>() == 11 * 8 + 6 * 4);
+/// Eleven device addresses, then nine 32-bit values (and 4 bytes of padding to 8).
+const _: () = assert!(core::mem::size_of::<DecodeParams>() == 11 * 8 + 10 * 4);
+
+/// Rows of one TMA box of a KV load for cache pages of `page_size` rows: a whole page when it
+/// is smaller than a tile (the tile gathers `TILE_ROWS / page_size` of them), else a tile.
+pub const fn kv_box_rows(page_size: u32) -> u32 {
+    if page_size < TILE_ROWS as u32 {
+        page_size
+    } else {
+        TILE_ROWS as u32
+    }
+}
 
 impl DecodeParams {
     /// How many splits request `r`'s KV was cut into (1: the segment writes the final output).
@@ -161,21 +179,23 @@ impl DecodeParams {
     #[inline(always)]
     pub unsafe fn segment(&self, range: &WorkRange, r: u32) -> (u32, u32, u32) {
         let seqlen = *self.seqlens.add(r as usize);
-        let (lo, hi) = range.segment(r, tiles_of(seqlen, self.max_pages));
+        let (lo, hi) = range.segment(r, tiles_of(seqlen, self.max_tiles));
         let hi = if self.splits(r) == 0 { lo } else { hi };
-        (rows_of(seqlen, self.max_pages), lo, hi)
+        (rows_of(seqlen, self.max_rows), lo, hi)
     }
 
-    /// The cache row of KV page `id`'s row `row`: a block-table entry outside the cache maps
-    /// to the first row past it, which the copy engine fills with zeros (never another page).
+    /// The cache row of page `id`'s row `row`, for pages of `page_size` rows (`self.page_size`,
+    /// which the producer passes as a constant): a block-table entry outside the cache maps to
+    /// the first row past it, which the copy engine fills with zeros (never another page; the
+    /// host checks that `(num_pages + 1) * page_size` fits an i32).
     #[inline(always)]
-    pub fn page_row(&self, id: i32, row: u32) -> i32 {
+    pub fn page_row(&self, id: i32, row: u32, page_size: u32) -> i32 {
         let page = if (id as u32) < self.num_pages {
             id as u32
         } else {
             self.num_pages
         };
-        (page * TILE_ROWS as u32 + row) as i32
+        (page * page_size + row) as i32
     }
 }
 

@@ -30,10 +30,17 @@ pub const V_BLOCKS: usize = D_V / BLOCK_COLS;
 /// (token, head) columns handled by one CTA: two consumer warpgroups of 32 columns each. Wider
 /// problems (s_q * h_q > 64) are split into column groups of this size.
 pub const COLS_PER_CTA: usize = 64;
-/// Head counts the kernels support: 128 heads split over tensor parallelism 16/8/4/2/1.
-pub const SUPPORTED_HEADS: [usize; 5] = [8, 16, 32, 64, 128];
-/// Query tokens per request the kernels support (1 = plain decode, 2..4 = multi-token prediction).
-pub const MAX_S_Q: usize = 4;
+/// Most query heads the kernels take (any count from 1: a tensor-parallel shard of 128 heads
+/// may have 6, 12, 20, ...): the ETAP kernel pads a request's (token, head) columns to its CTA's
+/// 16 or 32, the heads-on-M kernel to its 64 rows.
+pub const MAX_HEADS: usize = 128;
+/// Query tokens per request the kernels support (1 = plain decode, more = multi-token
+/// prediction or speculative decoding, which verifies up to 8 draft tokens).
+pub const MAX_S_Q: usize = 8;
+/// Rows per page of the paged cache that the kernels take: the loads gather a [`TILE_ROWS`]
+/// tile from 64 / size pages of fewer rows, or take it from part of a larger one. Each size is
+/// a multiple of 8 rows, so every page starts a whole 1024-byte swizzle atom of the tile.
+pub const PAGE_SIZES: [usize; 4] = [16, 32, 64, 128];
 
 /// Register cap at the decode kernel's entry: 65536 registers over its 384 threads, rounded down
 /// to a multiple of 8. The host JIT-compiles the module with it (`setmaxnreg`, by which the
@@ -45,31 +52,33 @@ pub const DECODE_ENTRY_REGS: u32 = 168;
 /// writing one (partial) output. It keeps the scheduler from cutting a request into slivers.
 pub const SPLIT_COST_PAGES: u32 = 2;
 
-/// Number of pages a request of `seqlen` rows occupies, with `seqlen` clamped to
-/// `[0, max_pages * TILE_ROWS]` (a negative length is an empty request; a length past the block
-/// table's capacity is cut to it: the host API rejects it before any launch, and the clamp keeps a
-/// device-resident length that nobody checked from reaching past the block table).
+/// Number of KV tiles a request of `seqlen` rows occupies, at most `max_tiles` (a negative
+/// length is an empty request; a length past the block table's capacity is cut to it: the host
+/// API rejects it before any launch, and the clamp keeps a device-resident length that nobody
+/// checked from reaching past the block table). With `max_tiles = ceil(max_rows / TILE_ROWS)`
+/// this is `ceil(rows_of(seqlen, max_rows) / TILE_ROWS)` (ceil is monotone).
 #[inline]
-pub fn tiles_of(seqlen: i32, max_pages: u32) -> u32 {
+pub fn tiles_of(seqlen: i32, max_tiles: u32) -> u32 {
     if seqlen <= 0 {
         0
     } else {
-        let pages = (seqlen as u32).div_ceil(TILE_ROWS as u32);
-        if pages > max_pages {
-            max_pages
+        let tiles = (seqlen as u32).div_ceil(TILE_ROWS as u32);
+        if tiles > max_tiles {
+            max_tiles
         } else {
-            pages
+            tiles
         }
     }
 }
 
-/// The rows of a request that the kernels read: `seqlen` clamped as in [`tiles_of`].
+/// The rows of a request that the kernels read: `seqlen` clamped to `[0, max_rows]` (the block
+/// table's capacity, `max_pages * page_size`), as in [`tiles_of`].
 #[inline]
-pub fn rows_of(seqlen: i32, max_pages: u32) -> u32 {
+pub fn rows_of(seqlen: i32, max_rows: u32) -> u32 {
     if seqlen <= 0 {
         0
     } else {
-        let cap = max_pages * TILE_ROWS as u32;
+        let cap = max_rows;
         let s = seqlen as u32;
         if s > cap {
             cap
@@ -139,10 +148,10 @@ impl WorkRange {
 }
 
 /// The cost the scheduler balances: pages plus [`SPLIT_COST_PAGES`] per non-empty request.
-pub fn total_cost(seqlens: &[i32], max_pages: u32) -> u32 {
+pub fn total_cost(seqlens: &[i32], max_tiles: u32) -> u32 {
     let mut total = 0u32;
     for &s in seqlens {
-        let p = tiles_of(s, max_pages);
+        let p = tiles_of(s, max_tiles);
         if p > 0 {
             total += p + SPLIT_COST_PAGES;
         }
@@ -167,11 +176,11 @@ pub fn total_cost(seqlens: &[i32], max_pages: u32) -> u32 {
 /// parts of 64 pages and 4 idle, where 130 parts of 63 do).
 ///
 /// Returns the total number of splits (`split_offsets[b]`), at most `b + parts - 1`.
-pub fn schedule(seqlens: &[i32], max_pages: u32, ranges: &mut [WorkRange], split_offsets: &mut [u32]) -> u32 {
+pub fn schedule(seqlens: &[i32], max_tiles: u32, ranges: &mut [WorkRange], split_offsets: &mut [u32]) -> u32 {
     let b = seqlens.len();
     let parts = ranges.len();
     debug_assert!(split_offsets.len() == b + 1);
-    let total = total_cost(seqlens, max_pages);
+    let total = total_cost(seqlens, max_tiles);
     let parts_u = if parts == 0 { 1 } else { parts as u32 };
     // The greedy walk is monotone enough in the budget for a binary search: a feasible budget
     // is one whose walk, with no part taking the rest, ends within `parts` parts.
@@ -179,7 +188,7 @@ pub fn schedule(seqlens: &[i32], max_pages: u32, ranges: &mut [WorkRange], split
     let mut lo = total.div_ceil(parts_u).max(SPLIT_COST_PAGES + 1);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        if walk(seqlens, max_pages, mid, parts, false, |_, _| {}, |_, _| {}) {
+        if walk(seqlens, max_tiles, mid, parts, false, |_, _| {}, |_, _| {}) {
             hi = mid;
         } else {
             lo = mid + 1;
@@ -191,7 +200,7 @@ pub fn schedule(seqlens: &[i32], max_pages: u32, ranges: &mut [WorkRange], split
     // split_offsets[r + 1] holds request r's split count until the prefix sum at the end.
     walk(
         seqlens,
-        max_pages,
+        max_tiles,
         hi,
         parts,
         true,
@@ -212,7 +221,7 @@ pub fn schedule(seqlens: &[i32], max_pages: u32, ranges: &mut [WorkRange], split
 /// the walk always covers everything; without, it returns whether `parts` parts sufficed.
 fn walk<R: FnMut(usize, WorkRange), S: FnMut(usize, u32)>(
     seqlens: &[i32],
-    max_pages: u32,
+    max_tiles: u32,
     budget: u32,
     parts: usize,
     last_takes_rest: bool,
@@ -223,7 +232,7 @@ fn walk<R: FnMut(usize, WorkRange), S: FnMut(usize, u32)>(
     // `r` is the current request, `page` its next unassigned page and `split` the split
     // index its next segment gets.
     let mut r = 0usize;
-    while r < b && tiles_of(seqlens[r], max_pages) == 0 {
+    while r < b && tiles_of(seqlens[r], max_tiles) == 0 {
         r += 1;
     }
     let mut page = 0u32;
@@ -245,7 +254,7 @@ fn walk<R: FnMut(usize, WorkRange), S: FnMut(usize, u32)>(
         };
         let mut remaining = budget;
         loop {
-            let np = tiles_of(seqlens[r], max_pages);
+            let np = tiles_of(seqlens[r], max_tiles);
             let left = np - page;
             let cost = left + SPLIT_COST_PAGES;
             if last_part || cost <= remaining {
@@ -257,7 +266,7 @@ fn walk<R: FnMut(usize, WorkRange), S: FnMut(usize, u32)>(
                 r += 1;
                 page = 0;
                 split = 0;
-                while r < b && tiles_of(seqlens[r], max_pages) == 0 {
+                while r < b && tiles_of(seqlens[r], max_tiles) == 0 {
                     r += 1;
                 }
                 if r >= b || (!last_part && remaining <= SPLIT_COST_PAGES) {

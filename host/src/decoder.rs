@@ -264,7 +264,7 @@ impl Decoder {
     /// As [`Decoder::plan_raw`].
     unsafe fn schedule(&self, plan: &Plan, cache_seqlens: u64, stream: CUstream) -> Result<()> {
         let mut batch = plan.shape.batch as u32;
-        let mut max_pages = plan.shape.max_pages as u32;
+        let mut max_tiles = plan.shape.max_tiles() as u32;
         let mut parts_arg = plan.parts;
         let mut seq = cache_seqlens;
         let mut rp = plan.ranges.as_device_ptr().as_raw();
@@ -281,7 +281,7 @@ impl Decoder {
             &mut [
                 &mut seq as *mut u64 as *mut c_void,
                 &mut batch as *mut u32 as *mut c_void,
-                &mut max_pages as *mut u32 as *mut c_void,
+                &mut max_tiles as *mut u32 as *mut c_void,
                 &mut rp as *mut u64 as *mut c_void,
                 &mut parts_arg as *mut u32 as *mut c_void,
                 &mut op as *mut u64 as *mut c_void,
@@ -454,6 +454,9 @@ impl Decoder {
             max_pages: shape.max_pages as u32,
             num_pages: shape.num_pages as u32,
             scale_log2: scale * std::f32::consts::LOG2_E,
+            page_size: shape.page_size as u32,
+            max_rows: shape.capacity() as u32,
+            max_tiles: shape.max_tiles() as u32,
         };
         let tiling = plan.tiling;
         // Cooperative: the CTAs that share a request wait for each other's partial results

@@ -13,10 +13,12 @@ pub enum EtapError {
         expected: usize,
         got: usize,
     },
-    /// `h_q` outside `etap_core::SUPPORTED_HEADS`.
+    /// `h_q` outside `1..=etap_core::MAX_HEADS`.
     UnsupportedHeads { h_q: usize },
     /// `s_q` outside `1..=etap_core::MAX_S_Q`.
     UnsupportedSeqQ { s_q: usize },
+    /// A cache page size other than `etap_core::PAGE_SIZES`.
+    UnsupportedPageSize { page_size: usize },
     /// A buffer whose length does not match the shape.
     Length {
         arg: &'static str,
@@ -68,8 +70,13 @@ impl fmt::Display for EtapError {
             }
             UnsupportedHeads { h_q } => write!(
                 f,
-                "h_q = {h_q} is not supported (supported: {:?})",
-                etap_core::SUPPORTED_HEADS
+                "h_q = {h_q} is not supported (supported: 1 to {})",
+                etap_core::MAX_HEADS
+            ),
+            UnsupportedPageSize { page_size } => write!(
+                f,
+                "page_size = {page_size} rows is not supported (supported: {:?})",
+                etap_core::PAGE_SIZES
             ),
             UnsupportedSeqQ { s_q } => {
                 write!(

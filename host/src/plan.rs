@@ -8,8 +8,8 @@ use crate::shape::DecodeShape;
 use crate::tma::{encode_2d, DeviceMap, TensorMap};
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::sys::CUstream;
-use etap_core::contract::{Kernel, KV_ON_M_COLS};
-use etap_core::{max_splits, COLS_PER_CTA, D_QK, D_V, TILE_ROWS};
+use etap_core::contract::{kv_box_rows, Kernel, KV_ON_M_COLS};
+use etap_core::{max_splits, COLS_PER_CTA, D_QK, D_V};
 
 /// Columns per CTA of the ETAP (KV-on-M) kernel at most: its variants are built for 16 and 32
 /// (wider requests take the heads-on-M kernel, or several column groups when forced).
@@ -309,7 +309,7 @@ impl Plan {
     }
 
     /// The tensor maps of q (`[b * cols, 576]` in boxes of the CTA's columns) and of the cache
-    /// (`[num_pages * 64, 576]` in boxes of one page).
+    /// (`[num_pages * page_size, 576]` in boxes of a page or a tile, the smaller).
     fn encode_maps(&self, q_addr: u64, kv_addr: u64) -> Result<[TensorMap; 2]> {
         let shape = &self.shape;
         Ok([
@@ -321,9 +321,9 @@ impl Plan {
             )?,
             encode_2d(
                 kv_addr,
-                (shape.num_pages * TILE_ROWS) as u64,
+                (shape.num_pages * shape.page_size) as u64,
                 D_QK as u64,
-                TILE_ROWS as u32,
+                kv_box_rows(shape.page_size as u32),
             )?,
         ])
     }
@@ -334,7 +334,7 @@ impl Plan {
 pub struct RawBuffers {
     /// q `[b, s_q, h_q, 576]`, 16-byte aligned.
     pub q: u64,
-    /// Paged cache `[num_pages, 64, 576]`, 16-byte aligned.
+    /// Paged cache `[num_pages, page_size, 576]`, 16-byte aligned.
     pub kv_cache: u64,
     /// `[b, max_pages]` i32.
     pub block_table: u64,

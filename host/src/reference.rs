@@ -9,7 +9,7 @@ use crate::dtype::Element;
 use crate::error::{EtapError, Result};
 use crate::shape::DecodeShape;
 use crate::validate::validate_all;
-use etap_core::{visible_rows, COLS_PER_CTA, D_QK, D_V, TILE_ROWS};
+use etap_core::{visible_rows, COLS_PER_CTA, D_QK, D_V};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -90,7 +90,8 @@ pub(crate) fn attend<T: Element>(
         .map(|n| visible_rows(seqlen as u32, shape.s_q as u32, (n / shape.h_q) as u32) as usize)
         .collect();
     let max_vis = vis.iter().copied().max().unwrap_or(0).min(seqlen);
-    let first_row = pages.start * TILE_ROWS;
+    let ps = shape.page_size;
+    let first_row = pages.start * ps;
     if max_vis <= first_row || ncols == 0 {
         return st;
     }
@@ -102,17 +103,17 @@ pub(crate) fn attend<T: Element>(
             *d = s.to_f32() as f64;
         }
     }
-    let mut kbuf = vec![0f64; TILE_ROWS * D_QK];
-    let mut scores = [0f64; TILE_ROWS];
+    let mut kbuf = vec![0f64; ps * D_QK];
+    let mut scores = vec![0f64; ps];
     for pi in pages {
-        let row0 = pi * TILE_ROWS;
+        let row0 = pi * ps;
         if row0 >= max_vis {
             break;
         }
-        let nrows = (max_vis - row0).min(TILE_ROWS);
+        let nrows = (max_vis - row0).min(ps);
         let page = block_table[r * shape.max_pages + pi] as usize;
         // Only rows < max_vis <= seqlen of the page are read.
-        let src = &cache[page * TILE_ROWS * D_QK..][..nrows * D_QK];
+        let src = &cache[page * ps * D_QK..][..nrows * D_QK];
         for (d, s) in kbuf[..nrows * D_QK].iter_mut().zip(src) {
             *d = s.to_f32() as f64;
         }
@@ -222,7 +223,7 @@ fn compute<T: Element>(
         .sum();
     let states = run_units(units.len(), work, |u| {
         let (r, c) = units[u].clone();
-        let pages = (seqlens[r].max(0) as usize).div_ceil(TILE_ROWS);
+        let pages = (seqlens[r].max(0) as usize).div_ceil(shape.page_size);
         attend(
             shape,
             q,

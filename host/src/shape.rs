@@ -1,9 +1,10 @@
 //! The shape of one decode step, in FlashMLA's terms.
-use etap_core::{D_QK, D_V, TILE_ROWS};
+use etap_core::{D_QK, D_V};
 
 /// Shape of a decode step:
 /// - q: `[batch, s_q, h_q, d_qk]`
-/// - paged cache: `[num_pages, 64, 1, d_qk]` (one latent KV head; V = first `d_v` columns)
+/// - paged cache: `[num_pages, page_size, 1, d_qk]` (one latent KV head; V = first `d_v`
+///   columns); `page_size` one of `etap_core::PAGE_SIZES`, 64 unless set
 /// - block_table: `[batch, max_pages]` i32
 /// - cache_seqlens: `[batch]` i32
 /// - out: `[batch, s_q, h_q, d_v]`, lse: `[batch, h_q, s_q]` f32
@@ -20,10 +21,16 @@ pub struct DecodeShape {
     pub num_pages: usize,
     /// Width of the block table: pages per request at most.
     pub max_pages: usize,
+    /// Rows of a cache page (16, 32, 64 or 128); the block table's entries are pages of this
+    /// many rows.
+    pub page_size: usize,
 }
 
+/// The page size of [`DecodeShape::new`]: FlashMLA's.
+pub const DEFAULT_PAGE_SIZE: usize = 64;
+
 impl DecodeShape {
-    /// A shape with the MLA head dimensions (576, 512).
+    /// A shape with the MLA head dimensions (576, 512) and pages of [`DEFAULT_PAGE_SIZE`] rows.
     pub fn new(batch: usize, s_q: usize, h_q: usize, num_pages: usize, max_pages: usize) -> Self {
         DecodeShape {
             batch,
@@ -33,7 +40,12 @@ impl DecodeShape {
             d_v: D_V,
             num_pages,
             max_pages,
+            page_size: DEFAULT_PAGE_SIZE,
         }
+    }
+    /// The same shape with pages of `page_size` rows.
+    pub fn with_page_size(self, page_size: usize) -> Self {
+        DecodeShape { page_size, ..self }
     }
     /// (token, head) columns per request: `s_q * h_q`.
     pub fn cols(&self) -> usize {
@@ -43,7 +55,7 @@ impl DecodeShape {
         self.batch * self.s_q * self.h_q * self.d_qk
     }
     pub fn cache_len(&self) -> usize {
-        self.num_pages * TILE_ROWS * self.d_qk
+        self.num_pages * self.page_size * self.d_qk
     }
     pub fn block_table_len(&self) -> usize {
         self.batch * self.max_pages
@@ -56,6 +68,10 @@ impl DecodeShape {
     }
     /// Rows the block table can hold per request.
     pub fn capacity(&self) -> usize {
-        self.max_pages * TILE_ROWS
+        self.max_pages * self.page_size
+    }
+    /// KV tiles (the kernels' 64-row unit) of a request at most: [`Self::capacity`] rounded up.
+    pub fn max_tiles(&self) -> usize {
+        self.capacity().div_ceil(etap_core::TILE_ROWS)
     }
 }

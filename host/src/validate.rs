@@ -2,10 +2,10 @@
 //! reports the first problem it finds as an [`EtapError`] naming the argument at fault.
 use crate::error::{EtapError, Result};
 use crate::shape::DecodeShape;
-use etap_core::{D_QK, D_V, MAX_S_Q, SUPPORTED_HEADS, TILE_ROWS};
+use etap_core::{D_QK, D_V, MAX_HEADS, MAX_S_Q, PAGE_SIZES};
 
 /// Check the shape itself: a non-empty batch, the MLA head dimensions (576 / 512), a supported
-/// head count and query length, and a cache and block table with at least one page.
+/// head count, query length and page size, and a cache and block table with at least one page.
 pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
     if shape.batch == 0 {
         return Err(EtapError::EmptyBatch);
@@ -24,11 +24,16 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
             got: shape.d_v,
         });
     }
-    if !SUPPORTED_HEADS.contains(&shape.h_q) {
+    if !(1..=MAX_HEADS).contains(&shape.h_q) {
         return Err(EtapError::UnsupportedHeads { h_q: shape.h_q });
     }
     if !(1..=MAX_S_Q).contains(&shape.s_q) {
         return Err(EtapError::UnsupportedSeqQ { s_q: shape.s_q });
+    }
+    if !PAGE_SIZES.contains(&shape.page_size) {
+        return Err(EtapError::UnsupportedPageSize {
+            page_size: shape.page_size,
+        });
     }
     if shape.num_pages == 0 {
         return Err(EtapError::Zero { arg: "num_pages" });
@@ -37,10 +42,14 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
         return Err(EtapError::Zero { arg: "max_pages" });
     }
     // The kernels address cache rows and query rows with the copy engine's signed 32-bit
-    // coordinates, and a request's rows with u32.
+    // coordinates (a block-table entry outside the cache reads the page one past it, so that
+    // page's rows count too), and a request's rows with u32.
     for (arg, rows) in [
-        ("num_pages", shape.num_pages.saturating_mul(TILE_ROWS)),
-        ("max_pages", shape.max_pages.saturating_mul(TILE_ROWS)),
+        (
+            "num_pages",
+            shape.num_pages.saturating_add(1).saturating_mul(shape.page_size),
+        ),
+        ("max_pages", shape.max_pages.saturating_mul(shape.page_size)),
         ("batch * s_q * h_q", shape.batch.saturating_mul(shape.s_q * shape.h_q)),
     ] {
         if rows > MAX_ROWS {
@@ -54,8 +63,9 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
     Ok(())
 }
 
-/// Most rows a tensor the kernels address may have: cache rows (`num_pages * 64`), a request's
-/// rows (`max_pages * 64`) and query rows (`batch * s_q * h_q`) are TMA coordinates, i32.
+/// Most rows a tensor the kernels address may have: cache rows (`(num_pages + 1) * page_size`),
+/// a request's rows (`max_pages * page_size`) and query rows (`batch * s_q * h_q`) are TMA
+/// coordinates, i32.
 pub const MAX_ROWS: usize = i32::MAX as usize;
 
 fn check_len(arg: &'static str, expected: usize, got: usize) -> Result<()> {
@@ -87,8 +97,8 @@ pub fn validate_lengths(
 }
 
 /// Check the sequence lengths and the used part of the block table, request by request: each
-/// length must be in `[0, max_pages * 64]`, and each entry in the slots the request uses
-/// (`[0, ceil(seqlen / 64))`) must be a page of the cache, `[0, num_pages)`. Slots past a
+/// length must be in `[0, max_pages * page_size]`, and each entry in the slots the request
+/// uses (`[0, ceil(seqlen / page_size))`) must be a page of the cache, `[0, num_pages)`. Slots past a
 /// request's used pages are never read and may hold anything.
 ///
 /// `block_table` and `seqlens` must have the shape's lengths (see [`validate_lengths`]); a
@@ -108,7 +118,7 @@ pub fn validate_tables(shape: &DecodeShape, block_table: &[i32], seqlens: &[i32]
                 capacity,
             });
         }
-        let used = (seqlen as usize).div_ceil(TILE_ROWS);
+        let used = (seqlen as usize).div_ceil(shape.page_size);
         let row = &block_table[request * shape.max_pages..][..used];
         for (slot, &page) in row.iter().enumerate() {
             if page < 0 || page as usize >= shape.num_pages {

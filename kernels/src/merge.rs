@@ -386,7 +386,7 @@ pub unsafe fn publish_empty_splits(
         let seqlen = *prm.seqlens.add(r as usize);
         let first = *prm.split_offsets.add(r as usize);
         let n = *prm.split_offsets.add(r as usize + 1) - first;
-        let (lo, hi) = range.segment(r, tiles_of(seqlen, prm.max_pages));
+        let (lo, hi) = range.segment(r, tiles_of(seqlen, prm.max_tiles));
         if lo == hi && n > 1 {
             let slot = first + range.split_of(r);
             write_empty_partial(
@@ -459,7 +459,7 @@ pub unsafe fn write_empty(prm: &DecodeParams, group: u32, group_cols: u32, n_req
         // No split in the plan (the request was empty when planned), or one split and no rows
         // now. (A request with several splits is always written by its merge.)
         let n = prm.splits(r);
-        if n == 0 || (n == 1 && rows_of(*prm.seqlens.add(r as usize), prm.max_pages) == 0) {
+        if n == 0 || (n == 1 && rows_of(*prm.seqlens.add(r as usize), prm.max_rows) == 0) {
             let out = prm.out.add(((r * n_req + col0) * D_V as u32) as usize) as *mut u32;
             let mut i = rank;
             while i < cols * D_V as u32 / 2 {

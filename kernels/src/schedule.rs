@@ -4,12 +4,13 @@
 use crate::device::index;
 use etap_core::WorkRange;
 
-/// Launch with one thread. Writes `parts` [`WorkRange`]s and `batch + 1` split offsets.
+/// Launch with one thread; `max_tiles` is a request's KV tiles at most
+/// (`DecodeParams::max_tiles`). Writes `parts` [`WorkRange`]s and `batch + 1` split offsets.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn etap_schedule(
     seqlens: *const i32,
     batch: u32,
-    max_pages: u32,
+    max_tiles: u32,
     ranges: *mut WorkRange,
     parts: u32,
     split_offsets: *mut u32,
@@ -20,5 +21,5 @@ pub unsafe extern "ptx-kernel" fn etap_schedule(
     let seqlens = core::slice::from_raw_parts(seqlens, batch as usize);
     let ranges = core::slice::from_raw_parts_mut(ranges, parts as usize);
     let offsets = core::slice::from_raw_parts_mut(split_offsets, batch as usize + 1);
-    etap_core::schedule(seqlens, max_pages, ranges, offsets);
+    etap_core::schedule(seqlens, max_tiles, ranges, offsets);
 }

@@ -357,7 +357,8 @@ fn _etap(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("D_V", etap_core::D_V)?;
     m.add("PAGE_ROWS", etap_core::TILE_ROWS)?;
     m.add("MAX_S_Q", etap_core::MAX_S_Q)?;
-    m.add("SUPPORTED_HEADS", etap_core::SUPPORTED_HEADS.to_vec())?;
+    m.add("MAX_HEADS", etap_core::MAX_HEADS)?;
+    m.add("PAGE_SIZES", etap_core::PAGE_SIZES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Shared test support for etap: seeded random decode cases with a poisoned paged cache and a
 //! shuffled block table, and error metrics. Used by the CPU property tests and the GPU tests.
 use etap::{DecodeShape, Element};
-use etap_core::{tiles_of, TILE_ROWS};
+use etap_core::TILE_ROWS;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -12,6 +12,8 @@ pub struct CaseSpec {
     pub batch: usize,
     pub s_q: usize,
     pub h_q: usize,
+    /// Rows of a cache page (`etap_core::PAGE_SIZES`; 64 by default).
+    pub page_size: usize,
     /// One length per request (`batch` of them).
     pub seqlens: Vec<i32>,
     pub seed: u64,
@@ -35,6 +37,7 @@ impl CaseSpec {
             batch: seqlens.len(),
             s_q,
             h_q,
+            page_size: etap::DEFAULT_PAGE_SIZE,
             seqlens: seqlens.to_vec(),
             seed,
             extra_pages: 3,
@@ -94,21 +97,14 @@ impl<T: Element> Case<T> {
     pub fn from_spec(spec: &CaseSpec) -> Self {
         assert_eq!(spec.batch, spec.seqlens.len(), "one seqlen per request");
         let mut rng = StdRng::seed_from_u64(spec.seed);
-        let needed = spec
-            .seqlens
-            .iter()
-            .map(|&s| (s.max(0) as usize).div_ceil(TILE_ROWS))
-            .max()
-            .unwrap_or(0);
+        let ps = spec.page_size;
+        let pages_of = |s: i32| (s.max(0) as usize).div_ceil(ps);
+        let needed = spec.seqlens.iter().map(|&s| pages_of(s)).max().unwrap_or(0);
         let max_pages = (needed + spec.extra_slots).max(1);
-        let used: Vec<usize> = spec
-            .seqlens
-            .iter()
-            .map(|&s| tiles_of(s, max_pages as u32) as usize)
-            .collect();
+        let used: Vec<usize> = spec.seqlens.iter().map(|&s| pages_of(s)).collect();
         let total_used: usize = used.iter().sum();
         let num_pages = (total_used + spec.extra_pages).max(1);
-        let shape = DecodeShape::new(spec.batch, spec.s_q, spec.h_q, num_pages, max_pages);
+        let shape = DecodeShape::new(spec.batch, spec.s_q, spec.h_q, num_pages, max_pages).with_page_size(ps);
 
         let q: Vec<T> = (0..shape.q_len())
             .map(|_| nonzero_normal(&mut rng, spec.q_std))
@@ -132,9 +128,9 @@ impl<T: Element> Case<T> {
                     *e = page as i32;
                     if spec.poison {
                         // Rows of the last page past seqlen.
-                        let first_dead = seqlen.saturating_sub(slot * TILE_ROWS).min(TILE_ROWS);
-                        let start = (page * TILE_ROWS + first_dead) * row_len;
-                        let end = (page + 1) * TILE_ROWS * row_len;
+                        let first_dead = seqlen.saturating_sub(slot * ps).min(ps);
+                        let start = (page * ps + first_dead) * row_len;
+                        let end = (page + 1) * ps * row_len;
                         cache[start..end].fill(T::nan());
                     }
                 } else {
@@ -148,7 +144,7 @@ impl<T: Element> Case<T> {
         }
         if spec.poison {
             for &page in &perm[next..] {
-                cache[page * TILE_ROWS * row_len..(page + 1) * TILE_ROWS * row_len].fill(T::nan());
+                cache[page * ps * row_len..(page + 1) * ps * row_len].fill(T::nan());
             }
         }
         Case {
@@ -193,10 +189,15 @@ impl<T: Element> Case<T> {
 
     /// Pages the requests use in all.
     pub fn used_pages(&self) -> usize {
-        self.seqlens
-            .iter()
-            .map(|&s| tiles_of(s, self.shape.max_pages as u32) as usize)
-            .sum()
+        let ps = self.shape.page_size;
+        self.seqlens.iter().map(|&s| (s.max(0) as usize).div_ceil(ps)).sum()
+    }
+
+    /// Request `r`'s row `row` of the cache, through its block table.
+    pub fn kv_row(&self, r: usize, row: usize) -> &[T] {
+        let (ps, d) = (self.shape.page_size, self.shape.d_qk);
+        let page = self.block_table[r * self.shape.max_pages + row / ps] as usize;
+        &self.cache[(page * ps + row % ps) * d..][..d]
     }
 }
 
@@ -258,10 +259,10 @@ pub fn kernel_model<T: Element>(
                     .collect();
                 let (mut m, mut l) = (f64::NEG_INFINITY, 0f64);
                 acc.fill(0.0);
+                // The kernels' tiles of 64 rows, whatever the page size.
                 for row0 in (0..vis).step_by(TILE_ROWS) {
-                    let page = c.block_table[r * sh.max_pages + row0 / TILE_ROWS] as usize;
                     let rows = (vis - row0).min(TILE_ROWS);
-                    let kv = |k: usize| &c.cache[(page * TILE_ROWS + k) * D_QK..][..D_QK];
+                    let kv = |k: usize| c.kv_row(r, row0 + k);
                     let s: Vec<f64> = (0..rows)
                         .map(|k| scale * q.iter().zip(kv(k)).map(|(a, b)| a * b.to_f32() as f64).sum::<f64>())
                         .collect();

@@ -56,14 +56,14 @@ unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRang
         if lo == hi {
             continue;
         }
-        // Visible rows of the columns this thread holds (causal for s_q > 1).
-        // (One token per 8-wide block of columns: h_q is a multiple of 8.)
+        // Visible rows of the columns this thread holds (causal for s_q > 1), per column: with
+        // a head count that is not a multiple of 8, one 8-wide block may hold two tokens.
         let mut visible = [0u32; 4];
-        unroll!(b < NW / 8, max 4 => {
-            let n = col0 + 8 * b as u32;
+        unroll!(slot < NW / 4, max 4 => {
+            let n = col0 + tile::slot_col(slot, tw % 4);
             // Padding columns (n >= s_q * h_q) compute on, but never past the request's rows.
             let vis = visible_rows(rows, prm.s_q, n / prm.h_q);
-            visible[b] = if vis < rows { vis } else { rows };
+            visible[slot] = if vis < rows { vis } else { rows };
         });
         let mut st = ColumnState::new();
         let mut o: [Frag; V_BLOCKS] = [[0f32; 32]; V_BLOCKS];

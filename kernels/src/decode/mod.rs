@@ -27,21 +27,24 @@ use crate::device::{index, mbarrier, smem, sync, tma};
 pub mod heads_on_m;
 pub mod kv_on_m;
 use crate::merge;
-use crate::tile::{self, TILE_BYTES, ROW_BYTES};
-use etap_core::{WorkRange, D_QK, D_V, TILE_ROWS, QK_BLOCKS, V_BLOCKS};
+use crate::tile::{self, ROW_BYTES, TILE_BYTES};
+use etap_core::contract::kv_box_rows;
+use etap_core::{WorkRange, D_QK, D_V, QK_BLOCKS, TILE_ROWS, V_BLOCKS};
 
 pub use etap_core::contract::{CONSUMERS, DECODE_THREADS as THREADS, STAGES};
 const _: () = assert!(etap_core::contract::WARPGROUP == index::WARPGROUP);
 /// Register cap at entry (see `etap_core::DECODE_ENTRY_REGS`); setmaxnreg needs one.
 pub const ENTRY_REGS: u32 = etap_core::DECODE_ENTRY_REGS;
 /// Registers per thread after the hand-over: the producer keeps [`PRODUCER_REGS`], the two
-/// consumer warpgroups get [`CONSUMER_REGS`]: (168 - 24) * 128 = 18432 registers given back,
-/// (240 - 168) * 256 = 18432 taken. The CTA keeps its launch allocation (384 * 168), so the
+/// consumer warpgroups get [`CONSUMER_REGS`]: (168 - 40) * 128 = 16384 registers given back,
+/// (232 - 168) * 256 = 16384 taken. The CTA keeps its launch allocation (384 * 168), so the
 /// consumers can take no more than the producer gives back, or their `setmaxnreg.inc` waits
 /// forever (checked below). A consumer holds O^T for 32 columns (8 chunks x 16 floats =
-/// 128), S^T (16), and the softmax state.
-pub const PRODUCER_REGS: u32 = 24;
-pub const CONSUMER_REGS: u32 = 240;
+/// 128), S^T (16), and the softmax state. The producer needs 40 since it gathers tiles from
+/// pages of any size (ptxas spills its page arithmetic at 24 and 32; setmaxnreg counts are
+/// multiples of 8, so the consumers went from 240 to 232, with no spill).
+pub const PRODUCER_REGS: u32 = 40;
+pub const CONSUMER_REGS: u32 = 232;
 const _: () = assert!(
     (ENTRY_REGS - PRODUCER_REGS) * index::WARPGROUP >= (CONSUMER_REGS - ENTRY_REGS) * CONSUMERS * index::WARPGROUP,
     "the consumers would take more registers than the producer gives back"
@@ -144,23 +147,6 @@ pub(crate) unsafe fn run_producer(
     cols: u32,
     n_req: u32,
 ) -> bool {
-    run_producer_with(prm, group, cols, n_req, || {
-        produce::<{ TILE_ROWS as u32 }, STAGES>(prm, range, sm, group, cols, n_req)
-    })
-}
-
-/// [`run_producer`] with the loads issued by `produce`.
-///
-/// # Safety
-/// As [`run_producer`].
-#[inline(always)]
-pub(crate) unsafe fn run_producer_with(
-    prm: &DecodeParams,
-    group: u32,
-    cols: u32,
-    n_req: u32,
-    produce: impl FnOnce(),
-) -> bool {
     let t = index::thread_x();
     if sync::warp_uniform(t / index::WARPGROUP) != CONSUMERS {
         return false;
@@ -168,7 +154,9 @@ pub(crate) unsafe fn run_producer_with(
     sync::setmaxnreg_dec::<PRODUCER_REGS>();
     let first_idle = CONSUMERS * index::WARPGROUP + index::WARP;
     if t == CONSUMERS * index::WARPGROUP {
-        produce();
+        // One loop per page size, so that each keeps its page arithmetic in constants (the
+        // producer has 24 registers).
+        produce(prm, range, sm, group, cols, n_req)
     } else if t >= first_idle {
         // The producer warpgroup's other three warps, while the loads run: the requests with no
         // rows that fall to this CTA (zeros and lse = -inf), and with a stale plan the splits
@@ -180,13 +168,16 @@ pub(crate) unsafe fn run_producer_with(
 }
 
 /// The producer: the first thread of warpgroup 2 walks the part's segments and issues the loads
-/// of each request's Q and its KV tiles of `TILE_ROWS` rows (a page, or part of one) into a ring of `SLOTS`.
+/// of each request's Q and its KV tiles into the ring. A tile of [`TILE_ROWS`] rows is gathered
+/// from the cache's pages of `PAGE` rows in boxes of `kv_box_rows(PAGE)` rows: from 64 / PAGE
+/// pages of 16 or 32 rows, one page of 64, or half of one of 128. Boxes wholly past the
+/// request's rows are not loaded (the consumers mask and zero those rows of the tile).
 ///
 /// # Safety
-/// One thread, after the prologue, with the ring laid out in `sm` and a KV tensor map of
-/// `TILE_ROWS`-row boxes.
+/// One thread, after the prologue, with the ring laid out in `sm`, `prm.page_size == PAGE` and a
+/// KV tensor map of `kv_box_rows(PAGE)`-row boxes.
 #[inline(always)]
-pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
+pub(crate) unsafe fn produce(
     prm: &DecodeParams,
     range: &WorkRange,
     sm: &Smem,
@@ -194,20 +185,26 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
     cols: u32,
     n_req: u32,
 ) {
-    let per_page = TILE_ROWS as u32 / TILE_ROWS;
-    let tile_bytes = QK_BLOCKS as u32 * TILE_ROWS * ROW_BYTES;
-    // The part's first page id, read beside the first request's seqlen rather than after it
-    // (the entry exists whatever the seqlen: the table has `max_pages` entries a request).
-    // Tile 0 is on that page when the seqlens are the plan's (it starts a range at a page its
-    // request has); with a stale plan the test of `r` below keeps it to that page.
-    let first_page = if range.begin_tile < prm.max_pages {
-        range.begin_tile
-    } else {
-        prm.max_pages - 1
+    let page = prm.page_size;
+    let box_rows = kv_box_rows(page);
+    let box_shift = box_rows.trailing_zeros();
+    let page_shift = page.trailing_zeros();
+    let in_page = page - 1;
+    // The part's first block-table entry, read beside the first request's seqlen rather than
+    // after it (the entry exists whatever the seqlen: the table has `max_pages` entries a
+    // request). The first box is on that page when the seqlens are the plan's (a range starts at
+    // a tile its request has); with a stale plan the test of `r` below keeps it to that page.
+    let first_slot = {
+        let slot = (range.begin_tile * TILE_ROWS as u32) >> page_shift;
+        if slot < prm.max_pages {
+            slot
+        } else {
+            prm.max_pages - 1
+        }
     };
     let first_id = *prm
         .block_table
-        .add((range.begin_req * prm.max_pages + first_page) as usize);
+        .add((range.begin_req * prm.max_pages + first_slot) as usize);
     let mut it = 0u32; // tiles issued so far
     let mut q_round = 0u32;
     for r in range.begin_req..=range.end_req {
@@ -218,41 +215,37 @@ pub(crate) unsafe fn produce<const TILE_ROWS: u32, const SLOTS: u32>(
         load_request_q(prm, sm, r, group, cols, n_req, q_round);
         q_round += 1;
         let table = prm.block_table.add((r * prm.max_pages) as usize);
-        let end = if per_page == 1 {
-            hi
-        } else {
-            tiles_end(hi, rows, TILE_ROWS)
-        };
-        for u in lo * per_page..end {
-            let slot = it % SLOTS;
-            if it >= SLOTS {
-                tile::wait(sm.empty + 8 * slot, (it / SLOTS - 1) & 1);
+        for tile in lo..hi {
+            let stage = it % STAGES;
+            if it >= STAGES {
+                tile::wait(sm.empty + 8 * stage, (it / STAGES - 1) & 1);
             }
-            let page = u / per_page;
-            let id = if it == 0 && r == range.begin_req && page == first_page {
-                first_id
-            } else {
-                *table.add(page as usize)
-            };
-            let row = prm.page_row(id, (u % per_page) * TILE_ROWS);
-            mbarrier::arrive_expect_tx(sm.full + 8 * slot, tile_bytes);
-            let (dst, bar) = (sm.pages + slot * tile_bytes, sm.full + 8 * slot);
-            tile::load_kv_tile(prm.kv_map, dst, bar, row, TILE_ROWS);
+            // The tile's rows of the request (`row0 < rows`: `hi` is within the request's
+            // tiles), so every entry read below is below `rows / page_size <= max_pages`.
+            let row0 = tile * TILE_ROWS as u32;
+            let left = rows - row0;
+            // div_ceil by a power of two, as a shift (a division would take registers the
+            // producer does not have).
+            let boxes = ((if left < TILE_ROWS as u32 { left } else { TILE_ROWS as u32 }) + box_rows - 1) >> box_shift;
+            let (dst, bar) = (sm.pages + stage * TILE_BYTES, sm.full + 8 * stage);
+            mbarrier::arrive_expect_tx(bar, boxes * box_rows * QK_BLOCKS as u32 * ROW_BYTES);
+            // Box by box; `k` goes through `opaque` so that LLVM cannot count the trips and
+            // unroll the loop (four copies of nine loads spill the producer's registers).
+            let mut k = 0u32;
+            while k < boxes {
+                let row = row0 + k * box_rows;
+                let slot = row >> page_shift;
+                let id = if it == 0 && k == 0 && r == range.begin_req && slot == first_slot {
+                    first_id
+                } else {
+                    *table.add(slot as usize)
+                };
+                let at = prm.page_row(id, row & in_page, page);
+                tile::load_kv_rows(prm.kv_map, dst + k * box_rows * ROW_BYTES, bar, at, tile::BLOCK_BYTES);
+                k = smem::opaque(k + 1);
+            }
             it += 1;
         }
-    }
-}
-
-/// One past the last KV tile of `tile_rows` rows of a segment whose pages are `..hi`, for a
-/// request of `rows` rows: the last page's tiles past the request's end are skipped.
-#[inline(always)]
-pub(crate) fn tiles_end(hi: u32, rows: u32, tile_rows: u32) -> u32 {
-    let all = hi * (TILE_ROWS as u32 / tile_rows);
-    let needed = rows.div_ceil(tile_rows);
-    if needed < all {
-        needed
-    } else {
-        all
     }
 }
 

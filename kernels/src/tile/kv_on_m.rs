@@ -93,8 +93,8 @@ pub const fn col_slot(i: usize) -> usize {
 /// named barrier), turn `s` into P = exp2(s - m), add to the row sums, and return the factor
 /// rescale O^T's columns by alpha = exp2(m_old - m_new).
 ///
-/// `visible[b]` is the number of KV rows of the request that the columns of 8-wide block `b`
-/// see (one token per block: h_q is a multiple of 8); `row0` the request
+/// `visible[slot]` is the number of KV rows of the request that this thread's column `slot`
+/// sees; `row0` the request
 /// row of this page's first row. `red` is this warpgroup's [4 warps][NW] f32 scratch (double
 /// buffered by the caller), `bar_id` its named barrier.
 ///
@@ -121,7 +121,7 @@ pub unsafe fn column_softmax<const NW: usize>(
     unroll!(i < NW / 2, max 16 => {
         let (row, _) = wgmma::frag_pos(t, i as u32);
         let slot = col_slot(i);
-        let v = if row0 + row < visible[i / 4] { s[i] * scale_log2 } else { f32::NEG_INFINITY };
+        let v = if row0 + row < visible[slot] { s[i] * scale_log2 } else { f32::NEG_INFINITY };
         s[i] = v;
         tmax[slot] = math::fmax(tmax[slot], v);
     });

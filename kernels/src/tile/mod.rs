@@ -64,34 +64,28 @@ impl Turn {
 /// Per-thread accumulator fragment of an m64nN tile (N <= 64): the first N/2 floats are used.
 pub type Frag = [f32; 32];
 
-/// Issue the TMA loads of one KV tile of `tile_rows` rows (cache rows `row ..`: a page, or part of
-/// one; one box of `tile_rows` x 64 columns per block) into `dst` (blocks
-/// of `tile_rows` x 128 bytes), completing on `bar`. One thread calls it.
+/// Issue the TMA loads of one box of rows (global rows `row..`, as many as `map`'s box has) of
+/// all nine 64-column blocks, completing on `bar`: block `c` of the box goes to
+/// `dst + c * block_bytes`. One thread calls it.
 ///
 /// # Safety
-/// `map` is the cache's tensor map (boxes of `tile_rows` rows); `dst` a free, 1024-aligned
-/// buffer; `bar` an mbarrier whose phase expects the whole tile.
+/// `dst` is in a free tile whose blocks are `block_bytes` apart, 1024-aligned within each block
+/// (the 128-byte swizzle's atom); `bar` an mbarrier whose phase expects these bytes.
 #[inline(always)]
-pub unsafe fn load_kv_tile(map: *const TensorMap, dst: u32, bar: u32, row: i32, tile_rows: u32) {
+pub unsafe fn load_kv_rows(map: *const TensorMap, dst: u32, bar: u32, row: i32, block_bytes: u32) {
     for blk in 0..QK_BLOCKS as u32 {
-        tma::load_2d(
-            map,
-            dst + blk * tile_rows * ROW_BYTES,
-            bar,
-            (blk * BLOCK_COLS as u32) as i32,
-            row,
-        );
+        tma::load_2d(map, dst + blk * block_bytes, bar, (blk * BLOCK_COLS as u32) as i32, row);
     }
 }
 
-/// Issue the TMA loads of `cols` query rows starting at global row `row` into `dst`: the same
-/// nine boxes as a KV tile's, of `cols` rows.
+/// Issue the TMA loads of `cols` query rows starting at global row `row` into `dst`: nine
+/// boxes of `cols` rows, as a KV tile's.
 ///
 /// # Safety
-/// As [`load_kv_tile`]; `dst` holds 9 blocks of `cols` rows.
+/// As [`load_kv_rows`]; `dst` holds 9 blocks of `cols` rows.
 #[inline(always)]
 pub unsafe fn load_q(map: *const TensorMap, dst: u32, bar: u32, row: i32, cols: u32) {
-    load_kv_tile(map, dst, bar, row, cols)
+    load_kv_rows(map, dst, bar, row, cols * ROW_BYTES)
 }
 
 /// D[64 x N] = A[64 x 576] · B[N x 576]^T, both operands K-major 128-byte-swizzled tiles of
@@ -120,15 +114,7 @@ pub unsafe fn gemm_k576<const N: usize, E: Elem>(d: &mut Frag, a: u32, a_block: 
 /// No wgmma reads the tile meanwhile; the caller fences and synchronizes afterwards.
 #[inline(always)]
 pub unsafe fn zero_rows_from(page: u32, first: u32, rank: u32, threads: u32) {
-    zero_tile_rows_from(page, TILE_ROWS as u32, first, rank, threads)
-}
-
-/// [`zero_rows_from`] for a tile of `tile_rows` KV rows (blocks of `tile_rows` x 128 bytes).
-///
-/// # Safety
-/// As [`zero_rows_from`].
-#[inline(always)]
-pub unsafe fn zero_tile_rows_from(page: u32, tile_rows: u32, first: u32, rank: u32, threads: u32) {
+    let tile_rows = TILE_ROWS as u32;
     let rows = tile_rows - first;
     // 16-byte chunks: 8 per 128-byte row, per block. The swizzle permutes chunks within a row,
     // so whole rows stay whole rows.
