@@ -96,8 +96,11 @@ fn plan_rejects_bad_shapes() {
     let shape = case.shape;
     let sl = DeviceBuffer::from_slice(&case.seqlens).unwrap();
     for (bad, want) in [
-        (DecodeShape { h_q: 12, ..shape }, "UnsupportedHeads"),
-        (DecodeShape { s_q: 5, ..shape }, "UnsupportedSeqQ"),
+        (DecodeShape { h_q: 129, ..shape }, "UnsupportedHeads"),
+        (DecodeShape { h_q: 0, ..shape }, "UnsupportedHeads"),
+        (DecodeShape { s_q: 9, ..shape }, "UnsupportedSeqQ"),
+        (shape.with_page_size(8), "UnsupportedPageSize"),
+        (shape.with_page_size(256), "UnsupportedPageSize"),
         (DecodeShape { d_qk: 512, ..shape }, "HeadDim"),
         (DecodeShape { d_v: 576, ..shape }, "HeadDim"),
         (DecodeShape { batch: 0, ..shape }, "EmptyBatch"),

@@ -128,12 +128,13 @@ fn check_layouts<T: Element>(dec: &Decoder, case: &Case<T>, what: &str, layouts:
         let (o, l) = decode_gpu(dec, case, layout);
         let outcome = etap::check::compare(T::DTYPE, shape.s_q, shape.h_q, &case.seqlens, &o, &l, &refs);
         println!(
-            "{what:<10} {:<8} {:>5} b={:<3} s_q={} h_q={:<3} rows={:<7} row_err={:.2e} (request {} token {}) request_err={:.2e} lse_diff={:.2e}",
+            "{what:<10} {:<8} {:>5} b={:<3} s_q={} h_q={:<3} page={:<3} rows={:<7} row_err={:.2e} (request {} token {}) request_err={:.2e} lse_diff={:.2e}",
             format!("{layout:?}"),
             format!("{:?}", T::DTYPE),
             shape.batch,
             shape.s_q,
             shape.h_q,
+            shape.page_size,
             total_rows,
             outcome.row_err,
             outcome.worst_row.0,
@@ -186,7 +187,59 @@ fn fixed_seed_cases() {
     }
 }
 
-/// Proptest-driven cases: b 1-64, s_q 1-4, every h_q, seqlens 0-20000 mixed in one batch (a
+/// Issue 13's shapes: odd head counts (tensor-parallel shards), up to 8 query tokens, pages of
+/// 16, 32 and 128 rows, each with lengths around page and tile boundaries, empty and one-row
+/// requests, in both layouts.
+#[test]
+fn shapes_heads_tokens_pages() {
+    let Some(dec) = decoder_or_skip("gpu_decode heads, tokens and pages") else {
+        return;
+    };
+    let lens: &[i32] = &[1, 0, 15, 16, 17, 63, 64, 65, 200, 1300];
+    // (s_q, h_q, page size)
+    let cases: &[(usize, usize, usize)] = &[
+        (1, 1, 64),
+        (2, 3, 64),
+        (3, 6, 16),
+        (1, 12, 32),
+        (2, 20, 128),
+        (1, 22, 64),
+        (4, 24, 64),
+        (1, 48, 16),
+        (1, 96, 32),
+        (1, 127, 64),
+        (5, 16, 64),
+        (6, 10, 128),
+        (7, 2, 32),
+        (8, 16, 16),
+        (8, 5, 64),
+        (3, 128, 128),
+        (1, 16, 16),
+        (1, 16, 32),
+        (1, 16, 128),
+    ];
+    for (k, &(s_q, h_q, page)) in cases.iter().enumerate() {
+        let seed = 3000 + k as u64;
+        let spec = CaseSpec {
+            page_size: page,
+            ..CaseSpec::new(s_q, h_q, lens, seed)
+        };
+        check(&dec, &Case::<Bf16>::from_spec(&spec), "shapes");
+        if k % 3 == 0 {
+            check(
+                &dec,
+                &Case::<F16>::from_spec(&CaseSpec {
+                    seed: seed + 500,
+                    ..spec
+                }),
+                "shapes",
+            );
+        }
+    }
+}
+
+/// Proptest-driven cases: b 1-64, s_q 1-8, h_q 1-128 (the powers of two weighted up), every
+/// page size, seqlens 0-20000 mixed in one batch (a
 /// third of the cases up to 20000, the rest up to 3000 to keep the CPU reference fast), random
 /// block-table slack, both dtypes. `ETAP_SEED` fixes the generator (the seed is printed);
 /// `ETAP_CASES` sets the number of cases (default 24). A failure is shrunk by proptest.
@@ -217,38 +270,45 @@ fn random_cases() {
         TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
     );
     let strategy = (
-        prop::sample::select(vec![8usize, 16, 32, 64, 128]),
-        1usize..=4,
+        prop_oneof![
+            1 => prop::sample::select(vec![8usize, 16, 32, 64, 128]),
+            1 => 1usize..=128
+        ],
+        prop_oneof![3 => 1usize..=4, 1 => 5usize..=8],
         prop_oneof![2 => Just(3_000i32), 1 => Just(20_000i32)],
         prop::collection::vec(0.0f64..1.0, 1..=64),
-        0usize..3,
+        (0usize..3, prop::sample::select(etap_core::PAGE_SIZES.to_vec())),
         any::<bool>(),
         any::<u64>(),
     );
     runner
-        .run(&strategy, |(h_q, s_q, max_len, fractions, extra_slots, f16, seed)| {
-            // Mixed lengths: a tenth empty or tiny, the rest spread up to max_len.
-            let seqlens: Vec<i32> = fractions
-                .iter()
-                .map(|&u| {
-                    if u < 0.05 {
-                        0
-                    } else if u < 0.1 {
-                        (u * 100.0) as i32
-                    } else {
-                        (u * max_len as f64) as i32
-                    }
-                })
-                .collect();
-            let mut spec = CaseSpec::new(s_q, h_q, &seqlens, seed);
-            spec.extra_slots = extra_slots;
-            if f16 {
-                check(&dec, &Case::<F16>::from_spec(&spec), "random");
-            } else {
-                check(&dec, &Case::<Bf16>::from_spec(&spec), "random");
-            }
-            Ok(())
-        })
+        .run(
+            &strategy,
+            |(h_q, s_q, max_len, fractions, (extra_slots, page_size), f16, seed)| {
+                // Mixed lengths: a tenth empty or tiny, the rest spread up to max_len.
+                let seqlens: Vec<i32> = fractions
+                    .iter()
+                    .map(|&u| {
+                        if u < 0.05 {
+                            0
+                        } else if u < 0.1 {
+                            (u * 100.0) as i32
+                        } else {
+                            (u * max_len as f64) as i32
+                        }
+                    })
+                    .collect();
+                let mut spec = CaseSpec::new(s_q, h_q, &seqlens, seed);
+                spec.extra_slots = extra_slots;
+                spec.page_size = page_size;
+                if f16 {
+                    check(&dec, &Case::<F16>::from_spec(&spec), "random");
+                } else {
+                    check(&dec, &Case::<Bf16>::from_spec(&spec), "random");
+                }
+                Ok(())
+            },
+        )
         .unwrap_or_else(|e| panic!("ETAP_SEED={seed0}: {e}"));
 }
 
@@ -256,7 +316,7 @@ fn random_cases() {
 /// synccheck), fast enough for racecheck: both layouts the plan picks (KV-on-M up to 16
 /// columns, heads-on-M from 32, each case run in both), the c16 and c32 kernels and column
 /// groups, split requests (and so the split merge) and unsplit ones (one page), partial pages,
-/// an empty request, s_q 1, 2 and 3, both dtypes.
+/// an empty request, s_q 1, 2, 3 and 8, odd head counts, pages of 16 and 128 rows, both dtypes.
 #[test]
 fn sanitizer_cases() {
     let Some(dec) = decoder_or_skip("gpu_decode sanitizer cases") else {
@@ -276,6 +336,14 @@ fn sanitizer_cases() {
             &Case::<Bf16>::new(*s_q, *h_q, seqlens, 77 + k as u64),
             "sanitizer",
         );
+    }
+    // Issue 13's shapes: (s_q, h_q, page size).
+    for (k, &(s_q, h_q, page)) in [(3usize, 6usize, 16usize), (1, 20, 128), (8, 5, 32)].iter().enumerate() {
+        let spec = CaseSpec {
+            page_size: page,
+            ..CaseSpec::new(s_q, h_q, &[150, 0, 17, 64], 85 + k as u64)
+        };
+        check(&dec, &Case::<Bf16>::from_spec(&spec), "sanitizer");
     }
     // One fp16 case: the other dtype's instantiation of both kernels.
     check(&dec, &Case::<F16>::new(2, 16, &[200, 1], 90), "sanitizer");

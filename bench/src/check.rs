@@ -160,7 +160,7 @@ mod tests {
     #[test]
     fn compare_against_the_reference() {
         let seqlens = [70, 3, 129];
-        let x = generate::<F16>(3, 2, 16, &seqlens, 9);
+        let x = generate::<F16>(3, 2, 16, &seqlens, 64, 9);
         let picks = pick_requests(&seqlens, 2, 16, 4);
         let reference = reference(&x, &picks).unwrap();
         assert_eq!(reference.dtype, Dtype::F16);

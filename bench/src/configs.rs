@@ -21,6 +21,8 @@ pub struct Config {
     pub h_q: usize,
     pub seqlens: Vec<i32>,
     pub kind: Kind,
+    /// Rows of a cache page (64 unless `--pages` says otherwise).
+    pub page_size: usize,
 }
 
 /// Seed of the varlen lengths (fixed: the same batch every run).
@@ -47,6 +49,7 @@ impl Config {
             h_q,
             seqlens: vec![s_k as i32; batch],
             kind: Kind::Uniform,
+            page_size: etap::DEFAULT_PAGE_SIZE,
         }
     }
 
@@ -60,6 +63,7 @@ impl Config {
             h_q: 16,
             seqlens: varlen_seqlens(batch, 8192.0, 4096.0, 1, 32768, VARLEN_SEED),
             kind: Kind::Varlen,
+            page_size: etap::DEFAULT_PAGE_SIZE,
         }
     }
 
@@ -72,7 +76,24 @@ impl Config {
             h_q: 16,
             seqlens: IMBALANCED.to_vec(),
             kind: Kind::Imbalanced,
+            page_size: etap::DEFAULT_PAGE_SIZE,
         }
+    }
+
+    /// The same configuration with pages of `page_size` rows, named with `-p{page_size}` unless
+    /// it is the default 64.
+    pub fn with_page_size(mut self, page_size: usize) -> Config {
+        if page_size != self.page_size {
+            if self.page_size != etap::DEFAULT_PAGE_SIZE {
+                let cut = self.name.rfind("-p").expect("a page-size suffix");
+                self.name.truncate(cut);
+            }
+            if page_size != etap::DEFAULT_PAGE_SIZE {
+                self.name.push_str(&format!("-p{page_size}"));
+            }
+            self.page_size = page_size;
+        }
+        self
     }
 
     /// The longest request's length.
@@ -82,7 +103,11 @@ impl Config {
 
     /// Whether this is a point of the b=16, s_q=1, h=16 length sweep (the chart).
     pub fn in_sweep(&self) -> bool {
-        self.kind == Kind::Uniform && self.batch == 16 && self.s_q == 1 && self.h_q == 16
+        self.kind == Kind::Uniform
+            && self.batch == 16
+            && self.s_q == 1
+            && self.h_q == 16
+            && self.page_size == etap::DEFAULT_PAGE_SIZE
     }
 }
 
@@ -174,5 +199,9 @@ mod tests {
         assert_eq!(len_label(65536), "64k");
         assert_eq!(len_label(1000), "1000");
         assert_eq!(Config::uniform(1, 1, 16, 1000).name, "b1-sq1-h16-sk1000");
+        let p = Config::uniform(1, 1, 16, 1000).with_page_size(16);
+        assert_eq!((p.name.as_str(), p.page_size), ("b1-sq1-h16-sk1000-p16", 16));
+        let p = p.with_page_size(128).with_page_size(64);
+        assert_eq!((p.name.as_str(), p.page_size), ("b1-sq1-h16-sk1000", 64));
     }
 }

@@ -3,7 +3,7 @@
 //! (a sum of four uniforms) and never zero. Cache rows past each request's length and the
 //! unused pages hold NaN; the block table maps each request to shuffled, non-contiguous pages.
 use etap::{DecodeShape, Element};
-use etap_core::{D_QK, TILE_ROWS};
+use etap_core::D_QK;
 
 /// Pages in the cache that no request uses (all NaN).
 pub const EXTRA_PAGES: usize = 16;
@@ -93,9 +93,9 @@ pub fn fill_rows<T: Element>(buf: &mut [T], row_len: usize, seed: u64, live: &(d
     });
 }
 
-/// Pages of a request of `seqlen` rows.
-pub fn pages_for(seqlen: i32) -> usize {
-    (seqlen.max(0) as usize).div_ceil(TILE_ROWS)
+/// Pages of `page_size` rows of a request of `seqlen` rows.
+pub fn pages_for(seqlen: i32, page_size: usize) -> usize {
+    (seqlen.max(0) as usize).div_ceil(page_size)
 }
 
 /// The block table of a batch: `(shape, block_table, live rows of each page)`. Each request
@@ -106,13 +106,14 @@ pub fn block_table(
     s_q: usize,
     h_q: usize,
     seqlens: &[i32],
+    page_size: usize,
     seed: u64,
 ) -> (DecodeShape, Vec<i32>, Vec<u8>) {
     assert_eq!(seqlens.len(), batch, "one seqlen per request");
-    let used: Vec<usize> = seqlens.iter().map(|&s| pages_for(s)).collect();
+    let used: Vec<usize> = seqlens.iter().map(|&s| pages_for(s, page_size)).collect();
     let max_pages = used.iter().copied().max().unwrap_or(0).max(1);
     let num_pages = used.iter().sum::<usize>() + EXTRA_PAGES;
-    let shape = DecodeShape::new(batch, s_q, h_q, num_pages, max_pages);
+    let shape = DecodeShape::new(batch, s_q, h_q, num_pages, max_pages).with_page_size(page_size);
     let mut perm: Vec<u32> = (0..num_pages as u32).collect();
     let mut rng = SplitMix::new(mix(seed ^ 0xB10C_7AB1E));
     for i in (1..perm.len()).rev() {
@@ -127,7 +128,7 @@ pub fn block_table(
             let page = perm[next] as usize;
             next += 1;
             table[r * max_pages + slot] = page as i32;
-            live[page] = (len as usize - slot * TILE_ROWS).min(TILE_ROWS) as u8;
+            live[page] = (len as usize - slot * page_size).min(page_size) as u8;
         }
     }
     (shape, table, live)
@@ -142,14 +143,21 @@ pub struct HostInputs<T> {
     pub seqlens: Vec<i32>,
 }
 
-/// Generate the inputs of a batch (see the module docs).
-pub fn generate<T: Element>(batch: usize, s_q: usize, h_q: usize, seqlens: &[i32], seed: u64) -> HostInputs<T> {
-    let (shape, table, live) = block_table(batch, s_q, h_q, seqlens, seed);
+/// Generate the inputs of a batch (see the module docs), its cache in pages of `page_size` rows.
+pub fn generate<T: Element>(
+    batch: usize,
+    s_q: usize,
+    h_q: usize,
+    seqlens: &[i32],
+    page_size: usize,
+    seed: u64,
+) -> HostInputs<T> {
+    let (shape, table, live) = block_table(batch, s_q, h_q, seqlens, page_size, seed);
     let mut q = vec![T::default(); shape.q_len()];
     fill_rows(&mut q, D_QK, mix(seed ^ 0x0051), &|_| true);
     let mut cache = vec![T::default(); shape.cache_len()];
     fill_rows(&mut cache, D_QK, mix(seed ^ 0xCAC4E), &|row| {
-        row % TILE_ROWS < live[row / TILE_ROWS] as usize
+        row % page_size < live[row / page_size] as usize
     });
     HostInputs {
         shape,
@@ -208,45 +216,50 @@ mod tests {
     #[test]
     fn inputs_are_poisoned_past_seqlen_and_pages_shuffled() {
         let seqlens = [65, 1, 200, 128];
-        let x = generate::<Bf16>(4, 2, 8, &seqlens, 3);
-        let s = x.shape;
-        assert_eq!(s.max_pages, 4);
-        assert_eq!(s.num_pages, 2 + 1 + 4 + 2 + EXTRA_PAGES);
-        assert!(x.q.iter().all(|v| v.to_f32().is_finite() && v.to_f32() != 0.0));
-        let mut seen = vec![false; s.num_pages];
-        for (r, &len) in seqlens.iter().enumerate() {
-            let np = pages_for(len);
-            for slot in 0..s.max_pages {
-                let e = x.block_table[r * s.max_pages + slot];
-                if slot >= np {
-                    assert_eq!(e, -1);
-                    continue;
-                }
-                let page = e as usize;
-                assert!(!seen[page], "page {page} used twice");
-                seen[page] = true;
-                for row in 0..TILE_ROWS {
-                    let v = x.cache[(page * TILE_ROWS + row) * D_QK].to_f32();
-                    let live = slot * TILE_ROWS + row < len as usize;
-                    assert_eq!(live, v.is_finite(), "request {r} slot {slot} row {row}");
-                    assert!(v != 0.0);
+        for ps in [16, 64, 128] {
+            let x = generate::<Bf16>(4, 2, 8, &seqlens, ps, 3);
+            let s = x.shape;
+            let pages: Vec<usize> = seqlens.iter().map(|&l| (l as usize).div_ceil(ps)).collect();
+            assert_eq!(s.page_size, ps);
+            assert_eq!(s.max_pages, *pages.iter().max().unwrap());
+            assert_eq!(s.num_pages, pages.iter().sum::<usize>() + EXTRA_PAGES);
+            assert!(x.q.iter().all(|v| v.to_f32().is_finite() && v.to_f32() != 0.0));
+            let mut seen = vec![false; s.num_pages];
+            for (r, &len) in seqlens.iter().enumerate() {
+                let np = pages_for(len, ps);
+                for slot in 0..s.max_pages {
+                    let e = x.block_table[r * s.max_pages + slot];
+                    if slot >= np {
+                        assert_eq!(e, -1);
+                        continue;
+                    }
+                    let page = e as usize;
+                    assert!(!seen[page], "page {page} used twice");
+                    seen[page] = true;
+                    for row in 0..ps {
+                        let v = x.cache[(page * ps + row) * D_QK].to_f32();
+                        let live = slot * ps + row < len as usize;
+                        assert_eq!(live, v.is_finite(), "page size {ps}: request {r} slot {slot} row {row}");
+                        assert!(v != 0.0);
+                    }
                 }
             }
+            // Unused pages are NaN throughout.
+            for (page, _) in seen.iter().enumerate().filter(|(_, &u)| !u) {
+                let p = &x.cache[page * ps * D_QK..(page + 1) * ps * D_QK];
+                assert!(p.iter().all(|v| v.to_f32().is_nan()));
+            }
+            // Not the identity mapping, and the same for the same seed.
+            let first: Vec<i32> = (0..4).map(|r| x.block_table[r * s.max_pages]).collect();
+            let identity: Vec<i32> = (0..4).map(|r| pages[..r].iter().sum::<usize>() as i32).collect();
+            assert_ne!(first, identity);
+            let y = generate::<Bf16>(4, 2, 8, &seqlens, ps, 3);
+            assert_eq!(x.block_table, y.block_table);
+            assert!(x
+                .cache
+                .iter()
+                .zip(&y.cache)
+                .all(|(a, b)| a.0.to_bits() == b.0.to_bits()));
         }
-        // Unused pages are NaN throughout.
-        for (page, _) in seen.iter().enumerate().filter(|(_, &u)| !u) {
-            let p = &x.cache[page * TILE_ROWS * D_QK..(page + 1) * TILE_ROWS * D_QK];
-            assert!(p.iter().all(|v| v.to_f32().is_nan()));
-        }
-        // Not the identity mapping, and the same for the same seed.
-        let first: Vec<i32> = (0..4).map(|r| x.block_table[r * s.max_pages]).collect();
-        assert_ne!(first, vec![0, 2, 3, 7]);
-        let y = generate::<Bf16>(4, 2, 8, &seqlens, 3);
-        assert_eq!(x.block_table, y.block_table);
-        assert!(x
-            .cache
-            .iter()
-            .zip(&y.cache)
-            .all(|(a, b)| a.0.to_bits() == b.0.to_bits()));
     }
 }

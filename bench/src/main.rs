@@ -390,7 +390,7 @@ fn bench_inner<T: Element>(
     let tag = format!("[{} {} {}]", cfg.name, T::DTYPE, layout_name(layout));
     let t0 = Instant::now();
     let seed = seed_of(&cfg.name);
-    let x = gen::generate::<T>(cfg.batch, cfg.s_q, cfg.h_q, &cfg.seqlens, seed);
+    let x = gen::generate::<T>(cfg.batch, cfg.s_q, cfg.h_q, &cfg.seqlens, cfg.page_size, seed);
     let shape = x.shape;
     let set_bytes = ((x.q.len() + x.cache.len()) * std::mem::size_of::<T>()) as u64;
     let cache_bytes = (x.cache.len() * std::mem::size_of::<T>()) as u64;

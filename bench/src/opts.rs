@@ -20,6 +20,8 @@ options:
   --dtype D          bf16 (default, to keep the run short), f16 or both
   --layout L         auto (default: the plan's choice), kv (ETAP, KV rows on M), heads (the
                      wide heads-on-M kernel) or both (every configuration twice)
+  --pages P,Q,...    cache page sizes (rows; 16, 32, 64 or 128): every configuration runs once
+                     per size, named with -p<size> unless 64 (default 64)
   --layers N         layers of the serving-mode CUDA graph, each with its own cache
                      (default 61; 0 skips serving mode)
   --shared-cache     serving mode with one cache for every layer (a diagnostic of what
@@ -35,6 +37,8 @@ exit status: 0 all checks passed, 1 a check failed or an error, 2 no CUDA device
 pub struct Options {
     pub only: Vec<String>,
     pub shapes: Vec<(usize, usize, usize, usize)>,
+    /// Cache page sizes; every configuration runs once per size.
+    pub pages: Vec<usize>,
     pub quick: bool,
     pub iters: usize,
     pub warmup: usize,
@@ -67,6 +71,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         only: vec![],
         shapes: vec![],
+        pages: vec![etap::DEFAULT_PAGE_SIZE],
         quick: false,
         iters: 0,
         warmup: WARMUP,
@@ -87,7 +92,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         };
         let takes_value = matches!(
             name,
-            "--only" | "--shape" | "--iters" | "--dtype" | "--layout" | "--out" | "--layers"
+            "--only" | "--shape" | "--iters" | "--dtype" | "--layout" | "--out" | "--layers" | "--pages"
         );
         let value = if takes_value {
             match inline {
@@ -120,6 +125,15 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                 o.shapes.push((n[0], n[1], n[2], n[3]));
             }
             "--layers" => o.layers = parse_usize("--layers", &value)?,
+            "--pages" => {
+                o.pages = value
+                    .split(',')
+                    .map(|s| parse_usize("--pages", s))
+                    .collect::<Result<_, _>>()?;
+                if let Some(p) = o.pages.iter().find(|p| !etap_core::PAGE_SIZES.contains(p)) {
+                    return Err(format!("--pages: {p} is not a page size etap takes (16, 32, 64, 128)"));
+                }
+            }
             "--iters" => {
                 let n = parse_usize("--iters", &value)?;
                 if n == 0 {
@@ -173,6 +187,10 @@ impl Options {
         } else {
             configs::all()
         };
+        let base: Vec<Config> = base
+            .into_iter()
+            .flat_map(|c| self.pages.iter().map(move |&p| c.clone().with_page_size(p)))
+            .collect();
         configs::filter(base, &self.only)
     }
 }
@@ -231,6 +249,12 @@ mod tests {
         assert_eq!(c[0].name, "b2-sq1-h16-sk1000");
         assert_eq!(c[0].seqlens, vec![1000, 1000]);
         assert_eq!(p(&["--dtype=f16"]).unwrap().dtypes, vec![Dtype::F16]);
+        let o = p(&["--shape", "16,1,16,1024", "--pages", "16,64,128"]).unwrap();
+        let names: Vec<String> = o.configs().into_iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            ["b16-sq1-h16-sk1k-p16", "b16-sq1-h16-sk1k", "b16-sq1-h16-sk1k-p128"]
+        );
     }
 
     #[test]
@@ -241,6 +265,8 @@ mod tests {
         assert!(p(&["--shape", "1,2,3"]).is_err());
         assert!(p(&["--shape", "0,1,16,10"]).is_err());
         assert!(p(&["--dtype", "fp8"]).is_err());
+        assert!(p(&["--pages", "8"]).is_err());
+        assert!(p(&["--pages", "16,x"]).is_err());
         assert!(p(&["--bogus"]).is_err());
         assert!(p(&["--quick=1"]).is_err());
         assert!(p(&["-h"]).unwrap().help);

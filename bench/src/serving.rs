@@ -10,7 +10,6 @@ use crate::BoxResult;
 use cust::memory::{CopyDestination, DeviceBuffer};
 use etap::driver::{Graph, RawEvent, RawStream};
 use etap::{DecodeShape, Decoder, Element, Layout, RawBuffers};
-use etap_core::TILE_ROWS;
 
 /// Timed replays (after [`WARM_REPLAYS`]).
 pub const REPLAYS: usize = 20;
@@ -32,12 +31,12 @@ pub struct Serving {
 /// `first_r + i`), and the cache permuted to match, so both layouts hold the same rows.
 pub fn contiguous<T: Element>(shape: &DecodeShape, table: &[i32], seqlens: &[i32], cache: &[T]) -> (Vec<i32>, Vec<T>) {
     let mp = shape.max_pages;
-    let page = TILE_ROWS * shape.d_qk;
+    let page = shape.page_size * shape.d_qk;
     let mut new_table = table.to_vec();
     let mut new_cache = cache.to_vec();
     let mut next = 0usize;
     for (r, &s) in seqlens.iter().enumerate() {
-        let used = etap_core::tiles_of(s, mp as u32) as usize;
+        let used = crate::gen::pages_for(s, shape.page_size);
         for slot in 0..used {
             let old = table[r * mp + slot] as usize;
             new_cache[next * page..(next + 1) * page].copy_from_slice(&cache[old * page..(old + 1) * page]);

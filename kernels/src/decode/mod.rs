@@ -27,6 +27,7 @@ use crate::device::{index, mbarrier, smem, sync, tma};
 pub mod heads_on_m;
 pub mod kv_on_m;
 use crate::merge;
+use crate::unroll;
 use crate::tile::{self, ROW_BYTES, TILE_BYTES};
 use etap_core::contract::kv_box_rows;
 use etap_core::{WorkRange, D_QK, D_V, QK_BLOCKS, TILE_ROWS, V_BLOCKS};
@@ -167,6 +168,9 @@ pub(crate) unsafe fn run_producer(
     true
 }
 
+/// Boxes of a KV tile at most: a tile of the smallest pages.
+const MAX_BOXES: usize = TILE_ROWS / etap_core::PAGE_SIZES[0];
+
 /// The producer: the first thread of warpgroup 2 walks the part's segments and issues the loads
 /// of each request's Q and its KV tiles into the ring. A tile of [`TILE_ROWS`] rows is gathered
 /// from the cache's pages of `PAGE` rows in boxes of `kv_box_rows(PAGE)` rows: from 64 / PAGE
@@ -217,9 +221,6 @@ pub(crate) unsafe fn produce(
         let table = prm.block_table.add((r * prm.max_pages) as usize);
         for tile in lo..hi {
             let stage = it % STAGES;
-            if it >= STAGES {
-                tile::wait(sm.empty + 8 * stage, (it / STAGES - 1) & 1);
-            }
             // The tile's rows of the request (`row0 < rows`: `hi` is within the request's
             // tiles), so every entry read below is below `rows / page_size <= max_pages`.
             let row0 = tile * TILE_ROWS as u32;
@@ -227,23 +228,31 @@ pub(crate) unsafe fn produce(
             // div_ceil by a power of two, as a shift (a division would take registers the
             // producer does not have).
             let boxes = ((if left < TILE_ROWS as u32 { left } else { TILE_ROWS as u32 }) + box_rows - 1) >> box_shift;
+            // The tile's block-table entries, read before waiting for a free stage: the loads
+            // are independent, in flight together, and their latency overlaps the wait.
+            let mut ids = [0i32; MAX_BOXES];
+            unroll!(k < MAX_BOXES, max 4 => {
+                let slot = (row0 + k as u32 * box_rows) >> page_shift;
+                if (k as u32) < boxes {
+                    ids[k] = if it == 0 && k == 0 && r == range.begin_req && slot == first_slot {
+                        first_id
+                    } else {
+                        *table.add(slot as usize)
+                    };
+                }
+            });
+            if it >= STAGES {
+                tile::wait(sm.empty + 8 * stage, (it / STAGES - 1) & 1);
+            }
             let (dst, bar) = (sm.pages + stage * TILE_BYTES, sm.full + 8 * stage);
             mbarrier::arrive_expect_tx(bar, boxes * box_rows * QK_BLOCKS as u32 * ROW_BYTES);
-            // Box by box; `k` goes through `opaque` so that LLVM cannot count the trips and
-            // unroll the loop (four copies of nine loads spill the producer's registers).
-            let mut k = 0u32;
-            while k < boxes {
-                let row = row0 + k * box_rows;
-                let slot = row >> page_shift;
-                let id = if it == 0 && k == 0 && r == range.begin_req && slot == first_slot {
-                    first_id
-                } else {
-                    *table.add(slot as usize)
-                };
-                let at = prm.page_row(id, row & in_page, page);
-                tile::load_kv_rows(prm.kv_map, dst + k * box_rows * ROW_BYTES, bar, at, tile::BLOCK_BYTES);
-                k = smem::opaque(k + 1);
-            }
+            unroll!(k < MAX_BOXES, max 4 => {
+                if (k as u32) < boxes {
+                    let row = row0 + k as u32 * box_rows;
+                    let at = prm.page_row(ids[k], row & in_page, page);
+                    tile::load_kv_rows(prm.kv_map, dst + k as u32 * box_rows * ROW_BYTES, bar, at, tile::BLOCK_BYTES);
+                }
+            });
             it += 1;
         }
     }
