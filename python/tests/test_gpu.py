@@ -1,7 +1,7 @@
 """GPU tests: FlashMLA's test matrix against a float64 torch reference (and against FlashMLA on
 the very same tensors when it is importable), bad inputs on real tensors, devices and streams,
-merge_states; issue 13's shapes (any h_q 1-128, s_q 1-8, cache pages of 16/32/64/128 rows). Skip (with the reason) without torch or a Hopper GPU; ETAP_REQUIRE_GPU=1 makes
-that a failure."""
+merge_states; issue 13's shapes (any h_q 1-128, s_q 1-8, cache pages of 16/32/64/128 rows).
+Skip (with the reason) without torch or a Hopper GPU; ETAP_REQUIRE_GPU=1 makes that a failure."""
 
 import itertools
 import math

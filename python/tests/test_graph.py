@@ -1,7 +1,7 @@
 """CUDA graphs: a decode step of several layers captured once and replayed many times with new
 seqlens, block tables and queries copied into the captured tensors, each replay checked against
-the float64 reference (caches of 64-row pages, and of 16, 32 and 128 with odd head counts); etap's own plan re-planned inside a graph; the error for a shape first
-seen inside a capture."""
+the float64 reference (caches of 64-row pages, and of 16, 32 and 128 rows with odd head counts);
+etap's own plan re-planned inside a graph; the error for a shape first seen inside a capture."""
 
 import random
 
