@@ -2,7 +2,8 @@
 # The etap Python package's GPU checks, for a machine with Hopper GPUs, torch and pytest, and no
 # internet. Installs the given wheel into a temporary folder (pip --no-deps: torch is the
 # machine's own), then runs:
-#   1. the host-side and GPU pytest suites (tests/test_host.py, tests/test_gpu.py),
+#   1. the host-side and GPU pytest suites (tests/test_host.py, tests/test_gpu.py: FlashMLA's matrix
+#      and the shapes of issue 13: h_q 1-128, s_q 1-8, cache pages of 16/32/64/128 rows),
 #   2. the CUDA-graph tests (tests/test_graph.py),
 #   3. the two-GPU example with torchrun --nproc-per-node 2 (tensor and context parallel),
 # with ETAP_REQUIRE_GPU=1 (a missing GPU or torch fails rather than skips), and prints a summary.
@@ -55,7 +56,7 @@ run() {
 # From tests/, so that the source folder python/etap does not shadow the installed wheel.
 cd "$here/tests"
 # -p no:cacheprovider: the checkout may be read-only. -rs: print every skip's reason.
-run "pytest: host-side + GPU matrix, errors, devices, merge, custom op, bench" \
+run "pytest: host-side + GPU matrix, h_q/s_q/page sizes, errors, devices, merge, custom op, bench" \
     "$py" -m pytest -p no:cacheprovider -q -rs --maxfail=25 test_host.py test_gpu.py test_ops.py
 run "pytest: CUDA graphs (capture, many replays)" \
     "$py" -m pytest -p no:cacheprovider -q -rs --maxfail=25 test_graph.py

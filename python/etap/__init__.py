@@ -5,12 +5,15 @@
     out, lse = etap.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
                                            meta, num_splits, causal=True)
 
-Tensors are read through their attributes and torch's current stream is used, so one wheel
-works with any torch version; torch is imported only when a GPU call needs it.
+q is ``[b, s_q, h_q, 576]`` with s_q 1 to ``MAX_S_Q`` (8) and h_q 1 to ``MAX_HEADS`` (128);
+k_cache is ``[num_blocks, page_block_size, 1, 576]`` with page_block_size one of ``PAGE_SIZES``
+(16, 32, 64, 128), read from its shape. Tensors are read through their attributes and torch's
+current stream is used, so one wheel works with any torch version; torch is imported only when a
+GPU call needs it.
 """
 
 from . import _etap
-from ._checks import D_QK, D_V, MAX_S_Q, PAGE_ROWS, SUPPORTED_HEADS
+from ._checks import D_QK, D_V, DEFAULT_PAGE_SIZE, MAX_HEADS, MAX_S_Q, PAGE_SIZES
 from .interface import EtapMetadata, Plan, decode, decoder, flash_mla_with_kvcache, get_mla_metadata, plan
 from .merge import merge_states
 
@@ -19,9 +22,10 @@ __version__ = _etap.__version__
 __all__ = [
     "D_QK",
     "D_V",
+    "DEFAULT_PAGE_SIZE",
+    "MAX_HEADS",
     "MAX_S_Q",
-    "PAGE_ROWS",
-    "SUPPORTED_HEADS",
+    "PAGE_SIZES",
     "EtapMetadata",
     "Plan",
     "decode",

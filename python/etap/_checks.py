@@ -13,9 +13,10 @@ from . import _etap
 
 D_QK = _etap.D_QK  # 576: q and cache rows (512 latent + 64 RoPE)
 D_V = _etap.D_V  # 512: V = the first 512 columns of the cache rows; out
-PAGE_ROWS = _etap.PAGE_ROWS  # 64 rows per cache page
-MAX_S_Q = _etap.MAX_S_Q  # 4
-SUPPORTED_HEADS = tuple(_etap.SUPPORTED_HEADS)  # (8, 16, 32, 64, 128)
+MAX_HEADS = _etap.MAX_HEADS  # 128: h_q is 1 to MAX_HEADS
+MAX_S_Q = _etap.MAX_S_Q  # 8: s_q (query tokens per request) is 1 to MAX_S_Q
+PAGE_SIZES = tuple(_etap.PAGE_SIZES)  # (16, 32, 64, 128): rows per cache page (page_block_size)
+DEFAULT_PAGE_SIZE = _etap.DEFAULT_PAGE_SIZE  # 64: FlashMLA's page size
 
 # dtype names as torch prints them (str(torch.bfloat16) == "torch.bfloat16").
 _HALF = {"torch.bfloat16": "bf16", "torch.float16": "f16"}
@@ -97,7 +98,8 @@ def check_scale(softmax_scale):
 
 
 def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, causal=True):
-    """Check a decode call's inputs; return (device index, dtype name, (b, s_q, h_q, num_pages, max_pages))."""
+    """Check a decode call's inputs; return (device index, dtype name, shape), shape being
+    (b, s_q, h_q, num_pages, max_pages, page_size): page_size is k_cache's page_block_size."""
     for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         require_tensor(name, t)
     if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int):
@@ -122,8 +124,8 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, ca
         raise ValueError("q: empty batch (batch must be at least 1)")
     if not 1 <= s_q <= MAX_S_Q:
         raise ValueError(f"q: s_q = {s_q} query tokens per request is not supported (1 to {MAX_S_Q})")
-    if h_q not in SUPPORTED_HEADS:
-        raise ValueError(f"q: h_q = {h_q} heads is not supported (supported: {', '.join(map(str, SUPPORTED_HEADS))})")
+    if not 1 <= h_q <= MAX_HEADS:
+        raise ValueError(f"q: h_q = {h_q} heads is not supported (1 to {MAX_HEADS})")
     require_contiguous("q", q)
     if s_q > 1 and not causal:
         raise NotImplementedError(
@@ -131,15 +133,18 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, ca
             "the whole sequence); pass causal=True (FlashMLA's mask), or s_q = 1, where both are the same"
         )
 
-    # k_cache: [num_pages, 64, 1, 576], q's dtype.
+    # k_cache: [num_pages, page_block_size, 1, 576], q's dtype; the page size is its dim 1.
     require_same_device("k_cache", k_cache, device)
     require_dtype("k_cache", k_cache, qd, " (the same as q)")
     ks = shape_of(k_cache)
     if len(ks) != 4:
-        raise ValueError(f"k_cache: expected 4 dims [num_blocks, {PAGE_ROWS}, 1, {D_QK}], got shape {ks}")
-    num_pages, page, h_k, dk = ks
-    if page != PAGE_ROWS:
-        raise ValueError(f"k_cache: page_block_size must be {PAGE_ROWS}, got {page}")
+        raise ValueError(f"k_cache: expected 4 dims [num_blocks, page_block_size, 1, {D_QK}], got shape {ks}")
+    num_pages, page_size, h_k, dk = ks
+    if page_size not in PAGE_SIZES:
+        raise ValueError(
+            f"k_cache: page_block_size = {page_size} rows is not supported "
+            f"(one of {', '.join(map(str, PAGE_SIZES))}; shape {ks})"
+        )
     if h_k != 1:
         raise ValueError(f"k_cache: num_heads_k must be 1 (MLA's one latent KV head), got {h_k}")
     if dk != D_QK:
@@ -166,7 +171,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, ca
         raise ValueError(f"cache_seqlens: expected shape [batch = {b}], got {ss}")
     require_contiguous("cache_seqlens", cache_seqlens)
 
-    shape = (b, s_q, h_q, num_pages, bs[1])
+    shape = (b, s_q, h_q, num_pages, bs[1], page_size)
     _etap.validate_shape(*shape)  # ValueError for sizes past the kernels' 32-bit coordinates
     return device, _HALF[qd], shape
 
@@ -182,7 +187,7 @@ def _span(t):
 
 def check_outputs(out, lse, q, shape, inputs):
     """Check caller-given out [b, s_q, h_q, 512] (q's dtype) and lse [b, h_q, s_q] float32."""
-    b, s_q, h_q, _, _ = shape
+    b, s_q, h_q = shape[:3]
     device = q.device.index
     for name, t, want_shape, want_dtype in (
         ("out", out, (b, s_q, h_q, D_V), dtype_name(q)),

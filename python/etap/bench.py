@@ -6,9 +6,12 @@ the L2), replayed; the time per layer is the graph's time over the layer count.
     python -m etap.bench                         # the default configurations, bf16
     python -m etap.bench --shape 64,1,16,8192    # b,s_q,h,s_k
     python -m etap.bench --layers 16 --iters 50
+    python -m etap.bench --page-size 16          # etap's cache in pages of 16 rows (peers: 64)
 
 Prints per configuration and library: us per layer, GB/s (q + KV + out bytes), and the ratios of
-the peers' times to etap's (> 1: etap is faster).
+the peers' times to etap's (> 1: etap is faster). With ``--page-size`` other than 64, etap's
+cache has pages of that many rows and the peers (FlashMLA takes 64-row pages only) get a cache of
+64-row pages with the same lengths, made after etap's was timed and freed.
 """
 
 import argparse
@@ -113,6 +116,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=30, help="timed replays (median; default 30)")
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--no-peers", action="store_true", help="time etap only")
+    ap.add_argument("--page-size", type=int, choices=[16, 32, 64, 128], default=64,
+                    help="rows per page of etap's cache (default 64); the peers' cache has 64")
     args = ap.parse_args(argv)
 
     import torch
@@ -140,7 +145,8 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             print(f"FlashAttention-3: not importable ({type(e).__name__}: {e})")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; etap {etap.__version__}; "
-          f"{args.dtype}, {args.layers} layers per graph, median of {args.iters} replays")
+          f"{args.dtype}, {args.layers} layers per graph, median of {args.iters} replays; "
+          f"etap's cache pages of {args.page_size} rows" + (", the peers' of 64" if peers else ""))
     head = f"{'b':>4} {'s_q':>3} {'h':>4} {'s_k':>6} | {'etap us':>8} {'GB/s':>6}"
     for name in peers:
         head += f" | {name + ' us':>12} {'ratio':>6}"
@@ -148,7 +154,7 @@ def main(argv=None):
     for b, s_q, h, s_k in shapes:
         # One block table and seqlens for the step (as an engine has), each layer its own q and
         # cache (copies: the same values, in other memory).
-        q, k, bt, sl = make_inputs(b, s_q, h, s_k, dtype=dtype, seed=0)
+        q, k, bt, sl = make_inputs(b, s_q, h, s_k, dtype=dtype, seed=0, page_size=args.page_size)
         layers = [(q.clone(), k.clone()) for _ in range(args.layers)]
         del q, k
         lens_sum = int(sl.sum())
@@ -156,6 +162,15 @@ def main(argv=None):
         ms = _time_graph(torch, _etap_step(etap, layers, bt, sl, s_q, h), args.iters)
         us = ms * 1000 / args.layers
         line = f"{b:>4} {s_q:>3} {h:>4} {s_k:>6} | {us:>8.1f} {gb / (us * 1e-6):>6.0f}"
+        if peers and args.page_size != 64:
+            # The peers take 64-row pages: their own cache, with the same lengths (seed 0, no varlen).
+            del layers
+            torch.cuda.empty_cache()
+            q, k, bt, sl64 = make_inputs(b, s_q, h, s_k, dtype=dtype, seed=0, page_size=64)
+            assert torch.equal(sl64, sl), "the peers' lengths must be etap's"
+            sl = sl64
+            layers = [(q.clone(), k.clone()) for _ in range(args.layers)]
+            del q, k
         for name, (mod, make) in peers.items():
             try:
                 pms = _time_graph(torch, make(mod, layers, bt, sl, s_q, h), args.iters)

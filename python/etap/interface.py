@@ -2,10 +2,12 @@
 
 Design (README, "Python"): FlashMLA's ``get_mla_metadata`` returns metadata made from the
 seqlens alone, but etap's plan also needs the batch's shape (s_q, h_q, the block table's width,
-the cache's pages). So, as FlashMLA itself does since its ``FlashMLASchedMeta``, the metadata is
-an object that plans on the first ``flash_mla_with_kvcache`` call it is given, and every later
-call with it (the other layers of the step) reuses that plan. The plan's device buffers are kept
-per (device, shape) and re-planned in place (one small kernel, no allocation), so:
+the cache's pages and their page size). So, as FlashMLA itself does since its
+``FlashMLASchedMeta``, the metadata is an object that plans on the first
+``flash_mla_with_kvcache`` call it is given, and every later call with it (the other layers of
+the step) reuses that plan. The plan's device buffers are kept per (device, shape), the shape
+including the cache's page size (a plan is never used for a cache of another page size), and
+re-planned in place (one small kernel, no allocation), so:
 
 - eager: one schedule launch per step (per metadata object), the plan's memory reused;
 - CUDA graphs: inside a capture, the first call with a metadata object re-plans (captured), so
@@ -51,7 +53,8 @@ def _stream_handle(device_index):
 
 
 class _PlanCache:
-    """Plans by (device, shape), least recently used first. A plan that a graph
+    """Plans by (device, b, s_q, h_q, num_pages, max_pages, page_size), least recently used
+    first. A plan that a graph
     capture used is pinned (the graph's replays write into it) and never evicted."""
 
     def __init__(self, limit=32):
@@ -148,6 +151,8 @@ def get_mla_metadata(
         raise NotImplementedError("topk: etap implements FlashMLA's dense decode only (no sparse attention)")
     if num_heads_q is not None and (isinstance(num_heads_q, bool) or not isinstance(num_heads_q, int)):
         raise TypeError(f"num_heads_q: expected an int, got {type(num_heads_q).__name__}")
+    if num_heads_q is not None and not 1 <= num_heads_q <= _checks.MAX_HEADS:
+        raise ValueError(f"num_heads_q: {num_heads_q} heads is not supported (1 to {_checks.MAX_HEADS})")
     given = [a is not None for a in (cache_seqlens, num_q_tokens_per_head_k, num_heads_k)]
     if not any(given):
         return EtapMetadata(), None
@@ -164,13 +169,17 @@ def get_mla_metadata(
             raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if num_heads_k != 1:
         raise ValueError(f"num_heads_k: must be 1 (MLA's one latent KV head), got {num_heads_k}")
-    valid = sorted({s * h for s in range(1, _checks.MAX_S_Q + 1) for h in _checks.SUPPORTED_HEADS})
-    if num_q_tokens_per_head_k not in valid:
+    if not _supported_cols(num_q_tokens_per_head_k):
         raise ValueError(
             f"num_q_tokens_per_head_k: {num_q_tokens_per_head_k} (= s_q * h_q / num_heads_k) is not supported: "
-            f"s_q must be 1 to {_checks.MAX_S_Q} and h_q one of {_checks.SUPPORTED_HEADS}"
+            f"it must be s_q * h_q with s_q 1 to {_checks.MAX_S_Q} and h_q 1 to {_checks.MAX_HEADS}"
         )
     return EtapMetadata(shape[0], num_q_tokens_per_head_k, device), None
+
+
+def _supported_cols(cols):
+    """Whether s_q * h_q = cols for some supported s_q (1..MAX_S_Q) and h_q (1..MAX_HEADS)."""
+    return any(cols % s == 0 and 1 <= cols // s <= _checks.MAX_HEADS for s in range(1, _checks.MAX_S_Q + 1))
 
 
 def _check_metadata(meta, num_splits, device, shape):
@@ -204,7 +213,7 @@ def _scheduled_plan(meta_id, device, shape, cache_seqlens, stream, meta=None):
     if meta is not None and meta.key is not None and meta.key != key:
         raise ValueError(
             "tile_scheduler_metadata: planned for another shape "
-            f"(batch, s_q, h_q, num_pages, max_pages = {meta.key[1:]}); this call has {tuple(shape)}: "
+            f"(batch, s_q, h_q, num_pages, max_pages, page_size = {meta.key[1:]}); this call has {tuple(shape)}: "
             "make one metadata per step and shape"
         )
     with _lock:
@@ -256,8 +265,10 @@ def flash_mla_with_kvcache(
 ):
     """FlashMLA's ``flash_mla_with_kvcache`` on etap: returns ``(out, lse)``.
 
-    q ``[b, s_q, h_q, 576]`` bf16/fp16; k_cache ``[num_blocks, 64, 1, 576]`` (q's dtype);
-    block_table ``int32[b, max_blocks]``; cache_seqlens ``int32[b]``; head_dim_v 512.
+    q ``[b, s_q, h_q, 576]`` bf16/fp16, s_q 1 to 8, h_q 1 to 128; k_cache
+    ``[num_blocks, page_block_size, 1, 576]`` (q's dtype), page_block_size 16, 32, 64 or 128;
+    block_table ``int32[b, max_blocks]`` (entries are blocks of page_block_size rows);
+    cache_seqlens ``int32[b]``; head_dim_v 512.
     out ``[b, s_q, h_q, 512]`` (q's dtype), lse ``float32[b, h_q, s_q]``, natural log. Runs on
     q's device and torch's current stream, without host synchronization; capturable in a CUDA
     graph. ``causal=True`` is FlashMLA's mask (token t sees rows < seqlen - s_q + t + 1);
@@ -294,7 +305,7 @@ def flash_mla_with_kvcache(
 
 
 def _outputs(q, shape, out, lse, inputs):
-    b, s_q, h_q, _, _ = shape
+    b, s_q, h_q = shape[:3]
     if out is None:
         import torch
 
@@ -315,6 +326,8 @@ class Plan:
     (no allocation: capturable); ``etap.decode(plan, q, k_cache, block_table, cache_seqlens)``
     decodes, as often as there are layers. Unlike the metadata of
     :func:`flash_mla_with_kvcache`, a Plan owns its buffers (no sharing between steps).
+    ``shape`` is ``(batch, s_q, h_q, num_pages, max_pages, page_size)``; :func:`decode` refuses
+    tensors of another shape, a cache of another page size included.
     """
 
     def __init__(self, q, k_cache, block_table, cache_seqlens, causal=True):
@@ -364,7 +377,8 @@ def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, cau
         raise ValueError(f"plan: made for cuda:{plan.device}, but q is on cuda:{device}")
     if tuple(shape) != tuple(plan.shape):
         raise ValueError(
-            f"plan: made for (batch, s_q, h_q, num_pages, max_pages) = {tuple(plan.shape)}, this call has {tuple(shape)}"
+            f"plan: made for (batch, s_q, h_q, num_pages, max_pages, page_size) = {tuple(plan.shape)}, "
+            f"this call has {tuple(shape)}"
         )
     out, lse = _outputs(q, shape, out, lse, (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
     _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse)

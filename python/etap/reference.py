@@ -5,33 +5,44 @@ import math
 import random
 
 
-def make_inputs(b, s_q, h_q, s_k, varlen=False, dtype=None, device="cuda", seed=0, zero_lens=False, num_extra_pages=3):
-    """FlashMLA's test data: q and a shuffled paged cache (values in [-1, 1] / 10-ish), NaN in
-    every cache row past each request's length, and block-table slots past the used pages set to
-    2147480000 (never read). Returns (q, k_cache, block_table, cache_seqlens)."""
+def make_inputs(b, s_q, h_q, s_k, varlen=False, dtype=None, device="cuda", seed=0, zero_lens=False, num_extra_pages=3,
+                page_size=64, lens=None):
+    """FlashMLA's test data: q and a shuffled paged cache (values in [-1, 1] / 10-ish) of pages of
+    `page_size` rows (k_cache ``[num_pages, page_size, 1, 576]``), NaN in every cache row past
+    each request's length, and block-table slots past the used pages set to 2147480000 (never
+    read); each block table holds the longest request's length rounded up to 256 rows. `lens`,
+    if given, are the requests' lengths (b of them), in place of `s_k`, `varlen` and `zero_lens`.
+    Returns (q, k_cache, block_table, cache_seqlens)."""
     import torch
 
     dtype = dtype or torch.bfloat16
+    if page_size not in (16, 32, 64, 128):
+        raise ValueError(f"page_size: {page_size} rows is not one etap takes (16, 32, 64 or 128)")
     rng = random.Random(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
-    lens = [s_k] * b
-    if varlen:
-        lens = [max(int(rng.normalvariate(s_k, s_k / 2)), s_q) for _ in range(b)]
-    if zero_lens:
-        lens = [0 if rng.random() < 0.5 else n for n in lens]
+    if lens is not None:
+        lens = [int(n) for n in lens]
+        if len(lens) != b or min(lens) < 0:
+            raise ValueError(f"lens: expected {b} lengths >= 0, got {lens}")
+    else:
+        lens = [s_k] * b
+        if varlen:
+            lens = [max(int(rng.normalvariate(s_k, s_k / 2)), s_q) for _ in range(b)]
+        if zero_lens:
+            lens = [0 if rng.random() < 0.5 else n for n in lens]
     max_len = max(max(lens), 1)
-    max_pages = (max_len + 255) // 256 * 4
+    max_pages = (max_len + 255) // 256 * (256 // page_size)
     num_pages = b * max_pages + num_extra_pages
     perm = torch.randperm(num_pages, generator=gen, device=device)[: b * max_pages].view(b, max_pages).to(torch.int32)
     q = (torch.randn(b, s_q, h_q, 576, generator=gen, device=device) / 10).clamp_(-1, 1).to(dtype)
-    k = (torch.randn(num_pages, 64, 1, 576, generator=gen, device=device) / 10).clamp_(-1, 1).to(dtype)
+    k = (torch.randn(num_pages, page_size, 1, 576, generator=gen, device=device) / 10).clamp_(-1, 1).to(dtype)
     bt = perm.clone()
     perm_cpu = perm.cpu()
     for i, n in enumerate(lens):
-        used = (n + 63) // 64
+        used = (n + page_size - 1) // page_size
         k[perm_cpu[i, used:].long().to(device)] = float("nan")
-        if n % 64:
-            k[int(perm_cpu[i, used - 1]), n % 64 :] = float("nan")
+        if n % page_size:
+            k[int(perm_cpu[i, used - 1]), n % page_size :] = float("nan")
         bt[i, used:] = 2147480000
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     return q, k, bt, seqlens
@@ -40,17 +51,19 @@ def make_inputs(b, s_q, h_q, s_k, varlen=False, dtype=None, device="cuda", seed=
 def mla_decode_reference(q, k_cache, block_table, cache_seqlens, softmax_scale=None, causal=True, empty_lse="+inf"):
     """MLA decode in float64 with FlashMLA's semantics: out [b, s_q, h_q, 512] (float64), lse
     [b, h_q, s_q] (float64, natural log); a (token, head) that sees no row gets out 0 and lse
-    +inf (FlashMLA) or -inf. causal: token t sees rows < seqlen - s_q + t + 1."""
+    +inf (FlashMLA) or -inf. causal: token t sees rows < seqlen - s_q + t + 1. The page size is
+    k_cache's dim 1 ([num_pages, page_size, 1, 576]); block-table entries index its pages."""
     import torch
 
     b, s_q, h_q, d = q.shape
+    page_size = k_cache.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     lens = [int(x) for x in cache_seqlens.cpu()]
     out = torch.zeros(b, s_q, h_q, 512, dtype=torch.float64, device=q.device)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float64, device=q.device)
     for i in range(b):
         n = lens[i]
-        pages = block_table[i, : (n + 63) // 64].long()
+        pages = block_table[i, : (n + page_size - 1) // page_size].long()
         kv = k_cache[pages].reshape(-1, d)[:n].double()  # [n, 576]
         qi = q[i].double().reshape(s_q * h_q, d)  # rows (t, h)
         s = (qi @ kv.T) * scale  # [s_q*h_q, n]

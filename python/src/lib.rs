@@ -17,6 +17,7 @@ fn to_py(e: EtapError) -> PyErr {
         | HeadDim { .. }
         | UnsupportedHeads { .. }
         | UnsupportedSeqQ { .. }
+        | UnsupportedPageSize { .. }
         | Length { .. }
         | TooLarge { .. }
         | Zero { .. }
@@ -40,16 +41,31 @@ fn dtype_of(name: &str) -> PyResult<Dtype> {
     }
 }
 
-fn shape_of(batch: usize, s_q: usize, h_q: usize, num_pages: usize, max_pages: usize) -> PyResult<DecodeShape> {
-    let shape = DecodeShape::new(batch, s_q, h_q, num_pages, max_pages);
+fn shape_of(
+    batch: usize,
+    s_q: usize,
+    h_q: usize,
+    num_pages: usize,
+    max_pages: usize,
+    page_size: usize,
+) -> PyResult<DecodeShape> {
+    let shape = DecodeShape::new(batch, s_q, h_q, num_pages, max_pages).with_page_size(page_size);
     etap::validate::validate_shape(&shape).map_err(to_py)?;
     Ok(shape)
 }
 
 /// Check a decode shape without a GPU: raises ValueError naming the field at fault.
+/// `page_size`: the cache's rows per page (one of `PAGE_SIZES`).
 #[pyfunction]
-fn validate_shape(batch: usize, s_q: usize, h_q: usize, num_pages: usize, max_pages: usize) -> PyResult<()> {
-    shape_of(batch, s_q, h_q, num_pages, max_pages).map(|_| ())
+fn validate_shape(
+    batch: usize,
+    s_q: usize,
+    h_q: usize,
+    num_pages: usize,
+    max_pages: usize,
+    page_size: usize,
+) -> PyResult<()> {
+    shape_of(batch, s_q, h_q, num_pages, max_pages, page_size).map(|_| ())
 }
 
 /// Check the six buffer addresses (q, k_cache, block_table, cache_seqlens, out, lse) against
@@ -177,7 +193,8 @@ impl PyDecoder {
         self.inner.num_sms()
     }
 
-    /// Make a plan for the shape from the device's `int32[batch]` seqlens at address
+    /// Make a plan for the shape (the cache's pages of `page_size` rows) from the device's
+    /// `int32[batch]` seqlens at address
     /// `cache_seqlens`, enqueued on `stream` (no host synchronization). Allocates the plan's
     /// device buffers: not while the stream captures a graph.
     #[allow(clippy::too_many_arguments)]
@@ -188,10 +205,11 @@ impl PyDecoder {
         h_q: usize,
         num_pages: usize,
         max_pages: usize,
+        page_size: usize,
         cache_seqlens: u64,
         stream: usize,
     ) -> PyResult<PyPlan> {
-        let shape = shape_of(batch, s_q, h_q, num_pages, max_pages)?;
+        let shape = shape_of(batch, s_q, h_q, num_pages, max_pages, page_size)?;
         let _guard = ContextGuard::new(&self.inner).map_err(to_py)?;
         let stream = stream_of(stream);
         // SAFETY: the Python layer passes torch's current stream of the tensors' device, a
@@ -236,7 +254,8 @@ impl PyDecoder {
     }
 
     /// Launch the decode on `stream`: q `[b, s_q, h_q, 576]`, the paged cache
-    /// `[num_pages, 64, 1, 576]`, block table `int32[b, max_pages]`, seqlens `int32[b]` (those
+    /// `[num_pages, page_size, 1, 576]` (the plan's page size), block table
+    /// `int32[b, max_pages]` of pages of `page_size` rows, seqlens `int32[b]` (those
     /// the plan was last made for), out `[b, s_q, h_q, 512]` of q's dtype and lse
     /// `float32[b, h_q, s_q]`, all contiguous device tensors given by address.
     #[allow(clippy::too_many_arguments)]
@@ -294,11 +313,11 @@ impl PyDecoder {
 
 #[pymethods]
 impl PyPlan {
-    /// (batch, s_q, h_q, num_pages, max_pages) the plan was made for.
+    /// (batch, s_q, h_q, num_pages, max_pages, page_size) the plan was made for.
     #[getter]
-    fn shape(&self) -> PyResult<(usize, usize, usize, usize, usize)> {
+    fn shape(&self) -> PyResult<(usize, usize, usize, usize, usize, usize)> {
         let s = self.get()?.shape();
-        Ok((s.batch, s.s_q, s.h_q, s.num_pages, s.max_pages))
+        Ok((s.batch, s.s_q, s.h_q, s.num_pages, s.max_pages, s.page_size))
     }
 
     #[getter]
@@ -323,13 +342,15 @@ impl PyPlan {
             Some(p) => {
                 let s = p.shape();
                 format!(
-                    "etap.Plan(device={}, batch={}, s_q={}, h_q={}, num_pages={}, max_pages={}, layout={:?})",
+                    "etap.Plan(device={}, batch={}, s_q={}, h_q={}, num_pages={}, max_pages={}, page_size={}, \
+                     layout={:?})",
                     self.decoder.device(),
                     s.batch,
                     s.s_q,
                     s.h_q,
                     s.num_pages,
                     s.max_pages,
+                    s.page_size,
                     p.tiling().layout
                 )
             }
@@ -355,10 +376,10 @@ fn _etap(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stream_capture_id, m)?)?;
     m.add("D_QK", etap_core::D_QK)?;
     m.add("D_V", etap_core::D_V)?;
-    m.add("PAGE_ROWS", etap_core::TILE_ROWS)?;
-    m.add("MAX_S_Q", etap_core::MAX_S_Q)?;
     m.add("MAX_HEADS", etap_core::MAX_HEADS)?;
+    m.add("MAX_S_Q", etap_core::MAX_S_Q)?;
     m.add("PAGE_SIZES", etap_core::PAGE_SIZES.to_vec())?;
+    m.add("DEFAULT_PAGE_SIZE", etap::DEFAULT_PAGE_SIZE)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -58,9 +58,9 @@ class FakeTensor:
         return len(self.shape)
 
 
-def decode_inputs(b=2, s_q=1, h_q=16, num_pages=8, max_pages=4, dtype=BF16, device=("cuda", 0)):
+def decode_inputs(b=2, s_q=1, h_q=16, num_pages=8, max_pages=4, dtype=BF16, device=("cuda", 0), page_size=64):
     q = FakeTensor((b, s_q, h_q, 576), dtype, device)
-    k_cache = FakeTensor((num_pages, 64, 1, 576), dtype, device)
+    k_cache = FakeTensor((num_pages, page_size, 1, 576), dtype, device)
     block_table = FakeTensor((b, max_pages), I32, device)
     cache_seqlens = FakeTensor((b,), I32, device)
     return q, k_cache, block_table, cache_seqlens

@@ -1,7 +1,7 @@
 """GPU tests: FlashMLA's test matrix against a float64 torch reference (and against FlashMLA on
 the very same tensors when it is importable), bad inputs on real tensors, devices and streams,
-merge_states. Skip (with the reason) without torch or a Hopper GPU; ETAP_REQUIRE_GPU=1 makes
-that a failure."""
+merge_states; issue 13's shapes (any h_q 1-128, s_q 1-8, cache pages of 16/32/64/128 rows).
+Skip (with the reason) without torch or a Hopper GPU; ETAP_REQUIRE_GPU=1 makes that a failure."""
 
 import itertools
 import math
@@ -154,7 +154,9 @@ def test_bad_inputs_raise_and_write_nothing(torch_cuda):
         (dict(q=q.repeat(1, 1, 1, 2)[..., ::2]), ValueError, "q: must be contiguous"),
         (dict(q=misaligned_q), ValueError, "q at 0x[0-9a-f]+ must be 16-byte aligned"),
         (dict(k_cache=k.half() if q.dtype == torch.bfloat16 else k.bfloat16()), TypeError, "k_cache: dtype"),
-        (dict(k_cache=k[:, :32]), ValueError, "k_cache: page_block_size must be 64"),
+        (dict(k_cache=k[:, :8].contiguous()), ValueError, "k_cache: page_block_size = 8 rows is not supported"),
+        (dict(k_cache=k[:16].view(4, 256, 1, 576)), ValueError, "k_cache: page_block_size = 256 rows is not supported"),
+        (dict(k_cache=k[:, :32]), ValueError, "k_cache: must be contiguous"),  # a valid page size, strided
         (dict(k_cache=k.view(k.shape[0], 64, 576)), ValueError, "k_cache: expected 4 dims"),
         (dict(block_table=bt.long()), TypeError, "block_table: dtype must be torch.int32"),
         (dict(block_table=bt[:, ::2]), ValueError, "block_table: must be contiguous"),
@@ -177,7 +179,8 @@ def test_bad_inputs_raise_and_write_nothing(torch_cuda):
     torch.cuda.synchronize()
     assert (out == 7.0).all() and (lse == 7.0).all(), "a rejected call wrote to out/lse"
     # Unsupported head / token counts.
-    for s_q, h_q, needle in ((1, 12, "h_q = 12"), (5, 16, "s_q = 5"), (1, 256, "h_q = 256")):
+    for s_q, h_q, needle in ((1, 129, "h_q = 129"), (9, 16, "s_q = 9"), (1, 256, "h_q = 256"), (1, 0, "h_q = 0"),
+                             (0, 16, "s_q = 0")):
         qq = torch.zeros(2, s_q, h_q, 576, dtype=q.dtype, device=q.device)
         with pytest.raises(ValueError, match=needle):
             etap.flash_mla_with_kvcache(qq, k, bt, sl, 512, etap.get_mla_metadata()[0], None, causal=True)
@@ -261,3 +264,143 @@ def test_merge_states_equals_the_whole(torch_cuda, parts):
     out, lse = etap.merge_states(outs, lses, empty_lse="+inf")
     assert max_violation(out, lse, *mla_decode_reference(q, k, bt, sl)) <= 1.0
     assert max_violation(out, lse, full_out.double(), full_lse.double(), 1.6e-3, 4.02 / 128) <= 1.0
+
+
+# --- issue 13: any h_q 1-128, s_q 1-8, cache pages of 16, 32, 64 or 128 rows -------------------
+# Each case: make_inputs' NaN in every cache row past each request's length (and past-the-end
+# block-table slots no page has), out and lse poisoned with NaN before the call (every element
+# must be written), each request checked on its own against the float64 reference.
+
+ODD_HEADS = [1, 3, 6, 12, 20, 22, 24, 48, 96, 127]
+PAGE_SIZES = [16, 32, 64, 128]
+DTYPES = ["bfloat16", "float16"]
+
+
+def _boundary_lens(page_size, s_q):
+    """Lengths around the page and tile (64-row) boundaries, 0, shorter than s_q, and one long
+    enough that its KV is split over several CTAs."""
+    p = page_size
+    return [0, 1, max(s_q - 1, 0), p - 1, p, p + 1, 2 * p + 3, 63, 64, 65, 255, 256, 257, 4000]
+
+
+def _decode_nan_poisoned(torch, q, k, bt, sl, causal=True, empty_lse="+inf", meta=None):
+    """flash_mla_with_kvcache into out/lse filled with NaN (etap's out=/lse=)."""
+    b, s_q, h_q, _ = q.shape
+    out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=q.dtype, device=q.device)
+    lse = torch.full((b, h_q, s_q), float("nan"), device=q.device)
+    if meta is None:
+        meta = etap.get_mla_metadata(sl, s_q * h_q, 1)[0]
+    o, l = etap.flash_mla_with_kvcache(q, k, bt, sl, 512, meta, None, causal=causal, out=out, lse=lse,
+                                       empty_lse=empty_lse)
+    assert o.data_ptr() == out.data_ptr() and l.data_ptr() == lse.data_ptr()
+    return out, lse
+
+
+def _check_each_request(torch, out, lse, q, k, bt, sl, what, causal=True, empty_lse="+inf"):
+    """Every request on its own against the float64 reference (a failure names the request and
+    its length); no NaN anywhere."""
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"{what}: NaN in out or lse"
+    ref_out, ref_lse = mla_decode_reference(q, k, bt, sl, causal=causal, empty_lse=empty_lse)
+    lens = sl.tolist()
+    for i in range(q.shape[0]):
+        v = max_violation(out[i : i + 1], lse[i : i + 1], ref_out[i : i + 1], ref_lse[i : i + 1])
+        assert v <= 1.0, f"{what}: request {i} (seqlen {lens[i]}): error {v:.3f} x tolerance"
+
+
+def _odd_head_cases():
+    cases = []
+    for i, (h_q, s_q) in enumerate(itertools.product(ODD_HEADS, [1, 2, 5])):
+        cases.append((h_q, s_q, PAGE_SIZES[i % 4]))  # each (h_q, s_q) with one page size, cycling
+    return cases
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("h_q, s_q, page_size", _odd_head_cases())
+def test_odd_head_counts(torch_cuda, h_q, s_q, page_size, dtype_name):
+    """h_q not a multiple of 8 (or of 64): the kernels' partial column blocks and, for s_q > 1,
+    blocks holding two tokens' heads under the causal mask."""
+    torch = torch_cuda
+    dtype = getattr(torch, dtype_name)
+    q, k, bt, sl = make_inputs(6, s_q, h_q, 900, varlen=True, dtype=dtype, seed=1000 + 10 * h_q + s_q,
+                               page_size=page_size)
+    what = f"h_q={h_q} s_q={s_q} page={page_size} {dtype_name}"
+    for causal in (True, False) if s_q == 1 else (True,):
+        out, lse = _decode_nan_poisoned(torch, q, k, bt, sl, causal=causal)
+        assert out.shape == (6, s_q, h_q, 512) and lse.shape == (6, h_q, s_q)
+        _check_each_request(torch, out, lse, q, k, bt, sl, f"{what} causal={causal}", causal=causal)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("s_q", [3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("h_q", [1, 6, 16, 22, 64, 128])
+def test_s_q_up_to_8(torch_cuda, s_q, h_q, dtype_name):
+    """Multi-token decode with 3 to 8 query tokens per request (s_q 3 x h_q 6 among them), the
+    causal mask at lengths shorter than s_q (tokens that see no row: out 0, lse +inf)."""
+    torch = torch_cuda
+    dtype = getattr(torch, dtype_name)
+    lens = [0, 1, s_q - 1, s_q, s_q + 1, 64, 65, 700, 2500]
+    q, k, bt, sl = make_inputs(len(lens), s_q, h_q, 0, dtype=dtype, seed=2000 + 10 * h_q + s_q, lens=lens)
+    out, lse = _decode_nan_poisoned(torch, q, k, bt, sl)
+    _check_each_request(torch, out, lse, q, k, bt, sl, f"s_q={s_q} h_q={h_q} {dtype_name}")
+    # Request 1 (length 1): only the last token sees a row.
+    assert torch.isposinf(lse[1, :, : s_q - 1]).all() and torch.isfinite(lse[1, :, s_q - 1]).all()
+    assert (out[1, : s_q - 1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("s_q, h_q", [(1, 1), (1, 16), (2, 128), (3, 6), (4, 20), (8, 127)])
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_page_sizes(torch_cuda, page_size, s_q, h_q, dtype_name):
+    """Caches of 16, 32, 64 and 128-row pages (a 64-row tile gathered from 4 or 2 pages, or half
+    of one), requests ending on and around the page and tile boundaries."""
+    torch = torch_cuda
+    dtype = getattr(torch, dtype_name)
+    lens = _boundary_lens(page_size, s_q)
+    q, k, bt, sl = make_inputs(len(lens), s_q, h_q, 0, dtype=dtype, seed=3000 + page_size + 10 * h_q + s_q,
+                               page_size=page_size, lens=lens)
+    assert tuple(k.shape[1:]) == (page_size, 1, 576)
+    what = f"page={page_size} s_q={s_q} h_q={h_q} {dtype_name}"
+    for empty_lse in ("+inf", "-inf"):
+        out, lse = _decode_nan_poisoned(torch, q, k, bt, sl, empty_lse=empty_lse)
+        _check_each_request(torch, out, lse, q, k, bt, sl, f"{what} empty_lse={empty_lse}", empty_lse=empty_lse)
+        assert (out[0] == 0).all() and (lse[0] == float(empty_lse)).all()  # the empty request
+
+
+@pytest.mark.parametrize("page_size", [16, 32, 128])
+def test_native_plan_api_page_sizes(torch_cuda, page_size):
+    """etap.plan / replan / decode on caches of other page sizes, into NaN-poisoned out/lse."""
+    torch = torch_cuda
+    b, s_q, h_q = 5, 5, 12
+    q, k, bt, sl = make_inputs(b, s_q, h_q, 2000, varlen=True, seed=4000 + page_size, page_size=page_size)
+    p = etap.plan(q, k, bt, sl)
+    assert p.shape == (b, s_q, h_q, k.shape[0], bt.shape[1], page_size)
+    assert f"page_size={page_size}" in repr(p)
+    for lens in (sl, torch.minimum(sl.flip(0), sl).contiguous()):
+        p.replan(lens)
+        out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=q.dtype, device=q.device)
+        lse = torch.full((b, h_q, s_q), float("nan"), device=q.device)
+        etap.decode(p, q, k, bt, lens, out=out, lse=lse)
+        _check_each_request(torch, out, lse, q, k, bt, lens, f"native plan, page={page_size}", empty_lse="-inf")
+
+
+def test_plan_not_reused_across_page_sizes(torch_cuda):
+    """Two caches alike but for their page size (the same number of pages, the same block table):
+    each call gets the plan of its own page size, and a metadata or native plan made for one is
+    refused for the other."""
+    torch = torch_cuda
+    b, s_q, h_q = 4, 2, 20
+    q, k64, bt, sl = make_inputs(b, s_q, h_q, 1024, seed=43)  # every row of the used pages valid
+    k32 = k64[:, :32].contiguous()  # page j of k32: the first 32 rows of page j of k64
+    sl32 = (sl // 2).contiguous()  # the rows k32's pages hold
+    out64, lse64 = _decode_nan_poisoned(torch, q, k64, bt, sl)
+    meta64 = etap.get_mla_metadata(sl, s_q * h_q, 1)[0]
+    _decode_nan_poisoned(torch, q, k64, bt, sl, meta=meta64)
+    out32, lse32 = _decode_nan_poisoned(torch, q, k32, bt, sl32)
+    _check_each_request(torch, out64, lse64, q, k64, bt, sl, "page 64")
+    _check_each_request(torch, out32, lse32, q, k32, bt, sl32, "page 32 after page 64")
+    with pytest.raises(ValueError, match="planned for another shape"):
+        etap.flash_mla_with_kvcache(q, k32, bt, sl32, 512, meta64, None, causal=True)
+    p64 = etap.plan(q, k64, bt, sl)
+    with pytest.raises(ValueError, match=r"plan: made for .*page_size"):
+        etap.decode(p64, q, k32, bt, sl32)

@@ -1,7 +1,7 @@
 """CUDA graphs: a decode step of several layers captured once and replayed many times with new
 seqlens, block tables and queries copied into the captured tensors, each replay checked against
-the float64 reference; etap's own plan re-planned inside a graph; the error for a shape first
-seen inside a capture."""
+the float64 reference (caches of 64-row pages, and of 16, 32 and 128 rows with odd head counts);
+etap's own plan re-planned inside a graph; the error for a shape first seen inside a capture."""
 
 import random
 
@@ -26,12 +26,15 @@ def _new_step(rng, torch, q_layers, bt, sl, bt0, s_k, zero_every=4):
         ql.copy_((torch.randn(ql.shape, device=ql.device) / 10).clamp_(-1, 1))
 
 
-@pytest.mark.parametrize("b, s_q, h_q", [(8, 1, 16), (5, 2, 64), (3, 4, 128), (16, 1, 8)])
-def test_flash_mla_interface_in_a_graph(torch_cuda, b, s_q, h_q):
+@pytest.mark.parametrize(
+    "b, s_q, h_q, page_size",
+    [(8, 1, 16, 64), (5, 2, 64, 64), (3, 4, 128, 64), (16, 1, 8, 64), (5, 3, 6, 16), (3, 8, 20, 128)],
+)
+def test_flash_mla_interface_in_a_graph(torch_cuda, b, s_q, h_q, page_size):
     torch = torch_cuda
     rng = random.Random(b * 100 + s_q * 10 + h_q)
     s_k = 1500
-    q, k, bt, sl = make_inputs(b, s_q, h_q, s_k, seed=b + s_q + h_q)  # no NaN below s_k
+    q, k, bt, sl = make_inputs(b, s_q, h_q, s_k, seed=b + s_q + h_q, page_size=page_size)  # no NaN below s_k
     bt0 = bt.clone()
     q_layers = [q.clone() for _ in range(LAYERS)]
 
@@ -66,11 +69,12 @@ def test_flash_mla_interface_in_a_graph(torch_cuda, b, s_q, h_q):
             assert v <= 1.0, f"replay {replay}, layer {layer}: error {v:.3f} x tolerance (seqlens {sl.tolist()})"
 
 
-def test_native_plan_in_a_graph(torch_cuda):
+@pytest.mark.parametrize("b, s_q, h_q, page_size", [(6, 2, 32, 64), (4, 5, 12, 32)])
+def test_native_plan_in_a_graph(torch_cuda, b, s_q, h_q, page_size):
     torch = torch_cuda
     rng = random.Random(5)
-    b, s_q, h_q, s_k = 6, 2, 32, 2500
-    q, k, bt, sl = make_inputs(b, s_q, h_q, s_k, seed=23)
+    s_k = 2500
+    q, k, bt, sl = make_inputs(b, s_q, h_q, s_k, seed=23, page_size=page_size)
     bt0 = bt.clone()
     q_layers = [q.clone() for _ in range(LAYERS)]
     outs = [torch.empty(b, s_q, h_q, 512, dtype=q.dtype, device=q.device) for _ in range(LAYERS)]

@@ -12,8 +12,13 @@ from fake import BF16, F16, F32, I32, I64, FakeTensor, decode_inputs
 
 
 def test_import_and_constants():
-    assert etap.D_QK == 576 and etap.D_V == 512 and etap.PAGE_ROWS == 64 and etap.MAX_S_Q == 4
-    assert etap.SUPPORTED_HEADS == (8, 16, 32, 64, 128)
+    assert etap.D_QK == 576 and etap.D_V == 512
+    assert etap.MAX_HEADS == 128 and etap.MAX_S_Q == 8
+    assert etap.PAGE_SIZES == (16, 32, 64, 128) and etap.DEFAULT_PAGE_SIZE == 64
+    assert (_etap.MAX_HEADS, _etap.MAX_S_Q, list(_etap.PAGE_SIZES)) == (128, 8, [16, 32, 64, 128])
+    # The old limits' names are gone (a caller reading them would get the old, wrong limits).
+    for old in ("SUPPORTED_HEADS", "PAGE_ROWS"):
+        assert not hasattr(etap, old) and not hasattr(_etap, old), old
     assert isinstance(etap.__version__, str) and etap.__version__
     for name in ("get_mla_metadata", "flash_mla_with_kvcache", "merge_states", "plan", "decode"):
         assert callable(getattr(etap, name))
@@ -22,14 +27,22 @@ def test_import_and_constants():
 @pytest.mark.parametrize(
     "shape, needle",
     [
-        ((0, 1, 16, 8, 4), "empty batch"),
-        ((2, 0, 16, 8, 4), "s_q = 0"),
-        ((2, 5, 16, 8, 4), "s_q = 5"),
-        ((2, 1, 12, 8, 4), "h_q = 12"),
-        ((2, 1, 256, 8, 4), "h_q = 256"),
-        ((2, 1, 16, 0, 4), "num_pages"),
-        ((2, 1, 16, 8, 0), "max_pages"),
-        ((2, 1, 16, 2**26, 4), "num_pages"),
+        ((0, 1, 16, 8, 4, 64), "empty batch"),
+        ((2, 0, 16, 8, 4, 64), r"s_q = 0 is not supported \(supported: 1 to 8\)"),
+        ((2, 9, 16, 8, 4, 64), r"s_q = 9 is not supported \(supported: 1 to 8\)"),
+        ((2, 1, 0, 8, 4, 64), r"h_q = 0 is not supported \(supported: 1 to 128\)"),
+        ((2, 1, 129, 8, 4, 64), r"h_q = 129 is not supported"),
+        ((2, 1, 256, 8, 4, 64), "h_q = 256"),
+        ((2, 1, 16, 8, 4, 8), r"page_size = 8 rows is not supported \(supported: \[16, 32, 64, 128\]\)"),
+        ((2, 1, 16, 8, 4, 256), "page_size = 256 rows is not supported"),
+        ((2, 1, 16, 8, 4, 48), "page_size = 48 rows is not supported"),
+        ((2, 1, 16, 8, 4, 0), "page_size = 0 rows is not supported"),
+        ((2, 1, 16, 0, 4, 64), "num_pages"),
+        ((2, 1, 16, 8, 0, 64), "max_pages"),
+        ((2, 1, 16, 2**26, 4, 64), "num_pages"),
+        # The 32-bit row limits count rows, so they depend on the page size.
+        ((2, 1, 16, 2**25, 4, 128), "num_pages"),
+        ((2, 1, 16, 8, 2**24, 128), "max_pages"),
     ],
 )
 def test_validate_shape_rejects(shape, needle):
@@ -38,9 +51,18 @@ def test_validate_shape_rejects(shape, needle):
 
 
 def test_validate_shape_accepts_every_supported_shape():
-    for s_q in range(1, 5):
-        for h_q in (8, 16, 32, 64, 128):
-            _etap.validate_shape(3, s_q, h_q, 10, 7)
+    for s_q in range(1, 9):
+        for h_q in range(1, 129):
+            for page_size in (16, 32, 64, 128):
+                _etap.validate_shape(3, s_q, h_q, 10, 7, page_size)
+    # The same counts of pages that are too many rows at 128 fit at 16 rows a page.
+    _etap.validate_shape(2, 1, 16, 2**25, 4, 16)
+    _etap.validate_shape(2, 1, 16, 8, 2**24, 64)
+
+
+def test_validate_shape_needs_the_page_size():
+    with pytest.raises(TypeError):
+        _etap.validate_shape(2, 1, 16, 8, 4)
 
 
 @pytest.mark.parametrize(
@@ -77,12 +99,28 @@ def test_metadata_new_and_old_forms():
     assert meta.cols == 16
 
 
+def test_metadata_takes_every_supported_s_q_times_h_q():
+    seqlens = FakeTensor((3,), I32)
+    cols = {s_q * h_q for s_q in range(1, 9) for h_q in range(1, 129)}
+    for c in sorted(cols):
+        meta, _ = etap.get_mla_metadata(seqlens, c, 1)
+        assert meta.cols == c
+    for c in range(-2, 1100):
+        assert interface._supported_cols(c) == (c in cols), c
+    # For example s_q = 3 with 6 heads, 8 tokens with 127 heads, 1 token with 1 head.
+    assert {18, 8 * 127, 1, 1024} <= cols and not {0, 131, 1023, 1025} & cols
+
 @pytest.mark.parametrize(
     "args, exc, needle",
     [
         ((FakeTensor((4,), I32), 16, 2), ValueError, "num_heads_k"),
-        ((FakeTensor((4,), I32), 12, 1), ValueError, "num_q_tokens_per_head_k"),
-        ((FakeTensor((4,), I32), 1024, 1), ValueError, "num_q_tokens_per_head_k"),
+        ((FakeTensor((4,), I32), 0, 1), ValueError, "num_q_tokens_per_head_k: 0"),
+        ((FakeTensor((4,), I32), -16, 1), ValueError, "num_q_tokens_per_head_k: -16"),
+        ((FakeTensor((4,), I32), 131, 1), ValueError, r"num_q_tokens_per_head_k: 131 .* s_q 1 to 8 and h_q 1 to 128"),
+        ((FakeTensor((4,), I32), 1023, 1), ValueError, "num_q_tokens_per_head_k: 1023"),
+        ((FakeTensor((4,), I32), 1025, 1), ValueError, "num_q_tokens_per_head_k: 1025"),
+        ((FakeTensor((4,), I32), 16, 1, 0), ValueError, "num_heads_q: 0"),
+        ((FakeTensor((4,), I32), 16, 1, 129), ValueError, "num_heads_q: 129"),
         ((FakeTensor((4,), I32), 16.0, 1), TypeError, "num_q_tokens_per_head_k"),
         ((FakeTensor((4,), I64), 16, 1), TypeError, "cache_seqlens"),
         ((FakeTensor((4,), I32, ("cpu", None)), 16, 1), ValueError, "cache_seqlens"),
@@ -127,9 +165,11 @@ BAD = [
     (dict(q=FakeTensor((2, 1, 16, 576), BF16, ("cpu", None))), ValueError, "q: must be on a CUDA device"),
     (dict(q=FakeTensor((2, 16, 576))), ValueError, "q: expected 4 dims"),
     (dict(q=FakeTensor((2, 1, 16, 512))), ValueError, "q: head dim must be 576"),
-    (dict(q=FakeTensor((2, 1, 12, 576))), ValueError, "q: h_q = 12"),
-    (dict(q=FakeTensor((2, 1, 1, 576))), ValueError, "q: h_q = 1"),
-    (dict(q=FakeTensor((2, 5, 16, 576))), ValueError, "q: s_q = 5"),
+    (dict(q=FakeTensor((2, 1, 0, 576))), ValueError, r"q: h_q = 0 heads is not supported \(1 to 128\)"),
+    (dict(q=FakeTensor((2, 1, 129, 576))), ValueError, r"q: h_q = 129 heads is not supported \(1 to 128\)"),
+    (dict(q=FakeTensor((2, 1, 256, 576))), ValueError, "q: h_q = 256"),
+    (dict(q=FakeTensor((2, 9, 16, 576))), ValueError, r"q: s_q = 9 query tokens per request is not supported \(1 to 8"),
+    (dict(q=FakeTensor((2, 0, 16, 576))), ValueError, "q: s_q = 0"),
     (dict(q=FakeTensor((0, 1, 16, 576))), ValueError, "q: empty batch"),
     (dict(q=bad_strides((2, 1, 16, 576))), ValueError, "q: must be contiguous"),
     (dict(q=FakeTensor((2, 1, 16, 576), strides=(9216, 9216, 1, 16))), ValueError, "q: must be contiguous"),
@@ -138,12 +178,18 @@ BAD = [
     (dict(k_cache=FakeTensor((8, 64, 1, 576), BF16, ("cuda", 1))), ValueError, "k_cache: on cuda:1"),
     (dict(k_cache=FakeTensor((8, 64, 1, 576), BF16, ("cpu", None))), ValueError, "k_cache: must be on a CUDA"),
     (dict(k_cache=FakeTensor((8, 64, 576))), ValueError, "k_cache: expected 4 dims"),
-    (dict(k_cache=FakeTensor((8, 32, 1, 576))), ValueError, "k_cache: page_block_size must be 64"),
+    (dict(k_cache=FakeTensor((8, 8, 1, 576))), ValueError,
+     r"k_cache: page_block_size = 8 rows is not supported \(one of 16, 32, 64, 128"),
+    (dict(k_cache=FakeTensor((8, 256, 1, 576))), ValueError, "k_cache: page_block_size = 256 rows"),
+    (dict(k_cache=FakeTensor((8, 48, 1, 576))), ValueError, "k_cache: page_block_size = 48 rows"),
+    (dict(k_cache=FakeTensor((8, 1, 1, 576))), ValueError, "k_cache: page_block_size = 1 rows"),
+    (dict(k_cache=FakeTensor((8, 0, 1, 576))), ValueError, "k_cache: page_block_size = 0 rows"),
     (dict(k_cache=FakeTensor((8, 64, 2, 576))), ValueError, "k_cache: num_heads_k must be 1"),
     (dict(k_cache=FakeTensor((8, 64, 1, 512))), ValueError, "k_cache: head dim must be 576"),
     (dict(k_cache=FakeTensor((0, 64, 1, 576))), ValueError, "k_cache: has no pages"),
     (dict(k_cache=bad_strides((8, 64, 1, 576))), ValueError, "k_cache: must be contiguous"),
     (dict(k_cache=FakeTensor((2**26, 64, 1, 576), ptr=0x10000)), ValueError, "num_pages"),
+    (dict(k_cache=FakeTensor((2**25, 128, 1, 576), ptr=0x10000)), ValueError, "num_pages"),
     # block_table
     (dict(block_table=FakeTensor((2, 4), I64)), TypeError, "block_table: dtype must be torch.int32"),
     (dict(block_table=FakeTensor((3, 4), I32)), ValueError, "block_table: expected shape"),
@@ -226,14 +272,23 @@ def test_causal_false_is_accepted_for_one_token():
 
 def test_valid_call_passes_every_check_and_reaches_the_device():
     """A valid call is not rejected by the checks: it reaches the device stage."""
-    for s_q in (1, 2, 4):
-        for h_q in (8, 128):
-            for dt in (BF16, F16):
-                q, k, bt, sl = decode_inputs(b=3, s_q=s_q, h_q=h_q, dtype=dt)
-                out = FakeTensor((3, s_q, h_q, 512), dt)
-                lse = FakeTensor((3, h_q, s_q), F32)
-                with pytest.raises(ReachedDevice):
-                    _valid_call_to_device(q, k, bt, sl, out, lse, causal=True)
+    for s_q in (1, 2, 3, 4, 5, 8):
+        for h_q in (1, 3, 6, 8, 12, 20, 22, 24, 48, 96, 127, 128):
+            for page_size in (16, 32, 64, 128):
+                for dt in (BF16, F16):
+                    q, k, bt, sl = decode_inputs(b=3, s_q=s_q, h_q=h_q, dtype=dt, page_size=page_size)
+                    out = FakeTensor((3, s_q, h_q, 512), dt)
+                    lse = FakeTensor((3, h_q, s_q), F32)
+                    with pytest.raises(ReachedDevice):
+                        _valid_call_to_device(q, k, bt, sl, out, lse, causal=True)
+
+
+def test_large_caches_of_small_pages_pass():
+    """The row limit is in rows: 2**25 pages of 16 rows pass where 2**25 of 128 do not."""
+    q, _, bt, sl = decode_inputs()
+    k = FakeTensor((2**25, 16, 1, 576), ptr=0x10000)
+    with pytest.raises(ReachedDevice):
+        _valid_call_to_device(q, k, bt, sl, FakeTensor((2, 1, 16, 512), BF16), FakeTensor((2, 16, 1), F32))
 
 
 @pytest.mark.parametrize(
@@ -292,7 +347,7 @@ class FakeDecoder:
         self.capture = None
 
     def plan(self, *args):
-        self.calls.append(("plan",) + args[:5])
+        self.calls.append(("plan",) + args[:6])  # batch, s_q, h_q, num_pages, max_pages, page_size
         return object()
 
     def replan(self, plan, seqlens, stream):
@@ -319,7 +374,7 @@ def test_one_plan_per_shape_replanned_once_per_metadata(monkeypatch):
     m1 = etap.get_mla_metadata(sl, 16, 1)[0]
     step(m1, q, k, bt, sl)
     assert [c[0] for c in dec.calls] == ["plan", "decode", "decode", "decode"]
-    assert dec.calls[0][1:] == (2, 1, 16, 8, 4)
+    assert dec.calls[0][1:] == (2, 1, 16, 8, 4, 64)
     dec.calls.clear()
     m2 = etap.get_mla_metadata()[0]  # the next step: re-planned once, into the same plan
     step(m2, q, k, bt, sl)
@@ -333,7 +388,7 @@ def test_one_plan_per_shape_replanned_once_per_metadata(monkeypatch):
     dec.capture = 77
     step(m1, q, k, bt, sl)
     assert [c[0] for c in dec.calls] == ["replan", "decode", "decode", "decode"]
-    assert interface._plans.get((0, 2, 1, 16, 8, 4)).pinned
+    assert interface._plans.get((0, 2, 1, 16, 8, 4, 64)).pinned
     dec.capture = None
     dec.calls.clear()
     # Another shape (a wider block table): a new plan; the metadata of the first is refused.
@@ -342,6 +397,57 @@ def test_one_plan_per_shape_replanned_once_per_metadata(monkeypatch):
     assert [c[0] for c in dec.calls] == ["plan", "decode"]
     with pytest.raises(ValueError, match="planned for another shape"):
         step(m1, q2, k2, bt2, sl2, layers=1)
+
+
+def test_a_plan_is_never_reused_for_another_page_size(monkeypatch):
+    """Caches alike but for their page size: a plan each, keyed by the page size, made with it;
+    a metadata planned for one page size is refused with a cache of another."""
+    dec = FakeDecoder()
+    monkeypatch.setattr(interface, "decoder", lambda device: dec)
+    monkeypatch.setattr(interface, "_stream_handle", lambda device: 0)
+    monkeypatch.setattr(interface._etap, "stream_capture_id", lambda d, s: None)
+    monkeypatch.setattr(interface, "_plans", interface._PlanCache())
+
+    def call(meta, page_size, s_q=3, h_q=6):
+        q, k, bt, sl = decode_inputs(s_q=s_q, h_q=h_q, page_size=page_size)
+        out = FakeTensor((2, s_q, h_q, 512), BF16)
+        lse = FakeTensor((2, h_q, s_q), F32)
+        etap.flash_mla_with_kvcache(q, k, bt, sl, 512, meta, None, causal=True, out=out, lse=lse, empty_lse="-inf")
+
+    metas = {}
+    for page_size in (16, 32, 64, 128):
+        metas[page_size] = etap.get_mla_metadata(FakeTensor((2,), I32), 18, 1)[0]
+        call(metas[page_size], page_size)
+        call(metas[page_size], page_size)  # a second layer: the same plan, not re-planned
+    assert [c for c in dec.calls if c[0] == "plan"] == [("plan", 2, 3, 6, 8, 4, p) for p in (16, 32, 64, 128)]
+    assert [c[0] for c in dec.calls] == ["plan", "decode", "decode"] * 4
+    assert sorted(interface._plans.plans) == [(0, 2, 3, 6, 8, 4, p) for p in (16, 32, 64, 128)]
+    for planned, other in ((64, 32), (16, 128), (128, 64)):
+        with pytest.raises(ValueError, match=rf"planned for another shape .*page_size = \(2, 3, 6, 8, 4, {planned}\)"):
+            call(metas[planned], other)
+    # A new step at page size 32 re-plans the page-32 plan, not another.
+    dec.calls.clear()
+    call(etap.get_mla_metadata()[0], 32)
+    assert [c[0] for c in dec.calls] == ["replan", "decode"]
+
+
+def test_native_plan_refuses_a_cache_of_another_page_size(monkeypatch):
+    dec = FakeDecoder()
+    monkeypatch.setattr(interface, "decoder", lambda device: dec)
+    monkeypatch.setattr(interface, "_stream_handle", lambda device: 0)
+    q, k, bt, sl = decode_inputs(s_q=8, h_q=127, page_size=32)
+    p = etap.plan(q, k, bt, sl)
+    assert p.shape == (2, 8, 127, 8, 4, 32) and dec.calls == [("plan", 2, 8, 127, 8, 4, 32)]
+    out, lse = FakeTensor((2, 8, 127, 512), BF16), FakeTensor((2, 127, 8), F32)
+    etap.decode(p, q, k, bt, sl, out=out, lse=lse)
+    assert dec.calls[-1] == ("decode", "bf16")
+    dec.calls.clear()
+    for other in (16, 64, 128):
+        k2 = FakeTensor((8, other, 1, 576))
+        with pytest.raises(ValueError, match=rf"plan: made for .*page_size\) = \(2, 8, 127, 8, 4, 32\), this call has "
+                                             rf"\(2, 8, 127, 8, 4, {other}\)"):
+            etap.decode(p, q, k2, bt, sl, out=out, lse=lse)
+    assert dec.calls == [], "a refused call must not reach the device"
 
 
 def test_metadata_tokens_are_never_reused():

@@ -44,3 +44,8 @@ def test_bench_smoke(torch_cuda, capsys):
     text = capsys.readouterr().out
     assert "etap us" in text and text.count("\n") >= 3
     print(text)
+    # etap's cache in pages of 16 rows (the peers', when importable, in pages of 64).
+    assert bench.main(["--shape", "3,3,6,700", "--page-size", "16", "--layers", "2", "--iters", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "etap's cache pages of 16 rows" in text and "   3   3    6    700 |" in text
+    print(text)
