@@ -1363,3 +1363,117 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The packed query layout (issue 13): per-request token counts through q_offsets
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn packed_shape_lengths_and_offset_errors() {
+    let shape = DecodeShape::new(3, 4, 6, 10, 5).with_page_size(32).with_packed_q(7);
+    assert_eq!(shape.q_tokens(), 7);
+    assert_eq!(
+        (shape.q_len(), shape.out_len(), shape.lse_len()),
+        (7 * 6 * 576, 7 * 6 * 512, 7 * 6)
+    );
+    assert_eq!(validate_shape(&shape), Ok(()));
+    assert_eq!(
+        validate_shape(&shape.with_packed_q(0)),
+        Err(EtapError::Zero { arg: "total_q" })
+    );
+    use etap::validate::validate_q_offsets;
+    assert_eq!(validate_q_offsets(&shape, &[0, 3, 3, 7]), Ok(()));
+    for bad in [
+        &[1, 3, 3, 7][..], // not from 0
+        &[0, 3, 2, 7],     // decreasing
+        &[0, 5, 5, 7],     // 5 tokens > s_q = 4
+        &[0, 3, 3, 6],     // does not end at total_q
+        &[0, 3, 7],        // wrong length
+    ] {
+        assert!(
+            matches!(
+                validate_q_offsets(&shape, bad),
+                Err(EtapError::Invalid { arg: "q_offsets", .. }) | Err(EtapError::Length { arg: "q_offsets", .. })
+            ),
+            "{bad:?} accepted"
+        );
+    }
+    let uniform = DecodeShape::new(3, 4, 6, 10, 5);
+    assert!(matches!(
+        validate_q_offsets(&uniform, &[0, 4, 8, 12]),
+        Err(EtapError::Invalid { arg: "q_offsets", .. })
+    ));
+}
+
+/// The packed reference with every request at `s_q` tokens is the uniform reference, its lse
+/// transposed per request ([token][head] rows against [head][token]); with fewer tokens a
+/// request is the uniform reference of its last tokens (same causal bounds).
+#[test]
+fn packed_reference_matches_uniform() {
+    use etap::reference::mla_decode_packed;
+    let (s_q, h_q) = (4usize, 5usize);
+    let c = Case::<Bf16>::from_spec(&CaseSpec {
+        page_size: 16,
+        ..CaseSpec::new(s_q, h_q, &[70, 3, 0, 200], 11)
+    });
+    let (uo, ul) = c.reference();
+    let b = c.shape.batch;
+    let full: Vec<i32> = (0..=b as i32).map(|r| r * s_q as i32).collect();
+    let packed = c.shape.with_packed_q(b * s_q);
+    let (po, pl) = mla_decode_packed(
+        &packed,
+        &c.q,
+        &full,
+        &c.cache,
+        &c.block_table,
+        &c.seqlens,
+        c.softmax_scale,
+    )
+    .unwrap();
+    assert_eq!(po, uo);
+    for r in 0..b {
+        for t in 0..s_q {
+            for h in 0..h_q {
+                assert_eq!(
+                    pl[(r * s_q + t) * h_q + h].to_bits(),
+                    ul[(r * h_q + h) * s_q + t].to_bits()
+                );
+            }
+        }
+    }
+    // Token counts 2, 0, 4, 1: each request's last tokens of the uniform q.
+    let lens = [2usize, 0, 4, 1];
+    let mut offsets = vec![0i32];
+    let mut q = Vec::new();
+    for (r, &n) in lens.iter().enumerate() {
+        offsets.push(offsets[r] + n as i32);
+        q.extend_from_slice(&c.q[((r * s_q + s_q - n) * h_q) * D_QK..((r + 1) * s_q * h_q) * D_QK]);
+    }
+    let total = offsets[b] as usize;
+    let packed = c.shape.with_packed_q(total);
+    let (po, pl) = mla_decode_packed(
+        &packed,
+        &q,
+        &offsets,
+        &c.cache,
+        &c.block_table,
+        &c.seqlens,
+        c.softmax_scale,
+    )
+    .unwrap();
+    for (r, &n) in lens.iter().enumerate() {
+        let first = offsets[r] as usize;
+        for j in 0..n {
+            let t = s_q - n + j;
+            let got = &po[(first + j) * h_q * D_V..(first + j + 1) * h_q * D_V];
+            let want = &uo[(r * s_q + t) * h_q * D_V..(r * s_q + t + 1) * h_q * D_V];
+            assert_eq!(got, want, "request {r} token {j}");
+            for h in 0..h_q {
+                assert_eq!(
+                    pl[(first + j) * h_q + h].to_bits(),
+                    ul[(r * h_q + h) * s_q + t].to_bits()
+                );
+            }
+        }
+    }
+}

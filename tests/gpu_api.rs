@@ -234,6 +234,7 @@ fn rejected_calls_leave_out_and_lse_unchanged() {
         cache_seqlens: x.sl.as_device_ptr().as_raw(),
         out: o.out.as_device_ptr().as_raw(),
         lse: o.lse.as_device_ptr().as_raw(),
+        q_offsets: 0,
     };
     // `good` with the address of `arg` moved by `by` bytes.
     let shifted = |arg: &'static str, by: u64| {
@@ -276,6 +277,49 @@ fn rejected_calls_leave_out_and_lse_unchanged() {
             "decode_raw with {want} misaligned wrote to out/lse"
         );
     }
+
+    // q_offsets with a uniform plan, and a packed plan without them (the buffers' lengths fit
+    // both: q_offsets = r * s_q packs the uniform batch).
+    let offsets = DeviceBuffer::from_slice(
+        &(0..=shape.batch as i32)
+            .map(|r| r * shape.s_q as i32)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let with_offsets = RawBuffers {
+        q_offsets: offsets.as_device_ptr().as_raw(),
+        ..good
+    };
+    let packed = dec
+        .plan(&shape.with_packed_q(shape.batch * shape.s_q), &x.sl, &stream)
+        .unwrap();
+    for (what, plan, bufs) in [
+        ("q_offsets with a uniform plan", &plan, with_offsets),
+        ("a packed plan without q_offsets", &packed, good),
+    ] {
+        // SAFETY: live buffers of this test with the lengths both plans need; rejected before
+        // any launch (were it not, the launch reads and writes only these buffers).
+        let e = unsafe { dec.decode_raw(plan, Dtype::Bf16, bufs, None, stream.as_inner()) }.unwrap_err();
+        assert!(
+            matches!(e, EtapError::Invalid { arg: "q_offsets", .. }),
+            "{what}: got {e:?}"
+        );
+        assert!(o.unchanged(&stream), "decode_raw with {what} wrote to out/lse");
+    }
+    let short = DeviceBuffer::from_slice(&[0i32, 2]).unwrap();
+    let e = dec
+        .decode_packed_into(
+            &packed, &x.q, &short, &x.kv, &x.bt, &x.sl, None, &mut o.out, &mut o.lse, &stream,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, EtapError::Length { arg: "q_offsets", .. }),
+        "short q_offsets: got {e:?}"
+    );
+    assert!(
+        o.unchanged(&stream),
+        "decode_packed_into with short q_offsets wrote to out/lse"
+    );
 
     // The control: a valid call on the same buffers writes them, correctly.
     decode_checked(&dec, &plan, &case, &x, &mut o, &stream);

@@ -9,6 +9,7 @@ use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
 use etap::{Bf16, Decoder, Element, Layout, F16};
+use etap_core::{D_QK, D_V};
 use etap_tests::{Case, CaseSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -347,4 +348,139 @@ fn sanitizer_cases() {
     }
     // One fp16 case: the other dtype's instantiation of both kernels.
     check(&dec, &Case::<F16>::new(2, 16, &[200, 1], 90), "sanitizer");
+}
+
+/// The packed query layout (issue 13): each request its own token count (0 to `s_q`) through
+/// device `q_offsets`, q / out / lse in rows of the batch's tokens. Each request's q is the last
+/// tokens of a uniform case's (so its causal bounds are the uniform case's), out and lse are
+/// poisoned with NaN before the call, and every request is checked on its own against the
+/// packed reference, in both layouts, for bf16 and fp16, pages of 16, 64 and 128 rows.
+#[test]
+fn packed_query_layout() {
+    let Some(dec) = decoder_or_skip("gpu_decode packed layout") else {
+        return;
+    };
+    /// (s_q, h_q, page size, tokens per request, seqlens)
+    type PackedCase = (usize, usize, usize, &'static [usize], &'static [i32]);
+    let cases: &[PackedCase] = &[
+        (2, 16, 64, &[1, 2, 0, 2, 1], &[300, 65, 900, 1, 4000]),
+        (8, 6, 16, &[8, 1, 5, 0, 3, 8], &[70, 2000, 8, 640, 0, 129]),
+        (4, 20, 128, &[3, 4, 1], &[1000, 5, 257]),
+        (8, 16, 64, &[1, 8, 2, 7, 4], &[6000, 300, 64, 3, 1200]),
+        (3, 128, 32, &[3, 1, 2], &[500, 90, 33]),
+    ];
+    for (k, &(s_q, h_q, page, lens, seqlens)) in cases.iter().enumerate() {
+        let spec = CaseSpec {
+            page_size: page,
+            ..CaseSpec::new(s_q, h_q, seqlens, 7000 + k as u64)
+        };
+        check_packed(&dec, &Case::<Bf16>::from_spec(&spec), lens);
+        check_packed(
+            &dec,
+            &Case::<F16>::from_spec(&CaseSpec {
+                seed: spec.seed + 1,
+                ..spec
+            }),
+            lens,
+        );
+    }
+}
+
+/// [`packed_query_layout`]'s check of one case with `lens` tokens per request.
+fn check_packed<T: Element>(dec: &Decoder, case: &Case<T>, lens: &[usize]) {
+    let (s_q, h_q) = (case.shape.s_q, case.shape.h_q);
+    let mut offsets = vec![0i32];
+    let mut q = Vec::new();
+    for (r, &n) in lens.iter().enumerate() {
+        offsets.push(offsets[r] + n as i32);
+        q.extend_from_slice(&case.q[(r * s_q + s_q - n) * h_q * D_QK..(r + 1) * s_q * h_q * D_QK]);
+    }
+    let total = *offsets.last().unwrap() as usize;
+    let shape = case.shape.with_packed_q(total);
+    let (ro, rl) = etap::reference::mla_decode_packed(
+        &shape,
+        &q,
+        &offsets,
+        &case.cache,
+        &case.block_table,
+        &case.seqlens,
+        case.softmax_scale,
+    )
+    .unwrap();
+    let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    let q_d = DeviceBuffer::from_slice(&q).unwrap();
+    let off_d = DeviceBuffer::from_slice(&offsets).unwrap();
+    let kv = DeviceBuffer::from_slice(&case.cache).unwrap();
+    let bt = DeviceBuffer::from_slice(&case.block_table).unwrap();
+    let sl = DeviceBuffer::from_slice(&case.seqlens).unwrap();
+    dec.check_q_offsets(&shape, &off_d).unwrap();
+    for layout in LAYOUTS {
+        let mut out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()]).unwrap();
+        let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()]).unwrap();
+        let plan = dec.plan_with_layout(&shape, &sl, &stream, layout).unwrap();
+        dec.decode_packed_into(
+            &plan,
+            &q_d,
+            &off_d,
+            &kv,
+            &bt,
+            &sl,
+            Some(case.softmax_scale),
+            &mut out,
+            &mut lse,
+            &stream,
+        )
+        .unwrap();
+        stream.synchronize().unwrap();
+        let mut o = vec![T::default(); shape.out_len()];
+        let mut l = vec![0f32; shape.lse_len()];
+        out.copy_to(&mut o[..]).unwrap();
+        lse.copy_to(&mut l[..]).unwrap();
+        let o: Vec<f32> = o.iter().map(|x| x.to_f32()).collect();
+        let mut worst = 0f64;
+        for (r, &n) in lens.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let first = offsets[r] as usize;
+            let rows = first * h_q..(first + n) * h_q;
+            let pick = |v: &[f32]| v[rows.start * D_V..rows.end * D_V].to_vec();
+            // lse [token][head] -> [head][token], the layout `compare` reads.
+            let by_head = |v: &[f32]| -> Vec<f32> {
+                (0..h_q)
+                    .flat_map(|h| (0..n).map(move |t| (h, t)))
+                    .map(|(h, t)| v[(first + t) * h_q + h])
+                    .collect()
+            };
+            let (ref_o, ref_l) = (pick(&ro), by_head(&rl));
+            let outcome = etap::check::compare(
+                T::DTYPE,
+                n,
+                h_q,
+                &case.seqlens[r..r + 1],
+                &pick(&o),
+                &by_head(&l),
+                &[(0, &ref_o[..], &ref_l[..])],
+            );
+            if let Some(why) = outcome.failure() {
+                panic!(
+                    "packed {layout:?} {} s_q={s_q} h_q={h_q} page={} request {r} ({n} tokens, seqlen {}): {why} (seed {})",
+                    T::DTYPE,
+                    shape.page_size,
+                    case.seqlens[r],
+                    case.seed
+                );
+            }
+            worst = worst.max(outcome.row_err);
+        }
+        println!(
+            "packed     {:<8} {:>5} b={:<3} s_q<={} h_q={:<3} page={:<3} tokens={lens:?} row_err={worst:.2e}",
+            format!("{layout:?}"),
+            format!("{:?}", T::DTYPE),
+            shape.batch,
+            s_q,
+            h_q,
+            shape.page_size
+        );
+    }
 }

@@ -51,6 +51,7 @@ impl Layer {
             cache_seqlens: sl,
             out: self.out.as_device_ptr().as_raw(),
             lse: self.lse.as_device_ptr().as_raw(),
+            q_offsets: 0,
         }
     }
 

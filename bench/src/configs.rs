@@ -23,6 +23,8 @@ pub struct Config {
     pub kind: Kind,
     /// Rows of a cache page (64 unless `--pages` says otherwise).
     pub page_size: usize,
+    /// Run in the packed query layout, every request at `s_q` tokens (`--packed`).
+    pub packed: bool,
 }
 
 /// Seed of the varlen lengths (fixed: the same batch every run).
@@ -50,6 +52,7 @@ impl Config {
             seqlens: vec![s_k as i32; batch],
             kind: Kind::Uniform,
             page_size: etap::DEFAULT_PAGE_SIZE,
+            packed: false,
         }
     }
 
@@ -64,6 +67,7 @@ impl Config {
             seqlens: varlen_seqlens(batch, 8192.0, 4096.0, 1, 32768, VARLEN_SEED),
             kind: Kind::Varlen,
             page_size: etap::DEFAULT_PAGE_SIZE,
+            packed: false,
         }
     }
 
@@ -77,7 +81,17 @@ impl Config {
             seqlens: IMBALANCED.to_vec(),
             kind: Kind::Imbalanced,
             page_size: etap::DEFAULT_PAGE_SIZE,
+            packed: false,
         }
+    }
+
+    /// The same configuration in the packed query layout, named with `-packed`.
+    pub fn packed(mut self) -> Config {
+        if !self.packed {
+            self.name.push_str("-packed");
+            self.packed = true;
+        }
+        self
     }
 
     /// The same configuration with pages of `page_size` rows, named with `-p{page_size}` unless

@@ -390,8 +390,15 @@ fn bench_inner<T: Element>(
     let tag = format!("[{} {} {}]", cfg.name, T::DTYPE, layout_name(layout));
     let t0 = Instant::now();
     let seed = seed_of(&cfg.name);
-    let x = gen::generate::<T>(cfg.batch, cfg.s_q, cfg.h_q, &cfg.seqlens, cfg.page_size, seed);
-    let shape = x.shape;
+    let mut x = gen::generate::<T>(cfg.batch, cfg.s_q, cfg.h_q, &cfg.seqlens, cfg.page_size, seed);
+    // The reference reads the uniform shape; the kernels run `shape` (packed with `--packed`).
+    let uniform = x.shape;
+    let shape = if cfg.packed {
+        uniform.with_packed_q(uniform.batch * uniform.s_q)
+    } else {
+        uniform
+    };
+    let offsets = DeviceBuffer::from_slice(&packed_offsets(&shape))?;
     let set_bytes = ((x.q.len() + x.cache.len()) * std::mem::size_of::<T>()) as u64;
     let cache_bytes = (x.cache.len() * std::mem::size_of::<T>()) as u64;
     let mut sets = if cache_bytes < L2_FACTOR * info.l2_bytes {
@@ -439,10 +446,17 @@ fn bench_inner<T: Element>(
     let mut out = DeviceBuffer::from_slice(&nan_out)?;
     let mut lse = DeviceBuffer::from_slice(&nan_lse)?;
 
+    let decode = |k: usize, out: &mut DeviceBuffer<T>, lse: &mut DeviceBuffer<f32>| {
+        if cfg.packed {
+            dec.decode_packed_into(
+                &plans[k], &qs[k], &offsets, &caches[k], &bt, &sl, None, out, lse, stream,
+            )
+        } else {
+            dec.decode_into(&plans[k], &qs[k], &caches[k], &bt, &sl, None, out, lse, stream)
+        }
+    };
     // Correctness first.
-    dec.decode_into(
-        &plans[0], &qs[0], &caches[0], &bt, &sl, None, &mut out, &mut lse, stream,
-    )?;
+    decode(0, &mut out, &mut lse)?;
     stream.synchronize()?;
     let picks = check::pick_requests(&x.seqlens, cfg.s_q, cfg.h_q, seed ^ 0x5eed);
     let t1 = Instant::now();
@@ -453,7 +467,7 @@ fn bench_inner<T: Element>(
         let mut l = vec![0f32; shape.lse_len()];
         out.copy_to(&mut o[..])?;
         lse.copy_to(&mut l[..])?;
-        Ok((o.iter().map(|v| v.to_f32()).collect(), l))
+        Ok((o.iter().map(|v| v.to_f32()).collect(), lse_to_uniform(&shape, l)))
     };
     let (go, gl) = fetch(&out, &lse)?;
     let first = check::compare(&reference, shape.cols(), &go, &gl);
@@ -475,10 +489,7 @@ fn bench_inner<T: Element>(
     lse.copy_from(&nan_lse[..])?;
     let warmup = o.warmup.max(sets);
     let mut call = |i: usize| -> BoxResult<()> {
-        let k = i % sets;
-        dec.decode_into(
-            &plans[k], &qs[k], &caches[k], &bt, &sl, None, &mut out, &mut lse, stream,
-        )?;
+        decode(i % sets, &mut out, &mut lse)?;
         Ok(())
     };
     for i in 0..warmup {
@@ -532,5 +543,33 @@ fn bench_inner<T: Element>(
         }
     }
     drop(plans);
+    x.shape = shape;
     Ok((x, checked))
+}
+
+/// The packed layout's offsets for a batch of `s_q` tokens a request (`r * s_q`); empty for a
+/// uniform shape.
+pub(crate) fn packed_offsets(shape: &DecodeShape) -> Vec<i32> {
+    match shape.packed_q {
+        Some(_) => (0..=shape.batch).map(|r| (r * shape.s_q) as i32).collect(),
+        None => vec![0],
+    }
+}
+
+/// lse as the uniform layout has it (`[b, h_q, s_q]`), from the packed layout's
+/// `[b * s_q, h_q]` when `shape` is packed (every request at `s_q` tokens).
+pub(crate) fn lse_to_uniform(shape: &DecodeShape, lse: Vec<f32>) -> Vec<f32> {
+    if shape.packed_q.is_none() {
+        return lse;
+    }
+    let (b, s, h) = (shape.batch, shape.s_q, shape.h_q);
+    let mut u = vec![0f32; lse.len()];
+    for r in 0..b {
+        for t in 0..s {
+            for hd in 0..h {
+                u[(r * h + hd) * s + t] = lse[(r * s + t) * h + hd];
+            }
+        }
+    }
+    u
 }

@@ -22,6 +22,8 @@ options:
                      wide heads-on-M kernel) or both (every configuration twice)
   --pages P,Q,...    cache page sizes (rows; 16, 32, 64 or 128): every configuration runs once
                      per size, named with -p<size> unless 64 (default 64)
+  --packed           every configuration also in the packed query layout (q_offsets, each
+                     request at s_q tokens), named with -packed: the layout's cost
   --layers N         layers of the serving-mode CUDA graph, each with its own cache
                      (default 61; 0 skips serving mode)
   --shared-cache     serving mode with one cache for every layer (a diagnostic of what
@@ -39,6 +41,8 @@ pub struct Options {
     pub shapes: Vec<(usize, usize, usize, usize)>,
     /// Cache page sizes; every configuration runs once per size.
     pub pages: Vec<usize>,
+    /// Every configuration also in the packed query layout.
+    pub packed: bool,
     pub quick: bool,
     pub iters: usize,
     pub warmup: usize,
@@ -72,6 +76,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         only: vec![],
         shapes: vec![],
         pages: vec![etap::DEFAULT_PAGE_SIZE],
+        packed: false,
         quick: false,
         iters: 0,
         warmup: WARMUP,
@@ -161,6 +166,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             "--out" => o.out = PathBuf::from(value),
             "--quick" => o.quick = true,
             "--shared-cache" => o.shared_cache = true,
+            "--packed" => o.packed = true,
             "--list" => o.list = true,
             "-h" | "--help" => o.help = true,
             _ => return Err(format!("unknown argument `{arg}`")),
@@ -190,6 +196,10 @@ impl Options {
         let base: Vec<Config> = base
             .into_iter()
             .flat_map(|c| self.pages.iter().map(move |&p| c.clone().with_page_size(p)))
+            .flat_map(|c| {
+                let packed = self.packed.then(|| c.clone().packed());
+                std::iter::once(c).chain(packed)
+            })
             .collect();
         configs::filter(base, &self.only)
     }
@@ -255,6 +265,9 @@ mod tests {
             names,
             ["b16-sq1-h16-sk1k-p16", "b16-sq1-h16-sk1k", "b16-sq1-h16-sk1k-p128"]
         );
+        let o = p(&["--shape", "16,2,16,1024", "--packed"]).unwrap();
+        let names: Vec<String> = o.configs().into_iter().map(|c| c.name).collect();
+        assert_eq!(names, ["b16-sq2-h16-sk1k", "b16-sq2-h16-sk1k-packed"]);
     }
 
     #[test]

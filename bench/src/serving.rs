@@ -63,6 +63,12 @@ pub fn time<T: Element>(
     shared_cache: bool,
 ) -> BoxResult<Serving> {
     let stream = RawStream::non_blocking()?;
+    // The packed query layout with every request at s_q tokens (`--packed`): the same q and
+    // out; lse comes back as [b * s_q, h_q] and is returned in the uniform layout.
+    let offsets = shape
+        .packed_q
+        .map(|_| DeviceBuffer::from_slice(&crate::packed_offsets(shape)))
+        .transpose()?;
     let cache_bytes = std::mem::size_of_val(cache);
     let (free, _) = cust::memory::mem_get_info()?;
     let layers = layers.min(((free as f64 * 0.85) / cache_bytes as f64) as usize).max(1);
@@ -94,6 +100,7 @@ pub fn time<T: Element>(
         cache_seqlens: sl.as_device_ptr().as_raw(),
         out: out.as_device_ptr().as_raw(),
         lse: lse.as_device_ptr().as_raw(),
+        q_offsets: offsets.as_ref().map_or(0, |o| o.as_device_ptr().as_raw()),
     };
     // SAFETY (the raw calls): every buffer above lives until this function returns, after the
     // stream's last synchronization; lengths are the shape's, allocations aligned, one context.
@@ -128,6 +135,6 @@ pub fn time<T: Element>(
         us: crate::metrics::median(&times),
         layers,
         out: o.iter().map(|v| v.to_f32()).collect(),
-        lse: l,
+        lse: crate::lse_to_uniform(shape, l),
     })
 }

@@ -117,9 +117,14 @@ pub struct DecodeParams {
     pub kv_map: *const TensorMap,
     pub block_table: *const i32,
     pub seqlens: *const i32,
+    /// The packed query layout's token offsets `[b + 1]` (`cu_seqlens_q`: request `r`'s tokens
+    /// are rows `q_offsets[r]..q_offsets[r + 1]` of q, out and lse), or null for the uniform
+    /// layout (`s_q` tokens each).
+    pub q_offsets: *const i32,
     pub ranges: *const WorkRange,
     pub split_offsets: *const u32,
-    /// Final output [b, s_q, h_q, 512] (16-bit) and lse [b, h_q, s_q].
+    /// Final output [b, s_q, h_q, 512] (16-bit) and lse [b, h_q, s_q]; packed: out
+    /// [total_q, h_q, 512] and lse [total_q, h_q].
     pub out: *mut u16,
     pub lse: *mut f32,
     /// Partial outputs [split][col][512] f32 and lse [split][col] (natural log).
@@ -128,6 +133,7 @@ pub struct DecodeParams {
     /// The merge's counters, [b][column groups] (kernels/src/merge.rs).
     pub counters: *mut u32,
     pub batch: u32,
+    /// Query tokens per request (the packed layout: at most; a request's count is clamped to it).
     pub s_q: u32,
     pub h_q: u32,
     /// Entries of a request's block-table row (its stride).
@@ -143,10 +149,34 @@ pub struct DecodeParams {
     /// computed: the producer thread has 24 registers.
     pub max_rows: u32,
     pub max_tiles: u32,
+    /// Query tokens of the packed layout (rows of q, out and lse); 0 for the uniform one.
+    pub total_q: u32,
 }
 
-/// Eleven device addresses, then nine 32-bit values (and 4 bytes of padding to 8).
-const _: () = assert!(core::mem::size_of::<DecodeParams>() == 11 * 8 + 10 * 4);
+/// Twelve device addresses, then ten 32-bit values.
+const _: () = assert!(core::mem::size_of::<DecodeParams>() == 12 * 8 + 10 * 4);
+
+/// Where one request's (token, head) columns `n = token * h_q + head` live: its first row of q
+/// and out (rows of 576 / 512 elements: column `n` is row `row0 + n`), its column count, its
+/// token count, and its lse at `lse0 + head * lse_head + token * lse_token`.
+#[derive(Clone, Copy)]
+pub struct ReqCols {
+    pub row0: u32,
+    pub n: u32,
+    pub q_len: u32,
+    pub lse0: u32,
+    pub lse_head: u32,
+    pub lse_token: u32,
+}
+
+impl ReqCols {
+    /// The lse index of column `n` (`h_q` heads).
+    #[inline(always)]
+    pub fn lse_at(&self, n: u32, h_q: u32) -> u32 {
+        let (token, head) = (n / h_q, n % h_q);
+        self.lse0 + head * self.lse_head + token * self.lse_token
+    }
+}
 
 /// Rows of one TMA box of a KV load for cache pages of `page_size` rows: a whole page when it
 /// is smaller than a tile (the tile gathers `TILE_ROWS / page_size` of them), else a tile.
@@ -159,6 +189,57 @@ pub const fn kv_box_rows(page_size: u32) -> u32 {
 }
 
 impl DecodeParams {
+    /// (token, head) columns per request of the grid and of the partial-result buffers:
+    /// `s_q * h_q` (a packed request may have fewer, [`ReqCols::n`]).
+    #[inline(always)]
+    pub fn n_max(&self) -> u32 {
+        self.s_q * self.h_q
+    }
+
+    /// Request `r`'s columns ([`ReqCols`]). Uniform layout: `s_q` tokens at rows
+    /// `r * s_q * h_q ..`, lse `[b, h_q, s_q]`. Packed: the tokens `q_offsets[r]..q_offsets[r + 1]`,
+    /// clamped to `[0, total_q]` and to at most `s_q` tokens (so that no device-side offset,
+    /// checked or not, makes a CTA read or write outside q, out and lse), lse `[total_q, h_q]`.
+    ///
+    /// # Safety
+    /// `r < batch`; a non-null `q_offsets` has `batch + 1` entries.
+    #[inline(always)]
+    pub unsafe fn req_cols(&self, r: u32) -> ReqCols {
+        if self.q_offsets.is_null() {
+            let n = self.s_q * self.h_q;
+            ReqCols {
+                row0: r * n,
+                n,
+                q_len: self.s_q,
+                lse0: r * n,
+                lse_head: self.s_q,
+                lse_token: 1,
+            }
+        } else {
+            let clamp = |x: i32, lo: u32| -> u32 {
+                let x = if x < 0 { 0 } else { x as u32 };
+                let x = if x < lo { lo } else { x };
+                if x > self.total_q {
+                    self.total_q
+                } else {
+                    x
+                }
+            };
+            let first = clamp(*self.q_offsets.add(r as usize), 0);
+            let end = clamp(*self.q_offsets.add(r as usize + 1), first);
+            let q_len = if end - first < self.s_q { end - first } else { self.s_q };
+            let row0 = first * self.h_q;
+            ReqCols {
+                row0,
+                n: q_len * self.h_q,
+                q_len,
+                lse0: row0,
+                lse_head: 1,
+                lse_token: self.h_q,
+            }
+        }
+    }
+
     /// How many splits request `r`'s KV was cut into (1: the segment writes the final output).
     ///
     /// # Safety

@@ -379,6 +379,85 @@ impl Decoder {
         lse: &mut DeviceBuffer<f32>,
         stream: &Stream,
     ) -> Result<()> {
+        self.decode_into_layout(
+            plan,
+            q,
+            None,
+            kv_cache,
+            block_table,
+            cache_seqlens,
+            softmax_scale,
+            out,
+            lse,
+            stream,
+        )
+    }
+
+    /// [`Decoder::decode_into`] for the packed query layout (a plan made for a shape
+    /// `with_packed_q`): request `r`'s tokens are rows `q_offsets[r]..q_offsets[r + 1]` of q
+    /// `[total_q, h_q, 576]`, out `[total_q, h_q, 512]` and lse `[total_q, h_q]`, at most `s_q`
+    /// of them, and token `i` of `n` sees the cache rows `..seqlen - n + i + 1` (causal). The
+    /// offsets are device data: [`Decoder::check_q_offsets`] validates them (one
+    /// synchronization); unchecked, each request's rows are clamped into q, out and lse.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_packed_into<T: Element>(
+        &self,
+        plan: &Plan,
+        q: &DeviceBuffer<T>,
+        q_offsets: &DeviceBuffer<i32>,
+        kv_cache: &DeviceBuffer<T>,
+        block_table: &DeviceBuffer<i32>,
+        cache_seqlens: &DeviceBuffer<i32>,
+        softmax_scale: Option<f32>,
+        out: &mut DeviceBuffer<T>,
+        lse: &mut DeviceBuffer<f32>,
+        stream: &Stream,
+    ) -> Result<()> {
+        if q_offsets.len() != plan.shape.batch + 1 {
+            return Err(EtapError::Length {
+                arg: "q_offsets",
+                expected: plan.shape.batch + 1,
+                got: q_offsets.len(),
+            });
+        }
+        self.decode_into_layout(
+            plan,
+            q,
+            Some(q_offsets),
+            kv_cache,
+            block_table,
+            cache_seqlens,
+            softmax_scale,
+            out,
+            lse,
+            stream,
+        )
+    }
+
+    /// Validate the packed layout's `q_offsets` on the host (one synchronization): see
+    /// [`crate::validate::validate_q_offsets`].
+    pub fn check_q_offsets(&self, shape: &DecodeShape, q_offsets: &DeviceBuffer<i32>) -> Result<()> {
+        validate_shape(shape)?;
+        let mut o = vec![0i32; q_offsets.len()];
+        q_offsets.copy_to(&mut o[..])?;
+        crate::validate::validate_q_offsets(shape, &o)
+    }
+
+    /// The typed entry points' common path.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_into_layout<T: Element>(
+        &self,
+        plan: &Plan,
+        q: &DeviceBuffer<T>,
+        q_offsets: Option<&DeviceBuffer<i32>>,
+        kv_cache: &DeviceBuffer<T>,
+        block_table: &DeviceBuffer<i32>,
+        cache_seqlens: &DeviceBuffer<i32>,
+        softmax_scale: Option<f32>,
+        out: &mut DeviceBuffer<T>,
+        lse: &mut DeviceBuffer<f32>,
+        stream: &Stream,
+    ) -> Result<()> {
         let shape = plan.shape;
         validate_lengths(
             &shape,
@@ -396,6 +475,7 @@ impl Decoder {
             cache_seqlens: cache_seqlens.as_device_ptr().as_raw(),
             out: out.as_device_ptr().as_raw(),
             lse: lse.as_device_ptr().as_raw(),
+            q_offsets: q_offsets.map_or(0, |o| o.as_device_ptr().as_raw()),
         };
         // SAFETY: the buffers are live device allocations of the lengths the plan's shape
         // needs (validated above), borrowed for the call; the kernels run in stream order and
@@ -426,6 +506,29 @@ impl Decoder {
         let shape = plan.shape;
         validate_shape(&shape)?;
         bufs.check_alignment(["q", "kv_cache", "block_table", "cache_seqlens", "out", "lse"])?;
+        match (shape.packed_q.is_some(), bufs.q_offsets) {
+            (true, 0) => {
+                return Err(EtapError::Invalid {
+                    arg: "q_offsets",
+                    why: "the plan's shape has the packed query layout: q_offsets are needed (decode_packed_into)"
+                        .into(),
+                })
+            }
+            (false, a) if a != 0 => {
+                return Err(EtapError::Invalid {
+                    arg: "q_offsets",
+                    why: "given, but the plan's shape has the uniform query layout (DecodeShape::with_packed_q)".into(),
+                })
+            }
+            (_, a) if a % 4 != 0 => {
+                return Err(EtapError::Misaligned {
+                    arg: "q_offsets",
+                    align: 4,
+                    addr: a,
+                })
+            }
+            _ => {}
+        }
         let scale = softmax_scale.unwrap_or(1.0 / (D_QK as f32).sqrt());
         if !(scale.is_finite() && scale > 0.0) {
             return Err(EtapError::Invalid {
@@ -441,6 +544,7 @@ impl Decoder {
             kv_map: (map_base + std::mem::size_of::<TensorMap>() as u64) as *const TensorMap,
             block_table: bufs.block_table as *const i32,
             seqlens: bufs.cache_seqlens as *const i32,
+            q_offsets: bufs.q_offsets as *const i32,
             ranges: plan.ranges.as_device_ptr().as_raw() as *const etap_core::WorkRange,
             split_offsets: plan.split_offsets.as_device_ptr().as_raw() as *const u32,
             out: bufs.out as *mut u16,
@@ -457,6 +561,7 @@ impl Decoder {
             page_size: shape.page_size as u32,
             max_rows: shape.capacity() as u32,
             max_tiles: shape.max_tiles() as u32,
+            total_q: shape.packed_q.unwrap_or(0) as u32,
         };
         let tiling = plan.tiling;
         // Cooperative: the CTAs that share a request wait for each other's partial results

@@ -76,6 +76,7 @@ pub fn check_alignment(addrs: [u64; 6]) -> Result<()> {
         cache_seqlens,
         out,
         lse,
+        q_offsets: 0,
     }
     .check_alignment(["q", "k_cache", "block_table", "cache_seqlens", "out", "lse"])
 }

@@ -35,10 +35,12 @@ pub enum Layout {
     HeadsOnM,
 }
 
-/// Columns (`s_q * h_q`) from which [`Layout::for_shape`] picks [`Layout::HeadsOnM`]: at 32
-/// columns the wide kernel, half its rows padding, already beats the ETAP kernel (H200: 92.0%
-/// against 88.5% of the copy roof at b16 s_q2 h16 64K; docs/perf-notes.md).
-pub const WIDE_MIN_COLS: usize = 32;
+/// Columns (`s_q * h_q`) from which [`Layout::for_shape`] picks [`Layout::HeadsOnM`]: past 16
+/// columns (the ETAP kernel's CTA of 32) the wide kernel, 47-73% of its rows padding, already
+/// beats the ETAP kernel (H200 serving mode, b16 64K: h20 334.3 against 346.9 us, h24 332.7
+/// against 344.8; s_q 3 x h6 at 16K 89.0 against 93.1; docs/perf-notes.md). The ETAP kernel's
+/// 32-column CTA is kept for `Decoder::plan_with_layout`.
+pub const WIDE_MIN_COLS: usize = 17;
 
 impl Layout {
     /// The layout `Decoder::plan` uses for `shape`: heads on M from [`WIDE_MIN_COLS`] columns.
@@ -344,6 +346,9 @@ pub struct RawBuffers {
     pub out: u64,
     /// `[b, h_q, s_q]` f32.
     pub lse: u64,
+    /// The packed query layout's token offsets, `[b + 1]` i32 (`DecodeShape::with_packed_q`;
+    /// q, out and lse then have its layout); 0 for the uniform layout.
+    pub q_offsets: u64,
 }
 
 impl RawBuffers {
@@ -386,7 +391,12 @@ mod tests {
         for (s_q, h_q, want) in [
             (1, 8, Layout::KvOnM),
             (1, 16, Layout::KvOnM),
-            (3, 8, Layout::KvOnM),
+            (1, 1, Layout::KvOnM),
+            (5, 3, Layout::KvOnM),
+            (3, 8, Layout::HeadsOnM),
+            (1, 17, Layout::HeadsOnM),
+            (1, 20, Layout::HeadsOnM),
+            (3, 6, Layout::HeadsOnM),
             (2, 16, Layout::HeadsOnM),
             (1, 32, Layout::HeadsOnM),
             (3, 16, Layout::HeadsOnM),

@@ -314,6 +314,57 @@ pub fn mla_decode_into<T: Element>(
     Ok(())
 }
 
+/// MLA decode on the CPU in the packed query layout ([`DecodeShape::with_packed_q`]): request `r`'s
+/// tokens are rows `q_offsets[r]..q_offsets[r + 1]`; `(out, lse)` with out `[total_q, h_q, 512]`
+/// and lse `[total_q, h_q]`. Each request is the uniform reference of its own token count (token
+/// `i` of `n` sees `seqlen - n + i + 1` rows). Validates every input first, `q_offsets` included.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_decode_packed<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    q_offsets: &[i32],
+    cache: &[T],
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    validate_all(shape, q, cache, block_table, seqlens, shape.out_len(), shape.lse_len())?;
+    crate::validate::validate_q_offsets(shape, q_offsets)?;
+    let h = shape.h_q;
+    let mut out = vec![0f32; shape.out_len()];
+    let mut lse = vec![0f32; shape.lse_len()];
+    for r in 0..shape.batch {
+        let (first, n) = (q_offsets[r] as usize, (q_offsets[r + 1] - q_offsets[r]) as usize);
+        if n == 0 {
+            continue;
+        }
+        let one = DecodeShape {
+            batch: 1,
+            s_q: n,
+            packed_q: None,
+            ..*shape
+        };
+        let (o, l) = mla_decode_f64(
+            &one,
+            &q[first * h * D_QK..(first + n) * h * D_QK],
+            cache,
+            &block_table[r * shape.max_pages..(r + 1) * shape.max_pages],
+            &seqlens[r..r + 1],
+            softmax_scale,
+        )?;
+        for (d, s) in out[first * h * D_V..(first + n) * h * D_V].iter_mut().zip(&o) {
+            *d = *s as f32;
+        }
+        // [head][token] -> [token][head].
+        for t in 0..n {
+            for hd in 0..h {
+                lse[(first + t) * h + hd] = l[hd * n + t] as f32;
+            }
+        }
+    }
+    Ok((out, lse))
+}
+
 /// The reference for request `r` alone: out `[s_q * h_q * 512]` (column order
 /// `n = token * h_q + head`, i.e. `out[r]` of the full result) and lse `[h_q * s_q]` (`[head][token]`,
 /// i.e. `lse[r]`). Validates the whole batch's inputs, and `r < batch`

@@ -8,6 +8,11 @@ use etap_core::{D_QK, D_V};
 /// - block_table: `[batch, max_pages]` i32
 /// - cache_seqlens: `[batch]` i32
 /// - out: `[batch, s_q, h_q, d_v]`, lse: `[batch, h_q, s_q]` f32
+///
+/// or, in the packed query layout ([`DecodeShape::with_packed_q`]), request `r` has its own
+/// token count, at most `s_q`, given on the device by offsets `q_offsets[batch + 1]`
+/// (`cu_seqlens_q`: its tokens are rows `q_offsets[r]..q_offsets[r + 1]`):
+/// - q: `[total_q, h_q, d_qk]`, out: `[total_q, h_q, d_v]`, lse: `[total_q, h_q]` f32
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DecodeShape {
     pub batch: usize,
@@ -24,6 +29,8 @@ pub struct DecodeShape {
     /// Rows of a cache page (16, 32, 64 or 128); the block table's entries are pages of this
     /// many rows.
     pub page_size: usize,
+    /// The packed query layout's token count (`Some(total_q)`); `None`: `s_q` tokens a request.
+    pub packed_q: Option<usize>,
 }
 
 /// The page size of [`DecodeShape::new`]: FlashMLA's.
@@ -41,7 +48,20 @@ impl DecodeShape {
             num_pages,
             max_pages,
             page_size: DEFAULT_PAGE_SIZE,
+            packed_q: None,
         }
+    }
+    /// The same shape in the packed query layout: `total_q` tokens in all, each request at
+    /// most `s_q` of them (see the type's documentation).
+    pub fn with_packed_q(self, total_q: usize) -> Self {
+        DecodeShape {
+            packed_q: Some(total_q),
+            ..self
+        }
+    }
+    /// Query tokens of the batch: rows of q, out and lse (`batch * s_q`, or the packed count).
+    pub fn q_tokens(&self) -> usize {
+        self.packed_q.unwrap_or(self.batch * self.s_q)
     }
     /// The same shape with pages of `page_size` rows.
     pub fn with_page_size(self, page_size: usize) -> Self {
@@ -52,7 +72,7 @@ impl DecodeShape {
         self.s_q * self.h_q
     }
     pub fn q_len(&self) -> usize {
-        self.batch * self.s_q * self.h_q * self.d_qk
+        self.q_tokens() * self.h_q * self.d_qk
     }
     pub fn cache_len(&self) -> usize {
         self.num_pages * self.page_size * self.d_qk
@@ -61,10 +81,10 @@ impl DecodeShape {
         self.batch * self.max_pages
     }
     pub fn out_len(&self) -> usize {
-        self.batch * self.s_q * self.h_q * self.d_v
+        self.q_tokens() * self.h_q * self.d_v
     }
     pub fn lse_len(&self) -> usize {
-        self.batch * self.h_q * self.s_q
+        self.q_tokens() * self.h_q
     }
     /// Rows the block table can hold per request.
     pub fn capacity(&self) -> usize {

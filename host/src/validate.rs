@@ -35,6 +35,9 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
             page_size: shape.page_size,
         });
     }
+    if shape.packed_q == Some(0) {
+        return Err(EtapError::Zero { arg: "total_q" });
+    }
     if shape.num_pages == 0 {
         return Err(EtapError::Zero { arg: "num_pages" });
     }
@@ -51,6 +54,7 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
         ),
         ("max_pages", shape.max_pages.saturating_mul(shape.page_size)),
         ("batch * s_q * h_q", shape.batch.saturating_mul(shape.s_q * shape.h_q)),
+        ("total_q * h_q", shape.q_tokens().saturating_mul(shape.h_q)),
     ] {
         if rows > MAX_ROWS {
             return Err(EtapError::TooLarge {
@@ -130,6 +134,41 @@ pub fn validate_tables(shape: &DecodeShape, block_table: &[i32], seqlens: &[i32]
                 });
             }
         }
+    }
+    Ok(())
+}
+
+/// Check the packed layout's token offsets (`q_offsets`, `batch + 1` of them): they start at 0,
+/// never decrease, end at `total_q`, and give no request more than `s_q` tokens. On the
+/// device, offsets that break this are clamped (each request's rows stay inside q, out and
+/// lse), and the result is as documented in docs/design.md ("Bounds safety").
+pub fn validate_q_offsets(shape: &DecodeShape, q_offsets: &[i32]) -> Result<()> {
+    let Some(total) = shape.packed_q else {
+        return Err(EtapError::Invalid {
+            arg: "q_offsets",
+            why: "given for a shape without the packed query layout".into(),
+        });
+    };
+    check_len("q_offsets", shape.batch + 1, q_offsets.len())?;
+    let bad = |why: String| Err(EtapError::Invalid { arg: "q_offsets", why });
+    if q_offsets[0] != 0 {
+        return bad(format!("q_offsets[0] = {} (must be 0)", q_offsets[0]));
+    }
+    for r in 0..shape.batch {
+        let (a, b) = (q_offsets[r], q_offsets[r + 1]);
+        if b < a || (b - a) as usize > shape.s_q {
+            return bad(format!(
+                "request {r} has q_offsets[{r}..={}] = {a}..{b}: between 0 and s_q = {} tokens needed",
+                r + 1,
+                shape.s_q
+            ));
+        }
+    }
+    if q_offsets[shape.batch] as usize != total {
+        return bad(format!(
+            "q_offsets[{}] = {} (must be total_q = {total})",
+            shape.batch, q_offsets[shape.batch]
+        ));
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ use crate::device::{global, index, math, sync};
 use crate::elem::Elem;
 use crate::unroll;
 use etap_core::contract::{DecodeParams, CONSUMERS};
-use etap_core::{lse_index, tiles_of, rows_of, D_V};
+use etap_core::{rows_of, tiles_of, D_V};
 
 /// Threads that merge: both consumer warpgroups.
 const THREADS: u32 = CONSUMERS * index::WARPGROUP;
@@ -73,12 +73,12 @@ pub unsafe fn publish(prm: &DecodeParams, r: u32, group: u32, bar_id: u32) {
 /// # Safety
 /// After every consumer thread has published its last segment.
 #[inline(always)]
-pub unsafe fn merge_splits<E: Elem>(prm: &DecodeParams, group: u32, group_cols: u32, n_req: u32, bar_id: u32) {
+pub unsafe fn merge_splits<E: Elem>(prm: &DecodeParams, group: u32, group_cols: u32, bar_id: u32) {
     // The part's range, read again (volatile: not replaced by the values the main loop had)
     // rather than kept in registers through the main loop, where they made ptxas spill.
     let range = &core::ptr::read_volatile(prm.ranges.add(index::block_x() as usize));
     let split = range.split_of(range.end_req);
-    merge_request::<E>(prm, range.end_req, split, group, group_cols, n_req, bar_id);
+    merge_request::<E>(prm, range.end_req, split, group, group_cols, bar_id);
 }
 
 /// This CTA's share of request `r`, whose split `split` it wrote, when the request has more
@@ -91,18 +91,14 @@ unsafe fn merge_request<E: Elem>(
     split: u32,
     group: u32,
     group_cols: u32,
-    n_req: u32,
     bar_id: u32,
 ) {
     let first = *prm.split_offsets.add(r as usize);
     let n = *prm.split_offsets.add(r as usize + 1) - first;
     if n > 1 && split + 1 < n {
         let col0 = group * group_cols;
-        let cols = if n_req - col0 < group_cols {
-            n_req - col0
-        } else {
-            group_cols
-        };
+        let rc = prm.req_cols(r);
+        let cols = group_share(rc.n, col0, group_cols);
         merge_share::<E>(
             prm.out,
             prm.lse,
@@ -110,10 +106,12 @@ unsafe fn merge_request<E: Elem>(
             prm.lse_accum,
             counter(prm, r, group),
             n * CONSUMERS,
-            n_req,
+            prm.n_max(),
             prm.h_q,
-            prm.s_q,
-            r,
+            rc.row0,
+            rc.lse0,
+            rc.lse_head,
+            rc.lse_token,
             col0,
             cols,
             first,
@@ -124,8 +122,22 @@ unsafe fn merge_request<E: Elem>(
     }
 }
 
-/// Merge share `k` of request `r`'s `n` splits (partials in slots `first..first + n`) for the
-/// columns `col0..col0 + cols`, once `counter` has reached `target` (every split published).
+/// The columns of a request with `n` columns that a group of `group_cols` from `col0` holds (none
+/// for a packed request with fewer columns than the group's first).
+#[inline(always)]
+fn group_share(n: u32, col0: u32, group_cols: u32) -> u32 {
+    let left = if n > col0 { n - col0 } else { 0 };
+    if left < group_cols {
+        left
+    } else {
+        group_cols
+    }
+}
+
+/// Merge share `k` of a request's `n` splits (partials in slots `first..first + n`, `n_max`
+/// columns a slot) for its columns `col0..col0 + cols`, into its rows of out from `row0` and its
+/// lse at `lse0 + head * lse_head + token * lse_token` (`contract::ReqCols`), once `counter` has
+/// reached `target` (every split published).
 /// The `n - 1` sharers then each add 1 as they leave the wait; the last resets it to 0. Not
 /// inlined: the decode kernels' main loops keep their registers (inlined, the merge made
 /// ptxas spill them); its arguments are plain values, so the call needs no stack frame.
@@ -143,10 +155,12 @@ unsafe fn merge_share<E: Elem>(
     lse_accum: *const f32,
     counter: *mut u32,
     target: u32,
-    n_req: u32,
+    n_max: u32,
     h_q: u32,
-    s_q: u32,
-    r: u32,
+    row0: u32,
+    lse0: u32,
+    lse_head: u32,
+    lse_token: u32,
     col0: u32,
     cols: u32,
     first: u32,
@@ -179,10 +193,12 @@ unsafe fn merge_share<E: Elem>(
         lse,
         o_accum,
         lse_accum,
-        n_req,
+        n_max,
         h_q,
-        s_q,
-        r,
+        row0,
+        lse0,
+        lse_head,
+        lse_token,
         col0,
         first,
         n,
@@ -237,10 +253,12 @@ struct ShareItems {
     lse: *mut f32,
     o_accum: *const f32,
     lse_accum: *const f32,
-    n_req: u32,
+    n_max: u32,
     h_q: u32,
-    s_q: u32,
-    r: u32,
+    row0: u32,
+    lse0: u32,
+    lse_head: u32,
+    lse_token: u32,
     col0: u32,
     first: u32,
     n: u32,
@@ -286,7 +304,7 @@ impl ShareItems {
                     let j = i0 + sub + u as u32 * lanes;
                     let jc = j.min(self.n - 1);
                     unroll!(p < P, max 4 => {
-                        let row = (self.first + jc) * self.n_req + self.col0 + col[p];
+                        let row = (self.first + jc) * self.n_max + self.col0 + col[p];
                         let v = global::ld_cg_f32(self.lse_accum.add(row as usize));
                         l[p][u] = if j < self.n { v } else { f32::NEG_INFINITY };
                         x[p][u] = global::ld_cg_f32x4(self.o_accum.add((row * D_V as u32 + chunk[p] * CHUNK) as usize));
@@ -332,7 +350,7 @@ impl ShareItems {
                 }
                 let inv = if st[p].sum > 0.0 { 1.0 / st[p].sum } else { 0.0 };
                 let n_col = self.col0 + col[p];
-                let at = (self.r * self.n_req + n_col) * D_V as u32 + chunk[p] * CHUNK;
+                let at = (self.row0 + n_col) * D_V as u32 + chunk[p] * CHUNK;
                 let head = live[p] && sub == 0;
                 global::st_u32x2_if(
                     head,
@@ -351,7 +369,7 @@ impl ShareItems {
                 };
                 global::st_f32_if(
                     head && chunk[p] == 0,
-                    self.lse.add(((self.r * self.h_q + h) * self.s_q + tok) as usize),
+                    self.lse.add((self.lse0 + h * self.lse_head + tok * self.lse_token) as usize),
                     lse,
                 );
             });
@@ -375,7 +393,6 @@ pub unsafe fn publish_empty_splits(
     prm: &DecodeParams,
     group: u32,
     cols: u32,
-    n_req: u32,
     rank: u32,
     threads: u32,
     bar_id: u32,
@@ -393,7 +410,7 @@ pub unsafe fn publish_empty_splits(
                 prm.o_accum,
                 prm.lse_accum,
                 slot,
-                n_req,
+                prm.n_max(),
                 group * cols,
                 cols,
                 rank,
@@ -410,24 +427,24 @@ pub unsafe fn publish_empty_splits(
 }
 
 /// Write split slot `slot`'s partial empty (O = 0, lse = -inf) for the columns `c0..c0 + nc`
-/// below `n_req`; `rank` of `threads` threads share the work.
+/// below `n_max`; `rank` of `threads` threads share the work.
 ///
 /// # Safety
-/// `slot` is a split slot of the plan; the accumulators have `n_req` columns per slot.
+/// `slot` is a split slot of the plan; the accumulators have `n_max` columns per slot.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn write_empty_partial(
     o_accum: *mut f32,
     lse_accum: *mut f32,
     slot: u32,
-    n_req: u32,
+    n_max: u32,
     c0: u32,
     nc: u32,
     rank: u32,
     threads: u32,
 ) {
-    let cols = if n_req > c0 { (n_req - c0).min(nc) } else { 0 };
-    let base = o_accum.add(((slot * n_req + c0) * D_V as u32) as usize);
+    let cols = if n_max > c0 { (n_max - c0).min(nc) } else { 0 };
+    let base = o_accum.add(((slot * n_max + c0) * D_V as u32) as usize);
     let mut i = rank;
     while i < cols * D_V as u32 {
         *base.add(i as usize) = 0.0;
@@ -435,7 +452,7 @@ unsafe fn write_empty_partial(
     }
     let mut c = rank;
     while c < cols {
-        *lse_accum.add((slot * n_req + c0 + c) as usize) = f32::NEG_INFINITY;
+        *lse_accum.add((slot * n_max + c0 + c) as usize) = f32::NEG_INFINITY;
         c += threads;
     }
 }
@@ -447,20 +464,17 @@ unsafe fn write_empty_partial(
 /// # Safety
 /// `prm` holds the batch's buffers.
 #[inline(always)]
-pub unsafe fn write_empty(prm: &DecodeParams, group: u32, group_cols: u32, n_req: u32, rank: u32, threads: u32) {
+pub unsafe fn write_empty(prm: &DecodeParams, group: u32, group_cols: u32, rank: u32, threads: u32) {
     let col0 = group * group_cols;
-    let cols = if n_req - col0 < group_cols {
-        n_req - col0
-    } else {
-        group_cols
-    };
     let mut r = index::block_x();
     while r < prm.batch {
         // No split in the plan (the request was empty when planned), or one split and no rows
         // now. (A request with several splits is always written by its merge.)
         let n = prm.splits(r);
         if n == 0 || (n == 1 && rows_of(*prm.seqlens.add(r as usize), prm.max_rows) == 0) {
-            let out = prm.out.add(((r * n_req + col0) * D_V as u32) as usize) as *mut u32;
+            let rc = prm.req_cols(r);
+            let cols = group_share(rc.n, col0, group_cols);
+            let out = prm.out.add(((rc.row0 + col0) * D_V as u32) as usize) as *mut u32;
             let mut i = rank;
             while i < cols * D_V as u32 / 2 {
                 *out.add(i as usize) = 0;
@@ -469,7 +483,7 @@ pub unsafe fn write_empty(prm: &DecodeParams, group: u32, group_cols: u32, n_req
             let mut c = rank;
             while c < cols {
                 let n_col = col0 + c;
-                *prm.lse.add(lse_index(r, n_col, prm.h_q, prm.s_q) as usize) = f32::NEG_INFINITY;
+                *prm.lse.add(rc.lse_at(n_col, prm.h_q) as usize) = f32::NEG_INFINITY;
                 c += threads;
             }
         }

@@ -298,6 +298,7 @@ impl PyDecoder {
             cache_seqlens,
             out,
             lse,
+            q_offsets: 0,
         };
         let _guard = ContextGuard::new(&self.inner).map_err(to_py)?;
         let stream = stream_of(stream);

@@ -50,22 +50,21 @@ pub use etap_core::contract::wide_smem_bytes as smem_bytes;
 unsafe fn decode_wide<E: Elem>(prm: &DecodeParams) {
     let (sm, red_sum) = layout();
     let group = index::block_y();
-    let n_req = prm.s_q * prm.h_q;
     match prologue::<STAGES>(prm, &sm) {
         Some(range) => {
-            if !run_producer(prm, &range, &sm, group, WIDE_ROWS, n_req) {
+            if !run_producer(prm, &range, &sm, group, WIDE_ROWS) {
                 sync::setmaxnreg_inc::<CONSUMER_REGS>();
-                consume::<E>(prm, &range, &sm, red_sum, group, n_req);
+                consume::<E>(prm, &range, &sm, red_sum, group);
             }
         }
-        None => merge::write_empty(prm, group, WIDE_ROWS, n_req, index::thread_x(), THREADS),
+        None => merge::write_empty(prm, group, WIDE_ROWS, index::thread_x(), THREADS),
     }
 }
 
 /// A consumer warpgroup. Warpgroup 0 (the scorer) computes S and the softmax of every page and
 /// hands P and the rescale factors over through shared memory; both update their half of O.
 #[inline(always)]
-unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red_sum: u32, group: u32, n_req: u32) {
+unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red_sum: u32, group: u32) {
     let t = index::thread_x();
     let wg = sync::warp_uniform(t / index::WARPGROUP);
     let tw = t % index::WARPGROUP;
@@ -82,12 +81,13 @@ unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red
         if lo == hi {
             continue;
         }
-        // Visible KV rows of this thread's two rows (causal for s_q > 1). Padding rows
-        // (n >= s_q * h_q) compute on, but never past the request's rows.
+        // Visible KV rows of this thread's two rows (causal for s_q > 1). Padding rows (past
+        // the request's columns) compute on, but never past the request's rows.
+        let q_len = prm.req_cols(r).q_len;
         let mut visible = [0u32; 2];
         unroll!(h < 2, max 2 => {
             let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
-            let vis = visible_rows(rows, prm.s_q, (col0 + row) / prm.h_q);
+            let vis = visible_rows(rows, q_len, (col0 + row) / prm.h_q);
             visible[h] = if vis < rows { vis } else { rows };
         });
         let mut st = RowState::new();
@@ -132,12 +132,12 @@ unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red
             mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
             it += 1;
         }
-        finish_segment::<E>(prm, r, range.split_of(r), col0, n_req, &st, &o, red_sum, wg);
+        finish_segment::<E>(prm, r, range.split_of(r), col0, &st, &o, red_sum, wg);
         if prm.splits(r) > 1 {
             merge::publish(prm, r, group, BAR_OWN + wg);
         }
     }
-    merge::merge_splits::<E>(prm, group, WIDE_ROWS, n_req, BAR_CONSUMERS);
+    merge::merge_splits::<E>(prm, group, WIDE_ROWS, BAR_CONSUMERS);
 }
 
 /// Add up the scorer's row sums (over the quad), pass 1 / l to the other warpgroup through
@@ -154,7 +154,6 @@ unsafe fn finish_segment<E: Elem>(
     r: u32,
     split: u32,
     col0: u32,
-    n_req: u32,
     st: &RowState,
     o: &WideAcc,
     red_sum: u32,
@@ -182,7 +181,7 @@ unsafe fn finish_segment<E: Elem>(
             inv[h] = smem::ld_f32(red_sum + row * 4);
         });
     }
-    store_rows!(E; prm, r, split, col0, n_req, o, inv, lse, wg, tw, lane);
+    store_rows!(E; prm, r, split, col0, o, inv, lse, wg, tw, lane);
 }
 
 /// The end of a heads-on-M segment: write warpgroup
@@ -192,24 +191,26 @@ unsafe fn finish_segment<E: Elem>(
 /// a function: as an inlined function it changed the wide kernel's code generation (1,500
 /// more PTX lines); expanded, the PTX is byte-identical.
 macro_rules! store_rows {
-    ($f16:ident; $prm:expr, $r:expr, $split:expr, $col0:expr, $n_req:expr, $o:expr, $inv:expr, $lse:expr, $wg:expr, $tw:expr, $lane:expr) => {{
+    ($f16:ident; $prm:expr, $r:expr, $split:expr, $col0:expr, $o:expr, $inv:expr, $lse:expr, $wg:expr, $tw:expr, $lane:expr) => {{
         let splits = *$prm.split_offsets.add($r as usize + 1) - *$prm.split_offsets.add($r as usize);
         let slot_base = *$prm.split_offsets.add($r as usize) + $split;
+        let rc = $prm.req_cols($r);
+        let n_max = $prm.n_max();
         $crate::unroll!(c < 4, max 4 => {
             $crate::unroll!(j < 16, max 16 => {
                 // Elements i, i + 1: adjacent features of one row.
                 let i = 32 * c + 2 * j;
                 let (row, dim) = $crate::device::wgmma::frag_pos($tw, i as u32);
                 let n = $col0 + row;
-                if n < $n_req {
+                if n < rc.n {
                     let h = $crate::tile::row_half(i);
                     let d = $crate::tile::WIDE_V_BLOCKS as u32 * 64 * $wg + dim;
                     let (v0, v1) = ($o[i] * $inv[h], $o[i + 1] * $inv[h]);
                     if splits == 1 {
-                        let idx = (($r * $n_req + n) * etap_core::D_V as u32 + d) as usize;
+                        let idx = ((rc.row0 + n) * etap_core::D_V as u32 + d) as usize;
                         *($prm.out.add(idx) as *mut u32) = $crate::device::math::pack2::<$f16>(v0, v1);
                     } else {
-                        let idx = ((slot_base * $n_req + n) * etap_core::D_V as u32 + d) as usize;
+                        let idx = ((slot_base * n_max + n) * etap_core::D_V as u32 + d) as usize;
                         *($prm.o_accum.add(idx) as *mut [f32; 2]) = [v0, v1];
                     }
                 }
@@ -220,11 +221,11 @@ macro_rules! store_rows {
             $crate::unroll!(h < 2, max 2 => {
                 let (row, _) = $crate::device::wgmma::frag_pos($tw, 2 * h as u32);
                 let n = $col0 + row;
-                if n < $n_req {
+                if n < rc.n {
                     if splits == 1 {
-                        *$prm.lse.add(etap_core::lse_index($r, n, $prm.h_q, $prm.s_q) as usize) = $lse[h];
+                        *$prm.lse.add(rc.lse_at(n, $prm.h_q) as usize) = $lse[h];
                     } else {
-                        *$prm.lse_accum.add((slot_base * $n_req + n) as usize) = $lse[h];
+                        *$prm.lse_accum.add((slot_base * n_max + n) as usize) = $lse[h];
                     }
                 }
             });

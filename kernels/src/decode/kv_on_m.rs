@@ -8,28 +8,27 @@ use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
 use crate::tile::{self, ColumnState, Frag, TILE_BYTES, ROW_BYTES};
 use crate::unroll;
-use etap_core::{lse_index, visible_rows, WorkRange, D_V, TILE_ROWS, V_BLOCKS};
+use etap_core::{visible_rows, WorkRange, D_V, TILE_ROWS, V_BLOCKS};
 
 #[inline(always)]
 unsafe fn decode<const NW: usize, E: Elem>(prm: &DecodeParams) {
     let cols = 2 * NW as u32;
     let sm = Smem::new(cols, NW as u32);
     let group = index::block_y();
-    let n_req = prm.s_q * prm.h_q;
     match prologue::<STAGES>(prm, &sm) {
         Some(range) => {
-            if !run_producer(prm, &range, &sm, group, cols, n_req) {
+            if !run_producer(prm, &range, &sm, group, cols) {
                 sync::setmaxnreg_inc::<CONSUMER_REGS>();
-                consume::<NW, E>(prm, &range, &sm, group, n_req);
+                consume::<NW, E>(prm, &range, &sm, group);
             }
         }
-        None => merge::write_empty(prm, group, cols, n_req, index::thread_x(), THREADS),
+        None => merge::write_empty(prm, group, cols, index::thread_x(), THREADS),
     }
 }
 
 /// A consumer warpgroup: S^T, softmax, O^T for its NW columns over the part's pages.
 #[inline(always)]
-unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, n_req: u32) {
+unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32) {
     let t = index::thread_x();
     let wg = t / index::WARPGROUP;
     let tw = t % index::WARPGROUP;
@@ -58,11 +57,12 @@ unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRang
         }
         // Visible rows of the columns this thread holds (causal for s_q > 1), per column: with
         // a head count that is not a multiple of 8, one 8-wide block may hold two tokens.
+        let q_len = prm.req_cols(r).q_len;
         let mut visible = [0u32; 4];
         unroll!(slot < NW / 4, max 4 => {
             let n = col0 + tile::slot_col(slot, tw % 4);
-            // Padding columns (n >= s_q * h_q) compute on, but never past the request's rows.
-            let vis = visible_rows(rows, prm.s_q, n / prm.h_q);
+            // Padding columns (past the request's) compute on, but never past its rows.
+            let vis = visible_rows(rows, q_len, n / prm.h_q);
             visible[slot] = if vis < rows { vis } else { rows };
         });
         let mut st = ColumnState::new();
@@ -91,7 +91,7 @@ unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRang
             mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
             it += 1;
         }
-        finish_segment::<NW, E>(prm, r, range.split_of(r), col0, n_req, &st, &o, red, bar_id);
+        finish_segment::<NW, E>(prm, r, range.split_of(r), col0, &st, &o, red, bar_id);
         if prm.splits(r) > 1 {
             merge::publish(prm, r, group, bar_id);
         }
@@ -101,7 +101,7 @@ unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRang
         // takes): consume it so that no barrier is left half-arrived at exit.
         turn.take();
     }
-    merge::merge_splits::<E>(prm, group, cols, n_req, BAR_CONSUMERS);
+    merge::merge_splits::<E>(prm, group, cols, BAR_CONSUMERS);
 }
 
 /// Reduce the row sums, normalize, and write this warpgroup's columns of one segment: the final
@@ -113,7 +113,6 @@ unsafe fn finish_segment<const NW: usize, E: Elem>(
     r: u32,
     split: u32,
     col0: u32,
-    n_req: u32,
     st: &ColumnState,
     o: &[Frag; V_BLOCKS],
     red: u32,
@@ -150,18 +149,20 @@ unsafe fn finish_segment<const NW: usize, E: Elem>(
 
     let splits = prm.splits(r);
     let slot_base = *prm.split_offsets.add(r as usize) + split;
+    let rc = prm.req_cols(r);
+    let n_max = prm.n_max();
     unroll!(c < V_BLOCKS, max 8 => {
         unroll!(i < NW / 2, max 16 => {
             let (dim, col) = crate::device::wgmma::frag_pos(tw, i as u32);
             let n = col0 + col;
-            if n < n_req {
+            if n < rc.n {
                 let d = c as u32 * 64 + dim;
                 let v = o[c][i] * inv[tile::col_slot(i)];
                 if splits == 1 {
-                    let idx = ((r * n_req + n) * D_V as u32 + d) as usize;
+                    let idx = ((rc.row0 + n) * D_V as u32 + d) as usize;
                     *prm.out.add(idx) = math::pack2::<E>(v, 0.0) as u16;
                 } else {
-                    let idx = ((slot_base * n_req + n) * D_V as u32 + d) as usize;
+                    let idx = ((slot_base * n_max + n) * D_V as u32 + d) as usize;
                     *prm.o_accum.add(idx) = v;
                 }
             }
@@ -172,11 +173,11 @@ unsafe fn finish_segment<const NW: usize, E: Elem>(
         unroll!(slot < NW / 4, max 8 => {
             let col = tile::slot_col(slot, lane);
             let n = col0 + col;
-            if n < n_req {
+            if n < rc.n {
                 if splits == 1 {
-                    *prm.lse.add(lse_index(r, n, prm.h_q, prm.s_q) as usize) = lse[slot];
+                    *prm.lse.add(rc.lse_at(n, prm.h_q) as usize) = lse[slot];
                 } else {
-                    *prm.lse_accum.add((slot_base * n_req + n) as usize) = lse[slot];
+                    *prm.lse_accum.add((slot_base * n_max + n) as usize) = lse[slot];
                 }
             }
         });

@@ -146,7 +146,6 @@ pub(crate) unsafe fn run_producer(
     sm: &Smem,
     group: u32,
     cols: u32,
-    n_req: u32,
 ) -> bool {
     let t = index::thread_x();
     if sync::warp_uniform(t / index::WARPGROUP) != CONSUMERS {
@@ -157,13 +156,13 @@ pub(crate) unsafe fn run_producer(
     if t == CONSUMERS * index::WARPGROUP {
         // One loop per page size, so that each keeps its page arithmetic in constants (the
         // producer has 24 registers).
-        produce(prm, range, sm, group, cols, n_req)
+        produce(prm, range, sm, group, cols)
     } else if t >= first_idle {
         // The producer warpgroup's other three warps, while the loads run: the requests with no
         // rows that fall to this CTA (zeros and lse = -inf), and with a stale plan the splits
         // of this CTA left without pages.
-        merge::write_empty(prm, group, cols, n_req, t - first_idle, THREADS - first_idle);
-        merge::publish_empty_splits(prm, group, cols, n_req, t - first_idle, THREADS - first_idle, BAR_IDLE);
+        merge::write_empty(prm, group, cols, t - first_idle, THREADS - first_idle);
+        merge::publish_empty_splits(prm, group, cols, t - first_idle, THREADS - first_idle, BAR_IDLE);
     }
     true
 }
@@ -181,14 +180,7 @@ const MAX_BOXES: usize = TILE_ROWS / etap_core::PAGE_SIZES[0];
 /// One thread, after the prologue, with the ring laid out in `sm`, `prm.page_size == PAGE` and a
 /// KV tensor map of `kv_box_rows(PAGE)`-row boxes.
 #[inline(always)]
-pub(crate) unsafe fn produce(
-    prm: &DecodeParams,
-    range: &WorkRange,
-    sm: &Smem,
-    group: u32,
-    cols: u32,
-    n_req: u32,
-) {
+pub(crate) unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, cols: u32) {
     let page = prm.page_size;
     let box_rows = kv_box_rows(page);
     let box_shift = box_rows.trailing_zeros();
@@ -216,7 +208,7 @@ pub(crate) unsafe fn produce(
         if lo == hi {
             continue;
         }
-        load_request_q(prm, sm, r, group, cols, n_req, q_round);
+        load_request_q(prm, sm, r, group, cols, q_round);
         q_round += 1;
         let table = prm.block_table.add((r * prm.max_pages) as usize);
         for tile in lo..hi {
@@ -258,28 +250,22 @@ pub(crate) unsafe fn produce(
     }
 }
 
-/// Load request `r`'s Q rows of column group `group` (`cols` of its `n_req`) for the
-/// consumers, once they are done with the previous request's (`q_round` requests loaded so
-/// far). The producer's thread calls it.
+/// Load request `r`'s Q rows of column group `group` (its columns `group * cols ..`; rows past
+/// the request's columns are the next request's or, past q, zeros: computed on, never stored)
+/// for the consumers, once they are done with the previous request's (`q_round` requests loaded
+/// so far). The producer's thread calls it.
 ///
 /// # Safety
 /// As [`produce`].
 #[inline(always)]
-pub(crate) unsafe fn load_request_q(
-    prm: &DecodeParams,
-    sm: &Smem,
-    r: u32,
-    group: u32,
-    cols: u32,
-    n_req: u32,
-    q_round: u32,
-) {
+pub(crate) unsafe fn load_request_q(prm: &DecodeParams, sm: &Smem, r: u32, group: u32, cols: u32, q_round: u32) {
     if q_round > 0 {
         // Both warpgroups are done with the previous request's Q.
         tile::wait(sm.q_empty, (q_round - 1) & 1);
     }
     mbarrier::arrive_expect_tx(sm.q_full, QK_BLOCKS as u32 * cols * ROW_BYTES);
-    tile::load_q(prm.q_map, sm.q, sm.q_full, (r * n_req + group * cols) as i32, cols);
+    let row = prm.req_cols(r).row0 + group * cols;
+    tile::load_q(prm.q_map, sm.q, sm.q_full, row as i32, cols);
 }
 
 /// The width of q/cache rows, checked against the tile layout at compile time.
