@@ -85,14 +85,7 @@ pub unsafe fn merge_splits<E: Elem>(prm: &DecodeParams, group: u32, group_cols: 
 /// than one split and `split` is not the last.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn merge_request<E: Elem>(
-    prm: &DecodeParams,
-    r: u32,
-    split: u32,
-    group: u32,
-    group_cols: u32,
-    bar_id: u32,
-) {
+unsafe fn merge_request<E: Elem>(prm: &DecodeParams, r: u32, split: u32, group: u32, group_cols: u32, bar_id: u32) {
     let first = *prm.split_offsets.add(r as usize);
     let n = *prm.split_offsets.add(r as usize + 1) - first;
     if n > 1 && split + 1 < n {
@@ -126,7 +119,7 @@ unsafe fn merge_request<E: Elem>(
 /// for a packed request with fewer columns than the group's first).
 #[inline(always)]
 fn group_share(n: u32, col0: u32, group_cols: u32) -> u32 {
-    let left = if n > col0 { n - col0 } else { 0 };
+    let left = n.saturating_sub(col0);
     if left < group_cols {
         left
     } else {
@@ -389,14 +382,7 @@ impl ShareItems {
 /// # Safety
 /// `prm` holds the plan's buffers; every one of the `threads` threads calls it.
 #[inline(always)]
-pub unsafe fn publish_empty_splits(
-    prm: &DecodeParams,
-    group: u32,
-    cols: u32,
-    rank: u32,
-    threads: u32,
-    bar_id: u32,
-) {
+pub unsafe fn publish_empty_splits(prm: &DecodeParams, group: u32, cols: u32, rank: u32, threads: u32, bar_id: u32) {
     let range = &core::ptr::read_volatile(prm.ranges.add(index::block_x() as usize));
     let mut r = range.begin_req;
     loop {

@@ -24,9 +24,9 @@ use crate::barriers::{CONSUMERS as BAR_CONSUMERS, OWN as BAR_OWN, P_FREE as BAR_
 use crate::device::{index, mbarrier, smem, sync};
 use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
-use crate::tile::{self, Frag, RowState, WideAcc, TILE_BYTES, ROW_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
+use crate::tile::{self, Frag, RowState, WideAcc, ROW_BYTES, TILE_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
-use etap_core::{visible_rows, WorkRange, TILE_ROWS, QK_BLOCKS};
+use etap_core::{visible_rows, WorkRange, QK_BLOCKS, TILE_ROWS};
 
 /// The kernel's shared memory: Q (64 rows), the two-page ring, one P tile, the scorer's
 /// hand-overs (`red`: the rows' rescale factors, `red_sum`: their 1 / l at a segment's end;

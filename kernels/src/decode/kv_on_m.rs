@@ -6,7 +6,7 @@ use crate::barriers::{CONSUMERS as BAR_CONSUMERS, OWN as BAR_OWN, TURN as BAR_TU
 use crate::device::{index, math, mbarrier, smem, sync};
 use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
-use crate::tile::{self, ColumnState, Frag, TILE_BYTES, ROW_BYTES};
+use crate::tile::{self, ColumnState, Frag, ROW_BYTES, TILE_BYTES};
 use crate::unroll;
 use etap_core::{visible_rows, WorkRange, D_V, TILE_ROWS, V_BLOCKS};
 

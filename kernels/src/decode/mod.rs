@@ -27,8 +27,8 @@ use crate::device::{index, mbarrier, smem, sync, tma};
 pub mod heads_on_m;
 pub mod kv_on_m;
 use crate::merge;
-use crate::unroll;
 use crate::tile::{self, ROW_BYTES, TILE_BYTES};
+use crate::unroll;
 use etap_core::contract::kv_box_rows;
 use etap_core::{WorkRange, D_QK, D_V, QK_BLOCKS, TILE_ROWS, V_BLOCKS};
 
@@ -140,13 +140,7 @@ pub(crate) unsafe fn prologue<const SLOTS: u32>(prm: &DecodeParams, sm: &Smem) -
 /// # Safety
 /// As [`prologue`], after it.
 #[inline(always)]
-pub(crate) unsafe fn run_producer(
-    prm: &DecodeParams,
-    range: &WorkRange,
-    sm: &Smem,
-    group: u32,
-    cols: u32,
-) -> bool {
+pub(crate) unsafe fn run_producer(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, cols: u32) -> bool {
     let t = index::thread_x();
     if sync::warp_uniform(t / index::WARPGROUP) != CONSUMERS {
         return false;
@@ -219,7 +213,13 @@ pub(crate) unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, g
             let left = rows - row0;
             // div_ceil by a power of two, as a shift (a division would take registers the
             // producer does not have).
-            let boxes = ((if left < TILE_ROWS as u32 { left } else { TILE_ROWS as u32 }) + box_rows - 1) >> box_shift;
+            let boxes = ((if left < TILE_ROWS as u32 {
+                left
+            } else {
+                TILE_ROWS as u32
+            }) + box_rows
+                - 1)
+                >> box_shift;
             // The tile's block-table entries, read before waiting for a free stage: the loads
             // are independent, in flight together, and their latency overlaps the wait.
             let mut ids = [0i32; MAX_BOXES];

@@ -16,7 +16,7 @@
 //!   of O^T (K = KV rows).
 use crate::device::{index, math, mbarrier, smem, sync, tma, tma::TensorMap, wgmma, wgmma::Desc};
 use crate::elem::Elem;
-use etap_core::{BLOCK_COLS, TILE_ROWS, QK_BLOCKS, V_BLOCKS};
+use etap_core::{BLOCK_COLS, QK_BLOCKS, TILE_ROWS, V_BLOCKS};
 
 pub mod heads_on_m;
 pub mod kv_on_m;
@@ -27,7 +27,7 @@ pub use kv_on_m::*;
 pub const BLOCK_BYTES: u32 = (TILE_ROWS * BLOCK_COLS * 2) as u32;
 /// Bytes of a KV page in shared memory (9 blocks) and of one 128-byte swizzle row (64 16-bit
 /// elements): the contract's.
-pub use etap_core::contract::{TILE_BYTES, ROW_BYTES};
+pub use etap_core::contract::{ROW_BYTES, TILE_BYTES};
 const _: () = assert!(TILE_BYTES == QK_BLOCKS as u32 * BLOCK_BYTES);
 /// wgmma K per instruction for 16-bit operands.
 pub const K_STEP: u32 = 16;
