@@ -14,6 +14,10 @@ re-planned in place (one small kernel, no allocation), so:
   every replay schedules for the seqlens then in the captured ``cache_seqlens`` tensor. A shape
   must have been run once before the capture (a warm-up, as every engine does), because making
   a new plan allocates device memory, which a capture forbids; the error says so.
+
+The packed query layout (each request its own number of query tokens, through device offsets
+``cu_seqlens_q``) is on etap's own call only (:func:`plan` / :func:`decode`); FlashMLA's call
+keeps its uniform layout.
 """
 
 import itertools
