@@ -3,7 +3,8 @@
 # internet. Installs the given wheel into a temporary folder (pip --no-deps: torch is the
 # machine's own), then runs:
 #   1. the host-side and GPU pytest suites (tests/test_host.py, tests/test_gpu.py: FlashMLA's matrix
-#      and the shapes of issue 13: h_q 1-128, s_q 1-8, cache pages of 16/32/64/128 rows),
+#      and the shapes of issue 13: h_q 1-128, s_q 1-8, cache pages of 16/32/64/128 rows, and its
+#      packed query layout: 0-8 tokens a request through cu_seqlens_q),
 #   2. the CUDA-graph tests (tests/test_graph.py),
 #   3. the two-GPU example with torchrun --nproc-per-node 2 (tensor and context parallel),
 # with ETAP_REQUIRE_GPU=1 (a missing GPU or torch fails rather than skips), and prints a summary.

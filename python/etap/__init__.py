@@ -10,6 +10,15 @@ k_cache is ``[num_blocks, page_block_size, 1, 576]`` with page_block_size one of
 (16, 32, 64, 128), read from its shape. Tensors are read through their attributes and torch's
 current stream is used, so one wheel works with any torch version; torch is imported only when a
 GPU call needs it.
+
+etap's own call also takes the packed query layout (FlashAttention's varlen names), each request
+its own number of query tokens:
+
+    plan = etap.plan(q, k_cache, block_table, cache_seqlens, cu_seqlens_q=cu, max_seqlen_q=n)
+    out, lse = etap.decode(plan, q, k_cache, block_table, cache_seqlens, cu_seqlens_q=cu, max_seqlen_q=n)
+
+with q ``[total_q, h_q, 576]``, cu ``int32[b + 1]`` (request r's tokens are rows
+``cu[r]..cu[r + 1]``), n 1 to 8; out ``[total_q, h_q, 512]``, lse ``float32[total_q, h_q]``.
 """
 
 from . import _etap

@@ -133,6 +133,15 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, ca
             "the whole sequence); pass causal=True (FlashMLA's mask), or s_q = 1, where both are the same"
         )
 
+    num_pages, max_pages, page_size = _check_cache_and_tables(device, qd, b, k_cache, block_table, cache_seqlens)
+    shape = (b, s_q, h_q, num_pages, max_pages, page_size)
+    _etap.validate_shape(*shape)  # ValueError for sizes past the kernels' 32-bit coordinates
+    return device, _HALF[qd], shape
+
+
+def _check_cache_and_tables(device, qd, b, k_cache, block_table, cache_seqlens):
+    """k_cache, block_table and cache_seqlens of a batch of `b` on cuda:`device`, the cache of
+    dtype `qd`; returns (num_pages, max_pages, page_size)."""
     # k_cache: [num_pages, page_block_size, 1, 576], q's dtype; the page size is its dim 1.
     require_same_device("k_cache", k_cache, device)
     require_dtype("k_cache", k_cache, qd, " (the same as q)")
@@ -170,10 +179,72 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, ca
     if ss != (b,):
         raise ValueError(f"cache_seqlens: expected shape [batch = {b}], got {ss}")
     require_contiguous("cache_seqlens", cache_seqlens)
+    return num_pages, bs[1], page_size
 
-    shape = (b, s_q, h_q, num_pages, bs[1], page_size)
-    _etap.validate_shape(*shape)  # ValueError for sizes past the kernels' 32-bit coordinates
-    return device, _HALF[qd], shape
+
+def check_max_seqlen_q(max_seqlen_q):
+    if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int):
+        raise TypeError(f"max_seqlen_q: expected an int, got {type(max_seqlen_q).__name__}")
+    if not 1 <= max_seqlen_q <= MAX_S_Q:
+        raise ValueError(f"max_seqlen_q: {max_seqlen_q} query tokens per request is not supported (1 to {MAX_S_Q})")
+    return max_seqlen_q
+
+
+def check_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table, cache_seqlens, causal=True):
+    """Check a decode call's inputs in the packed query layout (FlashAttention's varlen names):
+    q ``[total_q, h_q, 576]``, cu_seqlens_q ``int32[b + 1]`` (request r's tokens are rows
+    ``cu_seqlens_q[r]..cu_seqlens_q[r + 1]`` of q), at most ``max_seqlen_q`` tokens a request.
+    Returns (device index, dtype name, shape, total_q), shape being (b, max_seqlen_q, h_q,
+    num_pages, max_pages, page_size). The offsets' values are device data, not read here."""
+    for name, t in (("q", q), ("cu_seqlens_q", cu_seqlens_q), ("k_cache", k_cache), ("block_table", block_table),
+                    ("cache_seqlens", cache_seqlens)):
+        require_tensor(name, t)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    s_q = check_max_seqlen_q(max_seqlen_q)
+
+    # q: [total_q, h_q, 576], bf16 or fp16.
+    qd = dtype_name(q)
+    if qd not in _HALF:
+        raise TypeError(f"q: dtype must be torch.bfloat16 or torch.float16, got {qd}")
+    device = require_cuda("q", q)
+    qs = shape_of(q)
+    if len(qs) != 3:
+        raise ValueError(
+            f"q: expected 3 dims [total_q, h_q, {D_QK}] with cu_seqlens_q (the packed layout), got shape {qs}"
+        )
+    total_q, h_q, d = qs
+    if d != D_QK:
+        raise ValueError(f"q: head dim must be {D_QK} (512 latent + 64 RoPE), got {d}")
+    if total_q < 1:
+        raise ValueError("q: no query tokens (total_q = 0)")
+    if not 1 <= h_q <= MAX_HEADS:
+        raise ValueError(f"q: h_q = {h_q} heads is not supported (1 to {MAX_HEADS})")
+    require_contiguous("q", q)
+
+    # cu_seqlens_q: [b + 1] int32 on q's device; the batch is its length less one.
+    require_same_device("cu_seqlens_q", cu_seqlens_q, device)
+    require_dtype("cu_seqlens_q", cu_seqlens_q, _I32)
+    cs = shape_of(cu_seqlens_q)
+    if len(cs) != 1 or cs[0] < 2:
+        raise ValueError(f"cu_seqlens_q: expected shape [batch + 1] with batch >= 1, got {list(cs)}")
+    require_contiguous("cu_seqlens_q", cu_seqlens_q)
+    b = cs[0] - 1
+    if total_q > b * s_q:
+        raise ValueError(
+            f"q: total_q = {total_q} query tokens do not fit {b} requests (cu_seqlens_q has {b + 1} entries) "
+            f"of at most max_seqlen_q = {s_q} tokens"
+        )
+    if s_q > 1 and not causal:
+        raise NotImplementedError(
+            "causal=False with max_seqlen_q > 1 is not supported by etap's kernels (every query token would see "
+            "the whole sequence); pass causal=True, or max_seqlen_q = 1, where both are the same"
+        )
+
+    num_pages, max_pages, page_size = _check_cache_and_tables(device, qd, b, k_cache, block_table, cache_seqlens)
+    shape = (b, s_q, h_q, num_pages, max_pages, page_size)
+    _etap.validate_shape(*shape, total_q=total_q)  # ValueError for sizes past the kernels' limits
+    return device, _HALF[qd], shape, total_q
 
 
 def _span(t):
@@ -185,13 +256,23 @@ def _span(t):
     return start, start + n * int(t.element_size())
 
 
-def check_outputs(out, lse, q, shape, inputs):
-    """Check caller-given out [b, s_q, h_q, 512] (q's dtype) and lse [b, h_q, s_q] float32."""
+def output_shapes(shape, total_q=None):
+    """(out, lse) shapes: [b, s_q, h_q, 512] and [b, h_q, s_q], or in the packed query layout
+    (total_q given) [total_q, h_q, 512] and [total_q, h_q]."""
     b, s_q, h_q = shape[:3]
+    if total_q is None:
+        return (b, s_q, h_q, D_V), (b, h_q, s_q)
+    return (total_q, h_q, D_V), (total_q, h_q)
+
+
+def check_outputs(out, lse, q, shape, inputs, total_q=None):
+    """Check caller-given out [b, s_q, h_q, 512] (q's dtype) and lse [b, h_q, s_q] float32 (in
+    the packed query layout, total_q given: out [total_q, h_q, 512], lse [total_q, h_q])."""
+    out_shape, lse_shape = output_shapes(shape, total_q)
     device = q.device.index
     for name, t, want_shape, want_dtype in (
-        ("out", out, (b, s_q, h_q, D_V), dtype_name(q)),
-        ("lse", lse, (b, h_q, s_q), _F32),
+        ("out", out, out_shape, dtype_name(q)),
+        ("lse", lse, lse_shape, _F32),
     ):
         require_tensor(name, t)
         require_same_device(name, t, device)
@@ -211,7 +292,10 @@ def check_outputs(out, lse, q, shape, inputs):
         raise ValueError("lse: overlaps out in memory")
 
 
-def check_addresses(q, k_cache, block_table, cache_seqlens, out, lse):
-    _etap.check_addresses(
-        q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr()
-    )
+def check_addresses(q, k_cache, block_table, cache_seqlens, out, lse, cu_seqlens_q=None):
+    addrs = [q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(), out.data_ptr(),
+             lse.data_ptr()]
+    if cu_seqlens_q is None:
+        _etap.check_addresses(*addrs)
+    else:
+        _etap.check_addresses(*addrs, cu_seqlens_q=cu_seqlens_q.data_ptr())

@@ -14,6 +14,10 @@ re-planned in place (one small kernel, no allocation), so:
   every replay schedules for the seqlens then in the captured ``cache_seqlens`` tensor. A shape
   must have been run once before the capture (a warm-up, as every engine does), because making
   a new plan allocates device memory, which a capture forbids; the error says so.
+
+The packed query layout (each request its own number of query tokens, through device offsets
+``cu_seqlens_q``) is on etap's own call only (:func:`plan` / :func:`decode`); FlashMLA's call
+keeps its uniform layout.
 """
 
 import itertools
@@ -304,18 +308,38 @@ def flash_mla_with_kvcache(
     return out, lse
 
 
-def _outputs(q, shape, out, lse, inputs):
-    b, s_q, h_q = shape[:3]
+def _outputs(q, shape, out, lse, inputs, total_q=None):
+    out_shape, lse_shape = _checks.output_shapes(shape, total_q)
     if out is None:
         import torch
 
-        out = torch.empty((b, s_q, h_q, _checks.D_V), dtype=q.dtype, device=q.device)
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     if lse is None:
         import torch
 
-        lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
-    _checks.check_outputs(out, lse, q, shape, inputs)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    _checks.check_outputs(out, lse, q, shape, inputs, total_q)
     return out, lse
+
+
+def _layout_args(cu_seqlens_q, max_seqlen_q):
+    """Whether a call is in the packed query layout: cu_seqlens_q and max_seqlen_q come together."""
+    if cu_seqlens_q is None:
+        if max_seqlen_q is not None:
+            raise TypeError("max_seqlen_q: given without cu_seqlens_q (it is the packed layout's, with cu_seqlens_q)")
+        return False
+    if max_seqlen_q is None:
+        raise TypeError("max_seqlen_q: needed with cu_seqlens_q (the most query tokens a request has, 1 to 8)")
+    return True
+
+
+def _check_args(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q, max_seqlen_q):
+    """(device, dtype, shape, total_q) of a native call, total_q None in the uniform layout."""
+    if _layout_args(cu_seqlens_q, max_seqlen_q):
+        return _checks.check_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table, cache_seqlens,
+                                                causal)
+    device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, _checks.D_V, causal)
+    return device, dtype, shape, None
 
 
 class Plan:
@@ -328,15 +352,26 @@ class Plan:
     :func:`flash_mla_with_kvcache`, a Plan owns its buffers (no sharing between steps).
     ``shape`` is ``(batch, s_q, h_q, num_pages, max_pages, page_size)``; :func:`decode` refuses
     tensors of another shape, a cache of another page size included.
+
+    The packed query layout (FlashAttention's varlen names): ``etap.plan(q, k_cache,
+    block_table, cache_seqlens, cu_seqlens_q=cu, max_seqlen_q=n)`` with q ``[total_q, h_q,
+    576]`` and ``cu`` ``int32[b + 1]``; ``shape``'s s_q is then ``max_seqlen_q`` and
+    ``total_q`` is q's row count (None for a plan of the uniform layout). A plan serves one
+    layout and one ``total_q``: :func:`decode` refuses the other layout and another total_q.
     """
 
-    def __init__(self, q, k_cache, block_table, cache_seqlens, causal=True):
-        device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, _checks.D_V, causal)
+    def __init__(self, q, k_cache, block_table, cache_seqlens, causal=True, *, cu_seqlens_q=None, max_seqlen_q=None):
+        device, dtype, shape, total_q = _check_args(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q,
+                                                    max_seqlen_q)
         self.device = device
         self.shape = shape
+        self.total_q = total_q
         self.stream = _stream_handle(device)
         self._dec = decoder(device)
-        self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream)
+        if total_q is None:
+            self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream)
+        else:
+            self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream, total_q=total_q)
 
     def replan(self, cache_seqlens):
         """Schedule for the seqlens now in `cache_seqlens` (same batch), on the current stream."""
@@ -357,33 +392,79 @@ class Plan:
         return repr(self._plan)
 
 
-def plan(q, k_cache, block_table, cache_seqlens, causal=True):
-    """Make a :class:`Plan` for these tensors' shape, scheduled for ``cache_seqlens``."""
-    return Plan(q, k_cache, block_table, cache_seqlens, causal)
+def plan(q, k_cache, block_table, cache_seqlens, causal=True, *, cu_seqlens_q=None, max_seqlen_q=None):
+    """Make a :class:`Plan` for these tensors' shape, scheduled for ``cache_seqlens``.
+
+    With ``cu_seqlens_q`` (``int32[b + 1]``) and ``max_seqlen_q`` (1 to 8), a plan for the
+    packed query layout: q ``[total_q, h_q, 576]``, request r's tokens being rows
+    ``cu_seqlens_q[r]..cu_seqlens_q[r + 1]``, at most ``max_seqlen_q`` of them (see
+    :func:`decode`). The plan depends on the offsets' count (the batch) and on total_q, not on
+    their values."""
+    return Plan(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
+
+
+def _layout_name(plan):
+    if plan.total_q is None:
+        return f"the uniform layout, (batch, s_q, h_q, num_pages, max_pages, page_size) = {tuple(plan.shape)}"
+    return (f"the packed layout, (batch, max_seqlen_q, h_q, num_pages, max_pages, page_size, total_q) = "
+            f"{tuple(plan.shape) + (plan.total_q,)}")
 
 
 def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, causal=True, *, out=None, lse=None,
-           empty_lse="-inf"):
+           empty_lse="-inf", cu_seqlens_q=None, max_seqlen_q=None):
     """Decode with an explicit :class:`Plan` (made or last re-planned for these seqlens).
     Returns ``(out, lse)``; writes into ``out``/``lse`` when given. lse of a (token, head) that
-    saw no row is -inf by default here (``empty_lse="+inf"`` for FlashMLA's)."""
+    saw no row is -inf by default here (``empty_lse="+inf"`` for FlashMLA's).
+
+    The packed query layout (a plan made with ``cu_seqlens_q``; FlashAttention's varlen
+    names): ``cu_seqlens_q`` ``int32[b + 1]`` on q's device, starting at 0, non-decreasing,
+    ending at total_q, no request more than ``max_seqlen_q`` (1 to 8, the plan's) tokens; q
+    ``[total_q, h_q, 576]``. Token i of a request of n tokens sees the cache rows
+    ``< seqlen - n + i + 1`` (FlashMLA's causal mask, per request); a request of 0 tokens is
+    skipped. Returns out ``[total_q, h_q, 512]`` (q's dtype) and lse ``float32[total_q, h_q]``
+    (token-major, unlike the uniform layout's ``[b, h_q, s_q]``). The offsets' values are read
+    on the device only, as the seqlens and the block table are (no host synchronization, so the
+    call is capturable): offsets that break these rules are clamped there, so no request reads
+    or writes outside q, out and lse, but the result is then unspecified. Everything else is
+    checked before the launch.
+    """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected an etap.Plan, got {type(plan).__name__}")
+    if (plan.total_q is None) != (cu_seqlens_q is None):
+        if cu_seqlens_q is None:
+            raise ValueError(
+                f"cu_seqlens_q: needed: the plan was made for {_layout_name(plan)}; pass "
+                "cu_seqlens_q and max_seqlen_q, or make a plan for the uniform layout"
+            )
+        raise ValueError(
+            f"cu_seqlens_q: given, but the plan was made for {_layout_name(plan)}; make a plan "
+            "with cu_seqlens_q and max_seqlen_q for the packed layout"
+        )
     scale = _checks.check_scale(softmax_scale)
     if empty_lse not in ("+inf", "-inf"):
         raise ValueError(f"empty_lse: must be '+inf' or '-inf', got {empty_lse!r}")
-    device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, _checks.D_V, causal)
+    device, dtype, shape, total_q = _check_args(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q,
+                                                max_seqlen_q)
     if device != plan.device:
         raise ValueError(f"plan: made for cuda:{plan.device}, but q is on cuda:{device}")
-    if tuple(shape) != tuple(plan.shape):
-        raise ValueError(
-            f"plan: made for (batch, s_q, h_q, num_pages, max_pages, page_size) = {tuple(plan.shape)}, "
-            f"this call has {tuple(shape)}"
-        )
-    out, lse = _outputs(q, shape, out, lse, (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
-    _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse)
+    if tuple(shape) != tuple(plan.shape) or total_q != plan.total_q:
+        if total_q is None:
+            names, made, got = "batch, s_q, h_q, num_pages, max_pages, page_size", tuple(plan.shape), tuple(shape)
+        else:
+            names = "batch, max_seqlen_q, h_q, num_pages, max_pages, page_size, total_q"
+            made, got = tuple(plan.shape) + (plan.total_q,), tuple(shape) + (total_q,)
+        raise ValueError(f"plan: made for ({names}) = {made}, this call has {got}")
+    inputs = [("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)]
+    if cu_seqlens_q is not None:
+        inputs.append(("cu_seqlens_q", cu_seqlens_q))
+    out, lse = _outputs(q, shape, out, lse, tuple(inputs), total_q)
+    _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse, cu_seqlens_q)
     stream = _stream_handle(device)
-    plan._dec.decode(plan._plan, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(),
-                     cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(), scale, stream)
+    args = (plan._plan, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
+            out.data_ptr(), lse.data_ptr(), scale, stream)
+    if cu_seqlens_q is None:
+        plan._dec.decode(*args)
+    else:
+        plan._dec.decode(*args, cu_seqlens_q=cu_seqlens_q.data_ptr())
     _empty_lse(lse, empty_lse)
     return out, lse

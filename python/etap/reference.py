@@ -1,5 +1,6 @@
 """A torch reference of MLA decode (float64), and FlashMLA-style test inputs, for validating
-etap in a deployment and for the package's own GPU tests."""
+etap in a deployment and for the package's own GPU tests; both also in the packed query
+layout (:func:`make_packed_inputs`, :func:`mla_decode_packed_reference`)."""
 
 import math
 import random
@@ -82,6 +83,63 @@ def mla_decode_reference(q, k_cache, block_table, cache_seqlens, softmax_scale=N
         if empty_lse == "+inf":
             m[empty] = float("inf")
         lse[i] = m.view(s_q, h_q).T
+    return out, lse
+
+
+def make_packed_inputs(counts, h_q, s_k=0, max_seqlen_q=None, **kw):
+    """Test data in the packed query layout: request r has ``counts[r]`` query tokens (0 to
+    ``max_seqlen_q``, which defaults to the largest count). :func:`make_inputs` makes a uniform
+    batch of ``max_seqlen_q`` tokens a request (``kw``: its arguments, ``lens``, ``page_size``,
+    ``dtype``, ``seed``, ...); request r's tokens are the last ``counts[r]`` of its row there, so
+    each token's causal bound is the uniform case's. Returns (q ``[total_q, h_q, 576]``,
+    cu_seqlens_q ``int32[b + 1]``, k_cache, block_table, cache_seqlens)."""
+    import torch
+
+    counts = [int(n) for n in counts]
+    s_q = max(counts) if max_seqlen_q is None else int(max_seqlen_q)
+    if not counts or min(counts) < 0 or max(counts) > s_q or s_q < 1:
+        raise ValueError(f"counts: expected 0 to max_seqlen_q = {s_q} tokens for each request, got {counts}")
+    q, k, bt, sl = make_inputs(len(counts), s_q, h_q, s_k, **kw)
+    q_packed = torch.cat([q[r, s_q - n :] for r, n in enumerate(counts)]).contiguous()
+    offsets = [0]
+    for n in counts:
+        offsets.append(offsets[-1] + n)
+    cu_seqlens_q = torch.tensor(offsets, dtype=torch.int32, device=q.device)
+    return q_packed, cu_seqlens_q, k, bt, sl
+
+
+def mla_decode_packed_reference(q, cu_seqlens_q, k_cache, block_table, cache_seqlens, max_seqlen_q=None,
+                                softmax_scale=None, causal=True, empty_lse="+inf"):
+    """:func:`mla_decode_reference` in the packed query layout: q ``[total_q, h_q, 576]``,
+    request r's tokens are rows ``cu_seqlens_q[r]..cu_seqlens_q[r + 1]``, each request the
+    uniform reference of its own token count n (token i sees rows < seqlen - n + i + 1 with
+    ``causal``). Returns out ``[total_q, h_q, 512]`` and lse ``[total_q, h_q]`` (float64; lse
+    token-major, the uniform reference's ``[h_q, n]`` transposed). Checks the offsets (they
+    start at 0, never decrease, end at total_q, and, with ``max_seqlen_q``, give no request
+    more than that), raising ValueError naming cu_seqlens_q."""
+    import torch
+
+    total_q, h_q, _ = q.shape
+    offsets = [int(x) for x in cu_seqlens_q.cpu()]
+    b = len(offsets) - 1
+    if b < 1 or b != block_table.shape[0] or b != cache_seqlens.shape[0]:
+        raise ValueError(f"cu_seqlens_q: {len(offsets)} offsets for a batch of {block_table.shape[0]} (b + 1 needed)")
+    if offsets[0] != 0 or offsets[-1] != total_q:
+        raise ValueError(f"cu_seqlens_q: must start at 0 and end at total_q = {total_q}, got {offsets}")
+    for r in range(b):
+        n = offsets[r + 1] - offsets[r]
+        if n < 0 or (max_seqlen_q is not None and n > max_seqlen_q):
+            raise ValueError(f"cu_seqlens_q: request {r} has {n} tokens (0 to max_seqlen_q = {max_seqlen_q}): {offsets}")
+    out = torch.zeros(total_q, h_q, 512, dtype=torch.float64, device=q.device)
+    lse = torch.empty(total_q, h_q, dtype=torch.float64, device=q.device)
+    for r in range(b):
+        a, e = offsets[r], offsets[r + 1]
+        if a == e:
+            continue
+        o, l = mla_decode_reference(q[a:e].unsqueeze(0), k_cache, block_table[r : r + 1], cache_seqlens[r : r + 1],
+                                    softmax_scale=softmax_scale, causal=causal, empty_lse=empty_lse)
+        out[a:e] = o[0]
+        lse[a:e] = l[0].T
     return out, lse
 
 

@@ -41,6 +41,9 @@ fn dtype_of(name: &str) -> PyResult<Dtype> {
     }
 }
 
+/// The decode shape, checked; `total_q` `Some`: the packed query layout (`s_q` is then the most
+/// tokens a request may have, and `total_q` at most `batch * s_q`: more could not be split
+/// into `batch` requests of at most `s_q` tokens).
 fn shape_of(
     batch: usize,
     s_q: usize,
@@ -48,15 +51,30 @@ fn shape_of(
     num_pages: usize,
     max_pages: usize,
     page_size: usize,
+    total_q: Option<usize>,
 ) -> PyResult<DecodeShape> {
-    let shape = DecodeShape::new(batch, s_q, h_q, num_pages, max_pages).with_page_size(page_size);
+    let mut shape = DecodeShape::new(batch, s_q, h_q, num_pages, max_pages).with_page_size(page_size);
+    if let Some(total_q) = total_q {
+        shape = shape.with_packed_q(total_q);
+    }
     etap::validate::validate_shape(&shape).map_err(to_py)?;
+    if let Some(total_q) = total_q {
+        if total_q > batch * s_q {
+            return Err(PyValueError::new_err(format!(
+                "total_q: {total_q} query tokens do not fit {batch} requests of at most s_q = {s_q} tokens \
+                 (batch * s_q = {})",
+                batch * s_q
+            )));
+        }
+    }
     Ok(shape)
 }
 
 /// Check a decode shape without a GPU: raises ValueError naming the field at fault.
-/// `page_size`: the cache's rows per page (one of `PAGE_SIZES`).
+/// `page_size`: the cache's rows per page (one of `PAGE_SIZES`); `total_q`: the packed query
+/// layout's token count (`s_q` is then the most tokens a request has), None for the uniform one.
 #[pyfunction]
+#[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, total_q=None))]
 fn validate_shape(
     batch: usize,
     s_q: usize,
@@ -64,15 +82,39 @@ fn validate_shape(
     num_pages: usize,
     max_pages: usize,
     page_size: usize,
+    total_q: Option<usize>,
 ) -> PyResult<()> {
-    shape_of(batch, s_q, h_q, num_pages, max_pages, page_size).map(|_| ())
+    shape_of(batch, s_q, h_q, num_pages, max_pages, page_size, total_q).map(|_| ())
 }
 
-/// Check the six buffer addresses (q, k_cache, block_table, cache_seqlens, out, lse) against
-/// the kernels' widest accesses: raises ValueError naming the first misaligned one.
+/// Check the buffer addresses (q, k_cache, block_table, cache_seqlens, out, lse, and the packed
+/// layout's cu_seqlens_q where not 0) against the kernels' widest accesses: raises ValueError
+/// naming the first misaligned one.
 #[pyfunction]
-fn check_addresses(q: u64, k_cache: u64, block_table: u64, cache_seqlens: u64, out: u64, lse: u64) -> PyResult<()> {
-    check_alignment([q, k_cache, block_table, cache_seqlens, out, lse]).map_err(to_py)
+#[pyo3(signature = (q, k_cache, block_table, cache_seqlens, out, lse, cu_seqlens_q=0))]
+fn check_addresses(
+    q: u64,
+    k_cache: u64,
+    block_table: u64,
+    cache_seqlens: u64,
+    out: u64,
+    lse: u64,
+    cu_seqlens_q: u64,
+) -> PyResult<()> {
+    check_alignment([q, k_cache, block_table, cache_seqlens, out, lse]).map_err(to_py)?;
+    check_offsets_alignment(cu_seqlens_q)
+}
+
+/// `cu_seqlens_q` (int32 words, read by the kernels one at a time) is 4-byte aligned.
+fn check_offsets_alignment(cu_seqlens_q: u64) -> PyResult<()> {
+    if !cu_seqlens_q.is_multiple_of(4) {
+        return Err(to_py(EtapError::Misaligned {
+            arg: "cu_seqlens_q",
+            align: 4,
+            addr: cu_seqlens_q,
+        }));
+    }
+    Ok(())
 }
 
 /// A decoder on one CUDA device: the device's primary context (PyTorch's) and the kernels.
@@ -196,8 +238,11 @@ impl PyDecoder {
     /// Make a plan for the shape (the cache's pages of `page_size` rows) from the device's
     /// `int32[batch]` seqlens at address
     /// `cache_seqlens`, enqueued on `stream` (no host synchronization). Allocates the plan's
-    /// device buffers: not while the stream captures a graph.
+    /// device buffers: not while the stream captures a graph. `total_q` given: a plan for the
+    /// packed query layout of `total_q` tokens, at most `s_q` a request (decode it with
+    /// `cu_seqlens_q`); None: the uniform layout, `s_q` tokens a request.
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, cache_seqlens, stream, total_q=None))]
     fn plan(
         &self,
         batch: usize,
@@ -208,8 +253,9 @@ impl PyDecoder {
         page_size: usize,
         cache_seqlens: u64,
         stream: usize,
+        total_q: Option<usize>,
     ) -> PyResult<PyPlan> {
-        let shape = shape_of(batch, s_q, h_q, num_pages, max_pages, page_size)?;
+        let shape = shape_of(batch, s_q, h_q, num_pages, max_pages, page_size, total_q)?;
         let _guard = ContextGuard::new(&self.inner).map_err(to_py)?;
         let stream = stream_of(stream);
         // SAFETY: the Python layer passes torch's current stream of the tensors' device, a
@@ -258,8 +304,13 @@ impl PyDecoder {
     /// `int32[b, max_pages]` of pages of `page_size` rows, seqlens `int32[b]` (those
     /// the plan was last made for), out `[b, s_q, h_q, 512]` of q's dtype and lse
     /// `float32[b, h_q, s_q]`, all contiguous device tensors given by address.
+    ///
+    /// With a plan for the packed query layout (made with `total_q`), `cu_seqlens_q` is the
+    /// address of the `int32[b + 1]` token offsets (request `r`'s tokens are rows
+    /// `cu_seqlens_q[r]..cu_seqlens_q[r + 1]`), q is `[total_q, h_q, 576]`, out
+    /// `[total_q, h_q, 512]` and lse `float32[total_q, h_q]`; with a uniform plan it is 0.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (plan, dtype, q, k_cache, block_table, cache_seqlens, out, lse, softmax_scale, stream))]
+    #[pyo3(signature = (plan, dtype, q, k_cache, block_table, cache_seqlens, out, lse, softmax_scale, stream, cu_seqlens_q=0))]
     fn decode(
         &self,
         plan: &PyPlan,
@@ -272,6 +323,7 @@ impl PyDecoder {
         lse: u64,
         softmax_scale: Option<f64>,
         stream: usize,
+        cu_seqlens_q: u64,
     ) -> PyResult<()> {
         if !Arc::ptr_eq(&plan.decoder, &self.inner) {
             return Err(PyValueError::new_err(format!(
@@ -291,6 +343,19 @@ impl PyDecoder {
             }
         };
         let p = plan.get()?;
+        match (p.shape().packed_q, cu_seqlens_q) {
+            (Some(total_q), 0) => {
+                return Err(PyValueError::new_err(format!(
+                    "cu_seqlens_q: needed: the plan is for the packed query layout (total_q = {total_q})"
+                )))
+            }
+            (None, a) if a != 0 => {
+                return Err(PyValueError::new_err(
+                    "cu_seqlens_q: given, but the plan is for the uniform query layout (make one with total_q)",
+                ))
+            }
+            _ => check_offsets_alignment(cu_seqlens_q)?,
+        }
         let bufs = RawBuffers {
             q,
             kv_cache: k_cache,
@@ -298,27 +363,37 @@ impl PyDecoder {
             cache_seqlens,
             out,
             lse,
-            q_offsets: 0,
+            q_offsets: cu_seqlens_q,
         };
         let _guard = ContextGuard::new(&self.inner).map_err(to_py)?;
         let stream = stream_of(stream);
         // SAFETY: as in `plan`.
         unsafe { check_stream(&self.inner, stream) }.map_err(to_py)?;
         // SAFETY: the Python layer checked every tensor: on this device, contiguous, of the
-        // dtype and the exact shape the plan's shape implies, out/lse freshly allocated or the
-        // caller's own (not overlapping the inputs), and keeps them alive until the call
-        // returns; torch's stream ordering keeps their memory valid until the kernels ran.
+        // dtype and the exact shape the plan's shape implies (cu_seqlens_q, where given,
+        // int32[b + 1]), out/lse freshly allocated or the caller's own (not overlapping the
+        // inputs), and keeps them alive until the call returns; torch's stream ordering keeps
+        // their memory valid until the kernels ran. The offsets' values are device data: the
+        // kernels clamp each request's rows into q, out and lse (etap::DecodeShape).
         unsafe { self.inner.decode_raw(p, dtype, bufs, scale, stream) }.map_err(to_py)
     }
 }
 
 #[pymethods]
 impl PyPlan {
-    /// (batch, s_q, h_q, num_pages, max_pages, page_size) the plan was made for.
+    /// (batch, s_q, h_q, num_pages, max_pages, page_size) the plan was made for; in the packed
+    /// query layout s_q is the most tokens a request may have (see `total_q`).
     #[getter]
     fn shape(&self) -> PyResult<(usize, usize, usize, usize, usize, usize)> {
         let s = self.get()?.shape();
         Ok((s.batch, s.s_q, s.h_q, s.num_pages, s.max_pages, s.page_size))
+    }
+
+    /// The packed query layout's token count (rows of q, out and lse), None for a plan of the
+    /// uniform layout.
+    #[getter]
+    fn total_q(&self) -> PyResult<Option<usize>> {
+        Ok(self.get()?.shape().packed_q)
     }
 
     #[getter]
@@ -342,12 +417,16 @@ impl PyPlan {
         match &self.plan {
             Some(p) => {
                 let s = p.shape();
+                // The packed layout: its token count, and s_q as what it is there.
+                let tokens = match s.packed_q {
+                    Some(total_q) => format!("total_q={total_q}, max_seqlen_q={}", s.s_q),
+                    None => format!("s_q={}", s.s_q),
+                };
                 format!(
-                    "etap.Plan(device={}, batch={}, s_q={}, h_q={}, num_pages={}, max_pages={}, page_size={}, \
+                    "etap.Plan(device={}, batch={}, {tokens}, h_q={}, num_pages={}, max_pages={}, page_size={}, \
                      layout={:?})",
                     self.decoder.device(),
                     s.batch,
-                    s.s_q,
                     s.h_q,
                     s.num_pages,
                     s.max_pages,

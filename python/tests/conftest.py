@@ -32,3 +32,16 @@ def torch_cuda():
         pytest.skip(msg)
     torch.cuda.set_device(0)
     return torch
+
+
+@pytest.fixture(scope="session")
+def torch_any():
+    """torch, on any device (for the float64 reference's own tests, which run on the CPU): skips
+    without torch, fails instead when ETAP_REQUIRE_GPU=1."""
+    try:
+        import torch
+    except ImportError:
+        if _require_gpu():
+            pytest.fail("ETAP_REQUIRE_GPU=1 but torch is not importable")
+        pytest.skip("torch is not installed (the reference's tests need torch)")
+    return torch

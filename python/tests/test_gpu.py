@@ -1,6 +1,7 @@
 """GPU tests: FlashMLA's test matrix against a float64 torch reference (and against FlashMLA on
 the very same tensors when it is importable), bad inputs on real tensors, devices and streams,
-merge_states; issue 13's shapes (any h_q 1-128, s_q 1-8, cache pages of 16/32/64/128 rows).
+merge_states; issue 13's shapes (any h_q 1-128, s_q 1-8, cache pages of 16/32/64/128 rows) and
+its packed query layout (etap.plan / etap.decode with cu_seqlens_q).
 Skip (with the reason) without torch or a Hopper GPU; ETAP_REQUIRE_GPU=1 makes that a failure."""
 
 import itertools
@@ -9,7 +10,13 @@ import math
 import pytest
 
 import etap
-from etap.reference import make_inputs, max_violation, mla_decode_reference
+from etap.reference import (
+    make_inputs,
+    make_packed_inputs,
+    max_violation,
+    mla_decode_packed_reference,
+    mla_decode_reference,
+)
 
 
 def _cases():
@@ -404,3 +411,203 @@ def test_plan_not_reused_across_page_sizes(torch_cuda):
     p64 = etap.plan(q, k64, bt, sl)
     with pytest.raises(ValueError, match=r"plan: made for .*page_size"):
         etap.decode(p64, q, k32, bt, sl32)
+
+
+# --- issue 13: the packed query layout (etap.plan / etap.decode with cu_seqlens_q) --------------
+# Request r has counts[r] query tokens (0 to max_seqlen_q), rows cu_seqlens_q[r]..[r + 1] of q
+# [total_q, h_q, 576]; out [total_q, h_q, 512], lse [total_q, h_q]. make_packed_inputs takes each
+# request's tokens as the last counts[r] of a uniform batch's (make_inputs: NaN in every cache
+# row past each request's length), so a token's causal bound is the uniform case's.
+
+
+def test_packed_reference_is_the_uniform_one(torch_any):
+    """The packed reference (float64, on the CPU): with every request at s_q tokens it is the
+    uniform reference, lse transposed; with fewer, each request's rows are the uniform reference's
+    last rows of that request; bad offsets raise naming cu_seqlens_q."""
+    torch = torch_any
+    lens = [0, 1, 1, 64, 300]
+    s_q, h_q = 3, 6
+    q, k, bt, sl = make_inputs(len(lens), s_q, h_q, 0, device="cpu", seed=51, page_size=16, lens=lens)
+    cu = torch.arange(0, len(lens) * s_q + 1, s_q, dtype=torch.int32)
+    for empty_lse in ("+inf", "-inf"):
+        ro, rl = mla_decode_reference(q, k, bt, sl, empty_lse=empty_lse)
+        po, pl = mla_decode_packed_reference(q.view(-1, h_q, 576), cu, k, bt, sl, s_q, empty_lse=empty_lse)
+        assert po.shape == (len(lens) * s_q, h_q, 512) and pl.shape == (len(lens) * s_q, h_q)
+        assert torch.equal(po.view(ro.shape), ro)
+        assert torch.equal(pl.view(len(lens), s_q, h_q), rl.transpose(1, 2))
+    counts = [3, 0, 2, 1, 3]
+    qp, cu, k2, bt2, sl2 = make_packed_inputs(counts, h_q, max_seqlen_q=s_q, device="cpu", seed=51, page_size=16,
+                                              lens=lens)
+    assert torch.equal(k2.nan_to_num(7), k.nan_to_num(7)) and torch.equal(bt2, bt) and torch.equal(sl2, sl)
+    assert cu.tolist() == [0, 3, 3, 5, 6, 9] and cu.dtype == torch.int32 and qp.shape == (9, h_q, 576)
+    po, pl = mla_decode_packed_reference(qp, cu, k, bt, sl, s_q)
+    ro, rl = mla_decode_reference(q, k, bt, sl)
+    for r, n in enumerate(counts):
+        a = int(cu[r])
+        assert torch.equal(qp[a : a + n], q[r, s_q - n :])
+        torch.testing.assert_close(po[a : a + n], ro[r, s_q - n :], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pl[a : a + n], rl[r, :, s_q - n :].T, rtol=1e-12, atol=1e-12)
+    assert torch.isposinf(pl[0:3]).all() and (po[0:3] == 0).all()  # request 0: no row
+    # Request 2: 1 row, 2 tokens: the first sees no row, the second sees it.
+    assert torch.isposinf(pl[3]).all() and (po[3] == 0).all() and torch.isfinite(pl[4]).all()
+    for bad, needle in (([0, 3, 3, 5, 6, 8], "end at total_q = 9"), ([1, 3, 3, 5, 6, 9], "start at 0"),
+                        ([0, 3, 2, 5, 6, 9], "request 1 has -1 tokens"), ([0, 4, 4, 5, 6, 9], "request 0 has 4 tokens"),
+                        ([0, 3, 3, 5, 9], "5 offsets for a batch of 5")):
+        with pytest.raises(ValueError, match=f"cu_seqlens_q: .*{needle}"):
+            mla_decode_packed_reference(qp, torch.tensor(bad, dtype=torch.int32), k, bt, sl, s_q)
+
+
+# (h_q, max_seqlen_q, page_size, tokens per request, seqlens): every count 0 to 8, odd head
+# counts, pages of 16, 32, 64 and 128 rows, lengths 0, shorter than a request's tokens (its first
+# tokens see no row), around the page and tile boundaries, and long enough to be split; both
+# kernel layouts (s_q * h_q 12 and 15 columns: the ETAP kernel, KvOnM; from 17: HeadsOnM).
+PACKED_CASES = [
+    (6, 8, 16, [0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 3], [900, 0, 5, 15, 16, 17, 64, 65, 4000, 7, 300]),
+    (20, 8, 64, [8, 0, 7, 1, 6, 2, 5, 3, 4], [1, 700, 63, 64, 65, 2500, 0, 129, 4000]),
+    (128, 8, 128, [3, 8, 0, 1, 5], [127, 128, 300, 2, 1000]),
+    (6, 2, 32, [2, 0, 1, 2, 1, 1], [31, 32, 0, 1, 900, 33]),
+    (3, 5, 64, [5, 4, 0, 2, 5], [3, 4000, 10, 64, 200]),
+]
+
+
+def _packed_nan_poisoned(torch, p, q, cu, k, bt, sl, max_seqlen_q, empty_lse):
+    """etap.decode in the packed layout into out/lse filled with NaN."""
+    total_q, h_q, _ = q.shape
+    out = torch.full((total_q, h_q, 512), float("nan"), dtype=q.dtype, device=q.device)
+    lse = torch.full((total_q, h_q), float("nan"), device=q.device)
+    o, l = etap.decode(p, q, k, bt, sl, cu_seqlens_q=cu, max_seqlen_q=max_seqlen_q, out=out, lse=lse,
+                       empty_lse=empty_lse)
+    assert o.data_ptr() == out.data_ptr() and l.data_ptr() == lse.data_ptr()
+    return out, lse
+
+
+def _check_each_packed_request(torch, out, lse, q, cu, k, bt, sl, max_seqlen_q, what, empty_lse="-inf"):
+    """Every request on its own against the float64 packed reference (a failure names the
+    request, its tokens and length); no NaN anywhere (every row of out and lse written); a token
+    that sees no row has out 0 and lse +-inf."""
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"{what}: NaN in out or lse"
+    ref_out, ref_lse = mla_decode_packed_reference(q, cu, k, bt, sl, max_seqlen_q, empty_lse=empty_lse)
+    offsets, lens = cu.tolist(), sl.tolist()
+    for r in range(len(lens)):
+        a, e = offsets[r], offsets[r + 1]
+        if a == e:
+            continue
+        v = max_violation(out[a:e], lse[a:e], ref_out[a:e], ref_lse[a:e])
+        assert v <= 1.0, f"{what}: request {r} ({e - a} tokens, seqlen {lens[r]}): error {v:.3f} x tolerance"
+        blind = min(max(e - a - lens[r], 0), e - a)  # its first tokens that see no row
+        assert (out[a : a + blind] == 0).all() and (lse[a : a + blind] == float(empty_lse)).all(), what
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("h_q, max_seqlen_q, page_size, counts, lens", PACKED_CASES)
+def test_packed_mixed_token_counts(torch_cuda, h_q, max_seqlen_q, page_size, counts, lens, dtype_name):
+    """The packed layout with 0 to 8 tokens a request: each request against the reference."""
+    torch = torch_cuda
+    dtype = getattr(torch, dtype_name)
+    q, cu, k, bt, sl = make_packed_inputs(counts, h_q, max_seqlen_q=max_seqlen_q, lens=lens, dtype=dtype,
+                                          page_size=page_size, seed=5000 + 10 * h_q + page_size)
+    b, total_q = len(counts), sum(counts)
+    assert q.shape == (total_q, h_q, 576) and cu.tolist()[-1] == total_q
+    p = etap.plan(q, k, bt, sl, cu_seqlens_q=cu, max_seqlen_q=max_seqlen_q)
+    assert p.shape == (b, max_seqlen_q, h_q, k.shape[0], bt.shape[1], page_size) and p.total_q == total_q
+    assert f"total_q={total_q}, max_seqlen_q={max_seqlen_q}," in repr(p), repr(p)
+    assert p.layout in ("KvOnM", "HeadsOnM")
+    what = f"packed h_q={h_q} max_seqlen_q={max_seqlen_q} page={page_size} {dtype_name} {p.layout}"
+    for empty_lse in ("-inf", "+inf"):
+        out, lse = _packed_nan_poisoned(torch, p, q, cu, k, bt, sl, max_seqlen_q, empty_lse)
+        _check_each_packed_request(torch, out, lse, q, cu, k, bt, sl, max_seqlen_q, f"{what} empty_lse={empty_lse}",
+                                   empty_lse)
+    # New outputs, made by the call: the packed shapes; and a caller's softmax_scale.
+    out, lse = etap.decode(p, q, k, bt, sl, 0.07, cu_seqlens_q=cu, max_seqlen_q=max_seqlen_q)
+    assert out.shape == (total_q, h_q, 512) and out.dtype == dtype
+    assert lse.shape == (total_q, h_q) and lse.dtype == torch.float32
+    torch.cuda.synchronize()
+    ref_out, ref_lse = mla_decode_packed_reference(q, cu, k, bt, sl, max_seqlen_q, softmax_scale=0.07,
+                                                   empty_lse="-inf")
+    assert max_violation(out, lse, ref_out, ref_lse) <= 1.0, f"{what} softmax_scale=0.07"
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("b, s_q, h_q, page_size", [(5, 1, 16, 64), (4, 3, 6, 16), (3, 8, 20, 128), (2, 4, 128, 32)])
+def test_packed_full_equals_uniform(torch_cuda, b, s_q, h_q, page_size, dtype_name):
+    """Every request at s_q tokens: the packed form of the very same q (a view) gives the uniform
+    form's out bit for bit, and its lse transposed ([b * s_q, h_q] against [b, h_q, s_q])."""
+    torch = torch_cuda
+    dtype = getattr(torch, dtype_name)
+    lens = [3000, 0, 2, 700, 64][:b]
+    q, k, bt, sl = make_inputs(b, s_q, h_q, 0, dtype=dtype, seed=6000 + 10 * h_q + s_q, page_size=page_size,
+                               lens=lens)
+    pu = etap.plan(q, k, bt, sl)
+    out_u, lse_u = etap.decode(pu, q, k, bt, sl)
+    qp = q.view(b * s_q, h_q, 576)
+    cu = torch.arange(0, b * s_q + 1, s_q, dtype=torch.int32, device=q.device)
+    pp = etap.plan(qp, k, bt, sl, cu_seqlens_q=cu, max_seqlen_q=s_q)
+    assert pp.layout == pu.layout and pp.total_q == b * s_q and pu.total_q is None
+    out_p, lse_p = etap.decode(pp, qp, k, bt, sl, cu_seqlens_q=cu, max_seqlen_q=s_q)
+    torch.cuda.synchronize()
+    assert max_violation(out_u, lse_u, *mla_decode_reference(q, k, bt, sl, empty_lse="-inf")) <= 1.0
+    assert torch.equal(out_p.view(b, s_q, h_q, 512), out_u), "packed out differs from the uniform out"
+    assert torch.equal(lse_p.view(b, s_q, h_q), lse_u.transpose(1, 2)), "packed lse differs from the uniform lse"
+
+
+def test_packed_bad_inputs_raise_and_write_nothing(torch_cuda):
+    """The packed layout's errors on real tensors, in etap.decode and in the native module
+    (the last check before the launch): the exception, and nothing written."""
+    torch = torch_cuda
+    counts = [2, 0, 1]
+    q, cu, k, bt, sl = make_packed_inputs(counts, 6, max_seqlen_q=2, lens=[100, 5, 300], seed=61)
+    p = etap.plan(q, k, bt, sl, cu_seqlens_q=cu, max_seqlen_q=2)
+    out = torch.full((3, 6, 512), 7.0, dtype=q.dtype, device=q.device)
+    lse = torch.full((3, 6), 7.0, device=q.device)
+
+    def call(plan=p, **kw):
+        args = dict(q=q, k_cache=k, block_table=bt, cache_seqlens=sl, cu_seqlens_q=cu, max_seqlen_q=2, out=out,
+                    lse=lse)
+        args.update(kw)
+        return etap.decode(plan, args.pop("q"), args.pop("k_cache"), args.pop("block_table"),
+                           args.pop("cache_seqlens"), **args)
+
+    q4 = torch.zeros(3, 2, 6, 576, dtype=q.dtype, device=q.device)
+    pu = etap.plan(q4, k, bt, sl)  # a uniform plan of the same (batch, s_q, h_q, ...)
+    bad = [
+        (dict(cu_seqlens_q=cu.long()), TypeError, "cu_seqlens_q: dtype must be torch.int32"),
+        (dict(cu_seqlens_q=cu.cpu()), ValueError, "cu_seqlens_q: must be on a CUDA device"),
+        (dict(cu_seqlens_q=cu[:3]), ValueError, r"block_table: expected shape \[batch = 2"),
+        (dict(cu_seqlens_q=torch.zeros(8, dtype=torch.int32, device=q.device)[::2]), ValueError,
+         "cu_seqlens_q: must be contiguous"),
+        (dict(cu_seqlens_q=cu.view(4, 1)), ValueError, r"cu_seqlens_q: expected shape \[batch \+ 1\]"),
+        (dict(q=q[:2].contiguous()), ValueError, r"plan: made for .*= \(3, 2, 6, .*, 3\), this call has .*, 2\)"),
+        (dict(q=q.unsqueeze(0)), ValueError, r"q: expected 3 dims \[total_q, h_q, 576\]"),
+        (dict(q=q.float()), TypeError, "q: dtype"),
+        (dict(max_seqlen_q=3), ValueError, r"plan: made for .*= \(3, 2, 6, .*, 3\), this call has \(3, 3, 6"),
+        (dict(max_seqlen_q=9), ValueError, "max_seqlen_q: 9"),
+        (dict(max_seqlen_q=None), TypeError, "max_seqlen_q: needed with cu_seqlens_q"),
+        (dict(out=out.view(3, 1, 6, 512)), ValueError, r"out: expected shape \[3, 6, 512\]"),
+        (dict(lse=torch.full((6, 3), 7.0, device=q.device)), ValueError, r"lse: expected shape \[3, 6\]"),
+        (dict(out=q.view(-1)[: out.numel()].view(out.shape)), ValueError, "out: overlaps q"),
+        (dict(q=q4, cu_seqlens_q=None, max_seqlen_q=None, out=out.view(3, 1, 6, 512)), ValueError,
+         "cu_seqlens_q: needed: the plan was made for the packed layout"),
+        (dict(plan=pu), ValueError, "cu_seqlens_q: given, but the plan was made for the uniform layout"),
+        (dict(causal=False), NotImplementedError, "causal=False with max_seqlen_q > 1"),
+    ]
+    for kw, exc, needle in bad:
+        with pytest.raises(exc, match=needle):
+            call(**kw)
+    # The native module's own checks, past the Python layer's.
+    stream = torch.cuda.current_stream().cuda_stream
+    native = (p._plan, "bf16", q.data_ptr(), k.data_ptr(), bt.data_ptr(), sl.data_ptr(), out.data_ptr(),
+              lse.data_ptr(), None, stream)
+    for args, kw, needle in (
+        (native, {}, r"cu_seqlens_q: needed: the plan is for the packed query layout \(total_q = 3\)"),
+        ((pu._plan,) + native[1:], dict(cu_seqlens_q=cu.data_ptr()), "cu_seqlens_q: given, but the plan is for the "
+                                                                        "uniform query layout"),
+        (native, dict(cu_seqlens_q=cu.data_ptr() + 2), r"cu_seqlens_q at 0x[0-9a-f]+ must be 4-byte aligned"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            p._dec.decode(*args, **kw)
+    torch.cuda.synchronize()
+    assert (out == 7.0).all() and (lse == 7.0).all(), "a rejected call wrote to out/lse"
+    # The control: a valid call writes them.
+    call()
+    _check_each_packed_request(torch, out, lse, q, cu, k, bt, sl, 2, "after the rejected calls")

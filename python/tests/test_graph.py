@@ -1,14 +1,21 @@
 """CUDA graphs: a decode step of several layers captured once and replayed many times with new
 seqlens, block tables and queries copied into the captured tensors, each replay checked against
 the float64 reference (caches of 64-row pages, and of 16, 32 and 128 rows with odd head counts);
-etap's own plan re-planned inside a graph; the error for a shape first seen inside a capture."""
+etap's own plan re-planned inside a graph, also in the packed query layout (new token counts in
+the captured cu_seqlens_q at each replay); the error for a shape first seen inside a capture."""
 
 import random
 
 import pytest
 
 import etap
-from etap.reference import make_inputs, max_violation, mla_decode_reference
+from etap.reference import (
+    make_inputs,
+    make_packed_inputs,
+    max_violation,
+    mla_decode_packed_reference,
+    mla_decode_reference,
+)
 
 LAYERS = 4
 REPLAYS = 25
@@ -102,6 +109,67 @@ def test_native_plan_in_a_graph(torch_cuda, b, s_q, h_q, page_size):
             ref = mla_decode_reference(q_layers[layer], k, bt, sl, empty_lse="-inf")
             v = max_violation(outs[layer], lses[layer], *ref)
             assert v <= 1.0, f"replay {replay}, layer {layer}: error {v:.3f} x tolerance"
+
+
+def _token_counts(rng, total, b, most):
+    """b token counts of 0 to `most` that add up to `total`, some of them 0 where that fits."""
+    counts = [0] * b
+    room = b - -(-total // most)  # requests that may stay empty
+    closed = set(rng.sample(range(b), rng.randint(0, room)))
+    for _ in range(total):
+        counts[rng.choice([r for r in range(b) if r not in closed and counts[r] < most])] += 1
+    return counts
+
+
+def _offsets(counts):
+    out = [0]
+    for n in counts:
+        out.append(out[-1] + n)
+    return out
+
+
+@pytest.mark.parametrize("h_q, max_seqlen_q, page_size", [(6, 8, 16), (20, 3, 128), (12, 1, 64)])
+def test_native_packed_plan_in_a_graph(torch_cuda, h_q, max_seqlen_q, page_size):
+    """The packed layout in a graph: each replay with new token counts (the same total_q, the
+    captured q's rows) in the captured cu_seqlens_q, new seqlens, block tables and queries."""
+    torch = torch_cuda
+    rng = random.Random(100 * h_q + max_seqlen_q)
+    b, s_k = 6, 2000
+    total_q = max(b * max_seqlen_q // 2, 1)
+    counts = _token_counts(rng, total_q, b, max_seqlen_q)
+    q, cu, k, bt, sl = make_packed_inputs(counts, h_q, s_k, max_seqlen_q=max_seqlen_q, seed=h_q + page_size,
+                                          page_size=page_size)  # no NaN below s_k
+    assert q.shape[0] == total_q
+    bt0 = bt.clone()
+    q_layers = [q.clone() for _ in range(LAYERS)]
+    outs = [torch.empty(total_q, h_q, 512, dtype=q.dtype, device=q.device) for _ in range(LAYERS)]
+    lses = [torch.empty(total_q, h_q, device=q.device) for _ in range(LAYERS)]
+    p = etap.plan(q, k, bt, sl, cu_seqlens_q=cu, max_seqlen_q=max_seqlen_q)  # outside the capture: allocates
+
+    def step():
+        p.replan(sl)
+        for ql, o, l in zip(q_layers, outs, lses):
+            etap.decode(p, ql, k, bt, sl, cu_seqlens_q=cu, max_seqlen_q=max_seqlen_q, out=o, lse=l)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for replay in range(REPLAYS):
+        _new_step(rng, torch, q_layers, bt, sl, bt0, s_k)
+        counts = _token_counts(rng, total_q, b, max_seqlen_q)
+        cu.copy_(torch.tensor(_offsets(counts), dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(LAYERS):
+            ref = mla_decode_packed_reference(q_layers[layer], cu, k, bt, sl, max_seqlen_q, empty_lse="-inf")
+            v = max_violation(outs[layer], lses[layer], *ref)
+            assert v <= 1.0, (f"replay {replay}, layer {layer}: error {v:.3f} x tolerance (tokens {counts}, "
+                              f"seqlens {sl.tolist()})")
 
 
 def test_merge_states_in_a_graph(torch_cuda):

@@ -22,6 +22,10 @@ def test_import_and_constants():
     assert isinstance(etap.__version__, str) and etap.__version__
     for name in ("get_mla_metadata", "flash_mla_with_kvcache", "merge_states", "plan", "decode"):
         assert callable(getattr(etap, name))
+    from etap import reference
+
+    for name in ("make_packed_inputs", "mla_decode_packed_reference"):
+        assert callable(getattr(reference, name))
 
 
 @pytest.mark.parametrize(
@@ -346,15 +350,16 @@ class FakeDecoder:
         self.calls = []
         self.capture = None
 
-    def plan(self, *args):
-        self.calls.append(("plan",) + args[:6])  # batch, s_q, h_q, num_pages, max_pages, page_size
+    def plan(self, *args, **kw):
+        # batch, s_q, h_q, num_pages, max_pages, page_size, and total_q where given.
+        self.calls.append(("plan",) + args[:6] + tuple(kw.items()))
         return object()
 
     def replan(self, plan, seqlens, stream):
         self.calls.append(("replan", seqlens))
 
-    def decode(self, plan, dtype, *args):
-        self.calls.append(("decode", dtype))
+    def decode(self, plan, dtype, *args, **kw):
+        self.calls.append(("decode", dtype) + tuple(kw.items()))
 
 
 def test_one_plan_per_shape_replanned_once_per_metadata(monkeypatch):
@@ -479,3 +484,269 @@ def test_plan_cache_evicts_least_recent_unpinned_never_the_new_one(monkeypatch):
     d = interface._Slot(object(), 0)
     cache.put("d", d)  # every other is pinned: d stays although over the limit
     assert "d" in cache.plans and cache.get("d") is d
+
+
+# --- the packed query layout: etap.plan / etap.decode with cu_seqlens_q and max_seqlen_q -------
+# b = 3 requests of at most 2 tokens, 5 tokens in all: q [5, 6, 576], cu_seqlens_q int32[4].
+
+
+def packed_args(b=3, max_seqlen_q=2, total_q=5, h_q=6, num_pages=8, max_pages=4, dtype=BF16, page_size=64):
+    _, k, bt, sl = decode_inputs(b=b, h_q=h_q, num_pages=num_pages, max_pages=max_pages, dtype=dtype,
+                                 page_size=page_size)
+    return dict(q=FakeTensor((total_q, h_q, 576), dtype), k_cache=k, block_table=bt, cache_seqlens=sl,
+                cu_seqlens_q=FakeTensor((b + 1,), I32), max_seqlen_q=max_seqlen_q)
+
+
+def packed_outputs(total_q=5, h_q=6, dtype=BF16):
+    return FakeTensor((total_q, h_q, 512), dtype), FakeTensor((total_q, h_q), F32)
+
+
+@pytest.fixture
+def fake_decoder(monkeypatch):
+    dec = FakeDecoder()
+    monkeypatch.setattr(interface, "decoder", lambda device: dec)
+    monkeypatch.setattr(interface, "_stream_handle", lambda device: 0)
+    return dec
+
+
+def test_validate_shape_packed():
+    for total_q in range(1, 7):
+        _etap.validate_shape(3, 2, 6, 8, 4, 64, total_q=total_q)
+        _etap.validate_shape(3, 2, 6, 8, 4, 64, total_q)
+    _etap.validate_shape(3, 2, 6, 8, 4, 64, None)  # the uniform layout
+    with pytest.raises(ValueError, match="^total_q must be positive"):
+        _etap.validate_shape(3, 2, 6, 8, 4, 64, total_q=0)
+    with pytest.raises(ValueError, match=r"^total_q: 7 query tokens do not fit 3 requests of at most s_q = 2 tokens "
+                                         r"\(batch \* s_q = 6\)"):
+        _etap.validate_shape(3, 2, 6, 8, 4, 64, total_q=7)
+    # The shape's other checks still apply.
+    with pytest.raises(ValueError, match="s_q = 9 is not supported"):
+        _etap.validate_shape(3, 9, 6, 8, 4, 64, total_q=5)
+    with pytest.raises(ValueError, match="page_size = 48"):
+        _etap.validate_shape(3, 2, 6, 8, 4, 48, total_q=5)
+
+
+def test_misaligned_cu_seqlens_q_is_named():
+    good = (0x100, 0x200, 0x304, 0x404, 0x508, 0x604)
+    _etap.check_addresses(*good)
+    _etap.check_addresses(*good, cu_seqlens_q=0x704)
+    for addr in (0x701, 0x702, 0x703):
+        with pytest.raises(ValueError, match=rf"^cu_seqlens_q at {addr:#x} must be 4-byte aligned"):
+            _etap.check_addresses(*good, cu_seqlens_q=addr)
+    # The other addresses are checked first, as before.
+    with pytest.raises(ValueError, match="^q at"):
+        _etap.check_addresses(8, *good[1:], cu_seqlens_q=0x702)
+
+
+BAD_PACKED = [
+    # q: [total_q, h_q, 576]
+    (dict(q=[1.0]), TypeError, "q: expected a torch.Tensor"),
+    (dict(q=FakeTensor((5, 6, 576), F32)), TypeError, "q: dtype must be torch.bfloat16 or torch.float16"),
+    (dict(q=FakeTensor((5, 6, 576), BF16, ("cpu", None))), ValueError, "q: must be on a CUDA device"),
+    (dict(q=FakeTensor((3, 2, 6, 576))), ValueError, r"q: expected 3 dims \[total_q, h_q, 576\] with cu_seqlens_q"),
+    (dict(q=FakeTensor((5, 6 * 576))), ValueError, "q: expected 3 dims"),
+    (dict(q=FakeTensor((5, 6, 512))), ValueError, "q: head dim must be 576"),
+    (dict(q=FakeTensor((0, 6, 576))), ValueError, r"q: no query tokens \(total_q = 0\)"),
+    (dict(q=FakeTensor((5, 0, 576))), ValueError, r"q: h_q = 0 heads is not supported \(1 to 128\)"),
+    (dict(q=FakeTensor((5, 129, 576))), ValueError, "q: h_q = 129 heads is not supported"),
+    (dict(q=FakeTensor((7, 6, 576))), ValueError,
+     r"q: total_q = 7 query tokens do not fit 3 requests \(cu_seqlens_q has 4 entries\) of at most max_seqlen_q = 2"),
+    (dict(q=bad_strides((5, 6, 576))), ValueError, "q: must be contiguous"),
+    (dict(q=FakeTensor((5, 6, 576), strides=(576, 5 * 576, 1))), ValueError, "q: must be contiguous"),
+    # cu_seqlens_q: int32 [b + 1] on q's device, contiguous
+    (dict(cu_seqlens_q=[0, 2, 2, 5]), TypeError, "cu_seqlens_q: expected a torch.Tensor"),
+    (dict(cu_seqlens_q=FakeTensor((4,), I64)), TypeError, "cu_seqlens_q: dtype must be torch.int32, got torch.int64"),
+    (dict(cu_seqlens_q=FakeTensor((4,), F32)), TypeError, "cu_seqlens_q: dtype must be torch.int32"),
+    (dict(cu_seqlens_q=FakeTensor((4,), I32, ("cpu", None))), ValueError, "cu_seqlens_q: must be on a CUDA device"),
+    (dict(cu_seqlens_q=FakeTensor((4,), I32, ("cuda", 1))), ValueError, "cu_seqlens_q: on cuda:1, but q is on cuda:0"),
+    (dict(cu_seqlens_q=FakeTensor((4, 1), I32)), ValueError, r"cu_seqlens_q: expected shape \[batch \+ 1\]"),
+    (dict(cu_seqlens_q=FakeTensor((1,), I32)), ValueError, r"cu_seqlens_q: expected shape \[batch \+ 1\] with batch >= 1"),
+    (dict(cu_seqlens_q=FakeTensor((0,), I32)), ValueError, r"cu_seqlens_q: expected shape \[batch \+ 1\]"),
+    (dict(cu_seqlens_q=FakeTensor((4,), I32, strides=(2,))), ValueError, "cu_seqlens_q: must be contiguous"),
+    # cu_seqlens_q's length is the batch: the tables must have it.
+    (dict(cu_seqlens_q=FakeTensor((5,), I32)), ValueError, r"block_table: expected shape \[batch = 4, max_pages\]"),
+    (dict(cu_seqlens_q=FakeTensor((3,), I32)), ValueError, r"q: total_q = 5 query tokens do not fit 2 requests"),
+    (dict(cache_seqlens=FakeTensor((4,), I32)), ValueError, r"cache_seqlens: expected shape \[batch = 3\]"),
+    (dict(block_table=FakeTensor((2, 4), I32)), ValueError, r"block_table: expected shape \[batch = 3"),
+    # max_seqlen_q
+    (dict(max_seqlen_q=None), TypeError, "max_seqlen_q: needed with cu_seqlens_q"),
+    (dict(max_seqlen_q=0), ValueError, r"max_seqlen_q: 0 query tokens per request is not supported \(1 to 8\)"),
+    (dict(max_seqlen_q=9), ValueError, r"max_seqlen_q: 9 query tokens per request is not supported \(1 to 8\)"),
+    (dict(max_seqlen_q=-1), ValueError, "max_seqlen_q: -1"),
+    (dict(max_seqlen_q=2.0), TypeError, "max_seqlen_q: expected an int, got float"),
+    (dict(max_seqlen_q=True), TypeError, "max_seqlen_q: expected an int, got bool"),
+    # the cache and the rest
+    (dict(k_cache=FakeTensor((8, 64, 1, 576), F16)), TypeError, "k_cache: dtype must be torch.bfloat16"),
+    (dict(k_cache=FakeTensor((8, 48, 1, 576))), ValueError, "k_cache: page_block_size = 48 rows is not supported"),
+    (dict(k_cache=FakeTensor((8, 64, 1, 576), BF16, ("cuda", 2))), ValueError, "k_cache: on cuda:2"),
+    (dict(k_cache=FakeTensor((2**26, 64, 1, 576), ptr=0x10000)), ValueError, "num_pages"),
+    (dict(block_table=FakeTensor((3, 4), I64)), TypeError, "block_table: dtype must be torch.int32"),
+    (dict(cache_seqlens=FakeTensor((3,), I32, ("cpu", None))), ValueError, "cache_seqlens: must be on a CUDA"),
+    (dict(causal=False), NotImplementedError, "causal=False with max_seqlen_q > 1"),
+    (dict(causal=1), TypeError, "causal"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, needle", BAD_PACKED, ids=[f"{i}-{b[2][:30]}" for i, b in enumerate(BAD_PACKED)])
+def test_packed_plan_bad_input_raises_naming_the_argument(kw, exc, needle, fake_decoder):
+    args = packed_args()
+    args.update(kw)
+    causal = args.pop("causal", True)
+    with pytest.raises(exc, match=needle):
+        etap.plan(args.pop("q"), args.pop("k_cache"), args.pop("block_table"), args.pop("cache_seqlens"), causal,
+                  **args)
+    assert fake_decoder.calls == [], "the checks must fail before any device work"
+
+
+BAD_PACKED_DECODE = BAD_PACKED + [
+    (dict(out=FakeTensor((3, 2, 6, 512))), ValueError, r"out: expected shape \[5, 6, 512\], got \[3, 2, 6, 512\]"),
+    (dict(out=FakeTensor((5, 6, 512), F16)), TypeError, "out: dtype must be torch.bfloat16"),
+    (dict(out=FakeTensor((5, 6, 512), BF16, ("cuda", 1))), ValueError, "out: on cuda:1"),
+    (dict(out=bad_strides((5, 6, 512))), ValueError, "out: must be contiguous"),
+    (dict(lse=FakeTensor((6, 5), F32)), ValueError, r"lse: expected shape \[5, 6\], got \[6, 5\]"),
+    (dict(lse=FakeTensor((3, 6, 2), F32)), ValueError, r"lse: expected shape \[5, 6\]"),
+    (dict(lse=FakeTensor((5, 6), BF16)), TypeError, "lse: dtype must be torch.float32"),
+    (dict(out=FakeTensor((5, 6, 512), BF16, ptr=0x7F0000000004)), ValueError, "out at 0x7f0000000004 must be 8-byte"),
+    (dict(cu_seqlens_q=FakeTensor((4,), I32, ptr=0x7F0000000002)), ValueError,
+     "cu_seqlens_q at 0x7f0000000002 must be 4-byte aligned"),
+    (dict(softmax_scale=0.0), ValueError, "softmax_scale"),
+    (dict(softmax_scale="1"), TypeError, "softmax_scale"),
+    (dict(empty_lse="nan"), ValueError, "empty_lse"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, needle", BAD_PACKED_DECODE,
+                         ids=[f"{i}-{b[2][:30]}" for i, b in enumerate(BAD_PACKED_DECODE)])
+def test_packed_decode_bad_input_raises_naming_the_argument(kw, exc, needle, fake_decoder):
+    good = packed_args()
+    p = etap.plan(good["q"], good["k_cache"], good["block_table"], good["cache_seqlens"],
+                  cu_seqlens_q=good["cu_seqlens_q"], max_seqlen_q=2)
+    assert fake_decoder.calls == [("plan", 3, 2, 6, 8, 4, 64, ("total_q", 5))]
+    fake_decoder.calls.clear()
+    out, lse = packed_outputs()
+    args = dict(good, out=out, lse=lse)
+    args.update(kw)
+    with pytest.raises(exc, match=needle):
+        etap.decode(p, args.pop("q"), args.pop("k_cache"), args.pop("block_table"), args.pop("cache_seqlens"), **args)
+    assert fake_decoder.calls == [], "the checks must fail before any device work"
+
+
+def test_packed_outputs_must_not_overlap_the_offsets(fake_decoder):
+    a = packed_args()
+    p = etap.plan(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], cu_seqlens_q=a["cu_seqlens_q"],
+                  max_seqlen_q=2)
+    out, lse = packed_outputs()
+    for name, kw in (("out", dict(out=FakeTensor((5, 6, 512), ptr=a["cu_seqlens_q"].data_ptr()), lse=lse)),
+                     ("lse", dict(out=out, lse=FakeTensor((5, 6), F32, ptr=a["cu_seqlens_q"].data_ptr())))):
+        with pytest.raises(ValueError, match=f"{name}: overlaps cu_seqlens_q"):
+            etap.decode(p, a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], cu_seqlens_q=a["cu_seqlens_q"],
+                        max_seqlen_q=2, **kw)
+    assert [c[0] for c in fake_decoder.calls] == ["plan"]
+
+
+def test_max_seqlen_q_without_cu_seqlens_q(fake_decoder):
+    q, k, bt, sl = decode_inputs()
+    with pytest.raises(TypeError, match="max_seqlen_q: given without cu_seqlens_q"):
+        etap.plan(q, k, bt, sl, max_seqlen_q=1)
+    p = etap.plan(q, k, bt, sl)
+    with pytest.raises(TypeError, match="max_seqlen_q: given without cu_seqlens_q"):
+        etap.decode(p, q, k, bt, sl, max_seqlen_q=1)
+    assert [c[0] for c in fake_decoder.calls] == ["plan"]
+
+
+def test_packed_plan_and_decode_reach_the_device(fake_decoder, monkeypatch):
+    """Valid packed calls pass every check: the plan is made with total_q, the decode gets the
+    offsets' address, and new outputs have the packed shapes (made by torch: a fake one here)."""
+    import sys
+    import types
+
+    made = []
+
+    def empty(shape, dtype=None, device=None):
+        made.append((tuple(shape), str(dtype)))
+        return FakeTensor(shape, {"torch.float32": F32}.get(str(dtype), dtype))
+
+    fake_torch = types.SimpleNamespace(empty=empty, float32="torch.float32")
+    for b, max_seqlen_q, h_q, page_size, dt in ((3, 2, 6, 64, BF16), (1, 1, 1, 16, F16), (5, 8, 128, 128, BF16),
+                                                (4, 3, 20, 32, F16), (2, 5, 127, 16, BF16)):
+        for total_q in sorted({1, b * max_seqlen_q // 2 or 1, b * max_seqlen_q}):
+            fake_decoder.calls.clear()
+            a = packed_args(b=b, max_seqlen_q=max_seqlen_q, total_q=total_q, h_q=h_q, dtype=dt, page_size=page_size)
+            p = etap.plan(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"],
+                          cu_seqlens_q=a["cu_seqlens_q"], max_seqlen_q=max_seqlen_q)
+            assert p.shape == (b, max_seqlen_q, h_q, 8, 4, page_size) and p.total_q == total_q
+            assert fake_decoder.calls == [("plan", b, max_seqlen_q, h_q, 8, 4, page_size, ("total_q", total_q))]
+            out, lse = packed_outputs(total_q, h_q, dt)
+            o, l = etap.decode(p, a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"],
+                               cu_seqlens_q=a["cu_seqlens_q"], max_seqlen_q=max_seqlen_q, out=out, lse=lse)
+            assert (o, l) == (out, lse)
+            name = "bf16" if dt is BF16 else "f16"
+            assert fake_decoder.calls[-1] == ("decode", name, ("cu_seqlens_q", a["cu_seqlens_q"].data_ptr()))
+            # Outputs made by the call: the packed shapes.
+            made.clear()
+            with monkeypatch.context() as m:
+                m.setitem(sys.modules, "torch", fake_torch)
+                # empty_lse="-inf" leaves lse alone (a fake tensor has no nan_to_num_).
+                etap.decode(p, a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"],
+                            cu_seqlens_q=a["cu_seqlens_q"], max_seqlen_q=max_seqlen_q)
+            assert made == [((total_q, h_q, 512), str(dt)), ((total_q, h_q), "torch.float32")]
+    # causal=False is the same as causal=True at one token a request.
+    a = packed_args(max_seqlen_q=1, total_q=2)
+    etap.plan(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], False, cu_seqlens_q=a["cu_seqlens_q"],
+              max_seqlen_q=1)
+
+
+def test_a_plan_serves_one_layout_and_one_total_q(fake_decoder):
+    """A packed plan is never used for the uniform layout, another total_q or another
+    max_seqlen_q, and a uniform plan never for the packed layout (even where the sizes agree:
+    b * s_q tokens in both)."""
+    a = packed_args(total_q=6)  # b 3 x 2 tokens: the uniform batch's size
+    packed = etap.plan(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], cu_seqlens_q=a["cu_seqlens_q"],
+                       max_seqlen_q=2)
+    q4, k, bt, sl = decode_inputs(b=3, s_q=2, h_q=6)
+    uniform = etap.plan(q4, k, bt, sl)
+    assert uniform.total_q is None and packed.total_q == 6 and uniform.shape == packed.shape
+    fake_decoder.calls.clear()
+    out4, lse4 = FakeTensor((3, 2, 6, 512)), FakeTensor((3, 6, 2), F32)
+    out, lse = packed_outputs(total_q=6)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q: needed: the plan was made for the packed layout, \(batch, "
+                                         r"max_seqlen_q, h_q, num_pages, max_pages, page_size, total_q\) = "
+                                         r"\(3, 2, 6, 8, 4, 64, 6\)"):
+        etap.decode(packed, q4, k, bt, sl, out=out4, lse=lse4)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q: given, but the plan was made for the uniform layout, "
+                                         r"\(batch, s_q, h_q, num_pages, max_pages, page_size\) = \(3, 2, 6, 8, 4, 64\)"):
+        etap.decode(uniform, a["q"], k, bt, sl, cu_seqlens_q=a["cu_seqlens_q"], max_seqlen_q=2, out=out, lse=lse)
+    # Another total_q, another max_seqlen_q, another batch.
+    for q, cu, m, got in (
+        (FakeTensor((5, 6, 576)), a["cu_seqlens_q"], 2, "(3, 2, 6, 8, 4, 64, 5)"),
+        (a["q"], a["cu_seqlens_q"], 3, "(3, 3, 6, 8, 4, 64, 6)"),
+    ):
+        o, l = packed_outputs(total_q=q.shape[0])
+        with pytest.raises(ValueError, match=r"plan: made for \(batch, max_seqlen_q, h_q, num_pages, max_pages, "
+                                             r"page_size, total_q\) = \(3, 2, 6, 8, 4, 64, 6\), this call has "
+                                             + got.replace("(", r"\(").replace(")", r"\)")):
+            etap.decode(packed, q, k, bt, sl, cu_seqlens_q=cu, max_seqlen_q=m, out=o, lse=l)
+    b4 = packed_args(b=4, total_q=6)
+    with pytest.raises(ValueError, match=r"plan: made for .* = \(3, 2, 6, 8, 4, 64, 6\), this call has "
+                                         r"\(4, 2, 6, 8, 4, 64, 6\)"):
+        etap.decode(packed, b4["q"], b4["k_cache"], b4["block_table"], b4["cache_seqlens"],
+                    cu_seqlens_q=b4["cu_seqlens_q"], max_seqlen_q=2, out=out, lse=lse)
+    assert fake_decoder.calls == [], "a refused call must not reach the device"
+    # The control: each plan with its own layout.
+    etap.decode(packed, a["q"], k, bt, sl, cu_seqlens_q=a["cu_seqlens_q"], max_seqlen_q=2, out=out, lse=lse)
+    etap.decode(uniform, q4, k, bt, sl, out=out4, lse=lse4)
+    assert [c[:2] for c in fake_decoder.calls] == [("decode", "bf16")] * 2
+    assert fake_decoder.calls[0][2:] == (("cu_seqlens_q", a["cu_seqlens_q"].data_ptr()),)
+    assert fake_decoder.calls[1][2:] == ()
+
+
+def test_flash_mla_interface_stays_uniform(fake_decoder):
+    """FlashMLA's call has no packed form: a packed q is refused as a q of the wrong rank."""
+    a = packed_args()
+    with pytest.raises(ValueError, match=r"q: expected 4 dims \[batch, s_q, h_q, 576\]"):
+        etap.flash_mla_with_kvcache(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], 512,
+                                    etap.get_mla_metadata()[0], None)
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        etap.flash_mla_with_kvcache(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], 512,
+                                    etap.get_mla_metadata()[0], None, cu_seqlens_q=a["cu_seqlens_q"])
+    assert fake_decoder.calls == []
