@@ -1381,6 +1381,11 @@ fn packed_shape_lengths_and_offset_errors() {
         validate_shape(&shape.with_packed_q(0)),
         Err(EtapError::Zero { arg: "total_q" })
     );
+    assert_eq!(validate_shape(&shape.with_packed_q(12)), Ok(()));
+    assert!(matches!(
+        validate_shape(&shape.with_packed_q(13)),
+        Err(EtapError::Invalid { arg: "total_q", .. })
+    ));
     use etap::validate::validate_q_offsets;
     assert_eq!(validate_q_offsets(&shape, &[0, 3, 3, 7]), Ok(()));
     for bad in [

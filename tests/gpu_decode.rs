@@ -58,11 +58,7 @@ fn decode_gpu<T: Element>(dec: &Decoder, case: &Case<T>, layout: Layout) -> (Vec
             &stream,
         )
         .unwrap();
-        stream.synchronize().unwrap();
-        let mut o = vec![T::default(); shape.out_len()];
-        let mut l = vec![0f32; shape.lse_len()];
-        out.copy_to(&mut o[..]).unwrap();
-        lse.copy_to(&mut l[..]).unwrap();
+        let (o, l) = read_back(&stream, &out, &lse);
         match &first {
             None => first = Some((o, l)),
             Some((o0, l0)) => {
@@ -78,6 +74,16 @@ fn decode_gpu<T: Element>(dec: &Decoder, case: &Case<T>, layout: Layout) -> (Vec
     }
     let (o, l) = first.unwrap();
     (o.iter().map(|x| x.to_f32()).collect(), l)
+}
+
+/// `out` and `lse` on the host, once `stream` is done.
+fn read_back<T: Element>(stream: &Stream, out: &DeviceBuffer<T>, lse: &DeviceBuffer<f32>) -> (Vec<T>, Vec<f32>) {
+    stream.synchronize().unwrap();
+    let mut o = vec![T::default(); out.len()];
+    let mut l = vec![0f32; lse.len()];
+    out.copy_to(&mut o[..]).unwrap();
+    lse.copy_to(&mut l[..]).unwrap();
+    (o, l)
 }
 
 /// Run `case` with each of `layouts` and check each against one CPU reference (every request,
@@ -431,11 +437,7 @@ fn check_packed<T: Element>(dec: &Decoder, case: &Case<T>, lens: &[usize]) {
             &stream,
         )
         .unwrap();
-        stream.synchronize().unwrap();
-        let mut o = vec![T::default(); shape.out_len()];
-        let mut l = vec![0f32; shape.lse_len()];
-        out.copy_to(&mut o[..]).unwrap();
-        lse.copy_to(&mut l[..]).unwrap();
+        let (o, l) = read_back(&stream, &out, &lse);
         let o: Vec<f32> = o.iter().map(|x| x.to_f32()).collect();
         let mut worst = 0f64;
         for (r, &n) in lens.iter().enumerate() {

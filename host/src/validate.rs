@@ -38,6 +38,17 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
     if shape.packed_q == Some(0) {
         return Err(EtapError::Zero { arg: "total_q" });
     }
+    if let Some(total) = shape.packed_q {
+        if total > shape.batch.saturating_mul(shape.s_q) {
+            return Err(EtapError::Invalid {
+                arg: "total_q",
+                why: format!(
+                    "{total} tokens for {} requests of at most s_q = {} each",
+                    shape.batch, shape.s_q
+                ),
+            });
+        }
+    }
     if shape.num_pages == 0 {
         return Err(EtapError::Zero { arg: "num_pages" });
     }
