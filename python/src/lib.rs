@@ -57,16 +57,8 @@ fn shape_of(
     if let Some(total_q) = total_q {
         shape = shape.with_packed_q(total_q);
     }
+    // Checks `total_q <= batch * s_q` too.
     etap::validate::validate_shape(&shape).map_err(to_py)?;
-    if let Some(total_q) = total_q {
-        if total_q > batch * s_q {
-            return Err(PyValueError::new_err(format!(
-                "total_q: {total_q} query tokens do not fit {batch} requests of at most s_q = {s_q} tokens \
-                 (batch * s_q = {})",
-                batch * s_q
-            )));
-        }
-    }
     Ok(shape)
 }
 
