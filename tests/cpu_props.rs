@@ -1482,3 +1482,31 @@ fn packed_reference_matches_uniform() {
         }
     }
 }
+
+/// FP8 cache shapes (issue 14): their byte lengths, and what the FP8 kernel does not take.
+#[test]
+fn fp8_shapes() {
+    use etap::KvFormat;
+    let s = DecodeShape::new(2, 1, 16, 10, 4);
+    assert_eq!(
+        s.with_kv_format(KvFormat::Fp8Flashmla656).cache_len(),
+        10 * etap::fp8::FP8_656_PAGE_STRIDE
+    );
+    assert_eq!(s.with_kv_format(KvFormat::Fp8PerTensor).cache_len(), 10 * 64 * 576);
+    for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
+        assert_eq!(validate_shape(&s.with_kv_format(f)), Ok(()));
+        for bad in [
+            DecodeShape::new(2, 1, 17, 10, 4),
+            DecodeShape::new(2, 2, 9, 10, 4),
+            DecodeShape::new(2, 1, 16, 10, 4).with_page_size(32),
+        ] {
+            assert!(
+                matches!(
+                    validate_shape(&bad.with_kv_format(f)),
+                    Err(EtapError::Invalid { arg: "kv_format", .. })
+                ),
+                "{f:?} {bad:?} accepted"
+            );
+        }
+    }
+}

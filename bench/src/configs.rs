@@ -25,6 +25,8 @@ pub struct Config {
     pub page_size: usize,
     /// Run in the packed query layout, every request at `s_q` tokens (`--packed`).
     pub packed: bool,
+    /// The cache's format (`--kv`): 16-bit, or an FP8 one quantized from the 16-bit cache.
+    pub kv: etap::KvFormat,
 }
 
 /// Seed of the varlen lengths (fixed: the same batch every run).
@@ -53,6 +55,7 @@ impl Config {
             kind: Kind::Uniform,
             page_size: etap::DEFAULT_PAGE_SIZE,
             packed: false,
+            kv: etap::KvFormat::Elem16,
         }
     }
 
@@ -68,6 +71,7 @@ impl Config {
             kind: Kind::Varlen,
             page_size: etap::DEFAULT_PAGE_SIZE,
             packed: false,
+            kv: etap::KvFormat::Elem16,
         }
     }
 
@@ -82,7 +86,22 @@ impl Config {
             kind: Kind::Imbalanced,
             page_size: etap::DEFAULT_PAGE_SIZE,
             packed: false,
+            kv: etap::KvFormat::Elem16,
         }
+    }
+
+    /// The same configuration with its cache in `kv`, named with `-fp8-656` or `-fp8-tensor`.
+    pub fn with_kv(mut self, kv: etap::KvFormat) -> Config {
+        if kv != self.kv {
+            assert_eq!(self.kv, etap::KvFormat::Elem16, "one format a configuration");
+            self.name.push_str(match kv {
+                etap::KvFormat::Fp8Flashmla656 => "-fp8-656",
+                etap::KvFormat::Fp8PerTensor => "-fp8-tensor",
+                etap::KvFormat::Elem16 => "",
+            });
+            self.kv = kv;
+        }
+        self
     }
 
     /// The same configuration in the packed query layout, named with `-packed`.

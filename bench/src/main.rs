@@ -18,7 +18,7 @@ use cust::device::{Device, DeviceAttribute};
 use cust::event::{Event, EventFlags};
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
-use etap::{Bf16, DecodeShape, Decoder, Dtype, Element, EtapError, Layout, F16};
+use etap::{fp8, Bf16, DecodeShape, Decoder, Dtype, Element, EtapError, KvFormat, Layout, F16};
 use opts::{Options, USAGE};
 use report::{Row, RunInfo};
 use std::error::Error;
@@ -260,7 +260,10 @@ fn bench_config<T: Element>(
     layout: Option<Layout>,
 ) -> Row {
     let layout = layout.unwrap_or_else(|| Layout::for_shape(&DecodeShape::new(cfg.batch, cfg.s_q, cfg.h_q, 1, 1)));
-    let bytes = metrics::bytes_moved(&cfg.seqlens, cfg.batch, cfg.s_q, cfg.h_q);
+    let bytes = match cfg.kv.fp8_row_bytes() {
+        None => metrics::bytes_moved(&cfg.seqlens, cfg.batch, cfg.s_q, cfg.h_q),
+        Some(row) => metrics::bytes_moved_kv(&cfg.seqlens, cfg.batch, cfg.s_q, cfg.h_q, row as f64),
+    };
     let flops = metrics::flops(&cfg.seqlens, cfg.s_q, cfg.h_q);
     let mut row = Row {
         config: cfg.name.clone(),
@@ -293,6 +296,13 @@ fn bench_config<T: Element>(
         serve_pct_contig: f64::NAN,
         layers: 0,
     };
+    if cfg.kv != KvFormat::Elem16 {
+        if let Err(e) = bench_fp8::<T>(dec, info, cfg, o, layout, &mut row) {
+            row.status = "ERROR".into();
+            row.note = e.to_string();
+        }
+        return row;
+    }
     match bench_inner::<T>(dec, stream, info, cfg, o, layout, &mut row) {
         Err(e) => {
             row.status = "ERROR".into();
@@ -336,6 +346,7 @@ fn bench_serving<T: Element>(
         layout,
         &x.q,
         &x.cache,
+        None,
         &x.block_table,
         &x.seqlens,
         layers,
@@ -348,6 +359,7 @@ fn bench_serving<T: Element>(
         layout,
         &x.q,
         &cache,
+        None,
         &table,
         &x.seqlens,
         layers,
@@ -545,6 +557,142 @@ fn bench_inner<T: Element>(
     drop(plans);
     x.shape = shape;
     Ok((x, checked))
+}
+
+/// An FP8 cache (`--kv`): the bf16 inputs quantized to `cfg.kv`, one call checked against the
+/// reference over the dequantized cache, then serving mode (shuffled and contiguous), whose
+/// last output must equal the checked call's bit for bit. No per-call timing.
+fn bench_fp8<T: Element>(
+    dec: &Decoder,
+    info: &RunInfo,
+    cfg: &Config,
+    o: &Options,
+    layout: Layout,
+    row: &mut Row,
+) -> BoxResult<()> {
+    if T::DTYPE != Dtype::Bf16 {
+        return Err("FP8 caches are read with bf16 q".into());
+    }
+    let tag = format!("[{} {}]", cfg.name, T::DTYPE);
+    let t0 = Instant::now();
+    let mut x = gen::generate::<Bf16>(
+        cfg.batch,
+        cfg.s_q,
+        cfg.h_q,
+        &cfg.seqlens,
+        cfg.page_size,
+        seed_of(&cfg.name),
+    );
+    let shape = x.shape.with_kv_format(cfg.kv);
+    let pages = x.shape.num_pages;
+    let kv_scale = match cfg.kv {
+        KvFormat::Fp8Flashmla656 => None,
+        _ => Some(fp8::per_tensor_scale(&x.cache)),
+    };
+    // Quantized (and, for the reference, dequantized) in page-aligned chunks on every core.
+    let bf_page = x.cache.len() / pages;
+    let chunk = pages.div_ceil(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let parts: Vec<(Vec<u8>, Vec<Bf16>)> = std::thread::scope(|sc| {
+        x.cache
+            .chunks(chunk * bf_page)
+            .map(|c| {
+                sc.spawn(move || {
+                    let n = c.len() / bf_page;
+                    match kv_scale {
+                        None => {
+                            let b = fp8::quantize_fp8_656(c, n);
+                            let d = fp8::dequantize_fp8_656(&b, n);
+                            (b, d)
+                        }
+                        Some(s) => {
+                            let b = fp8::quantize_e4m3_per_tensor(c, s);
+                            let d = fp8::dequantize_e4m3_per_tensor(&b, s);
+                            (b, d)
+                        }
+                    }
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().expect("a quantizer thread"))
+            .collect()
+    });
+    let bytes: Vec<u8> = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
+    // The reference reads the dequantized cache.
+    x.cache = parts.into_iter().flat_map(|p| p.1).collect();
+    eprintln!("{tag} inputs quantized in {:.2} s", t0.elapsed().as_secs_f64());
+    let stream = Stream::new(StreamFlags::NON_BLOCKING, None)?;
+    let q = DeviceBuffer::from_slice(&x.q)?;
+    let kv = DeviceBuffer::from_slice(&bytes)?;
+    let bt = DeviceBuffer::from_slice(&x.block_table)?;
+    let sl = DeviceBuffer::from_slice(&x.seqlens)?;
+    let mut out = DeviceBuffer::from_slice(&vec![Bf16::nan(); shape.out_len()])?;
+    let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()])?;
+    let plan = dec.plan_with_layout(&shape, &sl, &stream, layout)?;
+    dec.decode_fp8_into(&plan, &q, &kv, kv_scale, &bt, &sl, None, &mut out, &mut lse, &stream)?;
+    stream.synchronize()?;
+    let mut go = vec![Bf16::default(); shape.out_len()];
+    let mut gl = vec![0f32; shape.lse_len()];
+    out.copy_to(&mut go[..])?;
+    lse.copy_to(&mut gl[..])?;
+    let go: Vec<f32> = go.iter().map(|v| v.to_f32()).collect();
+    let picks = check::pick_requests(&x.seqlens, cfg.s_q, cfg.h_q, seed_of(&cfg.name) ^ 0x5eed);
+    let reference = check::reference(&x, &picks)?;
+    let outcome = check::compare(&reference, shape.cols(), &go, &gl);
+    row.checked_requests = picks;
+    row.rel_err = outcome.rel_err;
+    row.lse_diff = outcome.lse_diff;
+    row.status = if outcome.passes() { "ok" } else { "FAILED" }.into();
+    if let Some(f) = outcome.failure.as_deref() {
+        row.note = f.to_string();
+    }
+    eprintln!(
+        "{tag} check: rel err {:.2e}, lse diff {:.2e}",
+        outcome.rel_err, outcome.lse_diff
+    );
+    if o.layers == 0 {
+        return Ok(());
+    }
+    let same = |s: &serving::Serving| {
+        s.out.iter().zip(&go).all(|(a, b)| a.to_bits() == b.to_bits())
+            && s.lse.iter().zip(&gl).all(|(a, b)| a.to_bits() == b.to_bits())
+    };
+    let shuffled = serving::time(
+        dec,
+        &shape,
+        layout,
+        &x.q,
+        &bytes,
+        kv_scale,
+        &x.block_table,
+        &x.seqlens,
+        o.layers,
+        o.shared_cache,
+    )?;
+    let (table, cache) = serving::contiguous(&shape, &x.block_table, &x.seqlens, &bytes);
+    let contig = serving::time(
+        dec,
+        &shape,
+        layout,
+        &x.q,
+        &cache,
+        kv_scale,
+        &table,
+        &x.seqlens,
+        o.layers,
+        o.shared_cache,
+    )?;
+    row.layers = shuffled.layers.min(contig.layers);
+    row.serve_us = shuffled.us;
+    row.serve_us_contig = contig.us;
+    row.serve_pct = metrics::gbps(row.bytes, shuffled.us) / info.copy_gbps * 100.0;
+    row.serve_pct_contig = metrics::gbps(row.bytes, contig.us) / info.copy_gbps * 100.0;
+    if !same(&shuffled) || !same(&contig) {
+        row.status = "FAILED".into();
+        row.note
+            .push_str(" serving-mode output differs from the checked call's");
+    }
+    Ok(())
 }
 
 /// The packed layout's offsets for a batch of `s_q` tokens a request (`r * s_q`); empty for a

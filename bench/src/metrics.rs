@@ -13,8 +13,13 @@ pub fn total_rows(seqlens: &[i32]) -> u64 {
 
 /// Bytes a decode step must move at least: every cache row once, q in and out out.
 pub fn bytes_moved(seqlens: &[i32], batch: usize, s_q: usize, h_q: usize) -> f64 {
+    bytes_moved_kv(seqlens, batch, s_q, h_q, D_QK as f64 * ELEM_BYTES)
+}
+
+/// [`bytes_moved`] with cache rows of `kv_row_bytes` (an FP8 cache: 656 or 576).
+pub fn bytes_moved_kv(seqlens: &[i32], batch: usize, s_q: usize, h_q: usize, kv_row_bytes: f64) -> f64 {
     let rows = total_rows(seqlens) as f64;
-    (rows * D_QK as f64 + (batch * s_q * h_q) as f64 * (D_QK + D_V) as f64) * ELEM_BYTES
+    rows * kv_row_bytes + (batch * s_q * h_q) as f64 * (D_QK + D_V) as f64 * ELEM_BYTES
 }
 
 /// FLOPs of a decode step: Q·K^T over 576 and P·V over 512, two per multiply-add.

@@ -22,6 +22,9 @@ options:
                      wide heads-on-M kernel) or both (every configuration twice)
   --pages P,Q,...    cache page sizes (rows; 16, 32, 64 or 128): every configuration runs once
                      per size, named with -p<size> unless 64 (default 64)
+  --kv F,G,...       cache formats: 16 (the dtype's, default), fp8-656 (FlashMLA's FP8 with
+                     scale), fp8-tensor (per-tensor e4m3): every configuration once per format;
+                     FP8 runs bf16, serving mode, up to 16 columns
   --packed           every configuration also in the packed query layout (q_offsets, each
                      request at s_q tokens), named with -packed: the layout's cost
   --layers N         layers of the serving-mode CUDA graph, each with its own cache
@@ -43,6 +46,8 @@ pub struct Options {
     pub pages: Vec<usize>,
     /// Every configuration also in the packed query layout.
     pub packed: bool,
+    /// Cache formats; every configuration runs once per format.
+    pub kv: Vec<etap::KvFormat>,
     pub quick: bool,
     pub iters: usize,
     pub warmup: usize,
@@ -77,6 +82,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         shapes: vec![],
         pages: vec![etap::DEFAULT_PAGE_SIZE],
         packed: false,
+        kv: vec![etap::KvFormat::Elem16],
         quick: false,
         iters: 0,
         warmup: WARMUP,
@@ -97,7 +103,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         };
         let takes_value = matches!(
             name,
-            "--only" | "--shape" | "--iters" | "--dtype" | "--layout" | "--out" | "--layers" | "--pages"
+            "--only" | "--shape" | "--iters" | "--dtype" | "--layout" | "--out" | "--layers" | "--pages" | "--kv"
         );
         let value = if takes_value {
             match inline {
@@ -167,6 +173,17 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             "--quick" => o.quick = true,
             "--shared-cache" => o.shared_cache = true,
             "--packed" => o.packed = true,
+            "--kv" => {
+                o.kv = value
+                    .split(',')
+                    .map(|f| match f.trim() {
+                        "16" => Ok(etap::KvFormat::Elem16),
+                        "fp8-656" => Ok(etap::KvFormat::Fp8Flashmla656),
+                        "fp8-tensor" => Ok(etap::KvFormat::Fp8PerTensor),
+                        other => Err(format!("--kv: expected 16, fp8-656 or fp8-tensor, got `{other}`")),
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
             "--list" => o.list = true,
             "-h" | "--help" => o.help = true,
             _ => return Err(format!("unknown argument `{arg}`")),
@@ -200,6 +217,7 @@ impl Options {
                 let packed = self.packed.then(|| c.clone().packed());
                 std::iter::once(c).chain(packed)
             })
+            .flat_map(|c| self.kv.iter().map(move |&f| c.clone().with_kv(f)))
             .collect();
         configs::filter(base, &self.only)
     }

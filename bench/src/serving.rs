@@ -7,9 +7,10 @@
 //! The re-plan is not inside the timed graph (as the peers' metadata is not): it runs once per
 //! step for all layers.
 use crate::BoxResult;
+use cust::memory::DeviceCopy;
 use cust::memory::{CopyDestination, DeviceBuffer};
 use etap::driver::{Graph, RawEvent, RawStream};
-use etap::{DecodeShape, Decoder, Element, Layout, RawBuffers};
+use etap::{DecodeShape, Decoder, Element, KvFormat, Layout, RawBuffers};
 
 /// Timed replays (after [`WARM_REPLAYS`]).
 pub const REPLAYS: usize = 20;
@@ -29,9 +30,10 @@ pub struct Serving {
 
 /// The block table with each request's pages laid out in order (`r`'s slot `i` -> page
 /// `first_r + i`), and the cache permuted to match, so both layouts hold the same rows.
-pub fn contiguous<T: Element>(shape: &DecodeShape, table: &[i32], seqlens: &[i32], cache: &[T]) -> (Vec<i32>, Vec<T>) {
+pub fn contiguous<C: Copy>(shape: &DecodeShape, table: &[i32], seqlens: &[i32], cache: &[C]) -> (Vec<i32>, Vec<C>) {
     let mp = shape.max_pages;
-    let page = shape.page_size * shape.d_qk;
+    // A page's elements (or an FP8 cache's bytes, with its page stride).
+    let page = cache.len() / shape.num_pages;
     let mut new_table = table.to_vec();
     let mut new_cache = cache.to_vec();
     let mut next = 0usize;
@@ -51,12 +53,13 @@ pub fn contiguous<T: Element>(shape: &DecodeShape, table: &[i32], seqlens: &[i32
 /// read by every layer, with `shared_cache`: a diagnostic of what distinct caches cost),
 /// `table`/`seqlens` its block table and lengths, `q` the query.
 #[allow(clippy::too_many_arguments)]
-pub fn time<T: Element>(
+pub fn time<T: Element, C: DeviceCopy>(
     dec: &Decoder,
     shape: &DecodeShape,
     layout: Layout,
     q: &[T],
-    cache: &[T],
+    cache: &[C],
+    kv_scale: Option<f32>,
     table: &[i32],
     seqlens: &[i32],
     layers: usize,
@@ -80,7 +83,7 @@ pub fn time<T: Element>(
     let distinct = if shared_cache { 1 } else { layers };
     for _ in 1..distinct {
         // SAFETY: filled right below by a device-to-device copy of the whole buffer.
-        let c = unsafe { DeviceBuffer::<T>::uninitialized(cache.len())? };
+        let c = unsafe { DeviceBuffer::<C>::uninitialized(cache.len())? };
         // SAFETY: two live allocations of `cache_bytes` bytes that do not overlap.
         let rc = unsafe {
             cust::sys::cuMemcpyDtoD_v2(c.as_device_ptr().as_raw(), first.as_device_ptr().as_raw(), cache_bytes)
@@ -93,7 +96,7 @@ pub fn time<T: Element>(
     caches.insert(0, first);
     let out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()])?;
     let lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()])?;
-    let raw = |c: &DeviceBuffer<T>| RawBuffers {
+    let raw = |c: &DeviceBuffer<C>| RawBuffers {
         q: q_d.as_device_ptr().as_raw(),
         kv_cache: c.as_device_ptr().as_raw(),
         block_table: bt.as_device_ptr().as_raw(),
@@ -108,7 +111,12 @@ pub fn time<T: Element>(
     // One eager call per layer first: the tensor maps are uploaded then, not in the graph.
     let all = || -> etap::Result<()> {
         for l in 0..layers {
-            unsafe { dec.decode_raw(&plan, T::DTYPE, raw(&caches[l % distinct]), None, stream.raw())? };
+            let bufs = raw(&caches[l % distinct]);
+            if shape.kv_format == KvFormat::Elem16 {
+                unsafe { dec.decode_raw(&plan, T::DTYPE, bufs, None, stream.raw())? };
+            } else {
+                unsafe { dec.decode_fp8_raw(&plan, bufs, kv_scale, None, stream.raw())? };
+            }
         }
         Ok(())
     };

@@ -62,6 +62,8 @@ pub const KV_ON_M_COLS: [u32; 2] = [16, 32];
 const _: () = assert!(decode_smem_bytes(KV_ON_M_COLS[1]) <= MAX_SMEM && wide_smem_bytes() <= MAX_SMEM);
 const _: () = assert!(core::mem::size_of::<TensorMap>() == 128 && core::mem::align_of::<TensorMap>() == 64);
 
+const _: () = assert!(fp8_smem_bytes(FP8_656_ROW_BYTES) <= MAX_SMEM);
+
 /// The kernels of the module, each with the name both sides use: the host looks them up by it,
 /// the PTX checks require each to be defined (the kernels' `#[no_mangle]` entries carry it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,19 +72,28 @@ pub enum Kernel {
     Decode { f16: bool, cols: usize },
     /// The wide (heads-on-M) decode kernel.
     Wide { f16: bool },
+    /// The ETAP decode kernel of 16 columns over an FP8 cache (bf16 q, out), by its cache's
+    /// row bytes (`FP8_656_ROW_BYTES` or `FP8_TENSOR_ROW_BYTES`).
+    DecodeFp8 { row_bytes: u32 },
     /// The one-thread scheduler.
     Schedule,
 }
 
 impl Kernel {
     /// Every kernel of the decode path.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::Decode { f16: false, cols: 0 },
         Kernel::Decode { f16: false, cols: 1 },
         Kernel::Decode { f16: true, cols: 0 },
         Kernel::Decode { f16: true, cols: 1 },
         Kernel::Wide { f16: false },
         Kernel::Wide { f16: true },
+        Kernel::DecodeFp8 {
+            row_bytes: FP8_656_ROW_BYTES,
+        },
+        Kernel::DecodeFp8 {
+            row_bytes: FP8_TENSOR_ROW_BYTES,
+        },
         Kernel::Schedule,
     ];
 
@@ -94,6 +105,10 @@ impl Kernel {
             Kernel::Decode { f16: true, .. } => "etap_decode_f16_c32",
             Kernel::Wide { f16: false } => "etap_decode_wide_bf16",
             Kernel::Wide { f16: true } => "etap_decode_wide_f16",
+            Kernel::DecodeFp8 {
+                row_bytes: FP8_656_ROW_BYTES,
+            } => "etap_decode_fp8_656_c16",
+            Kernel::DecodeFp8 { .. } => "etap_decode_fp8_tensor_c16",
             Kernel::Schedule => "etap_schedule",
         }
     }
@@ -103,6 +118,7 @@ impl Kernel {
         match self {
             Kernel::Decode { cols, .. } => decode_smem_bytes(KV_ON_M_COLS[cols]),
             Kernel::Wide { .. } => wide_smem_bytes(),
+            Kernel::DecodeFp8 { row_bytes } => fp8_smem_bytes(row_bytes),
             Kernel::Schedule => 0,
         }
     }
@@ -151,10 +167,32 @@ pub struct DecodeParams {
     pub max_tiles: u32,
     /// Query tokens of the packed layout (rows of q, out and lse); 0 for the uniform one.
     pub total_q: u32,
+    /// An FP8 cache's rows between pages in its tensor map (FlashMLA's 656-byte format lays
+    /// out 65 rows a page of 64), and the per-tensor format's scale (1 otherwise).
+    pub kv_stride: u32,
+    pub kv_scale: f32,
 }
 
-/// Twelve device addresses, then ten 32-bit values.
-const _: () = assert!(core::mem::size_of::<DecodeParams>() == 12 * 8 + 10 * 4);
+/// Twelve device addresses, then twelve 32-bit values.
+const _: () = assert!(core::mem::size_of::<DecodeParams>() == 12 * 8 + 12 * 4);
+
+/// FP8 cache formats the ETAP kernel of 16 columns dequantizes on load (issue 14), by their
+/// bytes a row: FlashMLA's "FP8 with scale" (512 e4m3, 4 f32 scales, 64 bf16) and per-tensor
+/// e4m3 (576 e4m3, one scale for the cache).
+pub const FP8_656_ROW_BYTES: u32 = 656;
+pub const FP8_TENSOR_ROW_BYTES: u32 = 576;
+
+/// Dynamic shared memory of the FP8 ETAP kernel (16 columns): the 16-bit kernel's layout, then
+/// (128-aligned, for the copy engine) a staging buffer for one tile of `row_bytes`-byte raw
+/// rows, then its two mbarriers (raw full, raw empty).
+pub const fn fp8_smem_bytes(row_bytes: u32) -> u32 {
+    fp8_staging_offset() + TILE_ROWS as u32 * row_bytes + 16
+}
+
+/// Where the FP8 kernel's staging buffer starts in its dynamic shared memory.
+pub const fn fp8_staging_offset() -> u32 {
+    decode_smem_bytes(KV_ON_M_COLS[0]).div_ceil(128) * 128
+}
 
 /// Where one request's (token, head) columns `n = token * h_q + head` live: its first row of q
 /// and out (rows of 576 / 512 elements: column `n` is row `row0 + n`), its column count, its

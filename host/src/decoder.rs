@@ -3,10 +3,10 @@
 //! the tables, and the raw entry points for interop. The plan's state is in `plan`, the raw
 //! driver calls in `driver`.
 use crate::driver::{self, launch, launch_cooperative};
-use crate::dtype::{Dtype, Element};
+use crate::dtype::{Bf16, Dtype, Element};
 use crate::error::{EtapError, Result};
 use crate::plan::{ColumnTiling, Layout, Plan, RawBuffers};
-use crate::shape::DecodeShape;
+use crate::shape::{DecodeShape, KvFormat};
 use crate::tma::TensorMap;
 use crate::validate::{validate_lengths, validate_shape, validate_tables};
 use cust::context::Context;
@@ -226,7 +226,14 @@ impl Decoder {
                 addr: cache_seqlens,
             });
         }
-        let tiling = ColumnTiling::for_shape(shape, layout.unwrap_or_else(|| Layout::for_shape(shape)));
+        let layout = layout.unwrap_or_else(|| Layout::for_shape(shape));
+        if shape.kv_format != KvFormat::Elem16 && layout != Layout::KvOnM {
+            return Err(EtapError::Invalid {
+                arg: "layout",
+                why: "an FP8 cache is read by the ETAP (KV-on-M) kernel only".into(),
+            });
+        }
+        let tiling = ColumnTiling::for_shape(shape, layout);
         let parts = (self.num_sms() / tiling.groups).max(1);
         let plan = Plan::allocate(shape, tiling, parts, stream)?;
         self.schedule(&plan, cache_seqlens, stream)?;
@@ -503,6 +510,108 @@ impl Decoder {
         softmax_scale: Option<f32>,
         stream: CUstream,
     ) -> Result<()> {
+        if plan.shape.kv_format != KvFormat::Elem16 {
+            return Err(EtapError::Invalid {
+                arg: "kv_cache",
+                why: "the plan's cache is FP8: decode_fp8_into / decode_fp8_raw".into(),
+            });
+        }
+        self.launch(plan, dtype, bufs, softmax_scale, 1.0, stream)
+    }
+
+    /// Decode over an FP8 cache (a plan made for a shape `with_kv_format(Fp8...)`): q and out
+    /// bf16, `kv_cache` the cache's bytes in the plan's format, `kv_scale` the per-tensor
+    /// format's scale (finite, positive; `None` for FlashMLA's 656-byte format, whose scales
+    /// are in the cache). Checked and launched as [`Decoder::decode_into`]. See
+    /// `kernels/src/decode/fp8.rs` for what the kernel does, and `etap::fp8` for the formats
+    /// and their quantizers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_fp8_into(
+        &self,
+        plan: &Plan,
+        q: &DeviceBuffer<Bf16>,
+        kv_cache: &DeviceBuffer<u8>,
+        kv_scale: Option<f32>,
+        block_table: &DeviceBuffer<i32>,
+        cache_seqlens: &DeviceBuffer<i32>,
+        softmax_scale: Option<f32>,
+        out: &mut DeviceBuffer<Bf16>,
+        lse: &mut DeviceBuffer<f32>,
+        stream: &Stream,
+    ) -> Result<()> {
+        let shape = plan.shape;
+        validate_lengths(
+            &shape,
+            q.len(),
+            kv_cache.len(),
+            block_table.len(),
+            cache_seqlens.len(),
+            out.len(),
+            lse.len(),
+        )?;
+        let bufs = RawBuffers {
+            q: q.as_device_ptr().as_raw(),
+            kv_cache: kv_cache.as_device_ptr().as_raw(),
+            block_table: block_table.as_device_ptr().as_raw(),
+            cache_seqlens: cache_seqlens.as_device_ptr().as_raw(),
+            out: out.as_device_ptr().as_raw(),
+            lse: lse.as_device_ptr().as_raw(),
+            q_offsets: 0,
+        };
+        // SAFETY: as decode_into's: live buffers of the validated lengths, borrowed for the call.
+        unsafe { self.decode_fp8_raw(plan, bufs, kv_scale, softmax_scale, stream.as_inner()) }
+    }
+
+    /// [`Decoder::decode_fp8_into`]'s raw entry point (`bufs.kv_cache`: the FP8 cache's bytes).
+    ///
+    /// # Safety
+    /// As [`Decoder::decode_raw`], with the cache `shape.cache_len()` bytes.
+    pub unsafe fn decode_fp8_raw(
+        &self,
+        plan: &Plan,
+        bufs: RawBuffers,
+        kv_scale: Option<f32>,
+        softmax_scale: Option<f32>,
+        stream: CUstream,
+    ) -> Result<()> {
+        let kv_scale = match (plan.shape.kv_format, kv_scale) {
+            (KvFormat::Elem16, _) => {
+                return Err(EtapError::Invalid {
+                    arg: "kv_cache",
+                    why: "the plan's cache is 16-bit: decode_into / decode_raw".into(),
+                })
+            }
+            (KvFormat::Fp8Flashmla656, None) => 1.0,
+            (KvFormat::Fp8Flashmla656, Some(_)) => {
+                return Err(EtapError::Invalid {
+                    arg: "kv_scale",
+                    why: "FlashMLA's 656-byte format carries its scales in the cache".into(),
+                })
+            }
+            (KvFormat::Fp8PerTensor, Some(s)) if s.is_finite() && s > 0.0 => s,
+            (KvFormat::Fp8PerTensor, s) => {
+                return Err(EtapError::Invalid {
+                    arg: "kv_scale",
+                    why: format!("the per-tensor format needs a finite, positive scale, got {s:?}"),
+                })
+            }
+        };
+        self.launch(plan, Dtype::Bf16, bufs, softmax_scale, kv_scale, stream)
+    }
+
+    /// The decode launch of every entry point: checks, tensor maps, the parameter block.
+    ///
+    /// # Safety
+    /// As [`Decoder::decode_raw`].
+    unsafe fn launch(
+        &self,
+        plan: &Plan,
+        dtype: Dtype,
+        bufs: RawBuffers,
+        softmax_scale: Option<f32>,
+        kv_scale: f32,
+        stream: CUstream,
+    ) -> Result<()> {
         let shape = plan.shape;
         validate_shape(&shape)?;
         bufs.check_alignment(["q", "kv_cache", "block_table", "cache_seqlens", "out", "lse"])?;
@@ -562,15 +671,32 @@ impl Decoder {
             max_rows: shape.capacity() as u32,
             max_tiles: shape.max_tiles() as u32,
             total_q: shape.packed_q.unwrap_or(0) as u32,
+            kv_stride: shape.kv_format.page_stride_rows(shape.page_size) as u32,
+            kv_scale,
         };
         let tiling = plan.tiling;
+        let kernel = match shape.kv_format.fp8_row_bytes() {
+            None => tiling.kernel(dtype),
+            Some(row_bytes) => {
+                if dtype != Dtype::Bf16 || tiling.layout != Layout::KvOnM || tiling.cols_per_cta != 16 {
+                    return Err(EtapError::Invalid {
+                        arg: "kv_format",
+                        why: format!(
+                            "an FP8 cache is read by the ETAP kernel of 16 columns with bf16 q; this call has {dtype:?} and {:?} of {} columns",
+                            tiling.layout, tiling.cols_per_cta
+                        ),
+                    });
+                }
+                Kernel::DecodeFp8 { row_bytes }
+            }
+        };
         // Cooperative: the CTAs that share a request wait for each other's partial results
         // before merging them (kernels/src/merge.rs), so they must all be resident.
         launch_cooperative(
-            self.kernels().get(tiling.kernel(dtype)),
+            self.kernels().get(kernel),
             (plan.parts, tiling.groups),
             DECODE_THREADS,
-            tiling.smem_bytes(),
+            kernel.smem_bytes(),
             stream,
             &mut [&mut params as *mut DecodeParams as *mut c_void],
         )

@@ -27,7 +27,7 @@ pub use decoder::Decoder;
 pub use dtype::{Bf16, Dtype, Element, F16};
 pub use error::{EtapError, Result};
 pub use plan::{Layout, Plan, RawBuffers};
-pub use shape::{DecodeShape, DEFAULT_PAGE_SIZE};
+pub use shape::{DecodeShape, KvFormat, DEFAULT_PAGE_SIZE};
 
 /// The kernels' PTX for sm_90a, built from `kernels/` by `build.rs`.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/etap_kernels.ptx"));

@@ -5,7 +5,7 @@ use crate::driver::{self, PinnedBuffer};
 use crate::dtype::Dtype;
 use crate::error::{EtapError, Result};
 use crate::shape::DecodeShape;
-use crate::tma::{encode_2d, DeviceMap, TensorMap};
+use crate::tma::{encode_2d, encode_rows, DeviceMap, TensorMap};
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::sys::CUstream;
 use etap_core::contract::{kv_box_rows, Kernel, KV_ON_M_COLS};
@@ -321,12 +321,21 @@ impl Plan {
                 D_QK as u64,
                 self.tiling.cols_per_cta,
             )?,
-            encode_2d(
-                kv_addr,
-                (shape.num_pages * shape.page_size) as u64,
-                D_QK as u64,
-                kv_box_rows(shape.page_size as u32),
-            )?,
+            match shape.kv_format.fp8_row_bytes() {
+                None => encode_2d(
+                    kv_addr,
+                    (shape.num_pages * shape.page_size) as u64,
+                    D_QK as u64,
+                    kv_box_rows(shape.page_size as u32),
+                )?,
+                // An FP8 cache: raw rows, 65 a page in the 656-byte format, a tile a box.
+                Some(row_bytes) => encode_rows(
+                    kv_addr,
+                    (shape.num_pages * shape.kv_format.page_stride_rows(shape.page_size)) as u64,
+                    row_bytes,
+                    etap_core::TILE_ROWS as u32,
+                )?,
+            },
         ])
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! The reference never reads a cache row at or past a request's sequence length, nor a
 //! block-table slot past its used pages: tests poison both with NaN or junk.
-use crate::dtype::Element;
+use crate::dtype::{Bf16, Element};
 use crate::error::{EtapError, Result};
 use crate::shape::DecodeShape;
 use crate::validate::validate_all;
@@ -363,6 +363,43 @@ pub fn mla_decode_packed<T: Element>(
         }
     }
     Ok((out, lse))
+}
+
+/// MLA decode on the CPU over an FP8 cache (`shape.kv_format` one of the FP8 formats, `cache`
+/// its bytes, `kv_scale` the per-tensor format's scale): the bf16 reference over the
+/// dequantized cache (`crate::fp8`), e4m3 x scale rounded to bf16 as the kernel does.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_decode_fp8(
+    shape: &DecodeShape,
+    q: &[Bf16],
+    cache: &[u8],
+    kv_scale: Option<f32>,
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    crate::validate::validate_shape(shape)?;
+    if cache.len() != shape.cache_len() {
+        return Err(EtapError::Length {
+            arg: "kv_cache",
+            expected: shape.cache_len(),
+            got: cache.len(),
+        });
+    }
+    let dequantized = match (shape.kv_format, kv_scale) {
+        (crate::KvFormat::Fp8Flashmla656, None) => crate::fp8::dequantize_fp8_656(cache, shape.num_pages),
+        (crate::KvFormat::Fp8PerTensor, Some(s)) if s.is_finite() && s > 0.0 => {
+            crate::fp8::dequantize_e4m3_per_tensor(cache, s)
+        }
+        (f, s) => {
+            return Err(EtapError::Invalid {
+                arg: "kv_scale",
+                why: format!("{s:?} does not go with a cache of {f:?}"),
+            })
+        }
+    };
+    let bf16 = shape.with_kv_format(crate::KvFormat::Elem16);
+    mla_decode(&bf16, q, &dequantized, block_table, seqlens, softmax_scale)
 }
 
 /// The reference for request `r` alone: out `[s_q * h_q * 512]` (column order

@@ -31,6 +31,41 @@ pub struct DecodeShape {
     pub page_size: usize,
     /// The packed query layout's token count (`Some(total_q)`); `None`: `s_q` tokens a request.
     pub packed_q: Option<usize>,
+    /// What the cache's rows are: 16-bit like q (the default), or one of the FP8 formats.
+    pub kv_format: KvFormat,
+}
+
+/// The KV cache's row format (issue 14). The FP8 formats are read by the ETAP kernel of 16
+/// columns (`s_q * h_q <= 16`), with bf16 q and out and pages of 64 rows; they are given to
+/// `Decoder::decode_fp8_into` as bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum KvFormat {
+    /// The dtype of q (bf16 or fp16), `[num_pages, page_size, 576]`.
+    #[default]
+    Elem16,
+    /// FlashMLA's "FP8 with scale": per row 512 e4m3, 4 f32 scales (one per 128 values), 64
+    /// bf16; pages of 64 rows 65 rows apart (`crate::fp8::FP8_656_PAGE_STRIDE` bytes).
+    Fp8Flashmla656,
+    /// 576 e4m3 a row and one f32 scale for the cache (given at the call), `[num_pages, 64, 576]`.
+    Fp8PerTensor,
+}
+
+impl KvFormat {
+    /// Bytes of one cache row in the FP8 formats (None: 16-bit).
+    pub fn fp8_row_bytes(self) -> Option<u32> {
+        match self {
+            KvFormat::Elem16 => None,
+            KvFormat::Fp8Flashmla656 => Some(etap_core::contract::FP8_656_ROW_BYTES),
+            KvFormat::Fp8PerTensor => Some(etap_core::contract::FP8_TENSOR_ROW_BYTES),
+        }
+    }
+    /// Cache rows from one page's first row to the next's.
+    pub fn page_stride_rows(self, page_size: usize) -> usize {
+        match self {
+            KvFormat::Fp8Flashmla656 => crate::fp8::FP8_656_PAGE_STRIDE / crate::fp8::FP8_656_TOKEN_BYTES,
+            _ => page_size,
+        }
+    }
 }
 
 /// The page size of [`DecodeShape::new`]: FlashMLA's.
@@ -49,7 +84,12 @@ impl DecodeShape {
             max_pages,
             page_size: DEFAULT_PAGE_SIZE,
             packed_q: None,
+            kv_format: KvFormat::Elem16,
         }
+    }
+    /// The same shape with the cache in `kv_format`.
+    pub fn with_kv_format(self, kv_format: KvFormat) -> Self {
+        DecodeShape { kv_format, ..self }
     }
     /// The same shape in the packed query layout: `total_q` tokens in all, each request at
     /// most `s_q` of them (see the type's documentation).
@@ -74,8 +114,12 @@ impl DecodeShape {
     pub fn q_len(&self) -> usize {
         self.q_tokens() * self.h_q * self.d_qk
     }
+    /// The cache's length: elements of q's dtype, or bytes for an FP8 format.
     pub fn cache_len(&self) -> usize {
-        self.num_pages * self.page_size * self.d_qk
+        match self.kv_format.fp8_row_bytes() {
+            None => self.num_pages * self.page_size * self.d_qk,
+            Some(row) => self.num_pages * self.kv_format.page_stride_rows(self.page_size) * row as usize,
+        }
     }
     pub fn block_table_len(&self) -> usize {
         self.batch * self.max_pages

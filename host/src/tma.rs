@@ -24,10 +24,14 @@ unsafe impl DeviceCopy for DeviceMap {}
 /// `CU_TENSOR_MAP_DATA_TYPE_UINT16`: the copy engine only moves bytes; 16-bit elements of
 /// either float type travel the same.
 const DATA_TYPE_U16: u32 = 1;
+/// `CU_TENSOR_MAP_DATA_TYPE_UINT32`: an FP8 cache's raw rows, four bytes an element.
+const DATA_TYPE_U32: u32 = 2;
 /// `CU_TENSOR_MAP_INTERLEAVE_NONE`.
 const INTERLEAVE_NONE: u32 = 0;
 /// `CU_TENSOR_MAP_SWIZZLE_128B`: the layout the wgmma descriptors read.
 const SWIZZLE_128B: u32 = 3;
+/// `CU_TENSOR_MAP_SWIZZLE_NONE`.
+const SWIZZLE_NONE: u32 = 0;
 /// `CU_TENSOR_MAP_L2_PROMOTION_L2_256B`: fetch whole 256-byte sectors of the contiguous rows.
 const L2_PROMOTION_256B: u32 = 3;
 /// `CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE`: out-of-bounds elements are filled with zeros.
@@ -59,10 +63,53 @@ pub fn encode_2d(addr: u64, rows: u64, cols: u64, box_rows: u32) -> Result<Tenso
             "tensor map of [{rows}, {cols}] at {addr:#x} with {box_rows}-row boxes is not encodable"
         )));
     }
+    encode(
+        addr,
+        DATA_TYPE_U16,
+        [cols, rows],
+        cols * 2,
+        [BOX_COLS, box_rows],
+        SWIZZLE_128B,
+    )
+}
+
+/// Encode a map of `rows` raw rows of `row_bytes` bytes (a multiple of 16, at most 1024) at
+/// `addr`, read a whole row wide in boxes of `box_rows` rows, unswizzled: an FP8 cache's rows,
+/// which the FP8 kernel converts itself.
+pub fn encode_rows(addr: u64, rows: u64, row_bytes: u32, box_rows: u32) -> Result<TensorMap> {
+    if !addr.is_multiple_of(16)
+        || !row_bytes.is_multiple_of(16)
+        || row_bytes > 1024
+        || rows == 0
+        || box_rows == 0
+        || box_rows > 256
+    {
+        return Err(EtapError::Device(format!(
+            "tensor map of {rows} rows of {row_bytes} bytes at {addr:#x} with {box_rows}-row boxes is not encodable"
+        )));
+    }
+    let words = (row_bytes / 4) as u64;
+    encode(
+        addr,
+        DATA_TYPE_U32,
+        [words, rows],
+        row_bytes as u64,
+        [row_bytes / 4, box_rows],
+        SWIZZLE_NONE,
+    )
+}
+
+/// `cuTensorMapEncodeTiled` of a rank-2 tensor (`dims` innermost first, `row_stride` bytes).
+fn encode(
+    addr: u64,
+    data_type: u32,
+    dims: [u64; 2],
+    row_stride: u64,
+    boxes: [u32; 2],
+    swizzle: u32,
+) -> Result<TensorMap> {
     let mut map = TensorMap([0; 16]);
-    let dims = [cols, rows];
-    let strides = [cols * 2];
-    let boxes = [BOX_COLS, box_rows];
+    let strides = [row_stride];
     let elem_strides = [1u32, 1];
     // SAFETY: every pointer is to a live local of the length the driver reads for rank 2
     // (2 dims, 1 stride, 2 box dims, 2 element strides); `map` is a 64-byte-aligned 128-byte
@@ -70,7 +117,7 @@ pub fn encode_2d(addr: u64, rows: u64, cols: u64, box_rows: u32) -> Result<Tenso
     let rc = unsafe {
         cuTensorMapEncodeTiled(
             &mut map,
-            DATA_TYPE_U16,
+            data_type,
             2,
             addr as *mut c_void,
             dims.as_ptr(),
@@ -78,7 +125,7 @@ pub fn encode_2d(addr: u64, rows: u64, cols: u64, box_rows: u32) -> Result<Tenso
             boxes.as_ptr(),
             elem_strides.as_ptr(),
             INTERLEAVE_NONE,
-            SWIZZLE_128B,
+            swizzle,
             L2_PROMOTION_256B,
             OOB_FILL_ZERO,
         )

@@ -35,6 +35,21 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
             page_size: shape.page_size,
         });
     }
+    if shape.kv_format != crate::KvFormat::Elem16 {
+        let why = if shape.page_size != 64 {
+            Some(format!("FP8 caches take pages of 64 rows, not {}", shape.page_size))
+        } else if shape.s_q * shape.h_q > 16 {
+            Some(format!(
+                "FP8 caches take at most 16 (token, head) columns a request for now (s_q * h_q = {})",
+                shape.s_q * shape.h_q
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(EtapError::Invalid { arg: "kv_format", why });
+        }
+    }
     if shape.packed_q == Some(0) {
         return Err(EtapError::Zero { arg: "total_q" });
     }
@@ -61,7 +76,10 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
     for (arg, rows) in [
         (
             "num_pages",
-            shape.num_pages.saturating_add(1).saturating_mul(shape.page_size),
+            shape
+                .num_pages
+                .saturating_add(1)
+                .saturating_mul(shape.kv_format.page_stride_rows(shape.page_size)),
         ),
         ("max_pages", shape.max_pages.saturating_mul(shape.page_size)),
         ("batch * s_q * h_q", shape.batch.saturating_mul(shape.s_q * shape.h_q)),

@@ -50,7 +50,7 @@ pub use etap_core::contract::wide_smem_bytes as smem_bytes;
 unsafe fn decode_wide<E: Elem>(prm: &DecodeParams) {
     let (sm, red_sum) = layout();
     let group = index::block_y();
-    match prologue::<STAGES>(prm, &sm) {
+    match prologue::<STAGES, 1>(prm, &sm) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, WIDE_ROWS) {
                 sync::setmaxnreg_inc::<CONSUMER_REGS>();

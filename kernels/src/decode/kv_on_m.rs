@@ -15,7 +15,7 @@ unsafe fn decode<const NW: usize, E: Elem>(prm: &DecodeParams) {
     let cols = 2 * NW as u32;
     let sm = Smem::new(cols, NW as u32);
     let group = index::block_y();
-    match prologue::<STAGES>(prm, &sm) {
+    match prologue::<STAGES, 1>(prm, &sm) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, cols) {
                 sync::setmaxnreg_inc::<CONSUMER_REGS>();
@@ -28,7 +28,7 @@ unsafe fn decode<const NW: usize, E: Elem>(prm: &DecodeParams) {
 
 /// A consumer warpgroup: S^T, softmax, O^T for its NW columns over the part's pages.
 #[inline(always)]
-unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32) {
+pub(crate) unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32) {
     let t = index::thread_x();
     let wg = t / index::WARPGROUP;
     let tw = t % index::WARPGROUP;

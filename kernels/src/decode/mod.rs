@@ -24,6 +24,7 @@
 use crate::barriers::IDLE as BAR_IDLE;
 use crate::device::{index, mbarrier, smem, sync, tma};
 
+pub mod fp8;
 pub mod heads_on_m;
 pub mod kv_on_m;
 use crate::merge;
@@ -68,7 +69,7 @@ pub(crate) struct Smem {
 
 impl Smem {
     #[inline(always)]
-    fn new(cols: u32, nw: u32) -> Smem {
+    pub(crate) fn new(cols: u32, nw: u32) -> Smem {
         let base = smem::base();
         let q = base;
         let pages = q + QK_BLOCKS as u32 * cols * ROW_BYTES; // cols * 128 * 9: a multiple of 1024 (cols % 8 == 0)
@@ -101,13 +102,17 @@ impl Smem {
 pub use etap_core::contract::decode_smem_bytes as smem_bytes;
 
 /// What both decode kernels do first: check the shared-memory alignment, initialize the
-/// mbarriers of a ring of `SLOTS` buffers and read the CTA's work range (`None` when the CTA
-/// has no work).
+/// mbarriers of a ring of `SLOTS` buffers (a stage is full after `FULL_ARRIVALS` arrivals: the
+/// producer's, or the FP8 kernel's converters') and read the CTA's work range (`None` when the
+/// CTA has no work).
 ///
 /// # Safety
 /// Every thread of the CTA calls it, with `sm` laid out in the dynamic shared memory.
 #[inline(always)]
-pub(crate) unsafe fn prologue<const SLOTS: u32>(prm: &DecodeParams, sm: &Smem) -> Option<WorkRange> {
+pub(crate) unsafe fn prologue<const SLOTS: u32, const FULL_ARRIVALS: u32>(
+    prm: &DecodeParams,
+    sm: &Smem,
+) -> Option<WorkRange> {
     let t = index::thread_x();
     let part = index::block_x();
     #[allow(clippy::manual_is_multiple_of)] // the GPU-tested PTX; `is_multiple_of` lays out the branch differently
@@ -118,7 +123,7 @@ pub(crate) unsafe fn prologue<const SLOTS: u32>(prm: &DecodeParams, sm: &Smem) -
         tma::acquire_map(prm.q_map);
         tma::acquire_map(prm.kv_map);
         for s in 0..SLOTS {
-            mbarrier::init(sm.full + 8 * s, 1);
+            mbarrier::init(sm.full + 8 * s, FULL_ARRIVALS);
             mbarrier::init(sm.empty + 8 * s, CONSUMERS);
         }
         mbarrier::init(sm.q_full, 1);

@@ -65,6 +65,28 @@ pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
     r
 }
 
+/// The two `float8_e4m3fn` values in `x` (its low byte first) as f32, exactly (through the
+/// f16 pair that `cvt.rn.f16x2.e4m3x2` makes: every e4m3 value is an f16).
+#[inline(always)]
+pub fn e4m3x2_to_f32(x: u16) -> (f32, f32) {
+    let (lo, hi): (f32, f32);
+    // SAFETY: register conversions only.
+    unsafe {
+        asm!(
+            "{{ .reg .b32 h2; .reg .b16 l16, h16;",
+            "cvt.rn.f16x2.e4m3x2 h2, {x};",
+            "mov.b32 {{l16, h16}}, h2;",
+            "cvt.f32.f16 {lo}, l16;",
+            "cvt.f32.f16 {hi}, h16; }}",
+            x = in(reg16) x,
+            lo = out(reg32) lo,
+            hi = out(reg32) hi,
+            options(pure, nomem, nostack)
+        )
+    };
+    (lo, hi)
+}
+
 /// Pack a pair in the element type `E`: fp16 or bf16.
 #[inline(always)]
 pub fn pack2<E: Elem>(lo: f32, hi: f32) -> u32 {

@@ -107,6 +107,23 @@ pub unsafe fn ld_v4_u32(addr: u32) -> [u32; 4] {
     [a, b, c, d]
 }
 
+/// Load two 32-bit words (8 bytes).
+///
+/// # Safety
+/// As [`st_u16`], and `addr` 8-byte aligned.
+#[inline(always)]
+pub unsafe fn ld_v2_u32(addr: u32) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    asm!(
+        "ld.shared.v2.u32 {{{0}, {1}}}, [{2}];",
+        out(reg32) a,
+        out(reg32) b,
+        in(reg32) addr,
+        options(nostack, readonly)
+    );
+    [a, b]
+}
+
 /// Store two f32 (8 bytes).
 ///
 /// # Safety

@@ -1,0 +1,160 @@
+//! On a GPU: decode over FP8 caches (issue 14), FlashMLA's 656-byte format and per-tensor e4m3,
+//! against the CPU reference over the dequantized cache (`etap::reference::mla_decode_fp8`), with
+//! the bf16 bound of `etap::check`, every request on its own. The caches are quantized from the
+//! poisoned bf16 cases of the other GPU tests (NaN past each seqlen and in unused pages, which
+//! quantize to e4m3 NaN; junk in unused block-table slots; shuffled pages), and out and lse are
+//! poisoned with NaN before every call. Also printed: the error against the unquantized bf16
+//! reference (what the quantization costs).
+use cust::memory::{CopyDestination, DeviceBuffer};
+use cust::stream::{Stream, StreamFlags};
+use etap::gpu::decoder_or_skip;
+use etap::{fp8, Bf16, Decoder, Dtype, Element, EtapError, KvFormat};
+use etap_tests::Case;
+
+/// The cache of `case` in `format`, with the per-tensor scale where it has one.
+fn quantize(case: &Case<Bf16>, format: KvFormat) -> (Vec<u8>, Option<f32>) {
+    match format {
+        KvFormat::Fp8Flashmla656 => (fp8::quantize_fp8_656(&case.cache, case.shape.num_pages), None),
+        KvFormat::Fp8PerTensor => {
+            let scale = fp8::per_tensor_scale(&case.cache);
+            (fp8::quantize_e4m3_per_tensor(&case.cache, scale), Some(scale))
+        }
+        KvFormat::Elem16 => unreachable!(),
+    }
+}
+
+/// Decode `case`'s cache in `format` on the GPU and check every request.
+fn check_fp8(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
+    let shape = case.shape.with_kv_format(format);
+    let (bytes, kv_scale) = quantize(case, format);
+    let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    let q = DeviceBuffer::from_slice(&case.q).unwrap();
+    let kv = DeviceBuffer::from_slice(&bytes).unwrap();
+    let bt = DeviceBuffer::from_slice(&case.block_table).unwrap();
+    let sl = DeviceBuffer::from_slice(&case.seqlens).unwrap();
+    let mut out = DeviceBuffer::from_slice(&vec![Bf16::nan(); shape.out_len()]).unwrap();
+    let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()]).unwrap();
+    let plan = dec.plan(&shape, &sl, &stream).unwrap();
+    dec.decode_fp8_into(
+        &plan,
+        &q,
+        &kv,
+        kv_scale,
+        &bt,
+        &sl,
+        Some(case.softmax_scale),
+        &mut out,
+        &mut lse,
+        &stream,
+    )
+    .unwrap();
+    stream.synchronize().unwrap();
+    let mut o = vec![Bf16::default(); shape.out_len()];
+    let mut l = vec![0f32; shape.lse_len()];
+    out.copy_to(&mut o[..]).unwrap();
+    lse.copy_to(&mut l[..]).unwrap();
+    let o: Vec<f32> = o.iter().map(|x| x.to_f32()).collect();
+    let (ro, rl) = etap::reference::mla_decode_fp8(
+        &shape,
+        &case.q,
+        &bytes,
+        kv_scale,
+        &case.block_table,
+        &case.seqlens,
+        case.softmax_scale,
+    )
+    .unwrap();
+    let (per_out, per_lse) = (shape.s_q * shape.h_q * shape.d_v, shape.s_q * shape.h_q);
+    let refs: Vec<(usize, &[f32], &[f32])> = (0..shape.batch)
+        .map(|r| {
+            (
+                r,
+                &ro[r * per_out..(r + 1) * per_out],
+                &rl[r * per_lse..(r + 1) * per_lse],
+            )
+        })
+        .collect();
+    let outcome = etap::check::compare(Dtype::Bf16, shape.s_q, shape.h_q, &case.seqlens, &o, &l, &refs);
+    // What quantization costs: the unquantized bf16 reference (not a pass criterion).
+    let (bo, _) = case.reference();
+    let vs_bf16 = etap::metrics::rel_err(&o, &bo);
+    println!(
+        "fp8 {format:?} b={} s_q={} h_q={} row_err={:.2e} lse_diff={:.2e} (vs the unquantized bf16 reference: rel err {vs_bf16:.2e})",
+        shape.batch, shape.s_q, shape.h_q, outcome.row_err, outcome.lse_diff
+    );
+    if let Some(why) = outcome.failure() {
+        panic!(
+            "fp8 {format:?}: {why} (seed {}, seqlens {:?}, s_q {}, h_q {})",
+            case.seed, case.seqlens, shape.s_q, shape.h_q
+        );
+    }
+}
+
+#[test]
+fn fp8_caches_match_the_reference() {
+    let Some(dec) = decoder_or_skip("gpu_fp8") else {
+        return;
+    };
+    // (s_q, h_q, seqlens): up to 16 columns, empty, one-row and page-boundary requests, a long one.
+    let cases: &[(usize, usize, &[i32])] = &[
+        (1, 16, &[1, 0, 64, 65, 300, 4000]),
+        (2, 8, &[129, 7, 2000]),
+        (1, 1, &[5000, 33]),
+        (1, 6, &[700, 64]),
+        (4, 4, &[64, 1, 1000]),
+        (1, 16, &[20_000, 3]),
+    ];
+    for (k, &(s_q, h_q, seqlens)) in cases.iter().enumerate() {
+        let case = Case::<Bf16>::new(s_q, h_q, seqlens, 9000 + k as u64);
+        for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
+            check_fp8(&dec, &case, format);
+        }
+    }
+}
+
+/// Rejected FP8 calls name the argument and write nothing.
+#[test]
+fn fp8_argument_errors() {
+    let Some(dec) = decoder_or_skip("gpu_fp8 errors") else {
+        return;
+    };
+    let case = Case::<Bf16>::new(1, 16, &[300, 70], 5);
+    let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    let q = DeviceBuffer::from_slice(&case.q).unwrap();
+    let bt = DeviceBuffer::from_slice(&case.block_table).unwrap();
+    let sl = DeviceBuffer::from_slice(&case.seqlens).unwrap();
+    let poison_o = vec![Bf16::nan(); case.shape.out_len()];
+    let mut out = DeviceBuffer::from_slice(&poison_o).unwrap();
+    let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; case.shape.lse_len()]).unwrap();
+    for (format, bad_scale) in [
+        (KvFormat::Fp8Flashmla656, Some(1.0f32)),
+        (KvFormat::Fp8PerTensor, None),
+        (KvFormat::Fp8PerTensor, Some(f32::NAN)),
+        (KvFormat::Fp8PerTensor, Some(-1.0)),
+    ] {
+        let shape = case.shape.with_kv_format(format);
+        let (bytes, _) = quantize(&case, format);
+        let kv = DeviceBuffer::from_slice(&bytes).unwrap();
+        let plan = dec.plan(&shape, &sl, &stream).unwrap();
+        let e = dec
+            .decode_fp8_into(&plan, &q, &kv, bad_scale, &bt, &sl, None, &mut out, &mut lse, &stream)
+            .unwrap_err();
+        assert!(
+            matches!(e, EtapError::Invalid { arg: "kv_scale", .. }),
+            "{format:?} {bad_scale:?}: {e:?}"
+        );
+        // A cache of the wrong length.
+        let short = DeviceBuffer::from_slice(&bytes[..bytes.len() - 16]).unwrap();
+        let e = dec
+            .decode_fp8_into(&plan, &q, &short, None, &bt, &sl, None, &mut out, &mut lse, &stream)
+            .unwrap_err();
+        assert!(
+            matches!(e, EtapError::Length { arg: "kv_cache", .. }),
+            "{format:?} short cache: {e:?}"
+        );
+    }
+    stream.synchronize().unwrap();
+    let mut o = vec![Bf16::default(); case.shape.out_len()];
+    out.copy_to(&mut o[..]).unwrap();
+    assert!(o.iter().all(|x| x.to_f32().is_nan()), "a rejected call wrote out");
+}
