@@ -10,7 +10,7 @@ use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
 use etap::{Bf16, Decoder, Element, Layout, F16};
 use etap_core::{D_QK, D_V};
-use etap_tests::{Case, CaseSpec};
+use etap_tests::{read_back, Case, CaseSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -74,16 +74,6 @@ fn decode_gpu<T: Element>(dec: &Decoder, case: &Case<T>, layout: Layout) -> (Vec
     }
     let (o, l) = first.unwrap();
     (o.iter().map(|x| x.to_f32()).collect(), l)
-}
-
-/// `out` and `lse` on the host, once `stream` is done.
-fn read_back<T: Element>(stream: &Stream, out: &DeviceBuffer<T>, lse: &DeviceBuffer<f32>) -> (Vec<T>, Vec<f32>) {
-    stream.synchronize().unwrap();
-    let mut o = vec![T::default(); out.len()];
-    let mut l = vec![0f32; lse.len()];
-    out.copy_to(&mut o[..]).unwrap();
-    lse.copy_to(&mut l[..]).unwrap();
-    (o, l)
 }
 
 /// Run `case` with each of `layouts` and check each against one CPU reference (every request,

@@ -9,7 +9,7 @@ use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
 use etap::{fp8, Bf16, Decoder, Dtype, Element, EtapError, KvFormat};
-use etap_tests::Case;
+use etap_tests::{read_back, Case};
 
 /// The cache of `case` in `format`, with the per-tensor scale where it has one.
 fn quantize(case: &Case<Bf16>, format: KvFormat) -> (Vec<u8>, Option<f32>) {
@@ -48,11 +48,7 @@ fn check_fp8(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
         &stream,
     )
     .unwrap();
-    stream.synchronize().unwrap();
-    let mut o = vec![Bf16::default(); shape.out_len()];
-    let mut l = vec![0f32; shape.lse_len()];
-    out.copy_to(&mut o[..]).unwrap();
-    lse.copy_to(&mut l[..]).unwrap();
+    let (o, l) = read_back(&stream, &out, &lse);
     let o: Vec<f32> = o.iter().map(|x| x.to_f32()).collect();
     let (ro, rl) = etap::reference::mla_decode_fp8(
         &shape,

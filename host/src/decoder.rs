@@ -465,25 +465,16 @@ impl Decoder {
         lse: &mut DeviceBuffer<f32>,
         stream: &Stream,
     ) -> Result<()> {
-        let shape = plan.shape;
-        validate_lengths(
-            &shape,
-            q.len(),
-            kv_cache.len(),
-            block_table.len(),
-            cache_seqlens.len(),
-            out.len(),
-            lse.len(),
+        let bufs = typed_buffers(
+            &plan.shape,
+            q,
+            q_offsets,
+            kv_cache,
+            block_table,
+            cache_seqlens,
+            out,
+            lse,
         )?;
-        let bufs = RawBuffers {
-            q: q.as_device_ptr().as_raw(),
-            kv_cache: kv_cache.as_device_ptr().as_raw(),
-            block_table: block_table.as_device_ptr().as_raw(),
-            cache_seqlens: cache_seqlens.as_device_ptr().as_raw(),
-            out: out.as_device_ptr().as_raw(),
-            lse: lse.as_device_ptr().as_raw(),
-            q_offsets: q_offsets.map_or(0, |o| o.as_device_ptr().as_raw()),
-        };
         // SAFETY: the buffers are live device allocations of the lengths the plan's shape
         // needs (validated above), borrowed for the call; the kernels run in stream order and
         // the caller owns synchronization before reading `out`/`lse` or freeing inputs.
@@ -539,25 +530,7 @@ impl Decoder {
         lse: &mut DeviceBuffer<f32>,
         stream: &Stream,
     ) -> Result<()> {
-        let shape = plan.shape;
-        validate_lengths(
-            &shape,
-            q.len(),
-            kv_cache.len(),
-            block_table.len(),
-            cache_seqlens.len(),
-            out.len(),
-            lse.len(),
-        )?;
-        let bufs = RawBuffers {
-            q: q.as_device_ptr().as_raw(),
-            kv_cache: kv_cache.as_device_ptr().as_raw(),
-            block_table: block_table.as_device_ptr().as_raw(),
-            cache_seqlens: cache_seqlens.as_device_ptr().as_raw(),
-            out: out.as_device_ptr().as_raw(),
-            lse: lse.as_device_ptr().as_raw(),
-            q_offsets: 0,
-        };
+        let bufs = typed_buffers(&plan.shape, q, None, kv_cache, block_table, cache_seqlens, out, lse)?;
         // SAFETY: as decode_into's: live buffers of the validated lengths, borrowed for the call.
         unsafe { self.decode_fp8_raw(plan, bufs, kv_scale, softmax_scale, stream.as_inner()) }
     }
@@ -701,6 +674,39 @@ impl Decoder {
             &mut [&mut params as *mut DecodeParams as *mut c_void],
         )
     }
+}
+
+/// The typed entry points' buffers, their lengths checked against `shape` (the cache in
+/// elements of its own type: q's dtype, or bytes for an FP8 format), as raw addresses.
+#[allow(clippy::too_many_arguments)]
+fn typed_buffers<T: Element, C: cust::memory::DeviceCopy>(
+    shape: &DecodeShape,
+    q: &DeviceBuffer<T>,
+    q_offsets: Option<&DeviceBuffer<i32>>,
+    kv_cache: &DeviceBuffer<C>,
+    block_table: &DeviceBuffer<i32>,
+    cache_seqlens: &DeviceBuffer<i32>,
+    out: &DeviceBuffer<T>,
+    lse: &DeviceBuffer<f32>,
+) -> Result<RawBuffers> {
+    validate_lengths(
+        shape,
+        q.len(),
+        kv_cache.len(),
+        block_table.len(),
+        cache_seqlens.len(),
+        out.len(),
+        lse.len(),
+    )?;
+    Ok(RawBuffers {
+        q: q.as_device_ptr().as_raw(),
+        kv_cache: kv_cache.as_device_ptr().as_raw(),
+        block_table: block_table.as_device_ptr().as_raw(),
+        cache_seqlens: cache_seqlens.as_device_ptr().as_raw(),
+        out: out.as_device_ptr().as_raw(),
+        lse: lse.as_device_ptr().as_raw(),
+        q_offsets: q_offsets.map_or(0, |o| o.as_device_ptr().as_raw()),
+    })
 }
 
 /// `cache_seqlens` has one entry per request.

@@ -220,6 +220,21 @@ pub fn random_seqlens(rng: &mut StdRng, batch: usize, max: i32) -> Vec<i32> {
 
 pub use etap::metrics::{max_abs_diff_lse, max_abs_diff_lse_f64, rel_err, rel_err_f64};
 
+/// A decode's `out` and `lse` on the host, once `stream` is done (the GPU tests' read-back).
+pub fn read_back<T: Element>(
+    stream: &cust::stream::Stream,
+    out: &cust::memory::DeviceBuffer<T>,
+    lse: &cust::memory::DeviceBuffer<f32>,
+) -> (Vec<T>, Vec<f32>) {
+    use cust::memory::CopyDestination;
+    stream.synchronize().unwrap();
+    let mut o = vec![T::default(); out.len()];
+    let mut l = vec![0f32; lse.len()];
+    out.copy_to(&mut o[..]).unwrap();
+    lse.copy_to(&mut l[..]).unwrap();
+    (o, l)
+}
+
 /// Round `x` to `T` and back: the rounding a 16-bit kernel operand or output goes through.
 pub fn round_to<T: Element>(x: f32) -> f32 {
     T::from_f32(x).to_f32()
