@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's runs, as session 6 made them, for a device machine that has no Rust: build
+# One GPU session's runs, as sessions 6 and 7 made them, for a device machine that has no Rust: build
 # here (`cargo xtask bundle`, and `maturin build` for the wheel, which .ci/run does), copy the
 # peers' sources into the repository (`cp -r ../shared/peers .peers`, git-ignored through
 # .git/info/exclude), carry `target/bundle`, `target/wheels` and `.peers`, then run one step a
@@ -10,6 +10,9 @@
 #                                      # GPU-required mode with the sanitizers; the Python checks
 #   bash bench/gpu-session.sh bench    # etap-bench (serving mode and per call), then the peers on
 #                                      # the same batches (bench/peers.py), ratios printed last
+#   bash bench/gpu-session.sh shapes   # issue 13's table: page sizes, head counts, s_q, packed
+#   bash bench/gpu-session.sh fp8      # issue 14: the FP8 tests with memcheck/racecheck, the FP8
+#                                      # serving table beside bf16
 #
 # Logs go to $OUT (the device tool's folder that comes back), at most 8 files.
 set -u
@@ -50,8 +53,28 @@ bench)
         echo "the peers are not built: run the 'tests' step first on this machine"
     fi
     ;;
+shapes)
+    B=target/bundle/etap-bench
+    $B --out /root/s1 --iters 20 --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 128,1,16,1024 --pages 16,32,64,128 >"$out/pages.log" 2>&1
+    echo "pages rc=$?"; cp /root/s1/results.csv "$out/pages.csv"
+    $B --out /root/s2 --iters 20 $(for h in 1 3 6 8 12 16 20 24 32 48 64 96 127 128; do echo --shape 16,1,$h,65536; done) >"$out/heads.log" 2>&1
+    echo "heads rc=$?"; cp /root/s2/results.csv "$out/heads.csv"
+    $B --out /root/s3 --iters 20 --packed $(for s in 1 2 3 4 5 6 7 8; do echo --shape 16,$s,16,16384; done) >"$out/sq.log" 2>&1
+    echo "s_q and packed rc=$?"; cp /root/s3/results.csv "$out/sq.csv"
+    ;;
+fp8)
+    (cd target/bundle && ETAP_REQUIRE_GPU=1 ./tests/gpu_fp8 --test-threads=1 --nocapture >"$out/fp8-tests.log" 2>&1)
+    echo "fp8 tests rc=$?"; grep -E "^fp8|test result" "$out/fp8-tests.log"
+    san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
+    for tool in memcheck racecheck; do
+        (cd target/bundle && ETAP_REQUIRE_GPU=1 "$san" --tool $tool ./tests/gpu_fp8 --test-threads=1 fp8_caches >"/root/san-$tool.log" 2>&1)
+        echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /root/san-$tool.log)"
+    done
+    target/bundle/etap-bench --out /root/f1 --iters 10 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 64,1,16,8192 >"$out/fp8-bench.log" 2>&1
+    echo "fp8 bench rc=$?"; cp /root/f1/results.csv "$out/fp8.csv"
+    ;;
 *)
-    echo "usage: bash bench/gpu-session.sh tests|bench" >&2
+    echo "usage: bash bench/gpu-session.sh tests|bench|shapes|fp8" >&2
     exit 2
     ;;
 esac
