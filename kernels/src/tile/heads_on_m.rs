@@ -126,12 +126,7 @@ pub unsafe fn row_softmax_n<const N: usize>(
         let mut x = tmax[h];
         x = math::fmax(x, sync::shfl_xor_f32(x, 1));
         x = math::fmax(x, sync::shfl_xor_f32(x, 2));
-        let m_new = math::fmax(st.m[h], x * scale_log2);
-        // A row that has seen no KV row yet keeps m = -inf (and subtracts 0).
-        m_use[h] = math::max_base(m_new);
-        alpha[h] = math::exp2(st.m[h] - m_use[h]);
-        st.m[h] = m_new;
-        st.l[h] *= alpha[h];
+        (m_use[h], alpha[h]) = online_step(&mut st.m[h], &mut st.l[h], x * scale_log2);
     });
     unroll!(i < N / 2, max 32 => {
         let h = row_half(i);

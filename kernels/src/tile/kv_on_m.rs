@@ -142,12 +142,8 @@ pub unsafe fn column_softmax<const NW: usize>(
         for w in 1..4u32 {
             x = math::fmax(x, smem::ld_f32(red + (w * NW as u32 + col) * 4));
         }
-        let m_new = math::fmax(st.m[slot], x);
-        // A column that has seen no row yet keeps m = -inf (and subtracts 0).
-        m_use[slot] = math::max_base(m_new);
-        let alpha = math::exp2(st.m[slot] - m_use[slot]);
-        st.m[slot] = m_new;
-        st.l[slot] *= alpha;
+        let alpha;
+        (m_use[slot], alpha) = online_step(&mut st.m[slot], &mut st.l[slot], x);
         rescale_column::<NW>(o, slot, alpha);
     });
     unroll!(i < NW / 2, max 16 => {

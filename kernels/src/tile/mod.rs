@@ -129,6 +129,21 @@ pub unsafe fn zero_rows_from(page: u32, first: u32, rank: u32, threads: u32) {
     }
 }
 
+/// One step of the online softmax for a row (or column) with running maximum `m` and sum `l`
+/// (log2 units), given the new tile's maximum `tile_max`: updates both and returns the base to
+/// subtract from the tile's scores and the factor `alpha = exp2(m_old - m_new)` that rescales
+/// its O. Both layouts' softmax use it.
+#[inline(always)]
+pub fn online_step(m: &mut f32, l: &mut f32, tile_max: f32) -> (f32, f32) {
+    let m_new = math::fmax(*m, tile_max);
+    // A row that has seen nothing yet keeps m = -inf (and subtracts 0).
+    let base = math::max_base(m_new);
+    let alpha = math::exp2(*m - base);
+    *m = m_new;
+    *l *= alpha;
+    (base, alpha)
+}
+
 /// Wait for an mbarrier phase (re-exported for the kernels' readability).
 ///
 /// # Safety
