@@ -67,8 +67,8 @@ def _stream_handle(device_index):
 
 
 class _PlanCache:
-    """Plans by (device, b, s_q, h_q, num_pages, max_pages, page_size), least recently used
-    first. A plan that a graph
+    """Plans by (device, b, s_q, h_q, num_pages, max_pages, page_size[, kv_format]) (the FP8
+    format of the cache where it has one), least recently used first. A plan that a graph
     capture used is pinned (the graph's replays write into it) and never evicted."""
 
     def __init__(self, limit=32):
