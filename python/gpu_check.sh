@@ -4,8 +4,9 @@
 # machine's own), then runs:
 #   1. the host-side and GPU pytest suites (tests/test_host.py, tests/test_gpu.py: FlashMLA's matrix
 #      and the shapes of issue 13: h_q 1-128, s_q 1-8, cache pages of 16/32/64/128 rows, and its
-#      packed query layout: 0-8 tokens a request through cu_seqlens_q),
-#   2. the CUDA-graph tests (tests/test_graph.py),
+#      packed query layout: 0-8 tokens a request through cu_seqlens_q; tests/test_fp8_*.py: the
+#      FP8 caches of issue 14, FlashMLA's 656-byte format and per-tensor e4m3, their quantizers),
+#   2. the CUDA-graph tests (tests/test_graph.py, FP8 caches included),
 #   3. the two-GPU example with torchrun --nproc-per-node 2 (tensor and context parallel),
 # with ETAP_REQUIRE_GPU=1 (a missing GPU or torch fails rather than skips), and prints a summary.
 #
@@ -59,6 +60,8 @@ cd "$here/tests"
 # -p no:cacheprovider: the checkout may be read-only. -rs: print every skip's reason.
 run "pytest: host-side + GPU matrix, h_q/s_q/page sizes, errors, devices, merge, custom op, bench" \
     "$py" -m pytest -p no:cacheprovider -q -rs --maxfail=25 test_host.py test_gpu.py test_ops.py
+run "pytest: FP8 caches (issue 14): checks, quantizers, GPU against the dequantized reference" \
+    "$py" -m pytest -p no:cacheprovider -q -rs --maxfail=25 test_fp8_host.py test_fp8_quant.py test_fp8_gpu.py
 run "pytest: CUDA graphs (capture, many replays)" \
     "$py" -m pytest -p no:cacheprovider -q -rs --maxfail=25 test_graph.py
 if [ "$("$py" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then

@@ -19,10 +19,24 @@ its own number of query tokens:
 
 with q ``[total_q, h_q, 576]``, cu ``int32[b + 1]`` (request r's tokens are rows
 ``cu[r]..cu[r + 1]``), n 1 to 8; out ``[total_q, h_q, 512]``, lse ``float32[total_q, h_q]``.
+
+FP8 caches (bf16 q and out, ``s_q * h_q <= 16``, pages of 64 rows, the uniform layout), made by
+:mod:`etap.quant`:
+
+    k8 = etap.quant.quantize_fp8_656(k_cache)          # FlashMLA's [num_blocks, 64, 1, 656]
+    out, lse = etap.flash_mla_with_kvcache(q, k8, block_table, cache_seqlens, 512, meta, None,
+                                           causal=True, is_fp8_kvcache=True)
+    s = etap.quant.per_tensor_scale(k_cache)
+    ke = etap.quant.quantize_e4m3_per_tensor(k_cache, s)  # per-tensor e4m3 [num_blocks, 64, 1, 576]
+    out, lse = etap.flash_mla_with_kvcache(q, ke, block_table, cache_seqlens, 512, meta, None,
+                                           causal=True, is_fp8_kvcache=True, kv_scale=s)
+
+(etap.plan / etap.decode take them too: the format is read from the cache, ``kv_scale=`` given
+to decode.)
 """
 
-from . import _etap
-from ._checks import D_QK, D_V, DEFAULT_PAGE_SIZE, MAX_HEADS, MAX_S_Q, PAGE_SIZES
+from . import _etap, quant
+from ._checks import D_QK, D_V, DEFAULT_PAGE_SIZE, FP8_MAX_COLS, FP8_PAGE_SIZE, MAX_HEADS, MAX_S_Q, PAGE_SIZES
 from .interface import EtapMetadata, Plan, decode, decoder, flash_mla_with_kvcache, get_mla_metadata, plan
 from .merge import merge_states
 
@@ -32,6 +46,8 @@ __all__ = [
     "D_QK",
     "D_V",
     "DEFAULT_PAGE_SIZE",
+    "FP8_MAX_COLS",
+    "FP8_PAGE_SIZE",
     "MAX_HEADS",
     "MAX_S_Q",
     "PAGE_SIZES",
@@ -43,4 +59,5 @@ __all__ = [
     "get_mla_metadata",
     "merge_states",
     "plan",
+    "quant",
 ]

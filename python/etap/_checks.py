@@ -1,13 +1,15 @@
 """Argument checks of the decode calls, before anything is launched.
 
 Torch-free on purpose: a tensor is read only through its attributes (``dtype``, ``device``,
-``shape``, ``stride()``, ``data_ptr()``), so these checks run (and are tested) on a machine
-without torch or a GPU. Each failure raises ``TypeError`` (wrong type or dtype), ``ValueError``
+``shape``, ``stride()``, ``data_ptr()``; for FlashMLA's FP8 cache also ``untyped_storage()``,
+where the tensor has it, for the size of its allocation), so these checks run (and are tested)
+on a machine without torch or a GPU. Each failure raises ``TypeError`` (wrong type or dtype), ``ValueError``
 (wrong shape, stride, device, size, value) or ``NotImplementedError`` (a valid FlashMLA call
 that etap's kernels do not support), and names the argument at fault.
 """
 
 import math
+import struct
 
 from . import _etap
 
@@ -18,10 +20,20 @@ MAX_S_Q = _etap.MAX_S_Q  # 8: s_q (query tokens per request) is 1 to MAX_S_Q
 PAGE_SIZES = tuple(_etap.PAGE_SIZES)  # (16, 32, 64, 128): rows per cache page (page_block_size)
 DEFAULT_PAGE_SIZE = _etap.DEFAULT_PAGE_SIZE  # 64: FlashMLA's page size
 
+# FP8 caches (issue 14): read by the ETAP kernel of 16 columns, with bf16 q and out.
+FP8_656_TOKEN_BYTES = _etap.FP8_656_TOKEN_BYTES  # 656: FlashMLA's "FP8 with scale" (512 e4m3, 4 f32, 64 bf16)
+FP8_656_PAGE_STRIDE = _etap.FP8_656_PAGE_STRIDE  # 42640 bytes: pages of 64 tokens laid out 65 apart
+FP8_TENSOR_TOKEN_BYTES = _etap.FP8_TENSOR_TOKEN_BYTES  # 576: per-tensor e4m3, one float32 scale
+FP8_PAGE_SIZE = 64  # an FP8 cache's page_block_size
+FP8_MAX_COLS = 16  # s_q * h_q at most, with an FP8 cache
+
 # dtype names as torch prints them (str(torch.bfloat16) == "torch.bfloat16").
 _HALF = {"torch.bfloat16": "bf16", "torch.float16": "f16"}
 _I32 = "torch.int32"
 _F32 = "torch.float32"
+_BF16 = "torch.bfloat16"
+# An FP8 cache's dtypes: FlashMLA's quantizer returns float8_e4m3fn; engines often keep bytes.
+_FP8 = ("torch.float8_e4m3fn", "torch.uint8")
 
 
 def dtype_name(t):
@@ -86,6 +98,37 @@ def require_contiguous(name, t):
         )
 
 
+def is_fp8_cache(t):
+    """Whether a cache tensor holds an FP8 cache (its dtype is float8_e4m3fn or uint8)."""
+    return _is_tensor(t) and dtype_name(t) in _FP8
+
+
+def _as_f32(x):
+    """A Python float rounded to float32 (as the kernels take it): inf past float32's range."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def check_kv_scale(kv_scale):
+    """The per-tensor FP8 cache's scale: None, or a Python number that is finite and positive
+    as a float32 (it is passed to the kernel by value, as a float32). A tensor is refused: its
+    value would have to be copied to the host (a synchronization, and not capturable)."""
+    if kv_scale is None:
+        return None
+    if isinstance(kv_scale, bool) or not isinstance(kv_scale, (int, float)):
+        raise TypeError(
+            f"kv_scale: expected a float (the per-tensor FP8 cache's scale, a host value) or None, "
+            f"got {type(kv_scale).__name__}"
+        )
+    s = float(kv_scale)
+    f = _as_f32(s)
+    if not (math.isfinite(f) and f > 0.0):
+        raise ValueError(f"kv_scale: {kv_scale} must be finite and positive (as a float32, {f})")
+    return s
+
+
 def check_scale(softmax_scale):
     if softmax_scale is None:
         return None
@@ -97,9 +140,7 @@ def check_scale(softmax_scale):
     return s
 
 
-def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, causal=True):
-    """Check a decode call's inputs; return (device index, dtype name, shape), shape being
-    (b, s_q, h_q, num_pages, max_pages, page_size): page_size is k_cache's page_block_size."""
+def _check_common(q, k_cache, block_table, cache_seqlens, head_dim_v, causal):
     for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         require_tensor(name, t)
     if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int):
@@ -109,10 +150,25 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, ca
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
 
+
+def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, causal=True):
+    """Check a decode call's inputs; return (device index, dtype name, shape), shape being
+    (b, s_q, h_q, num_pages, max_pages, page_size): page_size is k_cache's page_block_size."""
+    _check_common(q, k_cache, block_table, cache_seqlens, head_dim_v, causal)
     # q: [b, s_q, h_q, 576], bf16 or fp16.
     qd = dtype_name(q)
     if qd not in _HALF:
         raise TypeError(f"q: dtype must be torch.bfloat16 or torch.float16, got {qd}")
+    device, b, s_q, h_q = _check_q_shape(q, causal)
+    num_pages, max_pages, page_size = _check_cache_and_tables(device, qd, b, k_cache, block_table, cache_seqlens)
+    shape = (b, s_q, h_q, num_pages, max_pages, page_size)
+    _etap.validate_shape(*shape)  # ValueError for sizes past the kernels' 32-bit coordinates
+    return device, _HALF[qd], shape
+
+
+def _check_q_shape(q, causal):
+    """q (dtype checked): on a CUDA device, [b, s_q, h_q, 576], contiguous; returns (device, b,
+    s_q, h_q)."""
     device = require_cuda("q", q)
     qs = shape_of(q)
     if len(qs) != 4:
@@ -132,11 +188,113 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, ca
             "causal=False with s_q > 1 is not supported by etap's kernels (every query token would see "
             "the whole sequence); pass causal=True (FlashMLA's mask), or s_q = 1, where both are the same"
         )
+    return device, b, s_q, h_q
 
-    num_pages, max_pages, page_size = _check_cache_and_tables(device, qd, b, k_cache, block_table, cache_seqlens)
-    shape = (b, s_q, h_q, num_pages, max_pages, page_size)
-    _etap.validate_shape(*shape)  # ValueError for sizes past the kernels' 32-bit coordinates
-    return device, _HALF[qd], shape
+
+def check_fp8_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, causal=True):
+    """Check a decode call's inputs over an FP8 cache (issue 14); return (device index, shape,
+    kv_format), shape as :func:`check_decode_args`'s and kv_format ``"fp8_656"`` or
+    ``"fp8_per_tensor"`` (from k_cache's last dim: 656 or 576 bytes a token).
+
+    q ``[b, s_q, h_q, 576]`` bf16 with ``s_q * h_q <= 16``; k_cache float8_e4m3fn or uint8,
+    ``[num_blocks, 64, 1, 656]`` laid out as FlashMLA's quantizer makes it (pages 65 token slots
+    apart: strides ``(42640, 656, 656, 1)``, the allocation holding all ``num_blocks * 65``
+    slots) or ``[num_blocks, 64, 1, 576]`` contiguous (per-tensor e4m3)."""
+    _check_common(q, k_cache, block_table, cache_seqlens, head_dim_v, causal)
+    qd = dtype_name(q)
+    if qd != _BF16:
+        raise TypeError(
+            f"q: dtype must be torch.bfloat16 with an FP8 cache (etap's FP8 kernel takes bf16 q and out), got {qd}"
+        )
+    device, b, s_q, h_q = _check_q_shape(q, causal)
+    if s_q * h_q > FP8_MAX_COLS:
+        raise ValueError(
+            f"q: s_q * h_q = {s_q} * {h_q} = {s_q * h_q} (token, head) columns a request is not supported with an "
+            f"FP8 cache (at most {FP8_MAX_COLS}: etap reads FP8 caches with its ETAP kernel of 16 columns)"
+        )
+    num_pages, fmt = _check_fp8_cache(device, k_cache)
+    max_pages = _check_tables(device, b, block_table, cache_seqlens)
+    shape = (b, s_q, h_q, num_pages, max_pages, FP8_PAGE_SIZE)
+    _etap.validate_shape(*shape, kv_format=fmt)  # ValueError for sizes past the kernels' coordinates
+    return device, shape, fmt
+
+
+def _strides_match(t, want):
+    """t's strides are `want` on every dim of size > 1 (a size-1 dim's stride does not matter)."""
+    return all(size == 1 or stride == w for size, stride, w in zip(shape_of(t), t.stride(), want))
+
+
+def _check_fp8_cache(device, k_cache):
+    """An FP8 cache on cuda:`device`; returns (num_pages, kv_format)."""
+    require_same_device("k_cache", k_cache, device)
+    kd = dtype_name(k_cache)
+    if kd not in _FP8:
+        raise TypeError(f"k_cache: dtype must be torch.float8_e4m3fn or torch.uint8 (an FP8 cache), got {kd}")
+    ks = shape_of(k_cache)
+    if len(ks) != 4:
+        raise ValueError(
+            f"k_cache: expected 4 dims [num_blocks, 64, 1, {FP8_656_TOKEN_BYTES} or {FP8_TENSOR_TOKEN_BYTES}] "
+            f"(an FP8 cache), got shape {ks}"
+        )
+    num_pages, page_size, h_k, token = ks
+    if token == FP8_656_TOKEN_BYTES:
+        fmt = "fp8_656"
+    elif token == FP8_TENSOR_TOKEN_BYTES:
+        fmt = "fp8_per_tensor"
+    else:
+        raise ValueError(
+            f"k_cache: an FP8 cache has {FP8_656_TOKEN_BYTES} bytes a token (FlashMLA's FP8 format: 512 e4m3, "
+            f"4 float32 scales, 64 bf16) or {FP8_TENSOR_TOKEN_BYTES} (per-tensor e4m3), got {token}"
+        )
+    if page_size != FP8_PAGE_SIZE:
+        raise ValueError(
+            f"k_cache: page_block_size = {page_size} rows is not supported with an FP8 cache "
+            f"(pages of {FP8_PAGE_SIZE} rows only; shape {ks})"
+        )
+    if h_k != 1:
+        raise ValueError(f"k_cache: num_heads_k must be 1 (MLA's one latent KV head), got {h_k}")
+    if num_pages < 1:
+        raise ValueError("k_cache: has no pages")
+    if fmt == "fp8_per_tensor":
+        require_contiguous("k_cache", k_cache)
+        return num_pages, fmt
+    # FlashMLA's layout: the quantizer allocates 65 token slots a page and returns the first 64.
+    want = (FP8_656_PAGE_STRIDE, FP8_656_TOKEN_BYTES, FP8_656_TOKEN_BYTES, 1)
+    if not _strides_match(k_cache, want):
+        raise ValueError(
+            f"k_cache: FlashMLA's FP8 cache lays its pages out 65 token slots apart: strides must be {want} "
+            f"(as FlashMLA's quantizer and etap.quant.quantize_fp8_656 return it), got {tuple(k_cache.stride())}"
+        )
+    # The kernel's view of the cache covers every page's 65 slots (etap's contract: the 65th
+    # of the last page must be allocated too, though no row of it is read).
+    storage = getattr(k_cache, "untyped_storage", None)
+    if storage is not None:
+        st = storage()
+        end = int(st.data_ptr()) + int(st.nbytes())
+        need = num_pages * FP8_656_PAGE_STRIDE
+        if k_cache.data_ptr() + need > end:
+            raise ValueError(
+                f"k_cache: the allocation holds {end - k_cache.data_ptr()} bytes from the cache's start, "
+                f"{need} needed ({num_pages} pages of 65 token slots of {FP8_656_TOKEN_BYTES} bytes, "
+                f"as FlashMLA's quantizer allocates them)"
+            )
+    return num_pages, fmt
+
+
+def check_fp8_kv_scale(kv_format, kv_scale):
+    """The scale a cache of `kv_format` takes (kv_scale already checked by check_kv_scale):
+    None for FlashMLA's 656-byte format, a float for the per-tensor one."""
+    if kv_format == "fp8_656" and kv_scale is not None:
+        raise ValueError(
+            "kv_scale: given, but k_cache is FlashMLA's FP8 format (656 bytes a token), which carries its own "
+            "scales: pass kv_scale=None"
+        )
+    if kv_format == "fp8_per_tensor" and kv_scale is None:
+        raise ValueError(
+            f"kv_scale: needed: k_cache of {FP8_TENSOR_TOKEN_BYTES} bytes a token is the per-tensor e4m3 format "
+            "(value = e4m3 * kv_scale)"
+        )
+    return kv_scale
 
 
 def _check_cache_and_tables(device, qd, b, k_cache, block_table, cache_seqlens):
@@ -161,7 +319,11 @@ def _check_cache_and_tables(device, qd, b, k_cache, block_table, cache_seqlens):
     if num_pages < 1:
         raise ValueError("k_cache: has no pages")
     require_contiguous("k_cache", k_cache)
+    return num_pages, _check_tables(device, b, block_table, cache_seqlens), page_size
 
+
+def _check_tables(device, b, block_table, cache_seqlens):
+    """block_table and cache_seqlens of a batch of `b` on cuda:`device`; returns max_pages."""
     # block_table: [b, max_pages] int32.
     require_same_device("block_table", block_table, device)
     require_dtype("block_table", block_table, _I32)
@@ -179,7 +341,7 @@ def _check_cache_and_tables(device, qd, b, k_cache, block_table, cache_seqlens):
     if ss != (b,):
         raise ValueError(f"cache_seqlens: expected shape [batch = {b}], got {ss}")
     require_contiguous("cache_seqlens", cache_seqlens)
-    return num_pages, bs[1], page_size
+    return bs[1]
 
 
 def check_max_seqlen_q(max_seqlen_q):
@@ -248,12 +410,14 @@ def check_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table
 
 
 def _span(t):
-    """[start, end) bytes a contiguous tensor covers."""
-    n = 1
-    for d in shape_of(t):
-        n *= d
+    """[start, end) bytes a tensor of non-negative strides covers (a contiguous one: its
+    elements; FlashMLA's FP8 cache: from its first page's start to its last page's 64th token)."""
+    shape = shape_of(t)
     start = t.data_ptr()
-    return start, start + n * int(t.element_size())
+    if any(d == 0 for d in shape):
+        return start, start
+    last = sum((d - 1) * s for d, s in zip(shape, t.stride()))
+    return start, start + (last + 1) * int(t.element_size())
 
 
 def output_shapes(shape, total_q=None):

@@ -18,6 +18,16 @@ re-planned in place (one small kernel, no allocation), so:
 The packed query layout (each request its own number of query tokens, through device offsets
 ``cu_seqlens_q``) is on etap's own call only (:func:`plan` / :func:`decode`); FlashMLA's call
 keeps its uniform layout.
+
+FP8 caches (issue 14; bf16 q and out, pages of 64 rows, ``s_q * h_q <= 16``, the uniform query
+layout): FlashMLA's "FP8 with scale" format (656 bytes a token: 512 float8_e4m3fn, 4 float32
+scales, one per 128 values, 64 bf16 RoPE values; ``k_cache [num_blocks, 64, 1, 656]`` as
+FlashMLA's quantizer lays it out, pages 65 token slots apart) with
+``flash_mla_with_kvcache(..., is_fp8_kvcache=True)``, and per-tensor e4m3 (``k_cache
+[num_blocks, 64, 1, 576]`` float8_e4m3fn or uint8, value = e4m3 * ``kv_scale``) with
+``is_fp8_kvcache=True, kv_scale=s``. etap's own :func:`plan` / :func:`decode` take either cache
+the same way (the format read from the cache: an 8-bit dtype, 656 or 576 bytes a token; the
+per-tensor scale given to :func:`decode` as ``kv_scale``). :mod:`etap.quant` makes both.
 """
 
 import itertools
@@ -57,8 +67,8 @@ def _stream_handle(device_index):
 
 
 class _PlanCache:
-    """Plans by (device, b, s_q, h_q, num_pages, max_pages, page_size), least recently used
-    first. A plan that a graph
+    """Plans by (device, b, s_q, h_q, num_pages, max_pages, page_size[, kv_format]) (the FP8
+    format of the cache where it has one), least recently used first. A plan that a graph
     capture used is pinned (the graph's replays write into it) and never evicted."""
 
     def __init__(self, limit=32):
@@ -111,18 +121,21 @@ class EtapMetadata:
     same ``cache_seqlens`` values (FlashMLA's rule). Make a new one for each step.
     """
 
-    __slots__ = ("batch", "cols", "device", "key", "capture", "token", "__weakref__")
+    __slots__ = ("batch", "cols", "device", "fp8", "key", "capture", "token", "__weakref__")
 
-    def __init__(self, batch=None, cols=None, device=None):
+    def __init__(self, batch=None, cols=None, device=None, fp8=None):
         self.token = next(_tokens)
         self.batch = batch
         self.cols = cols
         self.device = device
+        self.fp8 = fp8  # get_mla_metadata's is_fp8_kvcache where given (None: not said)
         self.key = None  # the plan key of the first call
         self.capture = None  # the graph capture (id) the plan was last scheduled in, None: eager
 
     def __repr__(self):
-        return f"etap.EtapMetadata(batch={self.batch}, cols={self.cols}, device={self.device}, planned={self.key is not None})"
+        fp8 = "" if self.fp8 is None else f", is_fp8_kvcache={self.fp8}"
+        return (f"etap.EtapMetadata(batch={self.batch}, cols={self.cols}, device={self.device}{fp8}, "
+                f"planned={self.key is not None})")
 
 
 def get_mla_metadata(
@@ -142,6 +155,8 @@ def get_mla_metadata(
     against the decode call: the batch and ``s_q * h_q``) and the newer ``get_mla_metadata()``.
     ``tile_scheduler_metadata`` is an :class:`EtapMetadata` (it plans lazily, on the tensors of
     the first decode call); ``num_splits`` is ``None`` (kept for the call's signature).
+    ``is_fp8_kvcache=True`` (an FP8 cache: ``num_q_tokens_per_head_k``, where given, at most 16)
+    is recorded, and the decode calls with this metadata must say the same (FlashMLA's rule).
     Launches nothing and does not synchronize.
     """
     # FlashMLA's other versions: the count's older name, and the fp8 / sparse options.
@@ -149,8 +164,8 @@ def get_mla_metadata(
         if num_q_tokens_per_head_k is not None:
             raise TypeError("get_mla_metadata: num_heads_per_head_k is num_q_tokens_per_head_k's old name: give one")
         num_q_tokens_per_head_k = num_heads_per_head_k
-    if is_fp8_kvcache:
-        raise NotImplementedError("is_fp8_kvcache: etap implements FlashMLA's dense bf16/fp16 decode only")
+    if not isinstance(is_fp8_kvcache, bool):
+        raise TypeError(f"is_fp8_kvcache: expected a bool, got {type(is_fp8_kvcache).__name__}")
     if topk is not None:
         raise NotImplementedError("topk: etap implements FlashMLA's dense decode only (no sparse attention)")
     if num_heads_q is not None and (isinstance(num_heads_q, bool) or not isinstance(num_heads_q, int)):
@@ -158,8 +173,10 @@ def get_mla_metadata(
     if num_heads_q is not None and not 1 <= num_heads_q <= _checks.MAX_HEADS:
         raise ValueError(f"num_heads_q: {num_heads_q} heads is not supported (1 to {_checks.MAX_HEADS})")
     given = [a is not None for a in (cache_seqlens, num_q_tokens_per_head_k, num_heads_k)]
+    # Recorded only when said: FlashMLA's newest get_mla_metadata() takes no arguments.
+    fp8 = True if is_fp8_kvcache else None
     if not any(given):
-        return EtapMetadata(), None
+        return EtapMetadata(fp8=fp8), None
     if not all(given):
         raise TypeError("get_mla_metadata: give all of cache_seqlens, num_q_tokens_per_head_k and num_heads_k, or none")
     _checks.require_tensor("cache_seqlens", cache_seqlens)
@@ -178,7 +195,13 @@ def get_mla_metadata(
             f"num_q_tokens_per_head_k: {num_q_tokens_per_head_k} (= s_q * h_q / num_heads_k) is not supported: "
             f"it must be s_q * h_q with s_q 1 to {_checks.MAX_S_Q} and h_q 1 to {_checks.MAX_HEADS}"
         )
-    return EtapMetadata(shape[0], num_q_tokens_per_head_k, device), None
+    if is_fp8_kvcache and num_q_tokens_per_head_k > _checks.FP8_MAX_COLS:
+        raise ValueError(
+            f"num_q_tokens_per_head_k: {num_q_tokens_per_head_k} (= s_q * h_q) is not supported with "
+            f"is_fp8_kvcache=True (at most {_checks.FP8_MAX_COLS}: etap reads FP8 caches with its ETAP kernel of "
+            "16 columns)"
+        )
+    return EtapMetadata(shape[0], num_q_tokens_per_head_k, device, fp8), None
 
 
 def _supported_cols(cols):
@@ -186,7 +209,7 @@ def _supported_cols(cols):
     return any(cols % s == 0 and 1 <= cols // s <= _checks.MAX_HEADS for s in range(1, _checks.MAX_S_Q + 1))
 
 
-def _check_metadata(meta, num_splits, device, shape):
+def _check_metadata(meta, num_splits, device, shape, fp8=False):
     if not isinstance(meta, EtapMetadata):
         raise TypeError(
             f"tile_scheduler_metadata: expected the etap.EtapMetadata that etap.get_mla_metadata returns, "
@@ -204,27 +227,46 @@ def _check_metadata(meta, num_splits, device, shape):
         )
     if meta.device is not None and meta.device != device:
         raise ValueError(f"tile_scheduler_metadata: made for cuda:{meta.device}, but q is on cuda:{device}")
+    if meta.fp8 is not None and meta.fp8 != fp8:
+        raise ValueError(
+            f"tile_scheduler_metadata: made with is_fp8_kvcache={meta.fp8}, but this call has is_fp8_kvcache={fp8}"
+        )
 
 
-def _scheduled_plan(meta_id, device, shape, cache_seqlens, stream, meta=None):
+def _plan_key(device, shape, kv_format=None):
+    """A plan's key: the device, the shape, and the cache's format where it is FP8."""
+    return (device,) + tuple(shape) + ((kv_format,) if kv_format is not None else ())
+
+
+def _describe_key(key):
+    """A plan key as the errors show it: "(batch, ..., page_size[, kv_format] = (...))"."""
+    names = "batch, s_q, h_q, num_pages, max_pages, page_size" + (", kv_format" if len(key) == 8 else "")
+    return f"({names} = {key[1:]})"
+
+
+def _scheduled_plan(meta_id, device, shape, cache_seqlens, stream, meta=None, kv_format=None):
     """The plan for this call, scheduled for `meta` (re-planned if another step used it since,
-    or if this is a new graph capture)."""
+    or if this is a new graph capture). `kv_format`: an FP8 cache's ("fp8_656" or
+    "fp8_per_tensor"), None for a 16-bit one; a plan serves one format."""
     dec = decoder(device)
     capture = _etap.stream_capture_id(dec, stream)
     # Not keyed by stream: torch.cuda.graph captures on a stream of its own, after warm-up
     # calls on another; calls must be ordered (one stream, or synchronized) across steps.
-    key = (device,) + tuple(shape)
+    key = _plan_key(device, shape, kv_format)
     if meta is not None and meta.key is not None and meta.key != key:
         raise ValueError(
-            "tile_scheduler_metadata: planned for another shape "
-            f"(batch, s_q, h_q, num_pages, max_pages, page_size = {meta.key[1:]}); this call has {tuple(shape)}: "
-            "make one metadata per step and shape"
+            f"tile_scheduler_metadata: planned for another shape {_describe_key(meta.key)}; this call has "
+            f"{key[1:]}: make one metadata per step and shape"
         )
     with _lock:
         slot = _plans.get(key)
         if slot is None:
             # Makes the plan and schedules it (raises if the stream is capturing).
-            slot = _Slot(dec.plan(*shape, cache_seqlens.data_ptr(), stream), device)
+            if kv_format is None:
+                made = dec.plan(*shape, cache_seqlens.data_ptr(), stream)
+            else:
+                made = dec.plan(*shape, cache_seqlens.data_ptr(), stream, kv_format=kv_format)
+            slot = _Slot(made, device)
             _plans.put(key, slot)
         elif meta_id is None or slot.owner != meta_id or (meta is not None and meta.capture != capture):
             dec.replan(slot.plan, cache_seqlens.data_ptr(), stream)
@@ -266,6 +308,7 @@ def flash_mla_with_kvcache(
     empty_lse="+inf",
     out=None,
     lse=None,
+    kv_scale=None,
 ):
     """FlashMLA's ``flash_mla_with_kvcache`` on etap: returns ``(out, lse)``.
 
@@ -280,9 +323,23 @@ def flash_mla_with_kvcache(
     sees no row gets out = 0 and lse = +inf as FlashMLA returns it, or -inf with
     ``empty_lse="-inf"`` (what merging partial states needs). ``out``/``lse`` may be given
     (etap's extension) to write into the caller's tensors.
+
+    FP8 caches (``is_fp8_kvcache=True``; q and out bf16, ``s_q * h_q <= 16``, pages of 64 rows):
+
+    - FlashMLA's "FP8 with scale" format: k_cache ``[num_blocks, 64, 1, 656]`` float8_e4m3fn (or
+      uint8) as FlashMLA's quantizer returns it (``tests/quant.py``'s ``quantize_k_cache``, or
+      :func:`etap.quant.quantize_fp8_656`): per token 512 e4m3, 4 float32 scales (one per 128
+      values), 64 bf16 RoPE values; pages 65 token slots apart (strides ``(42640, 656, 656,
+      1)``). FlashMLA itself reads this format in its sparse decode only; etap decodes it
+      densely, through the block table.
+    - per-tensor e4m3 (etap's extension): k_cache ``[num_blocks, 64, 1, 576]`` float8_e4m3fn (or
+      uint8), contiguous, value = e4m3 * ``kv_scale`` (keyword-only: a Python float, finite and
+      positive as a float32, passed to the kernel by value, so a CUDA graph replays the scale it
+      captured); :func:`etap.quant.quantize_e4m3_per_tensor` makes one.
     """
+    if not isinstance(is_fp8_kvcache, bool):
+        raise TypeError(f"is_fp8_kvcache: expected a bool, got {type(is_fp8_kvcache).__name__}")
     for name, v in (
-        ("is_fp8_kvcache", is_fp8_kvcache),
         ("indices", indices),
         ("attn_sink", attn_sink),
         ("extra_k_cache", extra_k_cache),
@@ -290,20 +347,39 @@ def flash_mla_with_kvcache(
         ("topk_length", topk_length),
         ("extra_topk_length", extra_topk_length),
     ):
-        if v is not None and v is not False:
-            raise NotImplementedError(f"{name}: etap implements FlashMLA's dense bf16/fp16 decode only")
+        if v is not None:
+            raise NotImplementedError(f"{name}: etap implements FlashMLA's dense decode only (no sparse attention)")
     scale = _checks.check_scale(softmax_scale)
+    kv_scale = _checks.check_kv_scale(kv_scale)
     if empty_lse not in ("+inf", "-inf"):
         raise ValueError(f"empty_lse: must be '+inf' (FlashMLA's) or '-inf', got {empty_lse!r}")
-    device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, causal)
-    _check_metadata(tile_scheduler_metadata, num_splits, device, shape)
+    if is_fp8_kvcache:
+        device, shape, kv_format = _checks.check_fp8_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                                                                  causal)
+        _checks.check_fp8_kv_scale(kv_format, kv_scale)
+        dtype = "bf16"
+    else:
+        if kv_scale is not None:
+            raise ValueError("kv_scale: given with is_fp8_kvcache=False (a 16-bit cache has no scale)")
+        if _checks.is_fp8_cache(k_cache):
+            raise TypeError(
+                f"k_cache: dtype {_checks.dtype_name(k_cache)} is an FP8 cache's: pass is_fp8_kvcache=True "
+                "(and kv_scale= for a per-tensor e4m3 cache)"
+            )
+        device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, causal)
+        kv_format = None
+    _check_metadata(tile_scheduler_metadata, num_splits, device, shape, is_fp8_kvcache)
     out, lse = _outputs(q, shape, out, lse, (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
     _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse)
     stream = _stream_handle(device)
     meta = tile_scheduler_metadata
-    dec, p = _scheduled_plan(meta.token, device, shape, cache_seqlens, stream, meta)
-    dec.decode(p, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
-               out.data_ptr(), lse.data_ptr(), scale, stream)
+    dec, p = _scheduled_plan(meta.token, device, shape, cache_seqlens, stream, meta, kv_format)
+    if kv_format is None:
+        dec.decode(p, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
+                   out.data_ptr(), lse.data_ptr(), scale, stream)
+    else:
+        dec.decode_fp8(p, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
+                       out.data_ptr(), lse.data_ptr(), kv_scale, scale, stream)
     _empty_lse(lse, empty_lse)
     return out, lse
 
@@ -334,12 +410,24 @@ def _layout_args(cu_seqlens_q, max_seqlen_q):
 
 
 def _check_args(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q, max_seqlen_q):
-    """(device, dtype, shape, total_q) of a native call, total_q None in the uniform layout."""
-    if _layout_args(cu_seqlens_q, max_seqlen_q):
+    """(device, dtype, shape, total_q, kv_format) of a native call: total_q None in the uniform
+    layout; kv_format None for a 16-bit cache, "fp8_656" or "fp8_per_tensor" for an FP8 one (a
+    cache of 8-bit dtype, read by its bytes a token)."""
+    packed = _layout_args(cu_seqlens_q, max_seqlen_q)
+    if _checks.is_fp8_cache(k_cache):
+        if packed:
+            raise NotImplementedError(
+                "cu_seqlens_q: the packed query layout over an FP8 cache is not supported (not validated on a "
+                "GPU yet): decode FP8 caches in the uniform layout, q [b, s_q, h_q, 576]"
+            )
+        device, shape, kv_format = _checks.check_fp8_decode_args(q, k_cache, block_table, cache_seqlens, _checks.D_V,
+                                                                  causal)
+        return device, "bf16", shape, None, kv_format
+    if packed:
         return _checks.check_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table, cache_seqlens,
-                                                causal)
+                                                causal) + (None,)
     device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, _checks.D_V, causal)
-    return device, dtype, shape, None
+    return device, dtype, shape, None, None
 
 
 class Plan:
@@ -358,17 +446,26 @@ class Plan:
     576]`` and ``cu`` ``int32[b + 1]``; ``shape``'s s_q is then ``max_seqlen_q`` and
     ``total_q`` is q's row count (None for a plan of the uniform layout). A plan serves one
     layout and one ``total_q``: :func:`decode` refuses the other layout and another total_q.
+
+    An FP8 cache (issue 14; a k_cache of dtype float8_e4m3fn or uint8: FlashMLA's ``[num_blocks,
+    64, 1, 656]`` or per-tensor e4m3 ``[num_blocks, 64, 1, 576]``, see
+    :func:`flash_mla_with_kvcache`; q bf16, ``s_q * h_q <= 16``, the uniform layout) makes a plan
+    for its format: ``kv_format`` is ``"fp8_656"`` or ``"fp8_per_tensor"`` (None for a 16-bit
+    cache), and :func:`decode` refuses a cache of another format.
     """
 
     def __init__(self, q, k_cache, block_table, cache_seqlens, causal=True, *, cu_seqlens_q=None, max_seqlen_q=None):
-        device, dtype, shape, total_q = _check_args(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q,
-                                                    max_seqlen_q)
+        device, dtype, shape, total_q, kv_format = _check_args(q, k_cache, block_table, cache_seqlens, causal,
+                                                               cu_seqlens_q, max_seqlen_q)
         self.device = device
         self.shape = shape
         self.total_q = total_q
+        self.kv_format = kv_format
         self.stream = _stream_handle(device)
         self._dec = decoder(device)
-        if total_q is None:
+        if kv_format is not None:
+            self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream, kv_format=kv_format)
+        elif total_q is None:
             self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream)
         else:
             self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream, total_q=total_q)
@@ -399,8 +496,16 @@ def plan(q, k_cache, block_table, cache_seqlens, causal=True, *, cu_seqlens_q=No
     packed query layout: q ``[total_q, h_q, 576]``, request r's tokens being rows
     ``cu_seqlens_q[r]..cu_seqlens_q[r + 1]``, at most ``max_seqlen_q`` of them (see
     :func:`decode`). The plan depends on the offsets' count (the batch) and on total_q, not on
-    their values."""
+    their values. An FP8 cache makes a plan for its format (:class:`Plan`)."""
     return Plan(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
+
+
+def _format_name(kv_format):
+    return {
+        None: "a 16-bit cache",
+        "fp8_656": "FlashMLA's FP8 cache (kv_format 'fp8_656', 656 bytes a token)",
+        "fp8_per_tensor": "a per-tensor e4m3 cache (kv_format 'fp8_per_tensor', 576 bytes a token)",
+    }[kv_format]
 
 
 def _layout_name(plan):
@@ -411,7 +516,7 @@ def _layout_name(plan):
 
 
 def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, causal=True, *, out=None, lse=None,
-           empty_lse="-inf", cu_seqlens_q=None, max_seqlen_q=None):
+           empty_lse="-inf", cu_seqlens_q=None, max_seqlen_q=None, kv_scale=None):
     """Decode with an explicit :class:`Plan` (made or last re-planned for these seqlens).
     Returns ``(out, lse)``; writes into ``out``/``lse`` when given. lse of a (token, head) that
     saw no row is -inf by default here (``empty_lse="+inf"`` for FlashMLA's).
@@ -427,6 +532,12 @@ def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, cau
     call is capturable): offsets that break these rules are clamped there, so no request reads
     or writes outside q, out and lse, but the result is then unspecified. Everything else is
     checked before the launch.
+
+    An FP8 cache (a plan made for its format: see :class:`Plan`): q bf16 ``[b, s_q, h_q,
+    576]``, out bf16; ``kv_scale`` (a Python float, finite and positive as a float32) is the
+    per-tensor e4m3 cache's scale (value = e4m3 * kv_scale) and must be None for FlashMLA's
+    656-byte format, whose scales are in the cache. The scale is passed by value: a CUDA graph
+    replays the scale it captured.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected an etap.Plan, got {type(plan).__name__}")
@@ -441,12 +552,23 @@ def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, cau
             "with cu_seqlens_q and max_seqlen_q for the packed layout"
         )
     scale = _checks.check_scale(softmax_scale)
+    kv_scale = _checks.check_kv_scale(kv_scale)
     if empty_lse not in ("+inf", "-inf"):
         raise ValueError(f"empty_lse: must be '+inf' or '-inf', got {empty_lse!r}")
-    device, dtype, shape, total_q = _check_args(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q,
-                                                max_seqlen_q)
+    device, dtype, shape, total_q, kv_format = _check_args(q, k_cache, block_table, cache_seqlens, causal,
+                                                           cu_seqlens_q, max_seqlen_q)
     if device != plan.device:
         raise ValueError(f"plan: made for cuda:{plan.device}, but q is on cuda:{device}")
+    if kv_format != plan.kv_format:
+        raise ValueError(
+            f"plan: made for {_format_name(plan.kv_format)}, but k_cache is {_format_name(kv_format)}: make a plan "
+            "for this cache"
+        )
+    if kv_format is None:
+        if kv_scale is not None:
+            raise ValueError("kv_scale: given for a 16-bit cache (only a per-tensor e4m3 cache has a scale)")
+    else:
+        _checks.check_fp8_kv_scale(kv_format, kv_scale)
     if tuple(shape) != tuple(plan.shape) or total_q != plan.total_q:
         if total_q is None:
             names, made, got = "batch, s_q, h_q, num_pages, max_pages, page_size", tuple(plan.shape), tuple(shape)
@@ -460,6 +582,11 @@ def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, cau
     out, lse = _outputs(q, shape, out, lse, tuple(inputs), total_q)
     _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse, cu_seqlens_q)
     stream = _stream_handle(device)
+    if kv_format is not None:
+        plan._dec.decode_fp8(plan._plan, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(),
+                             cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(), kv_scale, scale, stream)
+        _empty_lse(lse, empty_lse)
+        return out, lse
     args = (plan._plan, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
             out.data_ptr(), lse.data_ptr(), scale, stream)
     if cu_seqlens_q is None:

@@ -1,6 +1,7 @@
 """A torch reference of MLA decode (float64), and FlashMLA-style test inputs, for validating
 etap in a deployment and for the package's own GPU tests; both also in the packed query
-layout (:func:`make_packed_inputs`, :func:`mla_decode_packed_reference`)."""
+layout (:func:`make_packed_inputs`, :func:`mla_decode_packed_reference`), and over FP8 caches
+(:func:`mla_decode_fp8_reference`: the reference over the dequantized cache)."""
 
 import math
 import random
@@ -84,6 +85,33 @@ def mla_decode_reference(q, k_cache, block_table, cache_seqlens, softmax_scale=N
             m[empty] = float("inf")
         lse[i] = m.view(s_q, h_q).T
     return out, lse
+
+
+def dequantize_cache(k_cache, kv_scale=None):
+    """The bf16 cache ``[num_blocks, 64, 1, 576]`` an FP8 cache stands for (:mod:`etap.quant`):
+    FlashMLA's 656-byte format (k_cache's last dim 656; ``kv_scale`` None) or per-tensor e4m3
+    (576; ``kv_scale`` its scale)."""
+    from . import quant
+
+    last = k_cache.shape[-1]
+    if last == 656:
+        if kv_scale is not None:
+            raise ValueError("kv_scale: given, but k_cache is FlashMLA's 656-byte format, which carries its scales")
+        return quant.dequantize_fp8_656(k_cache)
+    if last == 576:
+        if kv_scale is None:
+            raise ValueError("kv_scale: needed for a per-tensor e4m3 cache (576 bytes a token)")
+        return quant.dequantize_e4m3_per_tensor(k_cache, kv_scale)
+    raise ValueError(f"k_cache: an FP8 cache has 656 or 576 bytes a token, got {last}")
+
+
+def mla_decode_fp8_reference(q, k_cache, block_table, cache_seqlens, kv_scale=None, softmax_scale=None, causal=True,
+                             empty_lse="+inf"):
+    """:func:`mla_decode_reference` over an FP8 cache: the cache dequantized (e4m3 * scale in
+    float32, rounded once to bf16, as etap's kernel converts it; :func:`dequantize_cache`), then
+    the float64 reference. Returns out [b, s_q, h_q, 512] and lse [b, h_q, s_q] (float64)."""
+    return mla_decode_reference(q, dequantize_cache(k_cache, kv_scale), block_table, cache_seqlens,
+                                softmax_scale=softmax_scale, causal=causal, empty_lse=empty_lse)
 
 
 def make_packed_inputs(counts, h_q, s_k=0, max_seqlen_q=None, **kw):

@@ -3,9 +3,10 @@
 //! strides, and passes plain integers here (device addresses, sizes, the stream handle), so the
 //! wheel links neither libtorch nor libpython and works with any torch version.
 use etap::interop::{capture_id, check_alignment, check_stream, ContextGuard};
-use etap::{DecodeShape, Dtype, EtapError, RawBuffers};
+use etap::{fp8, Bf16, DecodeShape, Dtype, Element, EtapError, KvFormat, RawBuffers};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use std::sync::Arc;
 
 /// Input errors (the caller's arguments) become ValueError, the rest RuntimeError; the message
@@ -41,9 +42,35 @@ fn dtype_of(name: &str) -> PyResult<Dtype> {
     }
 }
 
+/// The cache formats by their Python names: None (16-bit, q's dtype), "fp8_656" (FlashMLA's
+/// FP8 with scale: 656 bytes a token, pages of 64 tokens 65 apart) and "fp8_per_tensor" (576
+/// e4m3 a token, one float32 scale given at the call).
+fn kv_format_of(name: Option<&str>) -> PyResult<KvFormat> {
+    match name {
+        None => Ok(KvFormat::Elem16),
+        Some("fp8_656") => Ok(KvFormat::Fp8Flashmla656),
+        Some("fp8_per_tensor") => Ok(KvFormat::Fp8PerTensor),
+        Some(other) => Err(PyValueError::new_err(format!(
+            "kv_format: {other:?} is not a cache format (None for 16-bit, \"fp8_656\" or \"fp8_per_tensor\")"
+        ))),
+    }
+}
+
+/// The Python name of a cache format (None: 16-bit).
+fn kv_format_name(f: KvFormat) -> Option<&'static str> {
+    match f {
+        KvFormat::Elem16 => None,
+        KvFormat::Fp8Flashmla656 => Some("fp8_656"),
+        KvFormat::Fp8PerTensor => Some("fp8_per_tensor"),
+    }
+}
+
 /// The decode shape, checked; `total_q` `Some`: the packed query layout (`s_q` is then the most
 /// tokens a request may have, and `total_q` at most `batch * s_q`: more could not be split
-/// into `batch` requests of at most `s_q` tokens).
+/// into `batch` requests of at most `s_q` tokens). `kv_format`: see [`kv_format_of`]; an FP8
+/// format takes pages of 64 rows and `s_q * h_q <= 16` (etap::validate), and the uniform query
+/// layout only here (the packed one over an FP8 cache has not been validated on a GPU).
+#[allow(clippy::too_many_arguments)]
 fn shape_of(
     batch: usize,
     s_q: usize,
@@ -52,21 +79,44 @@ fn shape_of(
     max_pages: usize,
     page_size: usize,
     total_q: Option<usize>,
+    kv_format: Option<&str>,
 ) -> PyResult<DecodeShape> {
-    let mut shape = DecodeShape::new(batch, s_q, h_q, num_pages, max_pages).with_page_size(page_size);
+    let format = kv_format_of(kv_format)?;
+    let mut shape = DecodeShape::new(batch, s_q, h_q, num_pages, max_pages)
+        .with_page_size(page_size)
+        .with_kv_format(format);
     if let Some(total_q) = total_q {
         shape = shape.with_packed_q(total_q);
     }
-    // Checks `total_q <= batch * s_q` too.
+    // Checks `total_q <= batch * s_q`, and the FP8 formats' page size and column count, too.
     etap::validate::validate_shape(&shape).map_err(to_py)?;
+    if format != KvFormat::Elem16 && total_q.is_some() {
+        return Err(PyValueError::new_err(
+            "kv_format: an FP8 cache is decoded in the uniform query layout only (no total_q)",
+        ));
+    }
     Ok(shape)
+}
+
+/// A softmax scale from Python: None (1/sqrt(576)) or finite and positive, also as f32.
+fn softmax_scale_of(softmax_scale: Option<f64>) -> PyResult<Option<f32>> {
+    match softmax_scale {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 && (s as f32).is_finite() && (s as f32) > 0.0 => Ok(Some(s as f32)),
+        Some(s) => Err(PyValueError::new_err(format!(
+            "softmax_scale: {s} must be finite and positive"
+        ))),
+    }
 }
 
 /// Check a decode shape without a GPU: raises ValueError naming the field at fault.
 /// `page_size`: the cache's rows per page (one of `PAGE_SIZES`); `total_q`: the packed query
-/// layout's token count (`s_q` is then the most tokens a request has), None for the uniform one.
+/// layout's token count (`s_q` is then the most tokens a request has), None for the uniform one;
+/// `kv_format`: None (a 16-bit cache), "fp8_656" or "fp8_per_tensor" (pages of 64 rows,
+/// `s_q * h_q <= 16`, the uniform layout).
+#[allow(clippy::too_many_arguments)]
 #[pyfunction]
-#[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, total_q=None))]
+#[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, total_q=None, kv_format=None))]
 fn validate_shape(
     batch: usize,
     s_q: usize,
@@ -75,8 +125,9 @@ fn validate_shape(
     max_pages: usize,
     page_size: usize,
     total_q: Option<usize>,
+    kv_format: Option<&str>,
 ) -> PyResult<()> {
-    shape_of(batch, s_q, h_q, num_pages, max_pages, page_size, total_q).map(|_| ())
+    shape_of(batch, s_q, h_q, num_pages, max_pages, page_size, total_q, kv_format).map(|_| ())
 }
 
 /// Check the buffer addresses (q, k_cache, block_table, cache_seqlens, out, lse, and the packed
@@ -232,9 +283,11 @@ impl PyDecoder {
     /// `cache_seqlens`, enqueued on `stream` (no host synchronization). Allocates the plan's
     /// device buffers: not while the stream captures a graph. `total_q` given: a plan for the
     /// packed query layout of `total_q` tokens, at most `s_q` a request (decode it with
-    /// `cu_seqlens_q`); None: the uniform layout, `s_q` tokens a request.
+    /// `cu_seqlens_q`); None: the uniform layout, `s_q` tokens a request. `kv_format`: None for
+    /// a 16-bit cache (decode it with `decode`), "fp8_656" or "fp8_per_tensor" for an FP8 one
+    /// (decode it with `decode_fp8`; pages of 64 rows, `s_q * h_q <= 16`, no `total_q`).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, cache_seqlens, stream, total_q=None))]
+    #[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, cache_seqlens, stream, total_q=None, kv_format=None))]
     fn plan(
         &self,
         batch: usize,
@@ -246,8 +299,9 @@ impl PyDecoder {
         cache_seqlens: u64,
         stream: usize,
         total_q: Option<usize>,
+        kv_format: Option<&str>,
     ) -> PyResult<PyPlan> {
-        let shape = shape_of(batch, s_q, h_q, num_pages, max_pages, page_size, total_q)?;
+        let shape = shape_of(batch, s_q, h_q, num_pages, max_pages, page_size, total_q, kv_format)?;
         let _guard = ContextGuard::new(&self.inner).map_err(to_py)?;
         let stream = stream_of(stream);
         // SAFETY: the Python layer passes torch's current stream of the tensors' device, a
@@ -325,16 +379,13 @@ impl PyDecoder {
         }
         let dtype = dtype_of(dtype)?;
         check_alignment([q, k_cache, block_table, cache_seqlens, out, lse]).map_err(to_py)?;
-        let scale = match softmax_scale {
-            None => None,
-            Some(s) if s.is_finite() && s > 0.0 && (s as f32).is_finite() && (s as f32) > 0.0 => Some(s as f32),
-            Some(s) => {
-                return Err(PyValueError::new_err(format!(
-                    "softmax_scale: {s} must be finite and positive"
-                )))
-            }
-        };
+        let scale = softmax_scale_of(softmax_scale)?;
         let p = plan.get()?;
+        if let Some(f) = kv_format_name(p.shape().kv_format) {
+            return Err(PyValueError::new_err(format!(
+                "plan: made for an FP8 cache (kv_format {f:?}): decode it with `decode_fp8`"
+            )));
+        }
         match (p.shape().packed_q, cu_seqlens_q) {
             (Some(total_q), 0) => {
                 return Err(PyValueError::new_err(format!(
@@ -369,6 +420,68 @@ impl PyDecoder {
         // kernels clamp each request's rows into q, out and lse (etap::DecodeShape).
         unsafe { self.inner.decode_raw(p, dtype, bufs, scale, stream) }.map_err(to_py)
     }
+
+    /// Launch the decode over an FP8 cache on `stream`, with a plan made for its `kv_format`:
+    /// q `[b, s_q, h_q, 576]` bf16, the cache's bytes at `k_cache` (16-byte aligned): in the
+    /// "fp8_656" format `num_pages` pages of 64 tokens of 656 bytes, page `p` at
+    /// `p * 65 * 656` (FlashMLA's quantizer's layout: `num_pages * 65 * 656` bytes), in the
+    /// "fp8_per_tensor" format `[num_pages, 64, 576]` e4m3 bytes; block table, seqlens, out
+    /// (bf16) and lse as `decode`'s uniform layout. `kv_scale`: the per-tensor format's scale
+    /// (finite and positive as a float32), None for the 656-byte format (its scales are in the
+    /// cache). Errors (ValueError) name the argument; nothing is launched then.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (plan, q, k_cache, block_table, cache_seqlens, out, lse, kv_scale, softmax_scale, stream))]
+    fn decode_fp8(
+        &self,
+        plan: &PyPlan,
+        q: u64,
+        k_cache: u64,
+        block_table: u64,
+        cache_seqlens: u64,
+        out: u64,
+        lse: u64,
+        kv_scale: Option<f64>,
+        softmax_scale: Option<f64>,
+        stream: usize,
+    ) -> PyResult<()> {
+        if !Arc::ptr_eq(&plan.decoder, &self.inner) {
+            return Err(PyValueError::new_err(format!(
+                "plan: made by another decoder than this one (device {})",
+                self.inner.device()
+            )));
+        }
+        check_alignment([q, k_cache, block_table, cache_seqlens, out, lse]).map_err(to_py)?;
+        let scale = softmax_scale_of(softmax_scale)?;
+        let p = plan.get()?;
+        if p.shape().kv_format == KvFormat::Elem16 {
+            return Err(PyValueError::new_err(
+                "plan: made for a 16-bit cache (decode it with `decode`, or make a plan with kv_format)",
+            ));
+        }
+        // The scale as the kernel takes it (f32): etap checks it is finite and positive there, so
+        // a float64 that rounds to 0 or infinity is refused too.
+        let kv_scale = kv_scale.map(|s| s as f32);
+        let bufs = RawBuffers {
+            q,
+            kv_cache: k_cache,
+            block_table,
+            cache_seqlens,
+            out,
+            lse,
+            q_offsets: 0,
+        };
+        let _guard = ContextGuard::new(&self.inner).map_err(to_py)?;
+        let stream = stream_of(stream);
+        // SAFETY: as in `plan`.
+        unsafe { check_stream(&self.inner, stream) }.map_err(to_py)?;
+        // SAFETY: the Python layer checked every tensor: on this device, of the dtype and the
+        // exact shape the plan's shape implies (q and out bf16 and contiguous; the cache's bytes
+        // in the plan's format, `shape.cache_len()` of them from `k_cache` inside its
+        // allocation: the 656-byte format's strided pages included), out/lse not overlapping the
+        // inputs, and keeps them alive until the call returns; torch's stream ordering keeps
+        // their memory valid until the kernels ran.
+        unsafe { self.inner.decode_fp8_raw(p, bufs, kv_scale, scale, stream) }.map_err(to_py)
+    }
 }
 
 #[pymethods]
@@ -386,6 +499,12 @@ impl PyPlan {
     #[getter]
     fn total_q(&self) -> PyResult<Option<usize>> {
         Ok(self.get()?.shape().packed_q)
+    }
+
+    /// The cache format the plan was made for: None (16-bit), "fp8_656" or "fp8_per_tensor".
+    #[getter]
+    fn kv_format(&self) -> PyResult<Option<&'static str>> {
+        Ok(kv_format_name(self.get()?.shape().kv_format))
     }
 
     #[getter]
@@ -414,8 +533,12 @@ impl PyPlan {
                     Some(total_q) => format!("total_q={total_q}, max_seqlen_q={}", s.s_q),
                     None => format!("s_q={}", s.s_q),
                 };
+                let format = match kv_format_name(s.kv_format) {
+                    Some(f) => format!(", kv_format={f}"),
+                    None => String::new(),
+                };
                 format!(
-                    "etap.Plan(device={}, batch={}, {tokens}, h_q={}, num_pages={}, max_pages={}, page_size={}, \
+                    "etap.Plan(device={}, batch={}, {tokens}, h_q={}, num_pages={}, max_pages={}, page_size={}{format}, \
                      layout={:?})",
                     self.decoder.device(),
                     s.batch,
@@ -439,6 +562,118 @@ fn stream_capture_id(decoder: &PyDecoder, stream: usize) -> PyResult<Option<u64>
     unsafe { capture_id(stream_of(stream)) }.map_err(to_py)
 }
 
+// --- the FP8 formats' CPU quantizers (etap::fp8), on bytes: for cross-checks and torch-free use ---
+
+/// bf16 values from their little-endian bytes (signalling NaNs come back quiet).
+fn bf16_from_bytes(arg: &'static str, bytes: &[u8], len: usize) -> PyResult<Vec<Bf16>> {
+    if bytes.len() != 2 * len {
+        return Err(PyValueError::new_err(format!(
+            "{arg}: expected {} bytes ({len} bf16), got {}",
+            2 * len,
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(2)
+        .map(|b| Bf16::from_f32(f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)))
+        .collect())
+}
+
+/// bf16 values as little-endian bytes (exact: a bf16 is the top half of its f32).
+fn bf16_to_bytes(values: &[Bf16]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|v| ((v.to_f32().to_bits() >> 16) as u16).to_le_bytes())
+        .collect()
+}
+
+/// A per-tensor scale as the kernel takes it: an f32, finite and positive.
+fn e4m3_scale_of(scale: f64) -> PyResult<f32> {
+    let s = scale as f32;
+    if s.is_finite() && s > 0.0 {
+        Ok(s)
+    } else {
+        Err(PyValueError::new_err(format!(
+            "kv_scale: {scale} must be finite and positive (as a float32)"
+        )))
+    }
+}
+
+/// etap's quantizer of FlashMLA's 656-byte format (`etap::fp8::quantize_fp8_656`): `cache`,
+/// the little-endian bytes of a bf16 `[num_pages, 64, 576]` cache, to `num_pages * 65 * 656`
+/// bytes (token `t` of page `p` at `(p * 65 + t) * 656`; each page's 65th slot zero).
+#[pyfunction]
+fn quantize_fp8_656<'py>(py: Python<'py>, cache: &[u8], num_pages: usize) -> PyResult<Bound<'py, PyBytes>> {
+    let values = bf16_from_bytes("cache", cache, num_pages * etap_core::TILE_ROWS * etap_core::D_QK)?;
+    Ok(PyBytes::new(py, &fp8::quantize_fp8_656(&values, num_pages)))
+}
+
+/// The bf16 cache (little-endian bytes, `[num_pages, 64, 576]`) that `num_pages * 65 * 656`
+/// bytes of the 656-byte format stand for (`etap::fp8::dequantize_fp8_656`).
+#[pyfunction]
+fn dequantize_fp8_656<'py>(py: Python<'py>, data: &[u8], num_pages: usize) -> PyResult<Bound<'py, PyBytes>> {
+    if data.len() != num_pages * fp8::FP8_656_PAGE_STRIDE {
+        return Err(PyValueError::new_err(format!(
+            "data: expected {} bytes ({num_pages} pages of {}), got {}",
+            num_pages * fp8::FP8_656_PAGE_STRIDE,
+            fp8::FP8_656_PAGE_STRIDE,
+            data.len()
+        )));
+    }
+    Ok(PyBytes::new(
+        py,
+        &bf16_to_bytes(&fp8::dequantize_fp8_656(data, num_pages)),
+    ))
+}
+
+/// `etap::fp8::per_tensor_scale` of a bf16 cache (little-endian bytes): its largest magnitude
+/// (NaN ignored) over 448, in float32; 1 for an all-zero cache.
+#[pyfunction]
+fn per_tensor_scale(cache: &[u8]) -> PyResult<f32> {
+    Ok(fp8::per_tensor_scale(&bf16_from_bytes(
+        "cache",
+        cache,
+        cache.len() / 2,
+    )?))
+}
+
+/// `etap::fp8::quantize_e4m3_per_tensor`: each bf16 of `cache` (little-endian bytes) as the
+/// e4m3 byte of `value / scale` (float32 division, round to nearest even, NaN past 464).
+#[pyfunction]
+fn quantize_e4m3_per_tensor<'py>(py: Python<'py>, cache: &[u8], scale: f64) -> PyResult<Bound<'py, PyBytes>> {
+    let scale = e4m3_scale_of(scale)?;
+    let values = bf16_from_bytes("cache", cache, cache.len() / 2)?;
+    Ok(PyBytes::new(py, &fp8::quantize_e4m3_per_tensor(&values, scale)))
+}
+
+/// `etap::fp8::dequantize_e4m3_per_tensor`: e4m3 bytes times `scale` (float32), as the
+/// little-endian bytes of bf16 values.
+#[pyfunction]
+fn dequantize_e4m3_per_tensor<'py>(py: Python<'py>, data: &[u8], scale: f64) -> PyResult<Bound<'py, PyBytes>> {
+    let scale = e4m3_scale_of(scale)?;
+    Ok(PyBytes::new(
+        py,
+        &bf16_to_bytes(&fp8::dequantize_e4m3_per_tensor(data, scale)),
+    ))
+}
+
+/// `etap::fp8::e4m3_from_f32` of each float32 of `values` (little-endian bytes): one e4m3 byte
+/// each.
+#[pyfunction]
+fn e4m3_from_f32<'py>(py: Python<'py>, values: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    if !values.len().is_multiple_of(4) {
+        return Err(PyValueError::new_err(format!(
+            "values: float32 bytes expected (a multiple of 4), got {}",
+            values.len()
+        )));
+    }
+    let out: Vec<u8> = values
+        .chunks_exact(4)
+        .map(|b| fp8::e4m3_from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        .collect();
+    Ok(PyBytes::new(py, &out))
+}
+
 #[pymodule]
 fn _etap(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDecoder>()?;
@@ -446,12 +681,21 @@ fn _etap(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate_shape, m)?)?;
     m.add_function(wrap_pyfunction!(check_addresses, m)?)?;
     m.add_function(wrap_pyfunction!(stream_capture_id, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_fp8_656, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_fp8_656, m)?)?;
+    m.add_function(wrap_pyfunction!(per_tensor_scale, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_e4m3_per_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_e4m3_per_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(e4m3_from_f32, m)?)?;
     m.add("D_QK", etap_core::D_QK)?;
     m.add("D_V", etap_core::D_V)?;
     m.add("MAX_HEADS", etap_core::MAX_HEADS)?;
     m.add("MAX_S_Q", etap_core::MAX_S_Q)?;
     m.add("PAGE_SIZES", etap_core::PAGE_SIZES.to_vec())?;
     m.add("DEFAULT_PAGE_SIZE", etap::DEFAULT_PAGE_SIZE)?;
+    m.add("FP8_656_TOKEN_BYTES", fp8::FP8_656_TOKEN_BYTES)?;
+    m.add("FP8_656_PAGE_STRIDE", fp8::FP8_656_PAGE_STRIDE)?;
+    m.add("FP8_TENSOR_TOKEN_BYTES", fp8::FP8_TENSOR_TOKEN_BYTES)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -2,17 +2,20 @@
 seqlens, block tables and queries copied into the captured tensors, each replay checked against
 the float64 reference (caches of 64-row pages, and of 16, 32 and 128 rows with odd head counts);
 etap's own plan re-planned inside a graph, also in the packed query layout (new token counts in
-the captured cu_seqlens_q at each replay); the error for a shape first seen inside a capture."""
+the captured cu_seqlens_q at each replay) and over FP8 caches (issue 14: the reference over the
+dequantized cache); the error for a shape first seen inside a capture."""
 
 import random
 
 import pytest
 
 import etap
+from etap import quant
 from etap.reference import (
     make_inputs,
     make_packed_inputs,
     max_violation,
+    mla_decode_fp8_reference,
     mla_decode_packed_reference,
     mla_decode_reference,
 )
@@ -74,6 +77,68 @@ def test_flash_mla_interface_in_a_graph(torch_cuda, b, s_q, h_q, page_size):
             ref = mla_decode_reference(q_layers[layer], k, bt, sl)
             v = max_violation(out, lse, *ref)
             assert v <= 1.0, f"replay {replay}, layer {layer}: error {v:.3f} x tolerance (seqlens {sl.tolist()})"
+
+
+@pytest.mark.parametrize("fmt, b, s_q, h_q", [("fp8_656", 8, 1, 16), ("fp8_per_tensor", 5, 2, 8),
+                                               ("fp8_656", 3, 3, 5), ("fp8_per_tensor", 6, 1, 1)])
+def test_fp8_in_a_graph(torch_cuda, fmt, b, s_q, h_q):
+    """FP8 caches (issue 14) in a graph: a step of several layers over a quantized cache through
+    flash_mla_with_kvcache(is_fp8_kvcache=True), captured, replayed with new seqlens, block tables
+    and queries, each replay against the reference over the dequantized cache (the per-tensor
+    scale is captured by value); etap.plan / etap.decode over the same cache in a second graph."""
+    torch = torch_cuda
+    rng = random.Random(b * 100 + s_q * 10 + h_q)
+    s_k = 1500
+    q, k, bt, sl = make_inputs(b, s_q, h_q, s_k, seed=60 + b + s_q + h_q)  # no NaN below s_k
+    if fmt == "fp8_656":
+        k8, kv_scale = quant.quantize_fp8_656(k), None
+    else:
+        kv_scale = quant.per_tensor_scale(k)
+        k8 = quant.quantize_e4m3_per_tensor(k, kv_scale)
+    bt0 = bt.clone()
+    q_layers = [q.clone() for _ in range(LAYERS)]
+    outs = [torch.empty(b, s_q, h_q, 512, dtype=q.dtype, device=q.device) for _ in range(LAYERS)]
+    lses = [torch.empty(b, h_q, s_q, device=q.device) for _ in range(LAYERS)]
+    p = etap.plan(q, k8, bt, sl)  # outside the capture: allocates
+    assert p.kv_format == fmt
+
+    def step():
+        meta, splits = etap.get_mla_metadata(sl, s_q * h_q, 1, is_fp8_kvcache=True)
+        return [etap.flash_mla_with_kvcache(ql, k8, bt, sl, 512, meta, splits, causal=True, is_fp8_kvcache=True,
+                                            kv_scale=kv_scale) for ql in q_layers]
+
+    def native_step():
+        p.replan(sl)
+        for ql, o, l in zip(q_layers, outs, lses):
+            etap.decode(p, ql, k8, bt, sl, out=o, lse=l, kv_scale=kv_scale)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        native_step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph, native = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        results = step()
+    with torch.cuda.graph(native):
+        native_step()
+    for replay in range(REPLAYS):
+        _new_step(rng, torch, q_layers, bt, sl, bt0, s_k)
+        for o, l in list(zip(outs, lses)) + results:
+            o.fill_(float("nan"))
+            l.fill_(float("nan"))
+        graph.replay()
+        native.replay()
+        torch.cuda.synchronize()
+        for layer in range(LAYERS):
+            ref = mla_decode_fp8_reference(q_layers[layer], k8, bt, sl, kv_scale)
+            v = max_violation(*results[layer], *ref)
+            assert v <= 1.0, f"{fmt} replay {replay}, layer {layer}: error {v:.3f} x tolerance (seqlens {sl.tolist()})"
+            ref = mla_decode_fp8_reference(q_layers[layer], k8, bt, sl, kv_scale, empty_lse="-inf")
+            v = max_violation(outs[layer], lses[layer], *ref)
+            assert v <= 1.0, f"{fmt} native replay {replay}, layer {layer}: error {v:.3f} x tolerance"
 
 
 @pytest.mark.parametrize("b, s_q, h_q, page_size", [(6, 2, 32, 64), (4, 5, 12, 32)])

@@ -132,7 +132,9 @@ def test_metadata_takes_every_supported_s_q_times_h_q():
         ((FakeTensor((0,), I32), 16, 1), ValueError, "cache_seqlens"),
         (([1, 2], 16, 1), TypeError, "cache_seqlens"),
         ((FakeTensor((4,), I32), 16, None), TypeError, "get_mla_metadata"),
-        ((FakeTensor((4,), I32), 16, 1, None, True), NotImplementedError, "is_fp8_kvcache"),
+        ((FakeTensor((4,), I32), 17, 1, None, True), ValueError,
+         r"num_q_tokens_per_head_k: 17 \(= s_q \* h_q\) is not supported with is_fp8_kvcache=True \(at most 16"),
+        ((FakeTensor((4,), I32), 16, 1, None, 1), TypeError, "is_fp8_kvcache: expected a bool, got int"),
         ((FakeTensor((4,), I32), 16, 1, None, False, 2048), NotImplementedError, "topk"),
     ],
 )
@@ -218,7 +220,10 @@ BAD = [
     (dict(softmax_scale="0.1"), TypeError, "softmax_scale"),
     (dict(causal=1), TypeError, "causal"),
     (dict(empty_lse="inf"), ValueError, "empty_lse"),
-    (dict(is_fp8_kvcache=True), NotImplementedError, "is_fp8_kvcache"),
+    # is_fp8_kvcache=True with a 16-bit cache (FP8 caches: test_fp8_host.py).
+    (dict(is_fp8_kvcache=True), TypeError,
+     "k_cache: dtype must be torch.float8_e4m3fn or torch.uint8 \\(an FP8 cache\\), got torch.bfloat16"),
+    (dict(is_fp8_kvcache=None), TypeError, "is_fp8_kvcache: expected a bool, got NoneType"),
     (dict(indices=FakeTensor((2, 1, 64), I32)), NotImplementedError, "indices"),
     (dict(attn_sink=FakeTensor((16,), F32)), NotImplementedError, "attn_sink"),
     (dict(q=FakeTensor((2, 2, 16, 576)), causal=False), NotImplementedError, "causal=False with s_q > 1"),
