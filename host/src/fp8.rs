@@ -1,8 +1,11 @@
-//! FP8 KV-cache formats (the FP8 cache issue's CPU side: the kernels do not read them yet).
+//! FP8 KV-cache formats (issue 14): their layouts, quantizers and dequantizers, used by the
+//! tests, the benchmark and the reference; the FP8 kernel (`kernels/src/decode/fp8.rs`) reads them.
 //!
 //! - **FlashMLA's "FP8 with scale"** (its layout V32): per token 656 bytes, the 512 latent
 //!   values as `float8_e4m3fn`, then 4 `f32` scales (one per 128 values: the power of two at or
 //!   above `amax / 448`, as FlashMLA's quantizer makes them), then the 64 RoPE values in bf16.
+//!   The bytes equal FlashMLA's quantizer's except on a 128-value tile holding a NaN: there
+//!   `amax` skips the NaN, where FlashMLA's scale (and the whole tile) becomes NaN.
 //!   Pages of 64 tokens lie [`FP8_656_PAGE_STRIDE`] bytes apart: FlashMLA's quantizer allocates
 //!   65 tokens a page and uses 64. Dequantized value = e4m3 x scale (exact in bf16: an e4m3 has
 //!   4 significant bits and the scale is a power of two).
@@ -11,8 +14,9 @@
 //!
 //! `float8_e4m3fn`: 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no infinities, NaN =
 //! `S.1111.111`, largest finite 448. Conversion from f32 rounds to nearest even; magnitudes
-//! above 464 (which would round to 480, NaN's code) and NaN become NaN, as PyTorch's
-//! `.to(torch.float8_e4m3fn)` does. The quantizers' scales keep every value within 448.
+//! above 464 (which would round to 480, NaN's code) and NaN become NaN (PyTorch's
+//! `.to(torch.float8_e4m3fn)` differs between versions there: some saturate to 448). The
+//! quantizers' scales keep every value within 448.
 use crate::dtype::{Bf16, Element};
 use etap_core::{D_QK, D_V, TILE_ROWS};
 
@@ -197,7 +201,7 @@ mod tests {
         assert_eq!(e4m3_from_f32(2f32.powi(-10)), 0);
         assert_eq!(e4m3_from_f32(2f32.powi(-10) * 1.01), 1);
         // Up to 464 (the midpoint to the 480 e4m3fn lacks, a tie to even) rounds to 448; above
-        // it to NaN, as PyTorch's cast does.
+        // it to NaN.
         assert_eq!(e4m3_from_f32(460.0), 0x7E);
         assert_eq!(e4m3_from_f32(-464.0), 0xFE);
         assert_eq!(e4m3_from_f32(470.0), 0x7F);
