@@ -4,7 +4,7 @@
 //! more rows, M = 64 is (nearly) filled by the rows themselves and the transposition no longer
 //! pays: the ETAP kernel's GEMMs are narrow (N = 16-32 per warpgroup) and read the whole page
 //! tile as the A operand for every one of them, and its per-column softmax needs a cross-warp
-//! reduction per page. Here, per page of 64 KV rows and CTA of 64 rows (see `tile`'s
+//! reduction per page. Here, per tile of 64 KV rows and CTA of 64 rows (see `tile`'s
 //! heads-on-M section):
 //!
 //! ```text
