@@ -2,9 +2,10 @@
 //! heads-on-M one ([`heads_on_m`]): the parameter block, the shared-memory layout, the prologue,
 //! the producer warpgroup and its TMA ring, the register hand-over.
 //!
-//! One CTA per (part, column group). A part is a contiguous run of KV pages over one or more
-//! requests (the scheduler's [`WorkRange`]); a column group is up to 64 of a request's
-//! `s_q * h_q` (token, head) columns. Per tile of 64 KV rows (gathered from the cache's pages), in the ETAP kernel:
+//! One CTA per (part, column group). A part is a contiguous run of KV tiles (64 rows, gathered
+//! from the cache's pages) over one or more requests (the scheduler's [`WorkRange`]); a column
+//! group is up to 64 of a request's `s_q * h_q` (token, head) columns. Per tile, in the ETAP
+//! kernel:
 //!
 //! ```text
 //!   S^T[64 x cols] = K[64 x 576] · Q^T[576 x cols]      KV rows on wgmma M: nothing padded
