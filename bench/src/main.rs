@@ -311,7 +311,15 @@ fn bench_config<T: Element>(
             let _ = stream.synchronize();
         }
         Ok((x, checked)) if o.layers > 0 => {
-            if let Err(e) = bench_serving(dec, info, &x, &checked, layout, o.layers, o.shared_cache, &mut row) {
+            let inputs = ServeInputs {
+                shape: &x.shape,
+                q: &x.q,
+                cache: &x.cache,
+                kv_scale: None,
+                block_table: &x.block_table,
+                seqlens: &x.seqlens,
+            };
+            if let Err(e) = bench_serving(dec, info, inputs, &checked, layout, o.layers, o.shared_cache, &mut row) {
                 row.status = "ERROR".into();
                 row.note = format!("serving mode: {e}");
             }
@@ -321,21 +329,32 @@ fn bench_config<T: Element>(
     row
 }
 
+/// What serving mode times: q and the cache (16-bit, or an FP8 format's bytes with its
+/// per-tensor scale) with their shape, block table and lengths.
+struct ServeInputs<'a, T, C> {
+    shape: &'a DecodeShape,
+    q: &'a [T],
+    cache: &'a [C],
+    kv_scale: Option<f32>,
+    block_table: &'a [i32],
+    seqlens: &'a [i32],
+}
+
 /// Serving mode (see `serving`) with the shuffled and the contiguous block table. Each run's
 /// last output must equal, bit for bit, the per-call output that was checked against the
 /// reference (the same rows, the same arithmetic).
 #[allow(clippy::too_many_arguments)]
-fn bench_serving<T: Element>(
+fn bench_serving<T: Element, C: cust::memory::DeviceCopy>(
     dec: &Decoder,
     info: &RunInfo,
-    x: &gen::HostInputs<T>,
+    x: ServeInputs<T, C>,
     checked: &(Vec<f32>, Vec<f32>),
     layout: Layout,
     layers: usize,
     shared_cache: bool,
     row: &mut Row,
 ) -> BoxResult<()> {
-    let shape = &x.shape;
+    let shape = x.shape;
     let same = |s: &serving::Serving| {
         s.out.iter().zip(&checked.0).all(|(a, b)| a.to_bits() == b.to_bits())
             && s.lse.iter().zip(&checked.1).all(|(a, b)| a.to_bits() == b.to_bits())
@@ -344,24 +363,24 @@ fn bench_serving<T: Element>(
         dec,
         shape,
         layout,
-        &x.q,
-        &x.cache,
-        None,
-        &x.block_table,
-        &x.seqlens,
+        x.q,
+        x.cache,
+        x.kv_scale,
+        x.block_table,
+        x.seqlens,
         layers,
         shared_cache,
     )?;
-    let (table, cache) = serving::contiguous(shape, &x.block_table, &x.seqlens, &x.cache);
+    let (table, cache) = serving::contiguous(shape, x.block_table, x.seqlens, x.cache);
     let contig = serving::time(
         dec,
         shape,
         layout,
-        &x.q,
+        x.q,
         &cache,
-        None,
+        x.kv_scale,
         &table,
-        &x.seqlens,
+        x.seqlens,
         layers,
         shared_cache,
     )?;
@@ -653,46 +672,15 @@ fn bench_fp8<T: Element>(
     if o.layers == 0 {
         return Ok(());
     }
-    let same = |s: &serving::Serving| {
-        s.out.iter().zip(&go).all(|(a, b)| a.to_bits() == b.to_bits())
-            && s.lse.iter().zip(&gl).all(|(a, b)| a.to_bits() == b.to_bits())
+    let inputs = ServeInputs {
+        shape: &shape,
+        q: &x.q,
+        cache: &bytes,
+        kv_scale,
+        block_table: &x.block_table,
+        seqlens: &x.seqlens,
     };
-    let shuffled = serving::time(
-        dec,
-        &shape,
-        layout,
-        &x.q,
-        &bytes,
-        kv_scale,
-        &x.block_table,
-        &x.seqlens,
-        o.layers,
-        o.shared_cache,
-    )?;
-    let (table, cache) = serving::contiguous(&shape, &x.block_table, &x.seqlens, &bytes);
-    let contig = serving::time(
-        dec,
-        &shape,
-        layout,
-        &x.q,
-        &cache,
-        kv_scale,
-        &table,
-        &x.seqlens,
-        o.layers,
-        o.shared_cache,
-    )?;
-    row.layers = shuffled.layers.min(contig.layers);
-    row.serve_us = shuffled.us;
-    row.serve_us_contig = contig.us;
-    row.serve_pct = metrics::gbps(row.bytes, shuffled.us) / info.copy_gbps * 100.0;
-    row.serve_pct_contig = metrics::gbps(row.bytes, contig.us) / info.copy_gbps * 100.0;
-    if !same(&shuffled) || !same(&contig) {
-        row.status = "FAILED".into();
-        row.note
-            .push_str(" serving-mode output differs from the checked call's");
-    }
-    Ok(())
+    bench_serving(dec, info, inputs, &(go, gl), layout, o.layers, o.shared_cache, row)
 }
 
 /// The packed layout's offsets for a batch of `s_q` tokens a request (`r * s_q`); empty for a
