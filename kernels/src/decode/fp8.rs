@@ -19,7 +19,8 @@
 //! e4m3 (576 e4m3, `DecodeParams::kv_scale`). Pages of 64 rows only. The value is e4m3 x scale
 //! in f32, rounded once to bf16 (exact for the 656 format's power-of-two scales).
 use super::{
-    kv_on_m, load_request_q, prologue, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, PRODUCER_REGS, STAGES, THREADS,
+    for_each_producer_tile, kv_on_m, prologue, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, PRODUCER_REGS, STAGES,
+    THREADS,
 };
 use crate::barriers::IDLE as BAR_IDLE;
 use crate::device::{index, math, mbarrier, smem, sync, tma};
@@ -88,26 +89,16 @@ unsafe fn produce_raw<const ROW: u32>(
     raw_empty: u32,
 ) {
     let mut it = 0u32;
-    let mut q_round = 0u32;
-    for r in range.begin_req..=range.end_req {
-        let (_, lo, hi) = prm.segment(range, r);
-        if lo == hi {
-            continue;
+    for_each_producer_tile!(prm, range, sm, group, COLS, |_r, _, table, tile| {
+        // Pages of 64 rows: tile `tile` is page slot `tile`, below `max_pages`.
+        let id = *table.add(tile as usize);
+        if it > 0 {
+            tile::wait(raw_empty, (it - 1) & 1);
         }
-        load_request_q(prm, sm, r, group, COLS, q_round);
-        q_round += 1;
-        let table = prm.block_table.add((r * prm.max_pages) as usize);
-        for tile in lo..hi {
-            // Pages of 64 rows: tile `tile` is page slot `tile`, below `max_pages`.
-            let id = *table.add(tile as usize);
-            if it > 0 {
-                tile::wait(raw_empty, (it - 1) & 1);
-            }
-            mbarrier::arrive_expect_tx(raw_full, TILE_ROWS as u32 * ROW);
-            tma::load_2d(prm.kv_map, staging, raw_full, 0, prm.page_row(id, 0, prm.kv_stride));
-            it += 1;
-        }
-    }
+        mbarrier::arrive_expect_tx(raw_full, TILE_ROWS as u32 * ROW);
+        tma::load_2d(prm.kv_map, staging, raw_full, 0, prm.page_row(id, 0, prm.kv_stride));
+        it += 1;
+    });
 }
 
 /// The converters: for each tile of the part, the raw rows in the staging buffer to the bf16

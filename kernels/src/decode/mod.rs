@@ -202,59 +202,77 @@ pub(crate) unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, g
         .block_table
         .add((range.begin_req * prm.max_pages + first_slot) as usize);
     let mut it = 0u32; // tiles issued so far
-    let mut q_round = 0u32;
-    for r in range.begin_req..=range.end_req {
-        let (rows, lo, hi) = prm.segment(range, r);
-        if lo == hi {
-            continue;
-        }
-        load_request_q(prm, sm, r, group, cols, q_round);
-        q_round += 1;
-        let table = prm.block_table.add((r * prm.max_pages) as usize);
-        for tile in lo..hi {
-            let stage = it % STAGES;
-            // The tile's rows of the request (`row0 < rows`: `hi` is within the request's
-            // tiles), so every entry read below is below `rows / page_size <= max_pages`.
-            let row0 = tile * TILE_ROWS as u32;
-            let left = rows - row0;
-            // div_ceil by a power of two, as a shift (a division would take registers the
-            // producer does not have).
-            let boxes = ((if left < TILE_ROWS as u32 {
-                left
-            } else {
-                TILE_ROWS as u32
-            }) + box_rows
-                - 1)
-                >> box_shift;
-            // The tile's block-table entries, read before waiting for a free stage: the loads
-            // are independent, in flight together, and their latency overlaps the wait.
-            let mut ids = [0i32; MAX_BOXES];
-            unroll!(k < MAX_BOXES, max 4 => {
-                let slot = (row0 + k as u32 * box_rows) >> page_shift;
-                if (k as u32) < boxes {
-                    ids[k] = if it == 0 && k == 0 && r == range.begin_req && slot == first_slot {
-                        first_id
-                    } else {
-                        *table.add(slot as usize)
-                    };
-                }
-            });
-            if it >= STAGES {
-                tile::wait(sm.empty + 8 * stage, (it / STAGES - 1) & 1);
+    for_each_producer_tile!(prm, range, sm, group, cols, |r, rows, table, tile| {
+        let stage = it % STAGES;
+        // The tile's rows of the request (`row0 < rows`: `hi` is within the request's
+        // tiles), so every entry read below is below `rows / page_size <= max_pages`.
+        let row0 = tile * TILE_ROWS as u32;
+        let left = rows - row0;
+        // div_ceil by a power of two, as a shift (a division would take registers the
+        // producer does not have).
+        let boxes = ((if left < TILE_ROWS as u32 {
+            left
+        } else {
+            TILE_ROWS as u32
+        }) + box_rows
+            - 1)
+            >> box_shift;
+        // The tile's block-table entries, read before waiting for a free stage: the loads
+        // are independent, in flight together, and their latency overlaps the wait.
+        let mut ids = [0i32; MAX_BOXES];
+        unroll!(k < MAX_BOXES, max 4 => {
+            let slot = (row0 + k as u32 * box_rows) >> page_shift;
+            if (k as u32) < boxes {
+                ids[k] = if it == 0 && k == 0 && r == range.begin_req && slot == first_slot {
+                    first_id
+                } else {
+                    *table.add(slot as usize)
+                };
             }
-            let (dst, bar) = (sm.pages + stage * TILE_BYTES, sm.full + 8 * stage);
-            mbarrier::arrive_expect_tx(bar, boxes * box_rows * QK_BLOCKS as u32 * ROW_BYTES);
-            unroll!(k < MAX_BOXES, max 4 => {
-                if (k as u32) < boxes {
-                    let row = row0 + k as u32 * box_rows;
-                    let at = prm.page_row(ids[k], row & in_page, page);
-                    tile::load_kv_rows(prm.kv_map, dst + k as u32 * box_rows * ROW_BYTES, bar, at, tile::BLOCK_BYTES);
-                }
-            });
-            it += 1;
+        });
+        if it >= STAGES {
+            tile::wait(sm.empty + 8 * stage, (it / STAGES - 1) & 1);
         }
-    }
+        let (dst, bar) = (sm.pages + stage * TILE_BYTES, sm.full + 8 * stage);
+        mbarrier::arrive_expect_tx(bar, boxes * box_rows * QK_BLOCKS as u32 * ROW_BYTES);
+        unroll!(k < MAX_BOXES, max 4 => {
+            if (k as u32) < boxes {
+                let row = row0 + k as u32 * box_rows;
+                let at = prm.page_row(ids[k], row & in_page, page);
+                tile::load_kv_rows(prm.kv_map, dst + k as u32 * box_rows * ROW_BYTES, bar, at, tile::BLOCK_BYTES);
+            }
+        });
+        it += 1;
+    });
 }
+
+/// The producer thread's walk over its part: for each request with tiles in the part, its Q
+/// (`load_request_q`), then the body for each of its tiles, in order, with `r` the request,
+/// `rows` its rows, `table` its block-table row and `tile` the tile. Both producers (`produce`,
+/// the FP8 kernel's raw one) walk the part this way, so that the consumers' segments match. A
+/// macro, not a function taking a closure: the closure's captures cost the 40-register
+/// producer a spill (ptxas), the macro's expansion is the loop as written before (PTX
+/// byte-identical).
+macro_rules! for_each_producer_tile {
+    ($prm:expr, $range:expr, $sm:expr, $group:expr, $cols:expr, |$r:ident, $rows:pat, $table:pat, $tile:ident| $body:block) => {{
+        let mut q_round = 0u32;
+        for $r in $range.begin_req..=$range.end_req {
+            let (rows, lo, hi) = $prm.segment($range, $r);
+            if lo == hi {
+                continue;
+            }
+            $crate::decode::load_request_q($prm, $sm, $r, $group, $cols, q_round);
+            q_round += 1;
+            let table = $prm.block_table.add(($r * $prm.max_pages) as usize);
+            for $tile in lo..hi {
+                let $rows = rows;
+                let $table = table;
+                $body
+            }
+        }
+    }};
+}
+pub(crate) use for_each_producer_tile;
 
 /// Load request `r`'s Q rows of column group `group` (its columns `group * cols ..`; rows past
 /// the request's columns are the next request's or, past q, zeros: computed on, never stored)
