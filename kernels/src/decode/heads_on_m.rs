@@ -19,14 +19,14 @@
 //! requests (h_q = 128, or s_q * h_q > 64) are cut into column groups of 64 rows, one CTA
 //! each; the CTAs of one part read the same pages at about the same time, so that the second
 //! read of a page is mostly an L2 hit (docs/perf-notes.md).
-use super::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES, THREADS};
+use super::{for_each_segment, prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES, THREADS};
 use crate::barriers::{CONSUMERS as BAR_CONSUMERS, OWN as BAR_OWN, P_FREE as BAR_P_FREE, P_READY as BAR_P_READY};
 use crate::device::{index, mbarrier, smem, sync};
 use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
 use crate::tile::{self, Frag, RowState, WideAcc, ROW_BYTES, TILE_BYTES, WIDE_ROWS, WIDE_V_BLOCKS};
 use crate::unroll;
-use etap_core::{visible_rows, WorkRange, QK_BLOCKS, TILE_ROWS};
+use etap_core::{visible_rows, WorkRange, QK_BLOCKS};
 
 /// The kernel's shared memory: Q (64 rows), the two-page ring, one P tile, the scorer's
 /// hand-overs (`red`: the rows' rescale factors, `red_sum`: their 1 / l at a segment's end;
@@ -74,37 +74,21 @@ unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red
     let alpha_buf = sm.red;
     // The request row of the tile's first row.
     let col0 = group * WIDE_ROWS;
-    let mut it = 0u32;
-    let mut q_round = 0u32;
-    for r in range.begin_req..=range.end_req {
-        let (rows, lo, hi) = prm.segment(range, r);
-        if lo == hi {
-            continue;
+    for_each_segment!(prm, range, sm, t, tw;
+        segment |r, rows| {
+            // Visible KV rows of this thread's two rows (causal for s_q > 1). Padding rows (past
+            // the request's columns) compute on, but never past the request's rows.
+            let q_len = prm.req_cols(r).q_len;
+            let mut visible = [0u32; 2];
+            unroll!(h < 2, max 2 => {
+                let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
+                let vis = visible_rows(rows, q_len, (col0 + row) / prm.h_q);
+                visible[h] = if vis < rows { vis } else { rows };
+            });
+            let mut st = RowState::new();
+            let mut o: WideAcc = [0f32; 128];
         }
-        // Visible KV rows of this thread's two rows (causal for s_q > 1). Padding rows (past
-        // the request's columns) compute on, but never past the request's rows.
-        let q_len = prm.req_cols(r).q_len;
-        let mut visible = [0u32; 2];
-        unroll!(h < 2, max 2 => {
-            let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
-            let vis = visible_rows(rows, q_len, (col0 + row) / prm.h_q);
-            visible[h] = if vis < rows { vis } else { rows };
-        });
-        let mut st = RowState::new();
-        let mut o: WideAcc = [0f32; 128];
-        tile::wait(sm.q_full, q_round & 1);
-        q_round += 1;
-        for page in lo..hi {
-            let stage = it % STAGES;
-            let kv = sm.pages + stage * TILE_BYTES;
-            tile::wait(sm.full + 8 * stage, (it / STAGES) & 1);
-            let row0 = page * TILE_ROWS as u32;
-            if row0 + TILE_ROWS as u32 > rows {
-                // The request's last, partial page: zero V's rows past its end.
-                tile::zero_rows_from(kv, rows - row0, t, CONSUMERS * index::WARPGROUP);
-                sync::fence_proxy_async_shared();
-                sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
-            }
+        tile |page, hi, row0, kv, _it| {
             let alpha = if scorer {
                 let mut s: Frag = [0f32; 32];
                 tile::scores::<E>(&mut s, sm.q, kv);
@@ -129,14 +113,14 @@ unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red
             };
             tile::rescale_rows(&mut o, alpha);
             tile::accumulate_o::<E>(&mut o, kv, sm.p, vb0);
-            mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
-            it += 1;
         }
-        finish_segment::<E>(prm, r, range.split_of(r), col0, &st, &o, red_sum, wg);
-        if prm.splits(r) > 1 {
-            merge::publish(prm, r, group, BAR_OWN + wg);
+        end {
+            finish_segment::<E>(prm, r, range.split_of(r), col0, &st, &o, red_sum, wg);
+            if prm.splits(r) > 1 {
+                merge::publish(prm, r, group, BAR_OWN + wg);
+            }
         }
-    }
+    );
     merge::merge_splits::<E>(prm, group, WIDE_ROWS, BAR_CONSUMERS);
 }
 

@@ -1,14 +1,14 @@
 //! The ETAP consumer (KV rows on M) and its kernels `etap_decode_{bf16,f16}_c{16,32}`: per page,
 //! S^T = K·Q^T on the tensor cores, the online softmax down each column, O^T += V^T·P^T, for
 //! this warpgroup's NW columns; the two consumer warpgroups take turns on the tensor cores.
-use super::{prologue, run_producer, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, STAGES, THREADS};
+use super::{for_each_segment, prologue, run_producer, DecodeParams, Smem, CONSUMER_REGS, STAGES, THREADS};
 use crate::barriers::{CONSUMERS as BAR_CONSUMERS, OWN as BAR_OWN, TURN as BAR_TURN};
 use crate::device::{index, math, mbarrier, smem, sync};
 use crate::elem::{Bf16, Elem, F16};
 use crate::merge;
-use crate::tile::{self, ColumnState, Frag, ROW_BYTES, TILE_BYTES};
+use crate::tile::{self, ColumnState, Frag, ROW_BYTES};
 use crate::unroll;
-use etap_core::{visible_rows, WorkRange, D_V, TILE_ROWS, V_BLOCKS};
+use etap_core::{visible_rows, WorkRange, D_V, V_BLOCKS};
 
 #[inline(always)]
 unsafe fn decode<const NW: usize, E: Elem>(prm: &DecodeParams) {
@@ -48,38 +48,23 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range
         // Warpgroup 0 takes the first turn.
         turn.pass();
     }
-    let mut it = 0u32;
-    let mut q_round = 0u32;
-    for r in range.begin_req..=range.end_req {
-        let (rows, lo, hi) = prm.segment(range, r);
-        if lo == hi {
-            continue;
+    for_each_segment!(prm, range, sm, t, tw;
+        segment |r, rows| {
+            // Visible rows of the columns this thread holds (causal for s_q > 1), per column:
+            // with a head count that is not a multiple of 8, one 8-wide block may hold two
+            // tokens.
+            let q_len = prm.req_cols(r).q_len;
+            let mut visible = [0u32; 4];
+            unroll!(slot < NW / 4, max 4 => {
+                let n = col0 + tile::slot_col(slot, tw % 4);
+                // Padding columns (past the request's) compute on, but never past its rows.
+                let vis = visible_rows(rows, q_len, n / prm.h_q);
+                visible[slot] = if vis < rows { vis } else { rows };
+            });
+            let mut st = ColumnState::new();
+            let mut o: [Frag; V_BLOCKS] = [[0f32; 32]; V_BLOCKS];
         }
-        // Visible rows of the columns this thread holds (causal for s_q > 1), per column: with
-        // a head count that is not a multiple of 8, one 8-wide block may hold two tokens.
-        let q_len = prm.req_cols(r).q_len;
-        let mut visible = [0u32; 4];
-        unroll!(slot < NW / 4, max 4 => {
-            let n = col0 + tile::slot_col(slot, tw % 4);
-            // Padding columns (past the request's) compute on, but never past its rows.
-            let vis = visible_rows(rows, q_len, n / prm.h_q);
-            visible[slot] = if vis < rows { vis } else { rows };
-        });
-        let mut st = ColumnState::new();
-        let mut o: [Frag; V_BLOCKS] = [[0f32; 32]; V_BLOCKS];
-        tile::wait(sm.q_full, q_round & 1);
-        q_round += 1;
-        for page in lo..hi {
-            let stage = it % STAGES;
-            let kv = sm.pages + stage * TILE_BYTES;
-            tile::wait(sm.full + 8 * stage, (it / STAGES) & 1);
-            let row0 = page * TILE_ROWS as u32;
-            if row0 + TILE_ROWS as u32 > rows {
-                // The request's last, partial page: zero V's rows past its end.
-                tile::zero_rows_from(kv, rows - row0, t, CONSUMERS * index::WARPGROUP);
-                sync::fence_proxy_async_shared();
-                sync::bar_sync(BAR_CONSUMERS, CONSUMERS * index::WARPGROUP);
-            }
+        tile |page, hi, row0, kv, it| {
             let mut s: Frag = [0f32; 32];
             tile::scores_t::<NW, E>(&mut s, kv, q_cols, cols, turn);
             // This warpgroup no longer reads Q after its last page's scores.
@@ -88,14 +73,14 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range
             tile::column_softmax::<NW>(&mut s, &mut o, &mut st, &visible, row0, prm.scale_log2, red_buf, bar_id);
             tile::store_p_t::<NW, E>(p_tile, &s, bar_id);
             tile::accumulate_o_t::<NW, E>(&mut o, kv, p_tile, turn);
-            mbarrier::arrive_if(tw == 0, sm.empty + 8 * stage);
-            it += 1;
         }
-        finish_segment::<NW, E>(prm, r, range.split_of(r), col0, &st, &o, red, bar_id);
-        if prm.splits(r) > 1 {
-            merge::publish(prm, r, group, bar_id);
+        end {
+            finish_segment::<NW, E>(prm, r, range.split_of(r), col0, &st, &o, red, bar_id);
+            if prm.splits(r) > 1 {
+                merge::publish(prm, r, group, bar_id);
+            }
         }
-    }
+    );
     if wg == 0 {
         // Warpgroup 1's last hand-over (it passed first, so it passes once more than it
         // takes): consume it so that no barrier is left half-arrived at exit.

@@ -1,6 +1,8 @@
 //! The split-KV decode kernels' frame, shared by the ETAP kernel ([`kv_on_m`]) and the
 //! heads-on-M one ([`heads_on_m`]): the parameter block, the shared-memory layout, the prologue,
-//! the producer warpgroup and its TMA ring, the register hand-over.
+//! the producer warpgroup and its TMA ring, the register hand-over, and the segment loop
+//! (`for_each_segment!`) that calls each consumer's per-segment state, tile step and segment
+//! end.
 //!
 //! One CTA per (part, column group). A part is a contiguous run of KV tiles (64 rows, gathered
 //! from the cache's pages) over one or more requests (the scheduler's [`WorkRange`]); a column
@@ -273,6 +275,59 @@ macro_rules! for_each_producer_tile {
     }};
 }
 pub(crate) use for_each_producer_tile;
+
+/// The consumers' walk over their part, the frame's segment loop: for each request with tiles
+/// in the part (a segment), the consumer's `segment` statements (its per-segment state, in
+/// scope for the rest), the wait for the request's Q, then per tile the wait for its stage,
+/// the zeroing of a partial tile's rows past the request's end, the consumer's `tile`
+/// statements, and the stage's release; after the segment's last tile the consumer's `end`
+/// statements (the segment's stores). Names the consumer gives: `r` the request, `rows` its
+/// rows, `page` the tile, `hi` the segment's end, `row0` the tile's first row, `kv` its stage
+/// in shared memory, `it` the tiles consumed so far; `t` / `tw` are the thread's index in the
+/// CTA / its warpgroup.
+///
+/// A macro, not a function calling a `Consumer` trait: three tries of the trait moved the same
+/// instructions into another order, and ptxas then spilled the wide kernel (24 bytes) and the
+/// ETAP kernel of 32 columns (4 bytes) at the consumers' 232 registers; the macro expands to
+/// the loop each consumer had written out (PTX byte-identical, checked).
+macro_rules! for_each_segment {
+    (
+        $prm:expr, $range:expr, $sm:expr, $t:expr, $tw:expr;
+        segment |$r:ident, $rows:ident| { $($segment:tt)* }
+        tile |$page:ident, $hi:ident, $row0:ident, $kv:ident, $it:ident| { $($tile:tt)* }
+        end { $($end:tt)* }
+    ) => {{
+        let mut $it = 0u32;
+        let mut q_round = 0u32;
+        for $r in $range.begin_req..=$range.end_req {
+            let ($rows, lo, $hi) = $prm.segment($range, $r);
+            if lo == $hi {
+                continue;
+            }
+            $($segment)*
+            $crate::tile::wait($sm.q_full, q_round & 1);
+            q_round += 1;
+            for $page in lo..$hi {
+                let stage = $it % $crate::decode::STAGES;
+                let $kv = $sm.pages + stage * $crate::tile::TILE_BYTES;
+                $crate::tile::wait($sm.full + 8 * stage, ($it / $crate::decode::STAGES) & 1);
+                let $row0 = $page * etap_core::TILE_ROWS as u32;
+                if $row0 + etap_core::TILE_ROWS as u32 > $rows {
+                    // The request's last, partial tile: zero V's rows past its end.
+                    let all = $crate::decode::CONSUMERS * $crate::device::index::WARPGROUP;
+                    $crate::tile::zero_rows_from($kv, $rows - $row0, $t, all);
+                    $crate::device::sync::fence_proxy_async_shared();
+                    $crate::device::sync::bar_sync($crate::barriers::CONSUMERS, all);
+                }
+                $($tile)*
+                $crate::device::mbarrier::arrive_if($tw == 0, $sm.empty + 8 * stage);
+                $it += 1;
+            }
+            $($end)*
+        }
+    }};
+}
+pub(crate) use for_each_segment;
 
 /// Load request `r`'s Q rows of column group `group` (its columns `group * cols ..`; rows past
 /// the request's columns are the next request's or, past q, zeros: computed on, never stored)
