@@ -297,9 +297,15 @@ impl ConvLane {
 }
 
 /// Eight e4m3 (`x`: four a word, the first in the low byte) times `scale`, as eight bf16 in
-/// four words (the first in the low half).
+/// four words (the first in the low half): by bit placement and one bf16 multiply a pair where
+/// the scale is a power of two (`math::e4m3x4_to_bf16_pow2`), else through f32.
 #[inline(always)]
 fn dequant8(x: [u32; 2], scale: f32) -> [u32; 4] {
+    if let Some(s2) = math::bf16_pow2_scale(scale) {
+        let [a, b] = math::e4m3x4_to_bf16_pow2(x[0], s2);
+        let [c, d] = math::e4m3x4_to_bf16_pow2(x[1], s2);
+        return [a, b, c, d];
+    }
     let mut v = [0u32; 4];
     for (w, &word) in x.iter().enumerate() {
         for h in 0..2 {
