@@ -65,45 +65,6 @@ pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
     r
 }
 
-/// Four `float8_e4m3fn` values (`x`, the first in the low byte) as four bf16 in two words (the
-/// first in the low half), each times the scale whose [`bf16_pow2_scale`] is `s2`: the bytes'
-/// sign, exponent and mantissa go where bf16 keeps them (a bf16 of the value x 2^-120, exact,
-/// subnormals included), then one bf16x2 multiply by the scale x 2^120, exact for a power of
-/// two up to the rounding of a result below bf16's range, as e4m3 x scale in f32 rounded once
-/// would be. A NaN byte (0x7f, 0xff, which no quantizer writes under a finite scale) reads as
-/// +-480 x scale.
-#[inline(always)]
-pub fn e4m3x4_to_bf16_pow2(x: u32, s2: u32) -> [u32; 2] {
-    let mut r = [0u32; 2];
-    for (h, sel) in [0x1404u32, 0x3424].into_iter().enumerate() {
-        let t: u32;
-        // SAFETY: register arithmetic only. Bytes 2h and 2h+1 of `x` to bytes 1 and 3 of `t`.
-        unsafe {
-            asm!("prmt.b32 {0}, {1}, 0, {2};", out(reg32) t, in(reg32) x, in(reg32) sel, options(pure, nomem, nostack))
-        };
-        let bits = (t & 0x8000_8000) | ((t >> 4) & 0x07f0_07f0);
-        // SAFETY: register arithmetic only.
-        unsafe {
-            asm!("mul.rn.bf16x2 {0}, {1}, {2};", out(reg32) r[h], in(reg32) bits, in(reg32) s2, options(pure, nomem, nostack))
-        };
-    }
-    r
-}
-
-/// `scale` x 2^120 as a bf16 pair, for [`e4m3x4_to_bf16_pow2`], when that product is exact: a
-/// positive power of two from 2^-126 to 2^7 (FlashMLA's quantizer's scales are powers of two).
-#[inline(always)]
-pub fn bf16_pow2_scale(scale: f32) -> Option<u32> {
-    let bits = scale.to_bits();
-    let e = bits >> 23;
-    if bits & 0x807f_ffff == 0 && (1..=134).contains(&e) {
-        let s = (e + 120) << 7;
-        Some(s | (s << 16))
-    } else {
-        None
-    }
-}
-
 /// The two `float8_e4m3fn` values in `x` (its low byte first) as f32, exactly (through the
 /// f16 pair that `cvt.rn.f16x2.e4m3x2` makes: every e4m3 value is an f16).
 #[inline(always)]
