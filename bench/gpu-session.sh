@@ -13,6 +13,11 @@
 #   bash bench/gpu-session.sh shapes   # issue 13's table: page sizes, head counts, s_q, packed
 #   bash bench/gpu-session.sh fp8      # issue 14: the FP8 tests with memcheck/racecheck, the FP8
 #                                      # serving table beside bf16
+#   bash bench/gpu-session.sh ab A B   # an A/B of two etap-bench binaries (A: the base, B: the
+#                                      # change, each built here from its commit and carried),
+#                                      # interleaved twice on the same configurations ($AB_ARGS,
+#                                      # default: the FP8 table's shapes and formats and the short
+#                                      # bf16 shapes), so that run-to-run drift shows
 #
 # Logs go to $OUT (the device tool's folder that comes back), at most 8 files.
 set -u
@@ -73,8 +78,24 @@ fp8)
     target/bundle/etap-bench --out /root/f1 --iters 10 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 64,1,16,8192 >"$out/fp8-bench.log" 2>&1
     echo "fp8 bench rc=$?"; cp /root/f1/results.csv "$out/fp8.csv"
     ;;
+ab)
+    a="${2:?ab needs two etap-bench binaries}" b="${3:?ab needs two etap-bench binaries}"
+    # shellcheck disable=SC2206
+    args=(${AB_ARGS:---iters 20 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,1024 --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 64,1,16,8192})
+    for i in 1 2; do
+        for side in a b; do
+            bin=$a; [ $side = b ] && bin=$b
+            "$bin" --out "/root/ab-$side$i" "${args[@]}" >"/root/ab-$side$i.log" 2>&1
+            echo "$side$i rc=$?"
+        done
+    done
+    for f in a1 b1 a2 b2; do
+        # config, dtype, serving µs shuffled / contiguous, status
+        echo "== $f"; cut -d, -f3,4,23,24,26 "/root/ab-$f/results.csv"
+    done | tee "$out/ab.txt"
+    ;;
 *)
-    echo "usage: bash bench/gpu-session.sh tests|bench|shapes|fp8" >&2
+    echo "usage: bash bench/gpu-session.sh tests|bench|shapes|fp8|ab A B" >&2
     exit 2
     ;;
 esac
