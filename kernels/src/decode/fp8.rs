@@ -88,8 +88,7 @@ unsafe fn produce_raw<const ROW: u32>(
     raw_full: u32,
     raw_empty: u32,
 ) {
-    let mut it = 0u32;
-    for_each_producer_tile!(prm, range, sm, group, COLS, |_r, _, table, tile| {
+    for_each_producer_tile!(prm, range, sm, group, COLS, |_r, _, table, tile, it| {
         // Pages of 64 rows: tile `tile` is page slot `tile`, below `max_pages`.
         let id = *table.add(tile as usize);
         if it > 0 {
@@ -97,7 +96,6 @@ unsafe fn produce_raw<const ROW: u32>(
         }
         mbarrier::arrive_expect_tx(raw_full, TILE_ROWS as u32 * ROW);
         tma::load_2d(prm.kv_map, staging, raw_full, 0, prm.page_row(id, 0, prm.kv_stride));
-        it += 1;
     });
 }
 

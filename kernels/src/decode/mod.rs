@@ -203,8 +203,7 @@ pub(crate) unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, g
     let first_id = *prm
         .block_table
         .add((range.begin_req * prm.max_pages + first_slot) as usize);
-    let mut it = 0u32; // tiles issued so far
-    for_each_producer_tile!(prm, range, sm, group, cols, |r, rows, table, tile| {
+    for_each_producer_tile!(prm, range, sm, group, cols, |r, rows, table, tile, it| {
         let stage = it % STAGES;
         // The tile's rows of the request (`row0 < rows`: `hi` is within the request's
         // tiles), so every entry read below is below `rows / page_size <= max_pages`.
@@ -244,19 +243,20 @@ pub(crate) unsafe fn produce(prm: &DecodeParams, range: &WorkRange, sm: &Smem, g
                 tile::load_kv_rows(prm.kv_map, dst + k as u32 * box_rows * ROW_BYTES, bar, at, tile::BLOCK_BYTES);
             }
         });
-        it += 1;
     });
 }
 
 /// The producer thread's walk over its part: for each request with tiles in the part, its Q
 /// (`load_request_q`), then the body for each of its tiles, in order, with `r` the request,
-/// `rows` its rows, `table` its block-table row and `tile` the tile. Both producers (`produce`,
+/// `rows` its rows, `table` its block-table row, `tile` the tile and `it` the tiles issued so
+/// far. Both producers (`produce`,
 /// the FP8 kernel's raw one) walk the part this way, so that the consumers' segments match. A
 /// macro, not a function taking a closure: the closure's captures cost the 40-register
 /// producer a spill (ptxas), the macro's expansion is the loop as written before (PTX
 /// byte-identical).
 macro_rules! for_each_producer_tile {
-    ($prm:expr, $range:expr, $sm:expr, $group:expr, $cols:expr, |$r:ident, $rows:pat, $table:pat, $tile:ident| $body:block) => {{
+    ($prm:expr, $range:expr, $sm:expr, $group:expr, $cols:expr, |$r:ident, $rows:pat, $table:pat, $tile:ident, $it:ident| $body:block) => {{
+        let mut $it = 0u32;
         let mut q_round = 0u32;
         for $r in $range.begin_req..=$range.end_req {
             let (rows, lo, hi) = $prm.segment($range, $r);
@@ -270,6 +270,7 @@ macro_rules! for_each_producer_tile {
                 let $rows = rows;
                 let $table = table;
                 $body
+                $it += 1;
             }
         }
     }};
