@@ -63,6 +63,12 @@ const _: () = assert!(decode_smem_bytes(KV_ON_M_COLS[1]) <= MAX_SMEM && wide_sme
 const _: () = assert!(core::mem::size_of::<TensorMap>() == 128 && core::mem::align_of::<TensorMap>() == 64);
 
 const _: () = assert!(fp8_smem_bytes(FP8_656_ROW_BYTES) <= MAX_SMEM);
+// A box is whole 128-byte lines (the copy engine's destinations stay aligned) and a tile is two.
+const _: () = assert!(
+    (FP8_BOX_ROWS * FP8_656_ROW_BYTES).is_multiple_of(128)
+        && (FP8_BOX_ROWS * FP8_TENSOR_ROW_BYTES).is_multiple_of(128)
+        && 2 * FP8_BOX_ROWS == TILE_ROWS as u32
+);
 
 /// The kernels of the module, each with the name both sides use: the host looks them up by it,
 /// the PTX checks require each to be defined (the kernels' `#[no_mangle]` entries carry it).
@@ -182,11 +188,20 @@ const _: () = assert!(core::mem::size_of::<DecodeParams>() == 12 * 8 + 12 * 4);
 pub const FP8_656_ROW_BYTES: u32 = 656;
 pub const FP8_TENSOR_ROW_BYTES: u32 = 576;
 
+/// Rows of an FP8 cache's raw box: half a tile, so that the converters work on one box while
+/// the copy engine fills the next two (a whole tile a box left one in flight, and the SM idle
+/// while it was converted).
+pub const FP8_BOX_ROWS: u32 = 32;
+/// Raw boxes in the FP8 kernel's staging ring: three of 32 rows of 656 bytes (61.5 KiB) are
+/// what fits beside the 16-bit kernel's layout in 227 KiB (four would not).
+pub const FP8_RAW_SLOTS: u32 = 3;
+
 /// Dynamic shared memory of the FP8 ETAP kernel (16 columns): the 16-bit kernel's layout, then
-/// (128-aligned, for the copy engine) a staging buffer for one tile of `row_bytes`-byte raw
-/// rows, then its two mbarriers (raw full, raw empty).
+/// (128-aligned, for the copy engine) the staging ring of [`FP8_RAW_SLOTS`] boxes of
+/// [`FP8_BOX_ROWS`] raw rows of `row_bytes` bytes, then its mbarriers (raw full per slot, then
+/// raw empty per slot).
 pub const fn fp8_smem_bytes(row_bytes: u32) -> u32 {
-    fp8_staging_offset() + TILE_ROWS as u32 * row_bytes + 16
+    fp8_staging_offset() + FP8_RAW_SLOTS * (FP8_BOX_ROWS * row_bytes + 16)
 }
 
 /// Where the FP8 kernel's staging buffer starts in its dynamic shared memory.

@@ -3,35 +3,45 @@
 //! so that the consumers, the tensor cores and the arithmetic are the 16-bit kernel's.
 //!
 //! ```text
-//!   producer thread:   raw tile (64 rows x row_bytes, one TMA box) -> staging    [raw_full]
-//!   converter warps:   staging -> bf16 tile of the ring (swizzled), x scale     [full[s]]
-//!   consumers:         the 16-bit ETAP kernel's tile step, unchanged            [empty[s]]
+//!   producer thread:   raw box (32 rows x row_bytes, half a tile) -> staging ring of 3   [raw full]
+//!   converter warps:   raw box -> its rows of the bf16 tile of the ring, x scale         [raw empty]
+//!                      after a tile's two boxes                                           [full[s]]
+//!   consumers:         the 16-bit ETAP kernel's tile step, unchanged                      [empty[s]]
 //! ```
 //!
 //! The producer warpgroup's three idle warps are the converters (after their empty requests
-//! and stale splits): they wait for the raw tile and for a free stage of the ring, convert, fence
-//! their writes for the tensor cores (`fence.proxy.async`) and arrive on the stage's `full`
-//! barrier (counting [`CONVERTERS`] arrivals) and on `raw_empty`, after which the producer loads
-//! the next raw tile. One staging buffer: the 16-bit kernel's two stages and it fit in 211 KiB.
+//! and stale splits): they wait for a free stage of the ring, then for each of the tile's two
+//! raw boxes, convert it and arrive on its slot's `empty` barrier, after which the producer
+//! loads the box three later into that slot; after the second box they fence their writes for
+//! the tensor cores (`fence.proxy.async`) and arrive on the stage's `full` barrier (counting
+//! [`CONVERTERS`] arrivals). Three half-tile slots are what fits beside the 16-bit kernel's
+//! layout: while one box is converted the copy engine fills the next two.
 //!
 //! Formats (`etap_core::contract::FP8_*_ROW_BYTES`, host/src/fp8.rs): FlashMLA's 656 bytes (512
 //! e4m3, 4 f32 scales, one per 128 values, 64 bf16 for RoPE; pages 65 rows apart) and per-tensor
 //! e4m3 (576 e4m3, `DecodeParams::kv_scale`). Pages of 64 rows only. The value is e4m3 x scale
 //! in f32, rounded once to bf16 (exact for the 656 format's power-of-two scales).
-use super::{
-    for_each_producer_tile, kv_on_m, prologue, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, PRODUCER_REGS, STAGES,
-    THREADS,
-};
+use super::{for_each_producer_tile, kv_on_m, prologue, DecodeParams, Smem, CONSUMERS, ENTRY_REGS, STAGES, THREADS};
 use crate::barriers::IDLE as BAR_IDLE;
 use crate::device::{index, math, mbarrier, smem, sync, tma};
 use crate::elem::Bf16;
 use crate::merge;
 use crate::tile::{self, BLOCK_BYTES, ROW_BYTES, TILE_BYTES};
-use etap_core::contract::{fp8_staging_offset, FP8_656_ROW_BYTES, FP8_TENSOR_ROW_BYTES};
+use etap_core::contract::{fp8_staging_offset, FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_RAW_SLOTS, FP8_TENSOR_ROW_BYTES};
 use etap_core::{WorkRange, D_QK, D_V, QK_BLOCKS, TILE_ROWS};
 
 /// The converter threads: the producer warpgroup's warps 1 to 3.
 pub const CONVERTERS: u32 = 3 * index::WARP;
+/// Registers of the producer warpgroup (the converters) and of the consumers: the converters
+/// keep a row's three chunks in flight with their scales and swizzled addresses; at the 16-bit
+/// kernel's 40 ptxas spilled them. The consumers of 16 columns fit in 224 (no spill, ptxas
+/// report).
+const CONVERTER_REGS: u32 = 56;
+const FP8_CONSUMER_REGS: u32 = 224;
+const _: () = assert!(
+    (ENTRY_REGS - CONVERTER_REGS) * index::WARPGROUP >= (FP8_CONSUMER_REGS - ENTRY_REGS) * CONSUMERS * index::WARPGROUP,
+    "the consumers would take more registers than the converters give back"
+);
 /// Columns of the kernel's CTA (two warpgroups of 8).
 const COLS: u32 = 16;
 /// 16-byte chunks (8 bf16) of a tile row: 576 / 8.
@@ -40,31 +50,31 @@ const ROW_CHUNKS: u32 = D_QK as u32 / 8;
 #[inline(always)]
 unsafe fn decode_fp8<const ROW: u32>(prm: &DecodeParams) {
     let sm = Smem::new(COLS, COLS / 2);
-    let staging = smem::base() + fp8_staging_offset();
-    let raw_full = staging + TILE_ROWS as u32 * ROW;
-    let raw_empty = raw_full + 8;
+    let ring = RawRing::<ROW>::new();
     let group = index::block_y();
     let t = index::thread_x();
     if t == 0 {
         // Initialized here, fenced and synchronized by the prologue with the ring's.
-        mbarrier::init(raw_full, 1);
-        mbarrier::init(raw_empty, CONVERTERS);
+        for slot in 0..FP8_RAW_SLOTS {
+            mbarrier::init(ring.full(slot), 1);
+            mbarrier::init(ring.empty(slot), CONVERTERS);
+        }
     }
     match prologue::<STAGES, CONVERTERS>(prm, &sm) {
         Some(range) => {
             if sync::warp_uniform(t / index::WARPGROUP) == CONSUMERS {
-                sync::setmaxnreg_dec::<PRODUCER_REGS>();
+                sync::setmaxnreg_dec::<CONVERTER_REGS>();
                 let first_conv = CONSUMERS * index::WARPGROUP + index::WARP;
                 if t == CONSUMERS * index::WARPGROUP {
-                    produce_raw::<ROW>(prm, &range, &sm, group, staging, raw_full, raw_empty);
+                    produce_raw(prm, &range, &sm, group, &ring);
                 } else if t >= first_conv {
                     let rank = t - first_conv;
                     merge::write_empty(prm, group, COLS, rank, CONVERTERS);
                     merge::publish_empty_splits(prm, group, COLS, rank, CONVERTERS, BAR_IDLE);
-                    convert::<ROW>(prm, &range, &sm, staging, raw_full, raw_empty, rank);
+                    convert(prm, &range, &sm, &ring, rank);
                 }
             } else {
-                sync::setmaxnreg_inc::<CONSUMER_REGS>();
+                sync::setmaxnreg_inc::<FP8_CONSUMER_REGS>();
                 kv_on_m::consume::<8, Bf16>(prm, &range, &sm, group);
             }
         }
@@ -72,87 +82,216 @@ unsafe fn decode_fp8<const ROW: u32>(prm: &DecodeParams) {
     }
 }
 
-/// The producer thread: each request's Q, then each tile's raw rows (one box of 64 rows of
-/// `ROW` bytes, from the page the block table names, or zeros for an entry outside the cache)
-/// into the staging buffer once the converters are done with the previous tile's.
+/// The staging ring: [`FP8_RAW_SLOTS`] boxes of [`FP8_BOX_ROWS`] raw rows of `ROW` bytes, then
+/// a `full` mbarrier per slot (the copy engine's bytes) and an `empty` one (the converters'
+/// [`CONVERTERS`] arrivals). Boxes go round it in order: box `j` (half `j % 2` of a tile) in
+/// slot `j % FP8_RAW_SLOTS`, in phase `(j / FP8_RAW_SLOTS) % 2`.
+struct RawRing<const ROW: u32> {
+    base: u32,
+}
+
+impl<const ROW: u32> RawRing<ROW> {
+    const BOX_BYTES: u32 = FP8_BOX_ROWS * ROW;
+
+    #[inline(always)]
+    fn new() -> Self {
+        RawRing {
+            base: smem::base() + fp8_staging_offset(),
+        }
+    }
+    #[inline(always)]
+    fn slot(&self, slot: u32) -> u32 {
+        self.base + slot * Self::BOX_BYTES
+    }
+    #[inline(always)]
+    fn full(&self, slot: u32) -> u32 {
+        self.base + FP8_RAW_SLOTS * Self::BOX_BYTES + 8 * slot
+    }
+    #[inline(always)]
+    fn empty(&self, slot: u32) -> u32 {
+        self.full(FP8_RAW_SLOTS) + 8 * slot
+    }
+}
+
+/// Where box `j` goes round the ring: its slot and the parity of its round, counted without a
+/// division (the producer thread keeps 40 registers).
+#[derive(Clone, Copy)]
+struct RingPos {
+    slot: u32,
+    round: u32,
+}
+
+impl RingPos {
+    const START: RingPos = RingPos { slot: 0, round: 0 };
+    #[inline(always)]
+    fn next(self) -> RingPos {
+        if self.slot + 1 == FP8_RAW_SLOTS {
+            RingPos {
+                slot: 0,
+                round: self.round + 1,
+            }
+        } else {
+            RingPos {
+                slot: self.slot + 1,
+                round: self.round,
+            }
+        }
+    }
+}
+
+/// The producer thread: each request's Q, then each tile's raw rows as two boxes of
+/// [`FP8_BOX_ROWS`] (from the page the block table names, or zeros for an entry outside the
+/// cache) into the staging ring, each once the converters are done with its slot's last box.
 ///
 /// # Safety
-/// One thread, after the prologue; the KV tensor map has boxes of 64 raw rows.
+/// One thread, after the prologue; the KV tensor map has boxes of [`FP8_BOX_ROWS`] raw rows.
 #[inline(always)]
 unsafe fn produce_raw<const ROW: u32>(
     prm: &DecodeParams,
     range: &WorkRange,
     sm: &Smem,
     group: u32,
-    staging: u32,
-    raw_full: u32,
-    raw_empty: u32,
+    ring: &RawRing<ROW>,
 ) {
-    for_each_producer_tile!(prm, range, sm, group, COLS, |_r, _, table, tile, it| {
+    let mut pos = RingPos::START;
+    for_each_producer_tile!(prm, range, sm, group, COLS, |_r, _, table, tile, _it| {
         // Pages of 64 rows: tile `tile` is page slot `tile`, below `max_pages`.
-        let id = *table.add(tile as usize);
-        if it > 0 {
-            tile::wait(raw_empty, (it - 1) & 1);
+        let row = prm.page_row(*table.add(tile as usize), 0, prm.kv_stride);
+        for half in 0..TILE_ROWS as u32 / FP8_BOX_ROWS {
+            if pos.round > 0 {
+                tile::wait(ring.empty(pos.slot), (pos.round - 1) & 1);
+            }
+            let full = ring.full(pos.slot);
+            mbarrier::arrive_expect_tx(full, RawRing::<ROW>::BOX_BYTES);
+            // An entry outside the cache gave the row past it: both halves read zeros.
+            tma::load_2d(
+                prm.kv_map,
+                ring.slot(pos.slot),
+                full,
+                0,
+                row + (half * FP8_BOX_ROWS) as i32,
+            );
+            pos = pos.next();
         }
-        mbarrier::arrive_expect_tx(raw_full, TILE_ROWS as u32 * ROW);
-        tma::load_2d(prm.kv_map, staging, raw_full, 0, prm.page_row(id, 0, prm.kv_stride));
     });
 }
 
-/// The converters: for each tile of the part, the raw rows in the staging buffer to the bf16
-/// tile of the ring, in the 128-byte-swizzled layout the consumers read. `rank` of
+/// The converters: for each tile of the part, its two raw boxes from the staging ring to the
+/// bf16 tile of the ring, in the 128-byte-swizzled layout the consumers read. `rank` of
 /// [`CONVERTERS`].
 ///
 /// # Safety
 /// The converter threads, after the prologue.
 #[inline(always)]
-unsafe fn convert<const ROW: u32>(
-    prm: &DecodeParams,
-    range: &WorkRange,
-    sm: &Smem,
-    staging: u32,
-    raw_full: u32,
-    raw_empty: u32,
-    rank: u32,
-) {
+unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, ring: &RawRing<ROW>, rank: u32) {
     let mut it = 0u32;
+    let mut pos = RingPos::START;
+    let lane = ConvLane::new(rank);
     for r in range.begin_req..=range.end_req {
         let (_, lo, hi) = prm.segment(range, r);
         for _ in lo..hi {
             let stage = it % STAGES;
-            tile::wait(raw_full, it & 1);
             if it >= STAGES {
                 tile::wait(sm.empty + 8 * stage, (it / STAGES - 1) & 1);
             }
             let dst = sm.pages + stage * TILE_BYTES;
-            let mut i = rank;
-            while i < TILE_ROWS as u32 * ROW_CHUNKS {
-                let row = i / ROW_CHUNKS;
-                let block = (i % ROW_CHUNKS) / 8;
-                let chunk = i % 8;
-                let src = staging + row * ROW;
-                let v = if ROW == FP8_656_ROW_BYTES && block == (D_V / 64) as u32 {
-                    // The 656-byte format's RoPE part is bf16 already.
-                    smem::ld_v4_u32(src + D_V as u32 + 16 + chunk * 16)
-                } else {
-                    let scale = if ROW == FP8_656_ROW_BYTES {
-                        // One f32 scale per 128 values, after the 512 e4m3.
-                        smem::ld_f32(src + D_V as u32 + 4 * (block / 2))
-                    } else {
-                        prm.kv_scale
-                    };
-                    dequant8(smem::ld_v2_u32(src + block * 64 + chunk * 8), scale)
-                };
-                let at = dst + block * BLOCK_BYTES + row * ROW_BYTES + ((chunk ^ (row % 8)) * 16);
-                smem::st_v4_u32(at, v);
-                i += CONVERTERS;
+            for half in 0..TILE_ROWS as u32 / FP8_BOX_ROWS {
+                tile::wait(ring.full(pos.slot), pos.round & 1);
+                lane.convert_box::<ROW>(ring.slot(pos.slot), dst + half * FP8_BOX_ROWS * ROW_BYTES, prm.kv_scale);
+                // The box's reads are done (the arrival releases them): the slot is free.
+                mbarrier::arrive(ring.empty(pos.slot));
+                pos = pos.next();
             }
-            // The tile's writes, for the tensor cores; then the staging buffer is free and the
-            // stage full.
+            // The tile's writes, for the tensor cores; then the stage is full.
             sync::fence_proxy_async_shared();
-            mbarrier::arrive(raw_empty);
             mbarrier::arrive(sm.full + 8 * stage);
             it += 1;
+        }
+    }
+}
+
+/// Chunk columns of a converter's share of a box: [`CONVERTERS`] = 24 x 4 threads, thread
+/// `24 * r0 + c` converting the 16-byte chunks `c`, `c + 24`, `c + 48` (of 72 in a tile row)
+/// of the box's rows `r0`, `r0 + 4`, ... so that each thread's chunks (their source offsets,
+/// scales and swizzle) are fixed and only the row moves.
+const CHUNK_LANES: u32 = ROW_CHUNKS / 3;
+const ROW_LANES: u32 = CONVERTERS / CHUNK_LANES;
+/// Rows a converter does at a time: one, whose three loads are issued before any store (the
+/// stores could alias them for all the compiler knows, so this is the ILP there is). Two rows
+/// spilled at 64 converter registers.
+const ROWS_IN_FLIGHT: u32 = 1;
+const IN_FLIGHT: usize = 3 * ROWS_IN_FLIGHT as usize;
+const _: () = assert!(
+    CHUNK_LANES * ROW_LANES == CONVERTERS && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * ROWS_IN_FLIGHT) && IN_FLIGHT <= 4
+);
+
+/// Whether a thread's `i`-th chunk of the rows in flight, in 64-value block `block`, is the
+/// 656-byte format's RoPE part (bf16 already): its third chunk (`c + 48`) for `c >= 16`. Only
+/// those hold four words, the others two.
+#[inline(always)]
+fn is_rope<const ROW: u32>(i: usize, block: u32) -> bool {
+    ROW == FP8_656_ROW_BYTES && i % 3 == 2 && block == (D_V / 64) as u32
+}
+
+/// One converter thread's share of a box.
+struct ConvLane {
+    /// The first of its rows (`r0` above) and its first chunk (`c`).
+    r0: u32,
+    c: u32,
+}
+
+impl ConvLane {
+    #[inline(always)]
+    fn new(rank: u32) -> Self {
+        ConvLane {
+            r0: rank / CHUNK_LANES,
+            c: rank % CHUNK_LANES,
+        }
+    }
+
+    /// Convert this thread's share of the box at `src` ([`FP8_BOX_ROWS`] rows of `ROW` bytes)
+    /// into the bf16 rows at `dst` (the same rows of a tile in shared memory, swizzled).
+    ///
+    /// # Safety
+    /// `src` and `dst` are a full raw box and a tile's rows in shared memory, not in use by
+    /// anyone else.
+    #[inline(always)]
+    unsafe fn convert_box<const ROW: u32>(&self, src: u32, dst: u32, kv_scale: f32) {
+        for step in 0..FP8_BOX_ROWS / (ROW_LANES * ROWS_IN_FLIGHT) {
+            let row0 = self.r0 + step * ROW_LANES * ROWS_IN_FLIGHT;
+            // Sized for `unroll!`'s dead copies (indices up to 3); three are used.
+            let mut raw = [[0u32; 4]; 4];
+            let mut scale = [kv_scale; 4];
+            // Loads first.
+            crate::unroll!(i < IN_FLIGHT, max 4 => {
+                let row = row0 + (i as u32 / 3) * ROW_LANES;
+                let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
+                let block = chunk / 8;
+                let s = src + row * ROW;
+                if is_rope::<ROW>(i, block) {
+                    // The 656-byte format's RoPE part is bf16 already.
+                    raw[i] = smem::ld_v4_u32(s + D_V as u32 + 16 + (chunk % 8) * 16);
+                } else {
+                    let [a, b] = smem::ld_v2_u32(s + chunk * 8);
+                    raw[i] = [a, b, 0, 0];
+                    if ROW == FP8_656_ROW_BYTES {
+                        // One f32 scale per 128 values, after the 512 e4m3.
+                        scale[i] = smem::ld_f32(s + D_V as u32 + 4 * (block / 2));
+                    }
+                }
+            });
+            crate::unroll!(i < IN_FLIGHT, max 4 => {
+                let row = row0 + (i as u32 / 3) * ROW_LANES;
+                let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
+                let block = chunk / 8;
+                let v = if is_rope::<ROW>(i, block) {
+                    raw[i]
+                } else {
+                    dequant8([raw[i][0], raw[i][1]], scale[i])
+                };
+                let at = dst + block * BLOCK_BYTES + row * ROW_BYTES + (((chunk % 8) ^ (row % 8)) * 16);
+                smem::st_v4_u32(at, v);
+            });
         }
     }
 }
