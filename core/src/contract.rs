@@ -352,6 +352,9 @@ mod tests {
             9 * 16 * 128 + 2 * 73_728 + 16 * 128 + 2 * 2 * 4 * 8 * 4 + 48
         );
         assert_eq!(wide_smem_bytes(), 230_448);
+        // The 16-bit layout (168,576, 128-aligned), then three 32-row boxes and their barriers.
+        assert_eq!(fp8_smem_bytes(FP8_656_ROW_BYTES), 168_576 + 3 * (32 * 656 + 16));
+        assert_eq!(fp8_staging_offset(), 168_576);
         assert_eq!(
             Kernel::Decode { f16: true, cols: 1 }.smem_bytes(),
             decode_smem_bytes(32)
