@@ -200,6 +200,8 @@ struct LaunchConfig {
 
 /// `CU_LAUNCH_ATTRIBUTE_COOPERATIVE`.
 const LAUNCH_ATTRIBUTE_COOPERATIVE: u32 = 2;
+/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`.
+const LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: u32 = 6;
 
 extern "C" {
     fn cuLaunchKernelEx(
@@ -243,7 +245,10 @@ pub(crate) unsafe fn launch_cooperative(
     launch_ex(f, grid, block, smem, stream, params, true)
 }
 
-/// Both launches: `cuLaunchKernelEx`, with the cooperative attribute when `cooperative`.
+/// Both launches: `cuLaunchKernelEx`; when `cooperative` (the decode kernels) with the
+/// cooperative attribute and programmatic stream serialization (the kernel may start before
+/// the stream's previous kernel ends; the decode kernels wait for it with
+/// `griddepcontrol.wait` before they read memory).
 ///
 /// # Safety
 /// As [`launch`].
@@ -256,20 +261,27 @@ unsafe fn launch_ex(
     params: &mut [*mut c_void],
     cooperative: bool,
 ) -> Result<()> {
-    let mut attr = LaunchAttribute {
-        id: LAUNCH_ATTRIBUTE_COOPERATIVE,
-        _pad: 0,
-        value: [0; 8],
+    // Each attribute's value is an int at the start of the union: 1.
+    let attr = |id| {
+        let mut a = LaunchAttribute {
+            id,
+            _pad: 0,
+            value: [0; 8],
+        };
+        a.value[0] = 1;
+        a
     };
-    // cooperative = 1 (an int at the start of the union).
-    attr.value[0] = 1;
+    let mut attrs = [
+        attr(LAUNCH_ATTRIBUTE_COOPERATIVE),
+        attr(LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION),
+    ];
     let config = LaunchConfig {
         grid: [grid.0, grid.1, 1],
         block: [block, 1, 1],
         smem,
         stream,
-        attrs: &mut attr,
-        num_attrs: cooperative as u32,
+        attrs: attrs.as_mut_ptr(),
+        num_attrs: 2 * cooperative as u32,
     };
     let rc = cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut());
     if rc != cust::sys::CUresult::CUDA_SUCCESS {

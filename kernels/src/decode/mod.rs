@@ -122,6 +122,12 @@ pub(crate) unsafe fn prologue<const SLOTS: u32, const FULL_ARRIVALS: u32>(
     if sm.q % 1024 != 0 {
         sync::trap();
     }
+    // Launched with programmatic stream serialization: this CTA may start while the grid
+    // before it in the stream (the previous layer's decode, a re-plan, the cache update)
+    // still runs. Nothing of the caller's or the plan's memory is read before this wait; the
+    // next grid may start its own CTAs as this one's free their SMs.
+    sync::grid_dependency_wait();
+    sync::launch_dependents();
     if t == 0 {
         tma::acquire_map(prm.q_map);
         tma::acquire_map(prm.kv_map);

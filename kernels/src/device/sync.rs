@@ -83,6 +83,24 @@ pub fn warp_all(pred: bool) -> bool {
     r != 0
 }
 
+/// Programmatic dependent launch (sm_90): wait until the grids this one depends on in its
+/// stream have completed and their writes are visible (`griddepcontrol.wait`; returns at once
+/// when the launch had no programmatic dependency).
+#[inline(always)]
+pub fn grid_dependency_wait() {
+    // SAFETY: a wait on the grids before; no operands.
+    unsafe { asm!("griddepcontrol.wait;", options(nostack)) }
+}
+
+/// Programmatic dependent launch: let the next grid of the stream launch as SMs free up
+/// (`griddepcontrol.launch_dependents`); its CTAs still wait for this grid's end before they
+/// read anything (`grid_dependency_wait`).
+#[inline(always)]
+pub fn launch_dependents() {
+    // SAFETY: a scheduling hint; no operands.
+    unsafe { asm!("griddepcontrol.launch_dependents;", options(nostack)) }
+}
+
 /// Stop the kernel with an error (the launch then fails with an illegal-instruction error).
 #[inline(always)]
 pub fn trap() -> ! {
