@@ -113,8 +113,9 @@ impl<const ROW: u32> RawRing<ROW> {
     }
 }
 
-/// Where box `j` goes round the ring: its slot and the parity of its round, counted without a
-/// division (the producer thread keeps 40 registers).
+/// Where box `j` goes round the ring: its slot and the parity of its round, counted on rather
+/// than computed from `j` (no division by [`FP8_RAW_SLOTS`] in the producer's and converters'
+/// loops).
 #[derive(Clone, Copy)]
 struct RingPos {
     slot: u32,
