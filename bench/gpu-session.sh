@@ -13,6 +13,15 @@
 #   bash bench/gpu-session.sh shapes   # issue 13's table: page sizes, head counts, s_q, packed
 #   bash bench/gpu-session.sh fp8      # issue 14: the FP8 tests with memcheck/racecheck, the FP8
 #                                      # serving table beside bf16
+#   bash bench/gpu-session.sh candidate A [LIMIT]
+#                                      # one call for a kernel change when device time is short
+#                                      # (session 9): the bundle's FP8, API and graph tests, the
+#                                      # FP8 sanitizers, an A/B of etap-bench A (the base) against
+#                                      # the bundle's, the Python FP8 and graph tests, then
+#                                      # gpu_decode, each step only while LIMIT seconds (default
+#                                      # 480) allow it
+#   bash bench/gpu-session.sh ncu-fp8  # Nsight Compute of the FP8-656 kernel at b16 h16 64K: the
+#                                      # details page and the SASS with its stall samples (gzip)
 #   bash bench/gpu-session.sh ab A B   # an A/B of two etap-bench binaries (A: the base, B: the
 #                                      # change, each built here from its commit and carried),
 #                                      # interleaved twice on the same configurations ($AB_ARGS,
@@ -94,8 +103,55 @@ ab)
         echo "== $f"; cut -d, -f3,4,23,24,26 "/root/ab-$f/results.csv"
     done | tee "$out/ab.txt"
     ;;
+candidate)
+    base="${2:?candidate needs the base etap-bench binary}"
+    limit="${3:-480}" t0=$SECONDS
+    left() { [ $((SECONDS - t0)) -lt "$1" ]; }
+    san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
+    run_test() { # name timeout command...
+        local name=$1 to=$2
+        shift 2
+        (cd target/bundle && ETAP_REQUIRE_GPU=1 timeout "$to" "$@" >"/root/$name.log" 2>&1)
+        echo "$name rc=$? t=$((SECONDS - t0)) $(grep -hE 'test result|ERROR SUMMARY|RACECHECK SUMMARY' "/root/$name.log" | tr '\n' ' ')" | tee -a "$out/candidate.log"
+    }
+    run_test fp8 90 ./tests/gpu_fp8 --test-threads=1 --nocapture
+    grep -hE "^fp8 |panicked" /root/fp8.log | tee -a "$out/candidate.log"
+    run_test api 30 ./tests/gpu_api --test-threads=1
+    run_test graph 60 ./tests/gpu_graph --test-threads=1
+    run_test fp8-memcheck 60 "$san" --tool memcheck ./tests/gpu_fp8 --test-threads=1 fp8_caches
+    run_test fp8-racecheck 60 "$san" --tool racecheck ./tests/gpu_fp8 --test-threads=1 fp8_caches
+    # shellcheck disable=SC2206
+    args=(${AB_ARGS:---iters 20 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,1024 --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 64,1,16,8192})
+    for side in base new; do
+        left $((limit - 100)) || break
+        bin=$base; [ $side = new ] && bin=target/bundle/etap-bench
+        timeout 90 "$bin" --out "/root/cand-$side" "${args[@]}" >"/root/cand-$side.log" 2>&1
+        echo "ab $side rc=$? t=$((SECONDS - t0))" | tee -a "$out/candidate.log"
+        echo "== $side" >>"$out/ab.txt"
+        cut -d, -f3,4,15,21,22,23,24,26 "/root/cand-$side/results.csv" >>"$out/ab.txt"
+    done
+    wheel=$(ls target/wheels/etap-*.whl 2>/dev/null | head -1)
+    if [ -n "$wheel" ] && left $((limit - 60)); then
+        site=$(mktemp -d)
+        python3 -m pip install --no-deps --no-index -q --target "$site" "$wheel"
+        (cd python/tests && PYTHONPATH=$site ETAP_REQUIRE_GPU=1 timeout 60 python3 -m pytest -p no:cacheprovider -q -rs \
+            test_fp8_gpu.py test_graph.py >"$out/python.log" 2>&1)
+        echo "python rc=$? t=$((SECONDS - t0)) $(tail -1 "$out/python.log")" | tee -a "$out/candidate.log"
+    fi
+    left $((limit - 30)) && run_test decode $((limit - (SECONDS - t0) - 10)) ./tests/gpu_decode --test-threads=1
+    ;;
+ncu-fp8)
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    timeout 300 "$ncu" --clock-control none --set full --import-source no --kernel-name regex:etap_decode_fp8_656 \
+        --launch-skip 2 --launch-count 1 -f -o /root/ncu-fp8 target/bundle/etap-bench --out /root/ncu-bench --iters 3 \
+        --layers 0 --kv fp8-656 --shape 16,1,16,65536 >"$out/ncu-fp8.log" 2>&1
+    echo "ncu rc=$?"
+    "$ncu" --import /root/ncu-fp8.ncu-rep --page details >"$out/ncu-fp8-details.txt" 2>&1
+    "$ncu" --import /root/ncu-fp8.ncu-rep --page source --print-source sass --csv 2>&1 | gzip >"$out/ncu-fp8-sass.csv.gz"
+    grep -E "Duration|DRAM Throughput|Memory Throughput|Issue Slots|No Eligible" "$out/ncu-fp8-details.txt" | head -12
+    ;;
 *)
-    echo "usage: bash bench/gpu-session.sh tests|bench|shapes|fp8|ab A B" >&2
+    echo "usage: bash bench/gpu-session.sh tests|bench|shapes|fp8|candidate A [LIMIT]|ncu-fp8|ab A B" >&2
     exit 2
     ;;
 esac
