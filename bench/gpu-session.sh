@@ -33,6 +33,12 @@ set -u
 out="${OUT:-/tmp/etap-out}"
 mkdir -p "$out"
 peers_dir=/root/peerbuild
+# compute-sanitizer: on PATH or under a CUDA install.
+san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+# The A/B steps' configurations: $AB_ARGS, else the FP8 table's shapes and formats beside the
+# short bf16 shapes.
+# shellcheck disable=SC2206
+ab_args=(${AB_ARGS:---iters 20 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,1024 --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 64,1,16,8192})
 case "${1:-}" in
 tests)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -79,7 +85,6 @@ shapes)
 fp8)
     (cd target/bundle && ETAP_REQUIRE_GPU=1 ./tests/gpu_fp8 --test-threads=1 --nocapture >"$out/fp8-tests.log" 2>&1)
     echo "fp8 tests rc=$?"; grep -E "^fp8|test result" "$out/fp8-tests.log"
-    san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
     for tool in memcheck racecheck; do
         (cd target/bundle && ETAP_REQUIRE_GPU=1 "$san" --tool $tool ./tests/gpu_fp8 --test-threads=1 fp8_caches >"/root/san-$tool.log" 2>&1)
         echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /root/san-$tool.log)"
@@ -89,12 +94,10 @@ fp8)
     ;;
 ab)
     a="${2:?ab needs two etap-bench binaries}" b="${3:?ab needs two etap-bench binaries}"
-    # shellcheck disable=SC2206
-    args=(${AB_ARGS:---iters 20 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,1024 --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 64,1,16,8192})
     for i in 1 2; do
         for side in a b; do
             bin=$a; [ $side = b ] && bin=$b
-            "$bin" --out "/root/ab-$side$i" "${args[@]}" >"/root/ab-$side$i.log" 2>&1
+            "$bin" --out "/root/ab-$side$i" "${ab_args[@]}" >"/root/ab-$side$i.log" 2>&1
             echo "$side$i rc=$?"
         done
     done
@@ -107,7 +110,6 @@ candidate)
     base="${2:?candidate needs the base etap-bench binary}"
     limit="${3:-480}" t0=$SECONDS
     left() { [ $((SECONDS - t0)) -lt "$1" ]; }
-    san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
     run_test() { # name timeout command...
         local name=$1 to=$2
         shift 2
@@ -120,12 +122,10 @@ candidate)
     run_test graph 60 ./tests/gpu_graph --test-threads=1
     run_test fp8-memcheck 60 "$san" --tool memcheck ./tests/gpu_fp8 --test-threads=1 fp8_caches
     run_test fp8-racecheck 60 "$san" --tool racecheck ./tests/gpu_fp8 --test-threads=1 fp8_caches
-    # shellcheck disable=SC2206
-    args=(${AB_ARGS:---iters 20 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,1024 --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 64,1,16,8192})
     for side in base new; do
         left $((limit - 100)) || break
         bin=$base; [ $side = new ] && bin=target/bundle/etap-bench
-        timeout 90 "$bin" --out "/root/cand-$side" "${args[@]}" >"/root/cand-$side.log" 2>&1
+        timeout 90 "$bin" --out "/root/cand-$side" "${ab_args[@]}" >"/root/cand-$side.log" 2>&1
         echo "ab $side rc=$? t=$((SECONDS - t0))" | tee -a "$out/candidate.log"
         echo "== $side" >>"$out/ab.txt"
         cut -d, -f3,4,15,21,22,23,24,26 "/root/cand-$side/results.csv" >>"$out/ab.txt"
