@@ -281,7 +281,7 @@ unsafe fn launch_ex(
         smem,
         stream,
         attrs: attrs.as_mut_ptr(),
-        num_attrs: 2 * cooperative as u32,
+        num_attrs: if cooperative { attrs.len() as u32 } else { 0 },
     };
     let rc = cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut());
     if rc != cust::sys::CUresult::CUDA_SUCCESS {
