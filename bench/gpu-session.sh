@@ -20,8 +20,12 @@
 #                                      # the bundle's, the Python FP8 and graph tests, then
 #                                      # gpu_decode, each step only while LIMIT seconds (default
 #                                      # 480) allow it
-#   bash bench/gpu-session.sh ncu-fp8  # Nsight Compute of the FP8-656 kernel at b16 h16 64K: the
-#                                      # details page and the SASS with its stall samples (gzip)
+#   bash bench/gpu-session.sh ncu TAG BIN REGEX [ARGS...]
+#                                      # Nsight Compute (full set) of the third launch of the
+#                                      # kernel matching REGEX in etap-bench BIN run per call with
+#                                      # ARGS (e.g. --kv fp8-656 --shape 16,1,16,65536): the
+#                                      # details page and the SASS with its stall samples (gzip),
+#                                      # files named by TAG
 #   bash bench/gpu-session.sh ab A B   # an A/B of two etap-bench binaries (A: the base, B: the
 #                                      # change, each built here from its commit and carried),
 #                                      # interleaved twice on the same configurations ($AB_ARGS,
@@ -140,18 +144,20 @@ candidate)
     fi
     left $((limit - 30)) && run_test decode $((limit - (SECONDS - t0) - 10)) ./tests/gpu_decode --test-threads=1
     ;;
-ncu-fp8)
+ncu)
+    tag="${2:?ncu needs TAG BIN REGEX [ARGS]}" bin="${3:?}" regex="${4:?}"
+    shift 4
     ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-    timeout 300 "$ncu" --clock-control none --set full --import-source no --kernel-name regex:etap_decode_fp8_656 \
-        --launch-skip 2 --launch-count 1 -f -o /root/ncu-fp8 target/bundle/etap-bench --out /root/ncu-bench --iters 3 \
-        --layers 0 --kv fp8-656 --shape 16,1,16,65536 >"$out/ncu-fp8.log" 2>&1
-    echo "ncu rc=$?"
-    "$ncu" --import /root/ncu-fp8.ncu-rep --page details >"$out/ncu-fp8-details.txt" 2>&1
-    "$ncu" --import /root/ncu-fp8.ncu-rep --page source --print-source sass --csv 2>&1 | gzip >"$out/ncu-fp8-sass.csv.gz"
-    grep -E "Duration|DRAM Throughput|Memory Throughput|Issue Slots|No Eligible" "$out/ncu-fp8-details.txt" | head -12
+    timeout 300 "$ncu" --clock-control none --set full --import-source no --kernel-name "regex:$regex" \
+        --launch-skip 2 --launch-count 1 -f -o "/root/ncu-$tag" "$bin" --out /root/ncu-bench --iters 3 \
+        --layers 0 "$@" >"/root/ncu-$tag.log" 2>&1
+    echo "ncu $tag rc=$?"; grep -E "==ERROR==|==WARNING==|FAILED" "/root/ncu-$tag.log" | head -5
+    "$ncu" --import "/root/ncu-$tag.ncu-rep" --page details >"$out/ncu-$tag-details.txt" 2>&1
+    "$ncu" --import "/root/ncu-$tag.ncu-rep" --page source --print-source sass --csv 2>&1 | gzip >"$out/ncu-$tag-sass.csv.gz"
+    grep -E "Duration|DRAM Throughput|Memory Throughput|Issue Slots|No Eligible" "$out/ncu-$tag-details.txt" | head -12
     ;;
 *)
-    echo "usage: bash bench/gpu-session.sh tests|bench|shapes|fp8|candidate A [LIMIT]|ncu-fp8|ab A B" >&2
+    echo "usage: bash bench/gpu-session.sh tests|bench|shapes|fp8|candidate A [LIMIT]|ncu TAG BIN REGEX [ARGS]|ab A B" >&2
     exit 2
     ;;
 esac
