@@ -26,11 +26,13 @@
 #                                      # ARGS (e.g. --kv fp8-656 --shape 16,1,16,65536): the
 #                                      # details page and the SASS with its stall samples (gzip),
 #                                      # files named by TAG
-#   bash bench/gpu-session.sh ab A B   # an A/B of two etap-bench binaries (A: the base, B: the
-#                                      # change, each built here from its commit and carried),
-#                                      # interleaved twice on the same configurations ($AB_ARGS,
-#                                      # default: the FP8 table's shapes and formats and the short
-#                                      # bf16 shapes), so that run-to-run drift shows
+#   bash bench/gpu-session.sh ab A B [C...]
+#                                      # an A/B of etap-bench binaries (A: the base; each built
+#                                      # here from its commit and carried; BIN@PTX runs BIN with
+#                                      # the kernels of PTX, through ETAP_PTX), interleaved twice
+#                                      # on the same configurations ($AB_ARGS, default: the FP8
+#                                      # table's shapes and formats and the short bf16 shapes),
+#                                      # so that run-to-run drift shows
 #
 # Logs go to $OUT (the device tool's folder that comes back), at most 8 files.
 set -u
@@ -97,17 +99,27 @@ fp8)
     echo "fp8 bench rc=$?"; cp /root/f1/results.csv "$out/fp8.csv"
     ;;
 ab)
-    a="${2:?ab needs two etap-bench binaries}" b="${3:?ab needs two etap-bench binaries}"
+    # Sides: etap-bench binaries, each optionally with a PTX file to run instead of its own
+    # (BIN@PTX, through ETAP_PTX).
+    shift
+    [ $# -ge 2 ] || { echo "ab needs two or more sides" >&2; exit 2; }
     for i in 1 2; do
-        for side in a b; do
-            bin=$a; [ $side = b ] && bin=$b
-            "$bin" --out "/root/ab-$side$i" "${ab_args[@]}" >"/root/ab-$side$i.log" 2>&1
-            echo "$side$i rc=$?"
+        k=0
+        for side in "$@"; do
+            k=$((k + 1))
+            bin=${side%%@*} ptx=
+            [ "$bin" != "$side" ] && ptx=$(realpath "${side#*@}")
+            env ${ptx:+ETAP_PTX=$ptx} "$bin" --out "/root/ab-$k-$i" "${ab_args[@]}" >"/root/ab-$k-$i.log" 2>&1
+            echo "$side round $i rc=$?"
         done
     done
-    for f in a1 b1 a2 b2; do
-        # config, dtype, serving µs shuffled / contiguous, status
-        echo "== $f"; cut -d, -f3,4,23,24,26 "/root/ab-$f/results.csv"
+    for i in 1 2; do
+        k=0
+        for side in "$@"; do
+            k=$((k + 1))
+            # config, dtype, per-call µs, rel err, lse diff, serving µs shuffled / contiguous, status
+            echo "== $side round $i"; cut -d, -f3,4,15,21,22,23,24,26 "/root/ab-$k-$i/results.csv"
+        done
     done | tee "$out/ab.txt"
     ;;
 candidate)
@@ -157,7 +169,7 @@ ncu)
     grep -E "Duration|DRAM Throughput|Memory Throughput|Issue Slots|No Eligible" "$out/ncu-$tag-details.txt" | head -12
     ;;
 *)
-    echo "usage: bash bench/gpu-session.sh tests|bench|shapes|fp8|candidate A [LIMIT]|ncu TAG BIN REGEX [ARGS]|ab A B" >&2
+    echo "usage: bash bench/gpu-session.sh tests|bench|shapes|fp8|candidate A [LIMIT]|ncu TAG BIN REGEX [ARGS]|ab A B [C...]" >&2
     exit 2
     ;;
 esac
