@@ -1364,6 +1364,55 @@ proptest! {
     }
 }
 
+/// The per-tensor FP8 reference reads the stored e4m3 values and applies the scale to the scores
+/// and the output (`reference::mla_decode_fp8`): with a power-of-two scale, where e4m3 x scale
+/// is exact in bf16, it equals the reference over the bf16-dequantized cache; with the usual
+/// `amax / 448` it does not (the bf16 rounding of every value, which the exact reference leaves
+/// out), so a kernel that rounds the dequantized values to bf16 fails against it.
+#[test]
+fn fp8_per_tensor_reference_applies_the_scale_exactly() {
+    use etap::{fp8, reference::mla_decode_fp8, KvFormat};
+    let case = Case::<Bf16>::new(2, 8, &[300, 70, 1], 77);
+    let shape = case.shape.with_kv_format(KvFormat::Fp8PerTensor);
+    let amax_scale = fp8::per_tensor_scale(&case.cache);
+    let pow2_scale = 2f32.powi(amax_scale.log2().ceil() as i32);
+    for (scale, exact_in_bf16) in [(pow2_scale, true), (amax_scale, false)] {
+        let bytes = fp8::quantize_e4m3_per_tensor(&case.cache, scale);
+        let (o, l) = mla_decode_fp8(
+            &shape,
+            &case.q,
+            &bytes,
+            Some(scale),
+            &case.block_table,
+            &case.seqlens,
+            case.softmax_scale,
+        )
+        .unwrap();
+        let dequantized = fp8::dequantize_e4m3_per_tensor(&bytes, scale);
+        let (bo, bl) = mla_decode(
+            &case.shape,
+            &case.q,
+            &dequantized,
+            &case.block_table,
+            &case.seqlens,
+            case.softmax_scale,
+        )
+        .unwrap();
+        let (d_out, d_lse) = (rel_err(&o, &bo), max_abs_diff_lse(&l, &bl));
+        if exact_in_bf16 {
+            assert!(
+                d_out < 1e-6 && d_lse < 1e-5,
+                "scale {scale}: out {d_out:.2e}, lse {d_lse:.2e}"
+            );
+        } else {
+            assert!(
+                d_out > 1e-5 && d_lse > 1e-5,
+                "scale {scale}: out {d_out:.2e}, lse {d_lse:.2e}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The packed query layout (issue 13): per-request token counts through q_offsets
 // ---------------------------------------------------------------------------------------------

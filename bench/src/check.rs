@@ -53,8 +53,11 @@ pub struct Reference {
 
 /// Compute the reference for `picks`, one thread per request (the reference itself spreads a
 /// request over threads only when it has more than 64 columns).
-pub fn reference<T: Element>(x: &HostInputs<T>, picks: &[usize]) -> Result<Reference> {
-    let scale = etap::reference::default_softmax_scale();
+pub fn reference<T: Element>(x: &HostInputs<T>, picks: &[usize], kv_scale: Option<f32>) -> Result<Reference> {
+    // A per-tensor FP8 cache's scale (`x.cache` its stored values): on the scores and the
+    // output, as `etap::reference::mla_decode_fp8` applies it.
+    let kv = kv_scale.unwrap_or(1.0);
+    let scale = etap::reference::default_softmax_scale() * kv;
     let results: Vec<Result<(Vec<f32>, Vec<f32>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = picks
             .iter()
@@ -72,7 +75,10 @@ pub fn reference<T: Element>(x: &HostInputs<T>, picks: &[usize]) -> Result<Refer
     let mut out = Vec::new();
     let mut lse = Vec::new();
     for res in results {
-        let (o, l) = res?;
+        let (mut o, l) = res?;
+        if kv_scale.is_some() {
+            o.iter_mut().for_each(|v| *v *= kv);
+        }
         out.push(o);
         lse.push(l);
     }
@@ -162,7 +168,7 @@ mod tests {
         let seqlens = [70, 3, 129];
         let x = generate::<F16>(3, 2, 16, &seqlens, 64, 9);
         let picks = pick_requests(&seqlens, 2, 16, 4);
-        let reference = reference(&x, &picks).unwrap();
+        let reference = reference(&x, &picks, None).unwrap();
         assert_eq!(reference.dtype, Dtype::F16);
         let (out, lse) = etap::reference::mla_decode(
             &x.shape,

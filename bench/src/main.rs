@@ -491,7 +491,7 @@ fn bench_inner<T: Element>(
     stream.synchronize()?;
     let picks = check::pick_requests(&x.seqlens, cfg.s_q, cfg.h_q, seed ^ 0x5eed);
     let t1 = Instant::now();
-    let reference = check::reference(&x, &picks)?;
+    let reference = check::reference(&x, &picks, None)?;
     let ref_s = t1.elapsed().as_secs_f64();
     let fetch = |out: &DeviceBuffer<T>, lse: &DeviceBuffer<f32>| -> BoxResult<(Vec<f32>, Vec<f32>)> {
         let mut o = vec![T::default(); shape.out_len()];
@@ -608,7 +608,9 @@ fn bench_fp8<T: Element>(
         KvFormat::Fp8Flashmla656 => None,
         _ => Some(fp8::per_tensor_scale(&x.cache)),
     };
-    // Quantized (and, for the reference, dequantized) in page-aligned chunks on every core.
+    // Quantized, and for the reference dequantized (656: exact in bf16) or read as stored
+    // (per-tensor: the reference applies the scale, as the kernel), in page-aligned chunks on
+    // every core.
     let bf_page = x.cache.len() / pages;
     let chunk = pages.div_ceil(std::thread::available_parallelism().map_or(1, |n| n.get()));
     let parts: Vec<(Vec<u8>, Vec<Bf16>)> = std::thread::scope(|sc| {
@@ -625,7 +627,7 @@ fn bench_fp8<T: Element>(
                         }
                         Some(s) => {
                             let b = fp8::quantize_e4m3_per_tensor(c, s);
-                            let d = fp8::dequantize_e4m3_per_tensor(&b, s);
+                            let d = fp8::e4m3_values(&b);
                             (b, d)
                         }
                     }
@@ -637,7 +639,7 @@ fn bench_fp8<T: Element>(
             .collect()
     });
     let bytes: Vec<u8> = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
-    // The reference reads the dequantized cache.
+    // The reference reads the dequantized (or stored) cache.
     x.cache = parts.into_iter().flat_map(|p| p.1).collect();
     eprintln!("{tag} inputs quantized in {:.2} s", t0.elapsed().as_secs_f64());
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None)?;
@@ -656,7 +658,7 @@ fn bench_fp8<T: Element>(
     lse.copy_to(&mut gl[..])?;
     let go: Vec<f32> = go.iter().map(|v| v.to_f32()).collect();
     let picks = check::pick_requests(&x.seqlens, cfg.s_q, cfg.h_q, seed_of(&cfg.name) ^ 0x5eed);
-    let reference = check::reference(&x, &picks)?;
+    let reference = check::reference(&x, &picks, kv_scale)?;
     let outcome = check::compare(&reference, shape.cols(), &go, &gl);
     row.checked_requests = picks;
     row.rel_err = outcome.rel_err;

@@ -516,6 +516,10 @@ impl Decoder {
     /// are in the cache). Checked and launched as [`Decoder::decode_into`]. See
     /// `kernels/src/decode/fp8.rs` for what the kernel does, and `etap::fp8` for the formats
     /// and their quantizers.
+    ///
+    /// The kernel computes in f16 (bf16 q and out): q, the 656 format's RoPE part and its
+    /// dequantized values must be below 65520 in magnitude, or the output is not finite; a
+    /// 656 block scale below 2^-24 reads as zero (docs/design.md, §4d).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_fp8_into(
         &self,

@@ -163,6 +163,13 @@ pub fn quantize_e4m3_per_tensor(cache: &[Bf16], scale: f32) -> Vec<u8> {
     cache.iter().map(|v| e4m3_from_f32(v.to_f32() / scale)).collect()
 }
 
+/// A per-tensor e4m3 cache's stored values, exactly (every e4m3 value is a bf16): with its
+/// scale applied to the scores and the output, the exact reference's inputs
+/// (`reference::mla_decode_fp8`), since e4m3 x scale is rarely a bf16.
+pub fn e4m3_values(bytes: &[u8]) -> Vec<Bf16> {
+    bytes.iter().map(|&b| Bf16::from_f32(e4m3_to_f32(b))).collect()
+}
+
 /// The cache a per-tensor e4m3 cache stands for: e4m3 x scale, as bf16 (exact unless the
 /// scale has more significant bits than bf16 keeps; the f32 product is rounded once).
 pub fn dequantize_e4m3_per_tensor(bytes: &[u8], scale: f32) -> Vec<Bf16> {

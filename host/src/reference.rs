@@ -366,8 +366,12 @@ pub fn mla_decode_packed<T: Element>(
 }
 
 /// MLA decode on the CPU over an FP8 cache (`shape.kv_format` one of the FP8 formats, `cache`
-/// its bytes, `kv_scale` the per-tensor format's scale): the bf16 reference over the
-/// dequantized cache (`crate::fp8`), e4m3 x scale rounded to bf16 as the kernel does.
+/// its bytes, `kv_scale` the per-tensor format's scale): the reference over the dequantized
+/// cache, exactly. FlashMLA's format dequantizes to bf16 exactly (e4m3 x a power-of-two scale,
+/// `crate::fp8::dequantize_fp8_656`). The per-tensor format's e4m3 x scale is rarely a bf16, so
+/// the reference reads the stored values (`crate::fp8::e4m3_values`) with `softmax_scale x
+/// kv_scale` for the scores (rounded to f32 once) and multiplies the output by `kv_scale`, as
+/// the kernel folds the scale.
 #[allow(clippy::too_many_arguments)]
 pub fn mla_decode_fp8(
     shape: &DecodeShape,
@@ -386,20 +390,22 @@ pub fn mla_decode_fp8(
             got: cache.len(),
         });
     }
-    let dequantized = match (shape.kv_format, kv_scale) {
-        (crate::KvFormat::Fp8Flashmla656, None) => crate::fp8::dequantize_fp8_656(cache, shape.num_pages),
-        (crate::KvFormat::Fp8PerTensor, Some(s)) if s.is_finite() && s > 0.0 => {
-            crate::fp8::dequantize_e4m3_per_tensor(cache, s)
-        }
-        (f, s) => {
-            return Err(EtapError::Invalid {
-                arg: "kv_scale",
-                why: format!("{s:?} does not go with a cache of {f:?}"),
-            })
-        }
-    };
     let bf16 = shape.with_kv_format(crate::KvFormat::Elem16);
-    mla_decode(&bf16, q, &dequantized, block_table, seqlens, softmax_scale)
+    match (shape.kv_format, kv_scale) {
+        (crate::KvFormat::Fp8Flashmla656, None) => {
+            let dequantized = crate::fp8::dequantize_fp8_656(cache, shape.num_pages);
+            mla_decode(&bf16, q, &dequantized, block_table, seqlens, softmax_scale)
+        }
+        (crate::KvFormat::Fp8PerTensor, Some(s)) if s.is_finite() && s > 0.0 => {
+            let values = crate::fp8::e4m3_values(cache);
+            let (out, lse) = mla_decode_f64(&bf16, q, &values, block_table, seqlens, softmax_scale * s)?;
+            Ok((out.iter().map(|&o| (o * s as f64) as f32).collect(), to_f32(&lse)))
+        }
+        (f, s) => Err(EtapError::Invalid {
+            arg: "kv_scale",
+            why: format!("{s:?} does not go with a cache of {f:?}"),
+        }),
+    }
 }
 
 /// The reference for request `r` alone: out `[s_q * h_q * 512]` (column order

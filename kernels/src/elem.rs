@@ -1,18 +1,37 @@
-//! The 16-bit element type of q, the cache and the output, as a type (FlashMLA keeps one
-//! `Traits<InputT>` per element type): every kernel and tile operation is generic over it, so a
-//! new cache type (an 8-bit one dequantized on load, say) is a new implementation, not a new
-//! flag threaded through every file.
+//! The 16-bit element types of the decode kernels, as types (FlashMLA keeps one
+//! `Traits<InputT>` per element type): every kernel and tile operation is generic over them, so
+//! a new cache type is a new implementation, not a new flag threaded through every file.
+//!
+//! Two types can differ: the tensor cores' operands (the staged K/V tiles, Q as the consumers
+//! read it, P) and the caller's q and output in global memory. The 16-bit caches' kernels have
+//! them equal; the FP8 caches' kernel computes in f16 under bf16 q and output, since e4m3 goes
+//! to f16 in one conversion (`cvt.rn.f16x2.e4m3x2`, exact) where bf16 takes an f32 round trip.
 
 /// An element type of the decode kernels' 16-bit operands.
 pub trait Elem {
-    /// IEEE half precision (`true`) or bfloat16: which wgmma and which conversions to use.
+    /// The tensor cores' operands are IEEE half precision (`true`) or bfloat16: which wgmma
+    /// and which conversion P takes.
     const F16: bool;
+    /// q and the output, in global memory, are IEEE half precision (`true`) or bfloat16. When
+    /// it differs from [`Elem::F16`] the consumers convert each request's Q tile in shared
+    /// memory before their first product.
+    const IO_F16: bool = Self::F16;
+    /// The cache's values are its stored ones times `DecodeParams::kv_scale` (the per-tensor
+    /// FP8 cache): the consumers fold the scale into the scores' scale and the output's
+    /// normalizer instead of multiplying every element.
+    const FOLD_KV_SCALE: bool = false;
 }
 
 /// bfloat16 (DeepSeek's KV cache).
 pub struct Bf16;
 /// IEEE half precision.
 pub struct F16;
+/// FlashMLA's 656-byte FP8 cache under bf16 q and output: f16 operands (each 128-value block
+/// times its power-of-two scale in f16, the RoPE part converted from bf16).
+pub struct Fp8Blocks;
+/// The per-tensor e4m3 cache under bf16 q and output: f16 operands holding the stored e4m3
+/// values, the scale folded.
+pub struct Fp8Tensor;
 
 impl Elem for Bf16 {
     const F16: bool = false;
@@ -20,4 +39,15 @@ impl Elem for Bf16 {
 
 impl Elem for F16 {
     const F16: bool = true;
+}
+
+impl Elem for Fp8Blocks {
+    const F16: bool = true;
+    const IO_F16: bool = false;
+}
+
+impl Elem for Fp8Tensor {
+    const F16: bool = true;
+    const IO_F16: bool = false;
+    const FOLD_KV_SCALE: bool = true;
 }

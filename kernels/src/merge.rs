@@ -349,8 +349,8 @@ impl ShareItems {
                     head,
                     self.out.add(at as usize) as *mut u32,
                     [
-                        math::pack2::<E>(st[p].acc[0] * inv, st[p].acc[1] * inv),
-                        math::pack2::<E>(st[p].acc[2] * inv, st[p].acc[3] * inv),
+                        math::pack2_out::<E>(st[p].acc[0] * inv, st[p].acc[1] * inv),
+                        math::pack2_out::<E>(st[p].acc[2] * inv, st[p].acc[3] * inv),
                     ],
                 );
                 // The lse, once per column: by the item of its first chunk.

@@ -27,7 +27,10 @@ FlashMLA's quantizer lays it out, pages 65 token slots apart) with
 [num_blocks, 64, 1, 576]`` float8_e4m3fn or uint8, value = e4m3 * ``kv_scale``) with
 ``is_fp8_kvcache=True, kv_scale=s``. etap's own :func:`plan` / :func:`decode` take either cache
 the same way (the format read from the cache: an 8-bit dtype, 656 or 576 bytes a token; the
-per-tensor scale given to :func:`decode` as ``kv_scale``). :mod:`etap.quant` makes both.
+per-tensor scale given to :func:`decode` as ``kv_scale``). :mod:`etap.quant` makes both. The
+FP8 kernels compute in float16: q, the 656 format's RoPE part and its dequantized values must
+be below 65520 in magnitude, or the output is not finite; a 656 block scale below 2**-24 reads
+as zero.
 """
 
 import itertools

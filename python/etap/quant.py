@@ -41,6 +41,7 @@ __all__ = [
     "per_tensor_scale",
     "quantize_e4m3_per_tensor",
     "dequantize_e4m3_per_tensor",
+    "dequantize_e4m3_per_tensor_f64",
 ]
 
 E4M3_MAX = 448.0  # float8_e4m3fn's largest finite value
@@ -195,6 +196,14 @@ def quantize_e4m3_per_tensor(k_cache, scale):
     d = torch.full((), s, dtype=torch.float32, device=k_cache.device)
     x = k_cache.float()
     return _e4m3_bytes(x / d, torch.signbit(x), torch).contiguous().view(torch.float8_e4m3fn)
+
+
+def dequantize_e4m3_per_tensor_f64(k_cache, scale):
+    """A per-tensor e4m3 cache's values, exactly: e4m3 * scale in float64 (the product of an
+    e4m3 value and a float32 is exact there; as bf16 it is rarely). The reference's cache."""
+    torch = _torch()
+    raw = _fp8_bytes("k_cache", k_cache, torch)
+    return raw.view(torch.float8_e4m3fn).double() * _check_scale(scale)
 
 
 def dequantize_e4m3_per_tensor(k_cache, scale):

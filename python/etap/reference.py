@@ -107,10 +107,17 @@ def dequantize_cache(k_cache, kv_scale=None):
 
 def mla_decode_fp8_reference(q, k_cache, block_table, cache_seqlens, kv_scale=None, softmax_scale=None, causal=True,
                              empty_lse="+inf"):
-    """:func:`mla_decode_reference` over an FP8 cache: the cache dequantized (e4m3 * scale in
-    float32, rounded once to bf16, as etap's kernel converts it; :func:`dequantize_cache`), then
-    the float64 reference. Returns out [b, s_q, h_q, 512] and lse [b, h_q, s_q] (float64)."""
-    return mla_decode_reference(q, dequantize_cache(k_cache, kv_scale), block_table, cache_seqlens,
+    """:func:`mla_decode_reference` over an FP8 cache, dequantized exactly: FlashMLA's format to
+    bf16 (e4m3 * a power-of-two scale is exact; :func:`dequantize_cache`), per-tensor e4m3 to
+    float64 (e4m3 * scale, rarely a bf16), then the float64 reference. Returns out
+    [b, s_q, h_q, 512] and lse [b, h_q, s_q] (float64)."""
+    from . import quant
+
+    if k_cache.shape[-1] == 576 and kv_scale is not None:
+        cache = quant.dequantize_e4m3_per_tensor_f64(k_cache, kv_scale)
+    else:
+        cache = dequantize_cache(k_cache, kv_scale)
+    return mla_decode_reference(q, cache, block_table, cache_seqlens,
                                 softmax_scale=softmax_scale, causal=causal, empty_lse=empty_lse)
 
 

@@ -1,10 +1,13 @@
 //! The FP8 KV cache (issue 14) for the ETAP kernel of 16 columns: the cache's rows stay FP8 in
 //! global memory (656 or 576 bytes a row against 1152) and become bf16 tiles in shared memory,
-//! so that the consumers, the tensor cores and the arithmetic are the 16-bit kernel's.
+//! so that the consumers, the tensor cores and the arithmetic are the 16-bit kernel's, in f16
+//! (`elem::Fp8Blocks`, `elem::Fp8Tensor`): e4m3 goes to f16 in one exact conversion
+//! (`cvt.rn.f16x2.e4m3x2`), where bf16 would take a round trip through f32. q (bf16) is
+//! converted to f16 in shared memory once per request by the consumers; the output is bf16.
 //!
 //! ```text
 //!   producer thread:   raw box (32 rows x row_bytes, half a tile) -> staging ring of 3   [raw full]
-//!   converter warps:   raw box -> its rows of the bf16 tile of the ring, x scale         [raw empty]
+//!   converter warps:   raw box -> its rows of the f16 tile of the ring (x block scale)  [raw empty]
 //!                      after a tile's two boxes                                           [full[s]]
 //!   consumers:         the 16-bit ETAP kernel's tile step, unchanged                      [empty[s]]
 //! ```
@@ -19,12 +22,18 @@
 //!
 //! Formats (`etap_core::contract::FP8_*_ROW_BYTES`, host/src/fp8.rs): FlashMLA's 656 bytes (512
 //! e4m3, 4 f32 scales, one per 128 values, 64 bf16 for RoPE; pages 65 rows apart) and per-tensor
-//! e4m3 (576 e4m3, `DecodeParams::kv_scale`). Pages of 64 rows only. The value is e4m3 x scale
-//! in f32, rounded once to bf16 (exact for the 656 format's power-of-two scales).
+//! e4m3 (576 e4m3, `DecodeParams::kv_scale`). Pages of 64 rows only.
+//!
+//! Values: the 656 format's e4m3 times its block's scale, both as f16 (`mul.rn.f16x2`), and its
+//! RoPE part from bf16 to f16; per-tensor e4m3 as stored, its scale folded into the scores'
+//! scale and the output's normalizer (exact). Exact for FlashMLA's power-of-two scales while
+//! the values stay in f16's range: q, the RoPE part and the dequantized values below 65520 in
+//! magnitude (beyond, infinite: a NaN output); a block scale below 2^-24 (its block below
+//! about 1.3e-5) reads as zero; values under 2^-14 keep f16's subnormal steps of 2^-24.
 use super::{for_each_producer_tile, kv_on_m, prologue, DecodeParams, Smem, CONSUMERS, ENTRY_REGS, STAGES, THREADS};
 use crate::barriers::IDLE as BAR_IDLE;
 use crate::device::{index, math, mbarrier, smem, sync, tma};
-use crate::elem::Bf16;
+use crate::elem::{Elem, Fp8Blocks, Fp8Tensor};
 use crate::merge;
 use crate::tile::{self, BLOCK_BYTES, ROW_BYTES, TILE_BYTES};
 use etap_core::contract::{fp8_staging_offset, FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_RAW_SLOTS, FP8_TENSOR_ROW_BYTES};
@@ -48,7 +57,7 @@ const COLS: u32 = 16;
 const ROW_CHUNKS: u32 = D_QK as u32 / 8;
 
 #[inline(always)]
-unsafe fn decode_fp8<const ROW: u32>(prm: &DecodeParams) {
+unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
     let sm = Smem::new(COLS, COLS / 2);
     let ring = RawRing::<ROW>::new();
     let group = index::block_y();
@@ -75,7 +84,7 @@ unsafe fn decode_fp8<const ROW: u32>(prm: &DecodeParams) {
                 }
             } else {
                 sync::setmaxnreg_inc::<FP8_CONSUMER_REGS>();
-                kv_on_m::consume::<8, Bf16>(prm, &range, &sm, group);
+                kv_on_m::consume::<8, E>(prm, &range, &sm, group);
             }
         }
         None => merge::write_empty(prm, group, COLS, t, THREADS),
@@ -198,7 +207,7 @@ unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Sm
             let dst = sm.pages + stage * TILE_BYTES;
             for half in 0..TILE_ROWS as u32 / FP8_BOX_ROWS {
                 tile::wait(ring.full(pos.slot), pos.round & 1);
-                lane.convert_box::<ROW>(ring.slot(pos.slot), dst + half * FP8_BOX_ROWS * ROW_BYTES, prm.kv_scale);
+                lane.convert_box::<ROW>(ring.slot(pos.slot), dst + half * FP8_BOX_ROWS * ROW_BYTES);
                 // The box's reads are done (the arrival releases them): the slot is free.
                 mbarrier::arrive(ring.empty(pos.slot));
                 pos = pos.next();
@@ -257,12 +266,13 @@ impl ConvLane {
     /// `src` and `dst` are a full raw box and a tile's rows in shared memory, not in use by
     /// anyone else.
     #[inline(always)]
-    unsafe fn convert_box<const ROW: u32>(&self, src: u32, dst: u32, kv_scale: f32) {
+    unsafe fn convert_box<const ROW: u32>(&self, src: u32, dst: u32) {
         for step in 0..FP8_BOX_ROWS / (ROW_LANES * ROWS_IN_FLIGHT) {
             let row0 = self.r0 + step * ROW_LANES * ROWS_IN_FLIGHT;
             // Sized for `unroll!`'s dead copies (indices up to 3); three are used.
             let mut raw = [[0u32; 4]; 4];
-            let mut scale = [kv_scale; 4];
+            // The 656 format's block scales as f16 pairs.
+            let mut scale = [0u32; 4];
             // Loads first.
             crate::unroll!(i < IN_FLIGHT, max 4 => {
                 let row = row0 + (i as u32 / 3) * ROW_LANES;
@@ -277,7 +287,8 @@ impl ConvLane {
                     raw[i] = [a, b, 0, 0];
                     if ROW == FP8_656_ROW_BYTES {
                         // One f32 scale per 128 values, after the 512 e4m3.
-                        scale[i] = smem::ld_f32(s + D_V as u32 + 4 * (block / 2));
+                        let f = smem::ld_f32(s + D_V as u32 + 4 * (block / 2));
+                        scale[i] = math::pack_f16x2(f, f);
                     }
                 }
             });
@@ -286,9 +297,9 @@ impl ConvLane {
                 let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
                 let block = chunk / 8;
                 let v = if is_rope::<ROW>(i, block) {
-                    raw[i]
+                    raw[i].map(math::bf16x2_to_f16x2)
                 } else {
-                    dequant8([raw[i][0], raw[i][1]], scale[i])
+                    e4m3x8_to_f16([raw[i][0], raw[i][1]], ROW == FP8_656_ROW_BYTES, scale[i])
                 };
                 let at = dst + block * BLOCK_BYTES + row * ROW_BYTES + (((chunk % 8) ^ (row % 8)) * 16);
                 smem::st_v4_u32(at, v);
@@ -297,15 +308,15 @@ impl ConvLane {
     }
 }
 
-/// Eight e4m3 (`x`: four a word, the first in the low byte) times `scale`, as eight bf16 in
-/// four words (the first in the low half).
+/// Eight e4m3 (`x`: four a word, the first in the low byte) as eight f16 in four words (the
+/// first in the low half), times the f16 pair `scale` when `scaled`.
 #[inline(always)]
-fn dequant8(x: [u32; 2], scale: f32) -> [u32; 4] {
+fn e4m3x8_to_f16(x: [u32; 2], scaled: bool, scale: u32) -> [u32; 4] {
     let mut v = [0u32; 4];
     for (w, &word) in x.iter().enumerate() {
         for h in 0..2 {
-            let (a, b) = math::e4m3x2_to_f32((word >> (16 * h)) as u16);
-            v[2 * w + h] = math::pack2::<Bf16>(a * scale, b * scale);
+            let pair = math::e4m3x2_to_f16x2((word >> (16 * h)) as u16);
+            v[2 * w + h] = if scaled { math::mul_f16x2(pair, scale) } else { pair };
         }
     }
     v
@@ -317,18 +328,18 @@ const _: () =
 const _: () = assert!(QK_BLOCKS == 9 && ROW_CHUNKS == 72);
 
 macro_rules! decode_fp8_entry {
-    ($($name:ident = $row:expr;)*) => {$(
+    ($($name:ident = ($row:expr, $e:ty);)*) => {$(
         /// ETAP split-KV decode of 16 columns over an FP8 cache; see the module documentation.
         /// Launch: grid (parts, column groups), [`THREADS`] threads,
         /// `etap_core::contract::fp8_smem_bytes` bytes.
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(params: DecodeParams) {
-            decode_fp8::<{ $row }>(&params)
+            decode_fp8::<{ $row }, $e>(&params)
         }
     )*};
 }
 
 decode_fp8_entry! {
-    etap_decode_fp8_656_c16 = FP8_656_ROW_BYTES;
-    etap_decode_fp8_tensor_c16 = FP8_TENSOR_ROW_BYTES;
+    etap_decode_fp8_656_c16 = (FP8_656_ROW_BYTES, Fp8Blocks);
+    etap_decode_fp8_tensor_c16 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor);
 }

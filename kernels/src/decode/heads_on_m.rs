@@ -192,7 +192,7 @@ macro_rules! store_rows {
                     let (v0, v1) = ($o[i] * $inv[h], $o[i + 1] * $inv[h]);
                     if splits == 1 {
                         let idx = ((rc.row0 + n) * etap_core::D_V as u32 + d) as usize;
-                        *($prm.out.add(idx) as *mut u32) = $crate::device::math::pack2::<$f16>(v0, v1);
+                        *($prm.out.add(idx) as *mut u32) = $crate::device::math::pack2_out::<$f16>(v0, v1);
                     } else {
                         let idx = ((slot_base * n_max + n) * etap_core::D_V as u32 + d) as usize;
                         *($prm.o_accum.add(idx) as *mut [f32; 2]) = [v0, v1];

@@ -48,6 +48,12 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range
         // Warpgroup 0 takes the first turn.
         turn.pass();
     }
+    // A per-tensor scale multiplies every score (and, in finish_segment, the output).
+    let scale_log2 = if E::FOLD_KV_SCALE {
+        prm.scale_log2 * prm.kv_scale
+    } else {
+        prm.scale_log2
+    };
     for_each_segment!(prm, range, sm, t, tw;
         segment |r, rows| {
             // Visible rows of the columns this thread holds (causal for s_q > 1), per column:
@@ -64,13 +70,18 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range
             let mut st = ColumnState::new();
             let mut o: [Frag; V_BLOCKS] = [[0f32; 32]; V_BLOCKS];
         }
+        q_ready {
+            if E::F16 != E::IO_F16 {
+                tile::q_to_f16::<NW>(q_cols, cols, bar_id);
+            }
+        }
         tile |page, hi, row0, kv, it| {
             let mut s: Frag = [0f32; 32];
             tile::scores_t::<NW, E>(&mut s, kv, q_cols, cols, turn);
             // This warpgroup no longer reads Q after its last page's scores.
             mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
             let red_buf = red + (it & 1) * 4 * NW as u32 * 4;
-            tile::column_softmax::<NW>(&mut s, &mut o, &mut st, &visible, row0, prm.scale_log2, red_buf, bar_id);
+            tile::column_softmax::<NW>(&mut s, &mut o, &mut st, &visible, row0, scale_log2, red_buf, bar_id);
             tile::store_p_t::<NW, E>(p_tile, &s, bar_id);
             tile::accumulate_o_t::<NW, E>(&mut o, kv, p_tile, turn);
         }
@@ -129,6 +140,9 @@ unsafe fn finish_segment<const NW: usize, E: Elem>(
             l += smem::ld_f32(red + (w * NW as u32 + col) * 4);
         }
         (inv[slot], lse[slot]) = tile::normalizer(l, st.m[slot]);
+        if E::FOLD_KV_SCALE {
+            inv[slot] *= prm.kv_scale;
+        }
     });
     sync::bar_sync(bar_id, index::WARPGROUP);
 
@@ -145,7 +159,7 @@ unsafe fn finish_segment<const NW: usize, E: Elem>(
                 let v = o[c][i] * inv[tile::col_slot(i)];
                 if splits == 1 {
                     let idx = ((rc.row0 + n) * D_V as u32 + d) as usize;
-                    *prm.out.add(idx) = math::pack2::<E>(v, 0.0) as u16;
+                    *prm.out.add(idx) = math::pack2_out::<E>(v, 0.0) as u16;
                 } else {
                     let idx = ((slot_base * n_max + n) * D_V as u32 + d) as usize;
                     *prm.o_accum.add(idx) = v;

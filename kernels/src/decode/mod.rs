@@ -285,7 +285,8 @@ pub(crate) use for_each_producer_tile;
 
 /// The consumers' walk over their part, the frame's segment loop: for each request with tiles
 /// in the part (a segment), the consumer's `segment` statements (its per-segment state, in
-/// scope for the rest), the wait for the request's Q, then per tile the wait for its stage,
+/// scope for the rest), the wait for the request's Q, the consumer's optional `q_ready`
+/// statements (once its Q is there: the FP8 kernel converts it), then per tile the wait for its stage,
 /// the zeroing of a partial tile's rows past the request's end, the consumer's `tile`
 /// statements, and the stage's release; after the segment's last tile the consumer's `end`
 /// statements (the segment's stores). Names the consumer gives: `r` the request, `rows` its
@@ -301,6 +302,7 @@ macro_rules! for_each_segment {
     (
         $prm:expr, $range:expr, $sm:expr, $t:expr, $tw:expr;
         segment |$r:ident, $rows:ident| { $($segment:tt)* }
+        $(q_ready { $($q_ready:tt)* })?
         tile |$page:ident, $hi:ident, $row0:ident, $kv:ident, $it:ident| { $($tile:tt)* }
         end { $($end:tt)* }
     ) => {{
@@ -314,6 +316,7 @@ macro_rules! for_each_segment {
             $($segment)*
             $crate::tile::wait($sm.q_full, q_round & 1);
             q_round += 1;
+            $($($q_ready)*)?
             for $page in lo..$hi {
                 let stage = $it % $crate::decode::STAGES;
                 let $kv = $sm.pages + stage * $crate::tile::TILE_BYTES;

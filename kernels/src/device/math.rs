@@ -65,29 +65,7 @@ pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
     r
 }
 
-/// The two `float8_e4m3fn` values in `x` (its low byte first) as f32, exactly (through the
-/// f16 pair that `cvt.rn.f16x2.e4m3x2` makes: every e4m3 value is an f16).
-#[inline(always)]
-pub fn e4m3x2_to_f32(x: u16) -> (f32, f32) {
-    let (lo, hi): (f32, f32);
-    // SAFETY: register conversions only.
-    unsafe {
-        asm!(
-            "{{ .reg .b32 h2; .reg .b16 l16, h16;",
-            "cvt.rn.f16x2.e4m3x2 h2, {x};",
-            "mov.b32 {{l16, h16}}, h2;",
-            "cvt.f32.f16 {lo}, l16;",
-            "cvt.f32.f16 {hi}, h16; }}",
-            x = in(reg16) x,
-            lo = out(reg32) lo,
-            hi = out(reg32) hi,
-            options(pure, nomem, nostack)
-        )
-    };
-    (lo, hi)
-}
-
-/// Pack a pair in the element type `E`: fp16 or bf16.
+/// Pack a pair in the operand type of `E` (fp16 or bf16): P for the tensor cores.
 #[inline(always)]
 pub fn pack2<E: Elem>(lo: f32, hi: f32) -> u32 {
     if E::F16 {
@@ -95,6 +73,45 @@ pub fn pack2<E: Elem>(lo: f32, hi: f32) -> u32 {
     } else {
         pack_bf16x2(lo, hi)
     }
+}
+
+/// Pack a pair in the output type of `E` (fp16 or bf16): what the kernels store in `out`.
+#[inline(always)]
+pub fn pack2_out<E: Elem>(lo: f32, hi: f32) -> u32 {
+    if E::IO_F16 {
+        pack_f16x2(lo, hi)
+    } else {
+        pack_bf16x2(lo, hi)
+    }
+}
+
+/// The two `float8_e4m3fn` values in `x` (its low byte first) as an f16 pair (the first in the
+/// low half), exactly: every e4m3 value is an f16.
+#[inline(always)]
+pub fn e4m3x2_to_f16x2(x: u16) -> u32 {
+    let r: u32;
+    // SAFETY: a register conversion only.
+    unsafe { asm!("cvt.rn.f16x2.e4m3x2 {0}, {1};", out(reg32) r, in(reg16) x, options(pure, nomem, nostack)) };
+    r
+}
+
+/// A bf16 pair (the first in the low half) as an f16 pair, each rounded to nearest even:
+/// exact for values in f16's normal range, infinite beyond 65504.
+#[inline(always)]
+pub fn bf16x2_to_f16x2(x: u32) -> u32 {
+    // A bf16 is the high half of the f32 of the same value.
+    pack_f16x2(f32::from_bits(x << 16), f32::from_bits(x & 0xFFFF_0000))
+}
+
+/// The f16 pair product `a * b`, each half rounded to nearest even.
+#[inline(always)]
+pub fn mul_f16x2(a: u32, b: u32) -> u32 {
+    let r: u32;
+    // SAFETY: pure arithmetic.
+    unsafe {
+        asm!("mul.rn.f16x2 {0}, {1}, {2};", out(reg32) r, in(reg32) a, in(reg32) b, options(pure, nomem, nostack))
+    };
+    r
 }
 
 /// Larger of two floats (`max.f32`; NaN-aware like `fmaxf`).
