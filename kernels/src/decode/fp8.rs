@@ -1,5 +1,5 @@
 //! The FP8 KV cache (issue 14) for the ETAP kernel of 16 columns: the cache's rows stay FP8 in
-//! global memory (656 or 576 bytes a row against 1152) and become bf16 tiles in shared memory,
+//! global memory (656 or 576 bytes a row against 1152) and become f16 tiles in shared memory,
 //! so that the consumers, the tensor cores and the arithmetic are the 16-bit kernel's, in f16
 //! (`elem::Fp8Blocks`, `elem::Fp8Tensor`): e4m3 goes to f16 in one exact conversion
 //! (`cvt.rn.f16x2.e4m3x2`), where bf16 would take a round trip through f32. q (bf16) is
@@ -187,7 +187,7 @@ unsafe fn produce_raw<const ROW: u32>(
 }
 
 /// The converters: for each tile of the part, its two raw boxes from the staging ring to the
-/// bf16 tile of the ring, in the 128-byte-swizzled layout the consumers read. `rank` of
+/// f16 tile of the ring, in the 128-byte-swizzled layout the consumers read. `rank` of
 /// [`CONVERTERS`].
 ///
 /// # Safety
@@ -260,7 +260,7 @@ impl ConvLane {
     }
 
     /// Convert this thread's share of the box at `src` ([`FP8_BOX_ROWS`] rows of `ROW` bytes)
-    /// into the bf16 rows at `dst` (the same rows of a tile in shared memory, swizzled).
+    /// into the f16 rows at `dst` (the same rows of a tile in shared memory, swizzled).
     ///
     /// # Safety
     /// `src` and `dst` are a full raw box and a tile's rows in shared memory, not in use by
