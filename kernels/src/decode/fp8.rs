@@ -164,7 +164,6 @@ unsafe fn produce_raw<const ROW: u32>(
     ring: &RawRing<ROW>,
 ) {
     let mut pos = RingPos::START;
-    let policy = tma::evict_first_policy();
     for_each_producer_tile!(prm, range, sm, group, COLS, |_r, _, table, tile, _it| {
         // Pages of 64 rows: tile `tile` is page slot `tile`, below `max_pages`.
         let row = prm.page_row(*table.add(tile as usize), 0, prm.kv_stride);
@@ -175,13 +174,12 @@ unsafe fn produce_raw<const ROW: u32>(
             let full = ring.full(pos.slot);
             mbarrier::arrive_expect_tx(full, RawRing::<ROW>::BOX_BYTES);
             // An entry outside the cache gave the row past it: both halves read zeros.
-            tma::load_2d_hint(
+            tma::load_2d(
                 prm.kv_map,
                 ring.slot(pos.slot),
                 full,
                 0,
                 row + (half * FP8_BOX_ROWS) as i32,
-                policy,
             );
             pos = pos.next();
         }

@@ -28,34 +28,6 @@ pub unsafe fn load_2d(map: *const TensorMap, dst: u32, bar: u32, col: i32, row: 
     );
 }
 
-/// [`load_2d`] with the L2 eviction policy `policy` (from [`evict_first_policy`]): for
-/// streamed data that no later load of this grid reads again.
-///
-/// # Safety
-/// As [`load_2d`]; `policy` comes from `createpolicy`.
-#[inline(always)]
-pub unsafe fn load_2d_hint(map: *const TensorMap, dst: u32, bar: u32, col: i32, row: i32, policy: u64) {
-    asm!(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [{0}], [{1}, {{{2}, {3}}}], [{4}], {5};",
-        in(reg32) dst,
-        in(reg64) map,
-        in(reg32) col,
-        in(reg32) row,
-        in(reg32) bar,
-        in(reg64) policy,
-        options(nostack),
-    );
-}
-
-/// An L2 policy under which every line a load brings in is the first to be evicted.
-#[inline(always)]
-pub fn evict_first_policy() -> u64 {
-    let p: u64;
-    // SAFETY: creates a value in a register; reads and writes no memory.
-    unsafe { asm!("createpolicy.fractional.L2::evict_first.b64 {0}, 1.0;", out(reg64) p, options(nostack, nomem, pure)) };
-    p
-}
-
 /// Acquire a tensor map that the host wrote to global memory (with a copy) for the tensormap
 /// proxy the copy engine reads it through. Required once per CTA before the map's first use;
 /// without it the engine may see stale bytes.

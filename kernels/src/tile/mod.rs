@@ -73,9 +73,8 @@ pub type Frag = [f32; 32];
 /// (the 128-byte swizzle's atom); `bar` an mbarrier whose phase expects these bytes.
 #[inline(always)]
 pub unsafe fn load_kv_rows(map: *const TensorMap, dst: u32, bar: u32, row: i32, block_bytes: u32) {
-    let policy = tma::evict_first_policy();
     for blk in 0..QK_BLOCKS as u32 {
-        tma::load_2d_hint(map, dst + blk * block_bytes, bar, (blk * BLOCK_COLS as u32) as i32, row, policy);
+        tma::load_2d(map, dst + blk * block_bytes, bar, (blk * BLOCK_COLS as u32) as i32, row);
     }
 }
 
@@ -86,9 +85,7 @@ pub unsafe fn load_kv_rows(map: *const TensorMap, dst: u32, bar: u32, row: i32, 
 /// As [`load_kv_rows`]; `dst` holds 9 blocks of `cols` rows.
 #[inline(always)]
 pub unsafe fn load_q(map: *const TensorMap, dst: u32, bar: u32, row: i32, cols: u32) {
-    for blk in 0..QK_BLOCKS as u32 {
-        tma::load_2d(map, dst + blk * cols * ROW_BYTES, bar, (blk * BLOCK_COLS as u32) as i32, row);
-    }
+    load_kv_rows(map, dst, bar, row, cols * ROW_BYTES)
 }
 
 /// D[64 x N] = A[64 x 576] · B[N x 576]^T, both operands K-major 128-byte-swizzled tiles of
