@@ -45,8 +45,8 @@ pub const CONVERTERS: u32 = 3 * index::WARP;
 /// keep a row's three chunks in flight with their scales and swizzled addresses; at the 16-bit
 /// kernel's 40 ptxas spilled them. The consumers of 16 columns fit in 224 (no spill, ptxas
 /// report).
-const CONVERTER_REGS: u32 = 72;
-const FP8_CONSUMER_REGS: u32 = 208;
+const CONVERTER_REGS: u32 = 56;
+const FP8_CONSUMER_REGS: u32 = 224;
 const _: () = assert!(
     (ENTRY_REGS - CONVERTER_REGS) * index::WARPGROUP >= (FP8_CONSUMER_REGS - ENTRY_REGS) * CONSUMERS * index::WARPGROUP,
     "the consumers would take more registers than the converters give back"
@@ -229,10 +229,10 @@ const ROW_LANES: u32 = CONVERTERS / CHUNK_LANES;
 /// Rows a converter does at a time: one, whose three loads are issued before any store (the
 /// stores could alias them for all the compiler knows, so this is the ILP there is). Two rows
 /// spilled at 64 converter registers.
-const ROWS_IN_FLIGHT: u32 = 2;
+const ROWS_IN_FLIGHT: u32 = 1;
 const IN_FLIGHT: usize = 3 * ROWS_IN_FLIGHT as usize;
 const _: () = assert!(
-    CHUNK_LANES * ROW_LANES == CONVERTERS && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * ROWS_IN_FLIGHT) && IN_FLIGHT <= 8
+    CHUNK_LANES * ROW_LANES == CONVERTERS && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * ROWS_IN_FLIGHT) && IN_FLIGHT <= 4
 );
 
 /// Whether a thread's `i`-th chunk of the rows in flight, in 64-value block `block`, is the
@@ -270,11 +270,11 @@ impl ConvLane {
         for step in 0..FP8_BOX_ROWS / (ROW_LANES * ROWS_IN_FLIGHT) {
             let row0 = self.r0 + step * ROW_LANES * ROWS_IN_FLIGHT;
             // Sized for `unroll!`'s dead copies (indices up to 3); three are used.
-            let mut raw = [[0u32; 4]; 8];
+            let mut raw = [[0u32; 4]; 4];
             // The 656 format's block scales as f16 pairs.
-            let mut scale = [0u32; 8];
+            let mut scale = [0u32; 4];
             // Loads first.
-            crate::unroll!(i < IN_FLIGHT, max 8 => {
+            crate::unroll!(i < IN_FLIGHT, max 4 => {
                 let row = row0 + (i as u32 / 3) * ROW_LANES;
                 let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
                 let block = chunk / 8;
@@ -292,7 +292,7 @@ impl ConvLane {
                     }
                 }
             });
-            crate::unroll!(i < IN_FLIGHT, max 8 => {
+            crate::unroll!(i < IN_FLIGHT, max 4 => {
                 let row = row0 + (i as u32 / 3) * ROW_LANES;
                 let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
                 let block = chunk / 8;
