@@ -35,18 +35,12 @@ pub const MAX_SMEM: u32 = 232_448;
 /// (2 buffers x 4 warps x `cols / 2` floats per warpgroup), the mbarriers (full and empty per
 /// stage, Q's full and empty).
 pub const fn decode_smem_bytes(cols: u32) -> u32 {
-    decode_smem_bytes_with(cols, STAGES)
-}
-
-/// [`decode_smem_bytes`] with a ring of `stages` page buffers (the FP8 kernel's
-/// [`FP8_STAGES`]).
-pub const fn decode_smem_bytes_with(cols: u32, stages: u32) -> u32 {
     let nw = cols / 2;
     QK_BLOCKS as u32 * cols * ROW_BYTES
-        + stages * TILE_BYTES
+        + STAGES * TILE_BYTES
         + CONSUMERS * nw * ROW_BYTES
         + CONSUMERS * 2 * 4 * nw * 4
-        + 16 * stages
+        + 16 * STAGES
         + 16
 }
 
@@ -198,17 +192,11 @@ pub const FP8_TENSOR_ROW_BYTES: u32 = 576;
 /// the copy engine fills the next two (a whole tile a box left one in flight, and the SM idle
 /// while it was converted).
 pub const FP8_BOX_ROWS: u32 = 32;
-/// Tile buffers (f16, 72 KiB each) in the FP8 kernel's ring: one, so that the raw FP8 bytes in
-/// flight can be [`FP8_RAW_SLOTS`] boxes. With the 16-bit kernel's two the raw ring had room
-/// for three boxes (61.5 KiB of 656-byte rows) and the kernel stayed at the bf16 cache's speed
-/// (session 10): too few bytes in flight for the DRAM's latency.
-pub const FP8_STAGES: u32 = 1;
-/// Raw boxes in the FP8 kernel's staging ring: six of 32 rows of 656 bytes (123 KiB, three
-/// tiles ahead) fit beside one tile buffer in 227 KiB (seven would not).
-pub const FP8_RAW_SLOTS: u32 = 6;
+/// Raw boxes in the FP8 kernel's staging ring: three of 32 rows of 656 bytes (61.5 KiB) are
+/// what fits beside the 16-bit kernel's layout in 227 KiB (four would not).
+pub const FP8_RAW_SLOTS: u32 = 3;
 
-/// Dynamic shared memory of the FP8 ETAP kernel (16 columns): the 16-bit kernel's layout with
-/// [`FP8_STAGES`] tile buffers, then
+/// Dynamic shared memory of the FP8 ETAP kernel (16 columns): the 16-bit kernel's layout, then
 /// (128-aligned, for the copy engine) the staging ring of [`FP8_RAW_SLOTS`] boxes of
 /// [`FP8_BOX_ROWS`] raw rows of `row_bytes` bytes, then its mbarriers (raw full per slot, then
 /// raw empty per slot).
@@ -218,7 +206,7 @@ pub const fn fp8_smem_bytes(row_bytes: u32) -> u32 {
 
 /// Where the FP8 kernel's staging buffer starts in its dynamic shared memory.
 pub const fn fp8_staging_offset() -> u32 {
-    decode_smem_bytes_with(KV_ON_M_COLS[0], FP8_STAGES).div_ceil(128) * 128
+    decode_smem_bytes(KV_ON_M_COLS[0]).div_ceil(128) * 128
 }
 
 /// Where one request's (token, head) columns `n = token * h_q + head` live: its first row of q
@@ -364,10 +352,9 @@ mod tests {
             9 * 16 * 128 + 2 * 73_728 + 16 * 128 + 2 * 2 * 4 * 8 * 4 + 48
         );
         assert_eq!(wide_smem_bytes(), 230_448);
-        // The 16-bit layout with one tile buffer (168,576 - 73,728 - 16 = 94,832, to 94,848 for
-        // 128-byte alignment), then six 32-row boxes and their barriers.
-        assert_eq!(fp8_smem_bytes(FP8_656_ROW_BYTES), 94_848 + 6 * (32 * 656 + 16));
-        assert_eq!(fp8_staging_offset(), 94_848);
+        // The 16-bit layout (168,576, 128-aligned), then three 32-row boxes and their barriers.
+        assert_eq!(fp8_smem_bytes(FP8_656_ROW_BYTES), 168_576 + 3 * (32 * 656 + 16));
+        assert_eq!(fp8_staging_offset(), 168_576);
         assert_eq!(
             Kernel::Decode { f16: true, cols: 1 }.smem_bytes(),
             decode_smem_bytes(32)

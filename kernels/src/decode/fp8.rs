@@ -30,15 +30,13 @@
 //! the values stay in f16's range: q, the RoPE part and the dequantized values below 65520 in
 //! magnitude (beyond, infinite: a NaN output); a block scale below 2^-24 (its block below
 //! about 1.3e-5) reads as zero; values under 2^-14 keep f16's subnormal steps of 2^-24.
-use super::{for_each_producer_tile, kv_on_m, prologue, DecodeParams, Smem, CONSUMERS, ENTRY_REGS, THREADS};
+use super::{for_each_producer_tile, kv_on_m, prologue, DecodeParams, Smem, CONSUMERS, ENTRY_REGS, STAGES, THREADS};
 use crate::barriers::IDLE as BAR_IDLE;
 use crate::device::{index, math, mbarrier, smem, sync, tma};
 use crate::elem::{Elem, Fp8Blocks, Fp8Tensor};
 use crate::merge;
 use crate::tile::{self, BLOCK_BYTES, ROW_BYTES, TILE_BYTES};
-use etap_core::contract::{
-    fp8_staging_offset, FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_RAW_SLOTS, FP8_STAGES, FP8_TENSOR_ROW_BYTES,
-};
+use etap_core::contract::{fp8_staging_offset, FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_RAW_SLOTS, FP8_TENSOR_ROW_BYTES};
 use etap_core::{WorkRange, D_QK, D_V, QK_BLOCKS, TILE_ROWS};
 
 /// The converter threads: the producer warpgroup's warps 1 to 3.
@@ -60,7 +58,7 @@ const ROW_CHUNKS: u32 = D_QK as u32 / 8;
 
 #[inline(always)]
 unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
-    let sm = Smem::with_stages(COLS, COLS / 2, FP8_STAGES);
+    let sm = Smem::new(COLS, COLS / 2);
     let ring = RawRing::<ROW>::new();
     let group = index::block_y();
     let t = index::thread_x();
@@ -71,7 +69,7 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
             mbarrier::init(ring.empty(slot), CONVERTERS);
         }
     }
-    match prologue::<FP8_STAGES, CONVERTERS>(prm, &sm) {
+    match prologue::<STAGES, CONVERTERS>(prm, &sm) {
         Some(range) => {
             if sync::warp_uniform(t / index::WARPGROUP) == CONSUMERS {
                 sync::setmaxnreg_dec::<CONVERTER_REGS>();
@@ -202,9 +200,9 @@ unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Sm
     for r in range.begin_req..=range.end_req {
         let (_, lo, hi) = prm.segment(range, r);
         for _ in lo..hi {
-            let stage = it % FP8_STAGES;
-            if it >= FP8_STAGES {
-                tile::wait(sm.empty + 8 * stage, (it / FP8_STAGES - 1) & 1);
+            let stage = it % STAGES;
+            if it >= STAGES {
+                tile::wait(sm.empty + 8 * stage, (it / STAGES - 1) & 1);
             }
             let dst = sm.pages + stage * TILE_BYTES;
             for half in 0..TILE_ROWS as u32 / FP8_BOX_ROWS {

@@ -39,7 +39,7 @@ fn layout() -> (Smem, u32) {
     let red = p + WIDE_ROWS * ROW_BYTES;
     let red_sum = red + 2 * WIDE_ROWS * 4;
     let bars = red_sum + 2 * WIDE_ROWS * 4;
-    (Smem::with_barriers_at(q, pages, p, red, bars, STAGES), red_sum)
+    (Smem::with_barriers_at(q, pages, p, red, bars), red_sum)
 }
 
 /// Dynamic shared memory of the wide kernel (230,448 bytes of the 232,448 a CTA may have: the
