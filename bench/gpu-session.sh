@@ -23,7 +23,9 @@
 #   bash bench/gpu-session.sh ncu TAG BIN REGEX [ARGS...]
 #                                      # Nsight Compute (full set) of the third launch of the
 #                                      # kernel matching REGEX in etap-bench BIN run per call with
-#                                      # ARGS (e.g. --kv fp8-656 --shape 16,1,16,65536): the
+#                                      # ARGS (e.g. --shape 16,1,128,65536; an FP8 format needs
+#                                      # --layers 1 too: FP8 configurations are timed in serving
+#                                      # mode only, so per call the kernel runs once): the
 #                                      # details page and the SASS with its stall samples (gzip),
 #                                      # files named by TAG
 #   bash bench/gpu-session.sh ab A B [C...]
