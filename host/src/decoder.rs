@@ -654,21 +654,18 @@ impl Decoder {
         let tiling = plan.tiling;
         let kernel = match shape.kv_format.fp8_row_bytes() {
             None => tiling.kernel(dtype),
-            Some(row_bytes) => match (dtype, tiling.layout, tiling.cols_per_cta) {
-                (Dtype::Bf16, Layout::KvOnM, 16) => Kernel::DecodeFp8 { row_bytes },
-                (Dtype::Bf16, Layout::HeadsOnM, _) if row_bytes == etap_core::contract::FP8_TENSOR_ROW_BYTES => {
-                    Kernel::WideFp8 { row_bytes }
-                }
-                _ => {
+            Some(row_bytes) => {
+                if dtype != Dtype::Bf16 || tiling.layout != Layout::KvOnM || tiling.cols_per_cta != 16 {
                     return Err(EtapError::Invalid {
                         arg: "kv_format",
                         why: format!(
-                            "an FP8 cache is read with bf16 q by the ETAP kernel of 16 columns, or per-tensor by the heads-on-M kernel; this call has {dtype:?} and {:?} of {} columns",
+                            "an FP8 cache is read by the ETAP kernel of 16 columns with bf16 q; this call has {dtype:?} and {:?} of {} columns",
                             tiling.layout, tiling.cols_per_cta
                         ),
                     });
                 }
-            },
+                Kernel::DecodeFp8 { row_bytes }
+            }
         };
         // Cooperative: the CTAs that share a request wait for each other's partial results
         // before merging them (kernels/src/merge.rs), so they must all be resident.
