@@ -87,10 +87,11 @@ def mla_decode_reference(q, k_cache, block_table, cache_seqlens, softmax_scale=N
     return out, lse
 
 
-def dequantize_cache(k_cache, kv_scale=None):
+def dequantize_cache(k_cache, kv_scale=None, *, exact=False):
     """The bf16 cache ``[num_blocks, 64, 1, 576]`` an FP8 cache stands for (:mod:`etap.quant`):
     FlashMLA's 656-byte format (k_cache's last dim 656; ``kv_scale`` None) or per-tensor e4m3
-    (576; ``kv_scale`` its scale)."""
+    (576; ``kv_scale`` its scale). With ``exact``, the per-tensor values are float64 instead
+    (e4m3 * scale is rarely a bf16; the 656 format's power-of-two scales keep bf16 exact)."""
     from . import quant
 
     last = k_cache.shape[-1]
@@ -101,6 +102,8 @@ def dequantize_cache(k_cache, kv_scale=None):
     if last == 576:
         if kv_scale is None:
             raise ValueError("kv_scale: needed for a per-tensor e4m3 cache (576 bytes a token)")
+        if exact:
+            return quant.dequantize_e4m3_per_tensor_f64(k_cache, kv_scale)
         return quant.dequantize_e4m3_per_tensor(k_cache, kv_scale)
     raise ValueError(f"k_cache: an FP8 cache has 656 or 576 bytes a token, got {last}")
 
@@ -111,12 +114,7 @@ def mla_decode_fp8_reference(q, k_cache, block_table, cache_seqlens, kv_scale=No
     bf16 (e4m3 * a power-of-two scale is exact; :func:`dequantize_cache`), per-tensor e4m3 to
     float64 (e4m3 * scale, rarely a bf16), then the float64 reference. Returns out
     [b, s_q, h_q, 512] and lse [b, h_q, s_q] (float64)."""
-    from . import quant
-
-    if k_cache.shape[-1] == 576 and kv_scale is not None:
-        cache = quant.dequantize_e4m3_per_tensor_f64(k_cache, kv_scale)
-    else:
-        cache = dequantize_cache(k_cache, kv_scale)
+    cache = dequantize_cache(k_cache, kv_scale, exact=True)
     return mla_decode_reference(q, cache, block_table, cache_seqlens,
                                 softmax_scale=softmax_scale, causal=causal, empty_lse=empty_lse)
 
