@@ -47,6 +47,9 @@ san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 
 # short bf16 shapes.
 # shellcheck disable=SC2206
 ab_args=(${AB_ARGS:---iters 20 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,1024 --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 64,1,16,8192})
+# The A/B steps' columns of results.csv: config, dtype, per-call µs, rel err, lse diff, serving
+# µs shuffled / contiguous, status.
+ab_cols=3,4,15,21,22,23,24,26
 case "${1:-}" in
 tests)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -119,8 +122,7 @@ ab)
         k=0
         for side in "$@"; do
             k=$((k + 1))
-            # config, dtype, per-call µs, rel err, lse diff, serving µs shuffled / contiguous, status
-            echo "== $side round $i"; cut -d, -f3,4,15,21,22,23,24,26 "/root/ab-$k-$i/results.csv"
+            echo "== $side round $i"; cut -d, -f$ab_cols "/root/ab-$k-$i/results.csv"
         done
     done | tee "$out/ab.txt"
     ;;
@@ -146,7 +148,7 @@ candidate)
         timeout 90 "$bin" --out "/root/cand-$side" "${ab_args[@]}" >"/root/cand-$side.log" 2>&1
         echo "ab $side rc=$? t=$((SECONDS - t0))" | tee -a "$out/candidate.log"
         echo "== $side" >>"$out/ab.txt"
-        cut -d, -f3,4,15,21,22,23,24,26 "/root/cand-$side/results.csv" >>"$out/ab.txt"
+        cut -d, -f$ab_cols "/root/cand-$side/results.csv" >>"$out/ab.txt"
     done
     wheel=$(ls target/wheels/etap-*.whl 2>/dev/null | head -1)
     if [ -n "$wheel" ] && left $((limit - 60)); then
