@@ -1413,6 +1413,64 @@ fn fp8_per_tensor_reference_applies_the_scale_exactly() {
     }
 }
 
+/// The per-request FP8 reference (`reference::mla_decode_request_fp8`, what etap-bench checks
+/// sampled requests against) is the whole batch's (`reference::mla_decode_fp8`) for that request,
+/// bit for bit, in both formats: the per-tensor scale folded the same way, with a scale that is
+/// not a power of two (so that folding it elsewhere would show).
+#[test]
+fn fp8_request_reference_is_the_batch_reference() {
+    use etap::{fp8, reference, KvFormat};
+    let case = Case::<Bf16>::new(3, 4, &[130, 64, 1], 91);
+    let pages = case.shape.num_pages;
+    let amax_scale = fp8::per_tensor_scale(&case.cache);
+    assert_ne!(amax_scale, 2f32.powi(amax_scale.log2().round() as i32));
+    let formats = [
+        (KvFormat::Fp8Flashmla656, None),
+        (KvFormat::Fp8PerTensor, Some(amax_scale)),
+    ];
+    for (format, kv_scale) in formats {
+        let (bytes, values) = match kv_scale {
+            None => {
+                let b = fp8::quantize_fp8_656(&case.cache, pages);
+                let v = fp8::dequantize_fp8_656(&b, pages);
+                (b, v)
+            }
+            Some(s) => {
+                let b = fp8::quantize_e4m3_per_tensor(&case.cache, s);
+                let v = fp8::e4m3_values(&b);
+                (b, v)
+            }
+        };
+        let shape = case.shape.with_kv_format(format);
+        let (o, l) = reference::mla_decode_fp8(
+            &shape,
+            &case.q,
+            &bytes,
+            kv_scale,
+            &case.block_table,
+            &case.seqlens,
+            case.softmax_scale,
+        )
+        .unwrap();
+        let (out_row, lse_row) = (case.shape.cols() * 512, case.shape.cols());
+        for r in 0..case.shape.batch {
+            let (ro, rl) = reference::mla_decode_request_fp8(
+                &case.shape,
+                &case.q,
+                &values,
+                kv_scale,
+                &case.block_table,
+                &case.seqlens,
+                case.softmax_scale,
+                r,
+            )
+            .unwrap();
+            assert_eq!(ro, o[r * out_row..(r + 1) * out_row], "{format:?} request {r}: out");
+            assert_eq!(rl, l[r * lse_row..(r + 1) * lse_row], "{format:?} request {r}: lse");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The packed query layout (issue 13): per-request token counts through q_offsets
 // ---------------------------------------------------------------------------------------------

@@ -54,16 +54,24 @@ pub struct Reference {
 /// Compute the reference for `picks`, one thread per request (the reference itself spreads a
 /// request over threads only when it has more than 64 columns).
 pub fn reference<T: Element>(x: &HostInputs<T>, picks: &[usize], kv_scale: Option<f32>) -> Result<Reference> {
-    // A per-tensor FP8 cache's scale (`x.cache` its stored values): on the scores and the
-    // output, as `etap::reference::mla_decode_fp8` applies it.
-    let kv = kv_scale.unwrap_or(1.0);
-    let scale = etap::reference::default_softmax_scale() * kv;
+    // A per-tensor FP8 cache's scale (`x.cache` its stored values) is folded as in
+    // `etap::reference::mla_decode_fp8`.
+    let scale = etap::reference::default_softmax_scale();
     let results: Vec<Result<(Vec<f32>, Vec<f32>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = picks
             .iter()
             .map(|&r| {
                 s.spawn(move || {
-                    etap::reference::mla_decode_request(&x.shape, &x.q, &x.cache, &x.block_table, &x.seqlens, scale, r)
+                    etap::reference::mla_decode_request_fp8(
+                        &x.shape,
+                        &x.q,
+                        &x.cache,
+                        kv_scale,
+                        &x.block_table,
+                        &x.seqlens,
+                        scale,
+                        r,
+                    )
                 })
             })
             .collect();
@@ -75,10 +83,7 @@ pub fn reference<T: Element>(x: &HostInputs<T>, picks: &[usize], kv_scale: Optio
     let mut out = Vec::new();
     let mut lse = Vec::new();
     for res in results {
-        let (mut o, l) = res?;
-        if kv_scale.is_some() {
-            o.iter_mut().for_each(|v| *v *= kv);
-        }
+        let (o, l) = res?;
         out.push(o);
         lse.push(l);
     }

@@ -391,21 +391,52 @@ pub fn mla_decode_fp8(
         });
     }
     let bf16 = shape.with_kv_format(crate::KvFormat::Elem16);
-    match (shape.kv_format, kv_scale) {
-        (crate::KvFormat::Fp8Flashmla656, None) => {
-            let dequantized = crate::fp8::dequantize_fp8_656(cache, shape.num_pages);
-            mla_decode(&bf16, q, &dequantized, block_table, seqlens, softmax_scale)
+    let values = match (shape.kv_format, kv_scale) {
+        (crate::KvFormat::Fp8Flashmla656, None) => crate::fp8::dequantize_fp8_656(cache, shape.num_pages),
+        (crate::KvFormat::Fp8PerTensor, Some(s)) if s.is_finite() && s > 0.0 => crate::fp8::e4m3_values(cache),
+        (f, s) => {
+            return Err(EtapError::Invalid {
+                arg: "kv_scale",
+                why: format!("{s:?} does not go with a cache of {f:?}"),
+            })
         }
-        (crate::KvFormat::Fp8PerTensor, Some(s)) if s.is_finite() && s > 0.0 => {
-            let values = crate::fp8::e4m3_values(cache);
-            let (out, lse) = mla_decode_f64(&bf16, q, &values, block_table, seqlens, softmax_scale * s)?;
-            Ok((out.iter().map(|&o| (o * s as f64) as f32).collect(), to_f32(&lse)))
-        }
-        (f, s) => Err(EtapError::Invalid {
-            arg: "kv_scale",
-            why: format!("{s:?} does not go with a cache of {f:?}"),
-        }),
+    };
+    let (scores, out_factor) = fold_kv_scale(softmax_scale, kv_scale);
+    let (out, lse) = mla_decode_f64(&bf16, q, &values, block_table, seqlens, scores)?;
+    Ok((out.iter().map(|&o| (o * out_factor) as f32).collect(), to_f32(&lse)))
+}
+
+/// A per-tensor FP8 cache's scale as the reference applies it, where the kernel folds it: the
+/// scores' scale `softmax_scale x kv_scale` (rounded to f32 once) and the output's factor
+/// `kv_scale`; without one, `softmax_scale` and 1.
+fn fold_kv_scale(softmax_scale: f32, kv_scale: Option<f32>) -> (f32, f64) {
+    match kv_scale {
+        Some(s) => (softmax_scale * s, s as f64),
+        None => (softmax_scale, 1.0),
     }
+}
+
+/// [`mla_decode_request`] over a cache as the FP8 reference reads it (`cache`: FlashMLA's
+/// format dequantized, [`crate::fp8::dequantize_fp8_656`], with `kv_scale` `None`; or the
+/// per-tensor format's stored values, [`crate::fp8::e4m3_values`], with its scale), the scale
+/// folded as in [`mla_decode_fp8`]: request `r` of that batch's reference, for checks that
+/// sample requests. `shape` is the 16-bit shape of `cache`; with `kv_scale` `None` this is
+/// [`mla_decode_request`].
+#[allow(clippy::too_many_arguments)]
+pub fn mla_decode_request_fp8<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    cache: &[T],
+    kv_scale: Option<f32>,
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+    r: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (scores, out_factor) = fold_kv_scale(softmax_scale, kv_scale);
+    let (mut out, lse) = request_f64(shape, q, cache, block_table, seqlens, scores, r)?;
+    out.iter_mut().for_each(|o| *o *= out_factor);
+    Ok((to_f32(&out), to_f32(&lse)))
 }
 
 /// The reference for request `r` alone: out `[s_q * h_q * 512]` (column order
@@ -421,6 +452,20 @@ pub fn mla_decode_request<T: Element>(
     softmax_scale: f32,
     r: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (out, lse) = request_f64(shape, q, cache, block_table, seqlens, softmax_scale, r)?;
+    Ok((to_f32(&out), to_f32(&lse)))
+}
+
+/// [`mla_decode_request`] in f64, before the outputs' rounding.
+fn request_f64<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    cache: &[T],
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+    r: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     validate_all(shape, q, cache, block_table, seqlens, shape.out_len(), shape.lse_len())?;
     if r >= shape.batch {
         return Err(EtapError::RequestIndex {
@@ -441,5 +486,5 @@ pub fn mla_decode_request<T: Element>(
         &mut out,
         &mut lse,
     );
-    Ok((to_f32(&out), to_f32(&lse)))
+    Ok((out, lse))
 }
