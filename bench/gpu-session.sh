@@ -34,7 +34,8 @@
 #                                      # the kernels of PTX, through ETAP_PTX), interleaved twice
 #                                      # on the same configurations ($AB_ARGS, default: the FP8
 #                                      # table's shapes and formats and the short bf16 shapes),
-#                                      # so that run-to-run drift shows
+#                                      # so that run-to-run drift shows; each run within
+#                                      # $AB_SIDE_LIMIT seconds (default 120)
 #
 # Logs go to $OUT (the device tool's folder that comes back), at most 8 files.
 set -u
@@ -114,7 +115,8 @@ ab)
             k=$((k + 1))
             bin=${side%%@*} ptx=
             [ "$bin" != "$side" ] && ptx=$(realpath "${side#*@}")
-            env ${ptx:+ETAP_PTX=$ptx} "$bin" --out "/root/ab-$k-$i" "${ab_args[@]}" >"/root/ab-$k-$i.log" 2>&1
+            # A side that hangs (an untried kernel's deadlock) costs its own limit, not the call's.
+            timeout "${AB_SIDE_LIMIT:-120}" env ${ptx:+ETAP_PTX=$ptx} "$bin" --out "/root/ab-$k-$i" "${ab_args[@]}" >"/root/ab-$k-$i.log" 2>&1
             echo "$side round $i rc=$?"
         done
     done
