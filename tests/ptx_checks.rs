@@ -143,6 +143,30 @@ fn ptxas_assembles_every_kernel_without_spills_stack_or_lmem() {
     );
 }
 
+/// Each decode kernel runs at its contract's entry registers (`Kernel::entry_regs`: the FP8
+/// kernels' 512 threads need a cap below the module's, which the PTX build writes as
+/// `.maxnreg`), since `setmaxnreg` counts from there and a CTA over the register file does
+/// not launch.
+#[test]
+fn decode_kernels_run_at_their_entry_registers() {
+    let Some(ptxas) = tool("ptxas", "nvidia-cuda-nvcc-cu12") else {
+        return;
+    };
+    let a = assembled(&ptxas);
+    for k in Kernel::ALL {
+        if k == Kernel::Schedule {
+            continue;
+        }
+        let r = a.reports.iter().find(|r| r.name == k.name()).expect("reported");
+        assert_eq!(r.registers, k.entry_regs(), "{}", k.name());
+        assert!(
+            k.threads() * k.entry_regs() <= etap_core::contract::REGISTER_FILE,
+            "{}",
+            k.name()
+        );
+    }
+}
+
 #[test]
 fn no_kernel_has_serialized_wgmma() {
     let Some(ptxas) = tool("ptxas", "nvidia-cuda-nvcc-cu12") else {

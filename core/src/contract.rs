@@ -21,6 +21,12 @@ pub const CONSUMERS: u32 = 2;
 /// which issues the loads; a whole warpgroup so that it can hand its registers over with
 /// `setmaxnreg`).
 pub const DECODE_THREADS: u32 = (CONSUMERS + 1) * WARPGROUP;
+/// Threads of an FP8 decode CTA (`kernels/src/decode/fp8.rs`): the consumers, the producer
+/// warpgroup and a second warpgroup, so that the warps that turn the FP8 rows into f16 tiles
+/// are six (two on each of two SM sub-partitions, one on each other) rather than three.
+pub const FP8_THREADS: u32 = (CONSUMERS + 2) * WARPGROUP;
+/// 32-bit registers of an SM's register file, which a CTA's threads share (one CTA an SM).
+pub const REGISTER_FILE: u32 = 65_536;
 /// Bytes of one 128-byte swizzle row: a shared-memory tile row of 64 16-bit elements.
 pub const ROW_BYTES: u32 = 128;
 /// Bytes of one page of KV in shared memory: 64 rows of 576 16-bit elements.
@@ -116,6 +122,28 @@ impl Kernel {
             } => "etap_decode_fp8_656_c16",
             Kernel::DecodeFp8 { .. } => "etap_decode_fp8_tensor_c16",
             Kernel::Schedule => "etap_schedule",
+        }
+    }
+
+    /// Threads of a CTA.
+    pub const fn threads(self) -> u32 {
+        match self {
+            Kernel::Decode { .. } | Kernel::Wide { .. } => DECODE_THREADS,
+            Kernel::DecodeFp8 { .. } => FP8_THREADS,
+            Kernel::Schedule => 1,
+        }
+    }
+
+    /// A thread's registers at entry, which `setmaxnreg` trades from: the module's cap
+    /// (`DECODE_ENTRY_REGS`, a JIT option), or where a CTA of [`Kernel::threads`] would not fit
+    /// the register file at that cap, what does (in `setmaxnreg`'s steps of 8). The PTX build
+    /// gives such a kernel its cap as a `.maxnreg` directive (`etap_ptx_builder`).
+    pub const fn entry_regs(self) -> u32 {
+        let fit = REGISTER_FILE / self.threads() / 8 * 8;
+        if fit < crate::DECODE_ENTRY_REGS {
+            fit
+        } else {
+            crate::DECODE_ENTRY_REGS
         }
     }
 

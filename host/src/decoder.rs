@@ -16,7 +16,7 @@ use cust::module::Module;
 use cust::stream::Stream;
 use cust::sys::CUfunction;
 use cust::sys::CUstream;
-use etap_core::contract::{DecodeParams, Kernel, DECODE_THREADS};
+use etap_core::contract::{DecodeParams, Kernel};
 use etap_core::D_QK;
 use std::ffi::c_void;
 
@@ -672,7 +672,7 @@ impl Decoder {
         launch_cooperative(
             self.kernels().get(kernel),
             (plan.parts, tiling.groups),
-            DECODE_THREADS,
+            kernel.threads(),
             kernel.smem_bytes(),
             stream,
             &mut [&mut params as *mut DecodeParams as *mut c_void],

@@ -121,8 +121,32 @@ pub fn build_ptx() -> Result<PathBuf, String> {
     }
     let built = target_dir.join(TARGET).join("release").join(PTX_NAME);
     let stable = target_dir.join(PTX_NAME);
-    fs::copy(&built, &stable).map_err(|e| format!("copying {} to {}: {e}", built.display(), stable.display()))?;
+    let ptx = fs::read_to_string(&built).map_err(|e| format!("reading {}: {e}", built.display()))?;
+    let ptx = with_register_caps(&ptx)?;
+    fs::write(&stable, ptx).map_err(|e| format!("writing {}: {e}", stable.display()))?;
     Ok(stable)
+}
+
+/// `ptx` with a `.maxnreg` directive on each kernel whose entry cap
+/// (`etap_core::contract::Kernel::entry_regs`) is below the module's (`DECODE_ENTRY_REGS`, given
+/// at load as a JIT option): rustc has no attribute for it, and without it a CTA of that
+/// kernel's threads would not fit the register file (the launch fails), while the kernel's
+/// `setmaxnreg` counts assume the cap. The directive goes between the entry's parameter list and
+/// its body.
+pub fn with_register_caps(ptx: &str) -> Result<String, String> {
+    let mut out = ptx.to_string();
+    for k in etap_core::contract::Kernel::ALL {
+        if k.entry_regs() >= etap_core::DECODE_ENTRY_REGS {
+            continue;
+        }
+        let head = format!(".entry {}(", k.name());
+        let at = out
+            .find(&head)
+            .ok_or_else(|| format!("the PTX defines no kernel {}", k.name()))?;
+        let body = at + out[at..].find("\n{").ok_or_else(|| format!("{}: no body", k.name()))?;
+        out.insert_str(body, &format!("\n.maxnreg {}", k.entry_regs()));
+    }
+    Ok(out)
 }
 
 /// Where to look for NVIDIA's command-line tools: `ETAP_NVTOOLS` (a folder searched
@@ -327,6 +351,34 @@ pub fn sass_by_function(sass: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn register_caps_go_on_the_kernels_that_need_them() {
+        use etap_core::contract::Kernel;
+        let ptx: String = Kernel::ALL
+            .iter()
+            .map(|k| {
+                format!(
+                    ".visible .entry {}(\n\t.param .u64 p\n)  // @{}\n{{\n\tret;\n}}\n",
+                    k.name(),
+                    k.name()
+                )
+            })
+            .collect();
+        let capped = with_register_caps(&ptx).unwrap();
+        for k in Kernel::ALL {
+            let at = capped.find(&format!(".entry {}(", k.name())).unwrap();
+            let head = &capped[at..at + capped[at..].find('{').unwrap()];
+            let cap = format!(".maxnreg {}", k.entry_regs());
+            assert_eq!(
+                head.contains(&cap),
+                k.entry_regs() < etap_core::DECODE_ENTRY_REGS,
+                "{head}"
+            );
+        }
+        assert!(capped.contains(".maxnreg 128"));
+        assert!(with_register_caps("no kernels").is_err());
+    }
 
     #[test]
     fn parses_a_ptxas_report() {

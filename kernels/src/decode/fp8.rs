@@ -12,7 +12,8 @@
 //!   consumers:         the 16-bit ETAP kernel's tile step, unchanged                      [empty[s]]
 //! ```
 //!
-//! The producer warpgroup's three idle warps are the converters (after their empty requests
+//! The CTA has a second producer warpgroup ([`THREADS`] = 512): the producer warpgroups' warps
+//! 10 to 15 are the converters (after their empty requests
 //! and stale splits): they wait for a free stage of the ring, then for each of the tile's two
 //! raw boxes, convert it and arrive on its slot's `empty` barrier, after which the producer
 //! loads the box three later into that slot; after the second box they fence their writes for
@@ -30,25 +31,42 @@
 //! the values stay in f16's range: q, the RoPE part and the dequantized values below 65520 in
 //! magnitude (beyond, infinite: a NaN output); a block scale below 2^-24 (its block below
 //! about 1.3e-5) reads as zero; values under 2^-14 keep f16's subnormal steps of 2^-24.
-use super::{for_each_producer_tile, kv_on_m, prologue, DecodeParams, Smem, CONSUMERS, ENTRY_REGS, STAGES, THREADS};
+use super::{for_each_producer_tile, kv_on_m, prologue, DecodeParams, Smem, CONSUMERS, STAGES};
 use crate::barriers::IDLE as BAR_IDLE;
 use crate::device::{index, math, mbarrier, smem, sync, tma};
 use crate::elem::{Elem, Fp8Blocks, Fp8Tensor};
 use crate::merge;
 use crate::tile::{self, BLOCK_BYTES, ROW_BYTES, TILE_BYTES};
-use etap_core::contract::{fp8_staging_offset, FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_RAW_SLOTS, FP8_TENSOR_ROW_BYTES};
+use etap_core::contract::{
+    fp8_staging_offset, Kernel, FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_RAW_SLOTS, FP8_TENSOR_ROW_BYTES,
+    FP8_THREADS as THREADS,
+};
 use etap_core::{WorkRange, D_QK, D_V, QK_BLOCKS, TILE_ROWS};
 
-/// The converter threads: the producer warpgroup's warps 1 to 3.
-pub const CONVERTERS: u32 = 3 * index::WARP;
-/// Registers of the producer warpgroup (the converters) and of the consumers: the converters
+/// The warpgroups after the consumers: the producer's (its first warp issues the loads, its
+/// thread 0) and a second one, both converters but for [`FIRST_CONVERTER`]'s warps before.
+const PRODUCER_WARPGROUPS: u32 = THREADS / index::WARPGROUP - CONSUMERS;
+/// The first converter thread: the producer's warpgroup's third warp. Warps go to the SM's four
+/// sub-partitions by their index mod 4, so warps 10 to 15 put two converters on sub-partitions
+/// 2 and 3 and one on 0 and 1 (beside two consumer warps each; warp 8 issues the loads, warp 9
+/// idles). Six, not seven: the converters' chunk layout needs a multiple of 24 threads.
+const FIRST_CONVERTER: u32 = CONSUMERS * index::WARPGROUP + 2 * index::WARP;
+/// The converter threads.
+pub const CONVERTERS: u32 = THREADS - FIRST_CONVERTER;
+/// Registers at entry: a CTA of [`THREADS`] fits the register file at 128, not at the 16-bit
+/// kernels' cap (the PTX build gives these kernels a `.maxnreg`).
+const ENTRY_REGS: u32 = Kernel::DecodeFp8 {
+    row_bytes: FP8_656_ROW_BYTES,
+}
+.entry_regs();
+/// Registers of the producer warpgroups (the converters) and of the consumers: the converters
 /// keep a row's three chunks in flight with their scales and swizzled addresses; at the 16-bit
-/// kernel's 40 ptxas spilled them. The consumers of 16 columns fit in 224 (no spill, ptxas
-/// report).
+/// kernel's 40 ptxas spilled them. The consumers of 16 columns take what the two warpgroups
+/// give back (ptxas: no spill).
 const CONVERTER_REGS: u32 = 56;
-const FP8_CONSUMER_REGS: u32 = 224;
+const FP8_CONSUMER_REGS: u32 = 200;
 const _: () = assert!(
-    (ENTRY_REGS - CONVERTER_REGS) * index::WARPGROUP >= (FP8_CONSUMER_REGS - ENTRY_REGS) * CONSUMERS * index::WARPGROUP,
+    (ENTRY_REGS - CONVERTER_REGS) * PRODUCER_WARPGROUPS >= (FP8_CONSUMER_REGS - ENTRY_REGS) * CONSUMERS,
     "the consumers would take more registers than the converters give back"
 );
 /// Columns of the kernel's CTA (two warpgroups of 8).
@@ -71,13 +89,12 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
     }
     match prologue::<STAGES, CONVERTERS>(prm, &sm) {
         Some(range) => {
-            if sync::warp_uniform(t / index::WARPGROUP) == CONSUMERS {
+            if sync::warp_uniform(t / index::WARPGROUP) >= CONSUMERS {
                 sync::setmaxnreg_dec::<CONVERTER_REGS>();
-                let first_conv = CONSUMERS * index::WARPGROUP + index::WARP;
                 if t == CONSUMERS * index::WARPGROUP {
                     produce_raw(prm, &range, &sm, group, &ring);
-                } else if t >= first_conv {
-                    let rank = t - first_conv;
+                } else if t >= FIRST_CONVERTER {
+                    let rank = t - FIRST_CONVERTER;
                     merge::write_empty(prm, group, COLS, rank, CONVERTERS);
                     merge::publish_empty_splits(prm, group, COLS, rank, CONVERTERS, BAR_IDLE);
                     convert(prm, &range, &sm, &ring, rank);
@@ -220,9 +237,9 @@ unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Sm
     }
 }
 
-/// Chunk columns of a converter's share of a box: [`CONVERTERS`] = 24 x 4 threads, thread
+/// Chunk columns of a converter's share of a box: [`CONVERTERS`] = 24 x 8 threads, thread
 /// `24 * r0 + c` converting the 16-byte chunks `c`, `c + 24`, `c + 48` (of 72 in a tile row)
-/// of the box's rows `r0`, `r0 + 4`, ... so that each thread's chunks (their source offsets,
+/// of the box's rows `r0`, `r0 + 8`, ... so that each thread's chunks (their source offsets,
 /// scales and swizzle) are fixed and only the row moves.
 const CHUNK_LANES: u32 = ROW_CHUNKS / 3;
 const ROW_LANES: u32 = CONVERTERS / CHUNK_LANES;
