@@ -1616,4 +1616,27 @@ fn fp8_shapes() {
             );
         }
     }
+    // The kernel the plan checks its tiling against and the decode call launches
+    // (`ColumnTiling::kernel_for`): the ETAP kernel of 16 columns for bf16 q in the layout the
+    // plan picks; none for fp16 q, nor in the heads-on-M layout.
+    use etap::plan::ColumnTiling;
+    use etap::{Dtype, Layout};
+    use etap_core::contract::Kernel;
+    for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
+        let shape = s.with_kv_format(f);
+        let tiling = ColumnTiling::for_shape(&shape, Layout::for_shape(&shape));
+        let row_bytes = f.fp8_row_bytes().unwrap();
+        assert_eq!(tiling.kernel_for(Dtype::Bf16, f), Ok(Kernel::DecodeFp8 { row_bytes }));
+        for (dtype, layout) in [(Dtype::F16, Layout::KvOnM), (Dtype::Bf16, Layout::HeadsOnM)] {
+            assert!(matches!(
+                ColumnTiling::for_shape(&shape, layout).kernel_for(dtype, f),
+                Err(EtapError::Invalid { arg: "kv_format", .. })
+            ));
+        }
+    }
+    let tiling = ColumnTiling::for_shape(&s, Layout::KvOnM);
+    assert_eq!(
+        tiling.kernel_for(Dtype::F16, KvFormat::Elem16),
+        Ok(tiling.kernel(Dtype::F16))
+    );
 }

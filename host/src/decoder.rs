@@ -227,13 +227,9 @@ impl Decoder {
             });
         }
         let layout = layout.unwrap_or_else(|| Layout::for_shape(shape));
-        if shape.kv_format != KvFormat::Elem16 && layout != Layout::KvOnM {
-            return Err(EtapError::Invalid {
-                arg: "layout",
-                why: "an FP8 cache is read by the ETAP (KV-on-M) kernel only".into(),
-            });
-        }
         let tiling = ColumnTiling::for_shape(shape, layout);
+        // A tiling no kernel runs over this cache (FP8 q is bf16).
+        tiling.kernel_for(Dtype::Bf16, shape.kv_format)?;
         let parts = (self.num_sms() / tiling.groups).max(1);
         let plan = Plan::allocate(shape, tiling, parts, stream)?;
         self.schedule(&plan, cache_seqlens, stream)?;
@@ -652,21 +648,7 @@ impl Decoder {
             kv_scale,
         };
         let tiling = plan.tiling;
-        let kernel = match shape.kv_format.fp8_row_bytes() {
-            None => tiling.kernel(dtype),
-            Some(row_bytes) => {
-                if dtype != Dtype::Bf16 || tiling.layout != Layout::KvOnM || tiling.cols_per_cta != 16 {
-                    return Err(EtapError::Invalid {
-                        arg: "kv_format",
-                        why: format!(
-                            "an FP8 cache is read by the ETAP kernel of 16 columns with bf16 q; this call has {dtype:?} and {:?} of {} columns",
-                            tiling.layout, tiling.cols_per_cta
-                        ),
-                    });
-                }
-                Kernel::DecodeFp8 { row_bytes }
-            }
-        };
+        let kernel = tiling.kernel_for(dtype, shape.kv_format)?;
         // Cooperative: the CTAs that share a request wait for each other's partial results
         // before merging them (kernels/src/merge.rs), so they must all be resident.
         launch_cooperative(

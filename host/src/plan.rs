@@ -4,7 +4,7 @@ use crate::decoder::Decoder;
 use crate::driver::{self, PinnedBuffer};
 use crate::dtype::Dtype;
 use crate::error::{EtapError, Result};
-use crate::shape::DecodeShape;
+use crate::shape::{DecodeShape, KvFormat};
 use crate::tma::{encode_2d, encode_rows, DeviceMap, TensorMap};
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::sys::CUstream;
@@ -91,6 +91,25 @@ impl ColumnTiling {
                     .expect("the tiling picks a built column count"),
             },
             Layout::HeadsOnM => Kernel::Wide { f16 },
+        }
+    }
+
+    /// The kernel that runs this tiling for `dtype` q over a cache of `format`: [`Self::kernel`]
+    /// for a 16-bit cache; for an FP8 cache (bf16 q only) the ETAP kernel of 16 columns. The
+    /// plan checks its tiling against it with bf16, the decode call with its q's dtype.
+    pub fn kernel_for(&self, dtype: Dtype, format: KvFormat) -> Result<Kernel> {
+        let Some(row_bytes) = format.fp8_row_bytes() else {
+            return Ok(self.kernel(dtype));
+        };
+        match (dtype, self.layout, self.cols_per_cta) {
+            (Dtype::Bf16, Layout::KvOnM, 16) => Ok(Kernel::DecodeFp8 { row_bytes }),
+            _ => Err(EtapError::Invalid {
+                arg: "kv_format",
+                why: format!(
+                    "an FP8 cache is read by the ETAP kernel of 16 columns with bf16 q; this call has {dtype:?} and {:?} of {} columns",
+                    self.layout, self.cols_per_cta
+                ),
+            }),
         }
     }
 
