@@ -12,13 +12,13 @@
 //!   consumers:         the 16-bit ETAP kernel's tile step, unchanged                      [empty[s]]
 //! ```
 //!
-//! The CTA has a second producer warpgroup ([`THREADS`] = 512): the producer warpgroups' warps
-//! 10 to 15 are the converters (after their empty requests
-//! and stale splits): they wait for a free stage of the ring, then for each of the tile's two
-//! raw boxes, convert it and arrive on its slot's `empty` barrier, after which the producer
-//! loads the box three later into that slot; after the second box they fence their writes for
-//! the tensor cores (`fence.proxy.async`) and arrive on the stage's `full` barrier (counting
-//! [`CONVERTERS`] arrivals). Three half-tile slots are what fits beside the 16-bit kernel's
+//! The CTA has a second producer warpgroup ([`THREADS`] = 512), and the producer warpgroups'
+//! warps 10 to 15 are the converters (after their empty requests and stale splits): they wait
+//! for a free stage of the ring, then for each of the tile's two raw boxes, convert it and
+//! arrive on its slot's `empty` barrier, after which the producer loads the box three later
+//! into that slot; after the second box they fence their writes for the tensor cores
+//! (`fence.proxy.async`) and arrive on the stage's `full` barrier (counting [`CONVERTERS`]
+//! arrivals). Three half-tile slots are what fits beside the 16-bit kernel's
 //! layout: while one box is converted the copy engine fills the next two.
 //!
 //! Formats (`etap_core::contract::FP8_*_ROW_BYTES`, host/src/fp8.rs): FlashMLA's 656 bytes (512
