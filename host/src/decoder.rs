@@ -2,7 +2,7 @@
 //! plan and re-plan (the split schedule, on the GPU), decode (the launch), the checked path for
 //! the tables, and the raw entry points for interop. The plan's state is in `plan`, the raw
 //! driver calls in `driver`.
-use crate::driver::{self, launch, launch_cooperative_clustered};
+use crate::driver::{self, launch, launch_cooperative};
 use crate::dtype::{Bf16, Dtype, Element};
 use crate::error::{EtapError, Result};
 use crate::plan::{ColumnTiling, Layout, Plan, RawBuffers};
@@ -651,12 +651,9 @@ impl Decoder {
         let kernel = tiling.kernel_for(dtype, shape.kv_format)?;
         // Cooperative: the CTAs that share a request wait for each other's partial results
         // before merging them (kernels/src/merge.rs), so they must all be resident.
-        // Experiment: the column groups of a part in one cluster (same GPC, started together),
-        // no cluster instruction in the kernels.
-        launch_cooperative_clustered(
+        launch_cooperative(
             self.kernels().get(kernel),
-            (tiling.groups, plan.parts),
-            tiling.groups,
+            (plan.parts, tiling.groups),
             kernel.threads(),
             kernel.smem_bytes(),
             stream,

@@ -200,8 +200,6 @@ struct LaunchConfig {
 
 /// `CU_LAUNCH_ATTRIBUTE_COOPERATIVE`.
 const LAUNCH_ATTRIBUTE_COOPERATIVE: u32 = 2;
-/// `CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`.
-const LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: u32 = 4;
 /// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`.
 const LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: u32 = 6;
 
@@ -232,22 +230,19 @@ pub(crate) unsafe fn launch(
 }
 
 /// Launch a kernel by raw handle cooperatively: the driver starts it only when every CTA of the
-/// grid can be resident at once (or fails the launch), so its CTAs may wait for each other;
-/// with clusters of `cluster_x` CTAs along the grid's x (a divisor of `grid.0`; 1: none): the
-/// hardware places a cluster's CTAs on one GPC and starts them together.
+/// grid can be resident at once (or fails the launch), so its CTAs may wait for each other.
 ///
 /// # Safety
 /// As [`launch`].
-pub(crate) unsafe fn launch_cooperative_clustered(
+pub(crate) unsafe fn launch_cooperative(
     f: CUfunction,
     grid: (u32, u32),
-    cluster_x: u32,
     block: u32,
     smem: u32,
     stream: CUstream,
     params: &mut [*mut c_void],
 ) -> Result<()> {
-    launch_ex_cluster(f, grid, block, smem, stream, params, true, cluster_x)
+    launch_ex(f, grid, block, smem, stream, params, true)
 }
 
 /// Both launches: `cuLaunchKernelEx`; when `cooperative` (the decode kernels) with the
@@ -266,24 +261,6 @@ unsafe fn launch_ex(
     params: &mut [*mut c_void],
     cooperative: bool,
 ) -> Result<()> {
-    launch_ex_cluster(f, grid, block, smem, stream, params, cooperative, 1)
-}
-
-/// [`launch_ex`] with clusters of `cluster_x` CTAs along x (1: no cluster attribute).
-///
-/// # Safety
-/// As [`launch`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn launch_ex_cluster(
-    f: CUfunction,
-    grid: (u32, u32),
-    block: u32,
-    smem: u32,
-    stream: CUstream,
-    params: &mut [*mut c_void],
-    cooperative: bool,
-    cluster_x: u32,
-) -> Result<()> {
     // Each attribute's value is an int at the start of the union: 1.
     let attr = |id| {
         let mut a = LaunchAttribute {
@@ -294,14 +271,9 @@ unsafe fn launch_ex_cluster(
         a.value[0] = 1;
         a
     };
-    // The cluster's dimensions: x, y, z as three u32 at the start of the union.
-    let mut cluster = attr(LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION);
-    cluster.value[0] = cluster_x as u64 | (1u64 << 32);
-    cluster.value[1] = 1;
     let mut attrs = [
         attr(LAUNCH_ATTRIBUTE_COOPERATIVE),
         attr(LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION),
-        cluster,
     ];
     let config = LaunchConfig {
         grid: [grid.0, grid.1, 1],
@@ -309,11 +281,7 @@ unsafe fn launch_ex_cluster(
         smem,
         stream,
         attrs: attrs.as_mut_ptr(),
-        num_attrs: match (cooperative, cluster_x > 1) {
-            (false, _) => 0,
-            (true, false) => 2,
-            (true, true) => 3,
-        },
+        num_attrs: if cooperative { attrs.len() as u32 } else { 0 },
     };
     let rc = cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut());
     if rc != cust::sys::CUresult::CUDA_SUCCESS {
