@@ -1600,21 +1600,13 @@ fn fp8_shapes() {
         10 * etap::fp8::FP8_656_PAGE_STRIDE
     );
     assert_eq!(s.with_kv_format(KvFormat::Fp8PerTensor).cache_len(), 10 * 64 * 576);
-    let wide = [
-        DecodeShape::new(2, 1, 17, 10, 4),
-        DecodeShape::new(2, 2, 9, 10, 4),
-        DecodeShape::new(2, 1, 128, 10, 4),
-    ];
     for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
         assert_eq!(validate_shape(&s.with_kv_format(f)), Ok(()));
-        let bad_page = DecodeShape::new(2, 1, 16, 10, 4).with_page_size(32);
-        // FlashMLA's format takes at most 16 columns (the ETAP kernel); the per-tensor one any
-        // (the heads-on-M kernel past 16).
-        let bad: Vec<DecodeShape> = match f {
-            KvFormat::Fp8Flashmla656 => wide.iter().copied().chain([bad_page]).collect(),
-            _ => vec![bad_page],
-        };
-        for bad in bad {
+        for bad in [
+            DecodeShape::new(2, 1, 17, 10, 4),
+            DecodeShape::new(2, 2, 9, 10, 4),
+            DecodeShape::new(2, 1, 16, 10, 4).with_page_size(32),
+        ] {
             assert!(
                 matches!(
                     validate_shape(&bad.with_kv_format(f)),
@@ -1624,46 +1616,27 @@ fn fp8_shapes() {
             );
         }
     }
-    for w in wide {
-        assert_eq!(validate_shape(&w.with_kv_format(KvFormat::Fp8PerTensor)), Ok(()));
-    }
-    // The kernel the plan checks its tiling against (`ColumnTiling::kernel_for`, as the decode
-    // call picks it): every shape validation accepts has one with bf16 q, in the layout the plan
-    // picks; fp16 q has none, nor does the per-tensor format in a layout without an FP8 kernel.
+    // The kernel the plan checks its tiling against and the decode call launches
+    // (`ColumnTiling::kernel_for`): the ETAP kernel of 16 columns for bf16 q in the layout the
+    // plan picks; none for fp16 q, nor in the heads-on-M layout.
     use etap::plan::ColumnTiling;
     use etap::{Dtype, Layout};
     use etap_core::contract::Kernel;
-    let tiling = |shape: &DecodeShape| ColumnTiling::for_shape(shape, Layout::for_shape(shape));
     for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
-        let narrow = s.with_kv_format(f);
+        let shape = s.with_kv_format(f);
+        let tiling = ColumnTiling::for_shape(&shape, Layout::for_shape(&shape));
         let row_bytes = f.fp8_row_bytes().unwrap();
-        assert_eq!(
-            tiling(&narrow).kernel_for(Dtype::Bf16, f),
-            Ok(Kernel::DecodeFp8 { row_bytes })
-        );
-        assert!(tiling(&narrow).kernel_for(Dtype::F16, f).is_err());
+        assert_eq!(tiling.kernel_for(Dtype::Bf16, f), Ok(Kernel::DecodeFp8 { row_bytes }));
+        for (dtype, layout) in [(Dtype::F16, Layout::KvOnM), (Dtype::Bf16, Layout::HeadsOnM)] {
+            assert!(matches!(
+                ColumnTiling::for_shape(&shape, layout).kernel_for(dtype, f),
+                Err(EtapError::Invalid { arg: "kv_format", .. })
+            ));
+        }
     }
-    // FlashMLA's format has no heads-on-M kernel.
-    assert!(matches!(
-        ColumnTiling::for_shape(&s.with_kv_format(KvFormat::Fp8Flashmla656), Layout::HeadsOnM)
-            .kernel_for(Dtype::Bf16, KvFormat::Fp8Flashmla656),
-        Err(EtapError::Invalid { arg: "kv_format", .. })
-    ));
-    for w in wide {
-        let w = w.with_kv_format(KvFormat::Fp8PerTensor);
-        assert_eq!(
-            tiling(&w).kernel_for(Dtype::Bf16, KvFormat::Fp8PerTensor),
-            Ok(Kernel::WideFp8 { row_bytes: 576 }),
-            "{w:?}"
-        );
-    }
-    let kv_on_m_32 = ColumnTiling::for_shape(&wide[0], Layout::KvOnM);
-    assert!(matches!(
-        kv_on_m_32.kernel_for(Dtype::Bf16, KvFormat::Fp8PerTensor),
-        Err(EtapError::Invalid { arg: "kv_format", .. })
-    ));
+    let tiling = ColumnTiling::for_shape(&s, Layout::KvOnM);
     assert_eq!(
-        tiling(&s).kernel_for(Dtype::F16, KvFormat::Elem16),
-        Ok(tiling(&s).kernel(Dtype::F16))
+        tiling.kernel_for(Dtype::F16, KvFormat::Elem16),
+        Ok(tiling.kernel(Dtype::F16))
     );
 }

@@ -108,33 +108,6 @@ fn fp8_caches_match_the_reference() {
     }
 }
 
-/// The per-tensor format past 16 columns (the heads-on-M kernel): 17 to 128 columns, s_q 1-4,
-/// with empty, one-row, page-boundary and long requests. FlashMLA's format is refused there.
-#[test]
-fn fp8_per_tensor_beyond_16_columns() {
-    let Some(dec) = decoder_or_skip("gpu_fp8 wide") else {
-        return;
-    };
-    let cases: &[(usize, usize, &[i32])] = &[
-        (1, 128, &[1, 0, 64, 65, 300, 4000]),
-        (2, 64, &[129, 7, 2000]),
-        (1, 20, &[5000, 33]),
-        (4, 16, &[64, 1, 1000]),
-        (1, 32, &[20_000, 3]),
-    ];
-    for (k, &(s_q, h_q, seqlens)) in cases.iter().enumerate() {
-        let case = Case::<Bf16>::new(s_q, h_q, seqlens, 9100 + k as u64);
-        check_fp8(&dec, &case, KvFormat::Fp8PerTensor);
-        let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
-        let sl = DeviceBuffer::from_slice(&case.seqlens).unwrap();
-        let refused = dec.plan(&case.shape.with_kv_format(KvFormat::Fp8Flashmla656), &sl, &stream);
-        assert!(
-            matches!(refused, Err(EtapError::Invalid { arg: "kv_format", .. })),
-            "FlashMLA's format accepted at s_q {s_q} h_q {h_q}"
-        );
-    }
-}
-
 /// Rejected FP8 calls name the argument and write nothing.
 #[test]
 fn fp8_argument_errors() {

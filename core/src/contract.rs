@@ -41,18 +41,12 @@ pub const MAX_SMEM: u32 = 232_448;
 /// (2 buffers x 4 warps x `cols / 2` floats per warpgroup), the mbarriers (full and empty per
 /// stage, Q's full and empty).
 pub const fn decode_smem_bytes(cols: u32) -> u32 {
-    decode_smem_bytes_with(cols, STAGES)
-}
-
-/// [`decode_smem_bytes`] with a ring of `stages` page buffers (the FP8 kernel's
-/// [`FP8_STAGES`]).
-pub const fn decode_smem_bytes_with(cols: u32, stages: u32) -> u32 {
     let nw = cols / 2;
     QK_BLOCKS as u32 * cols * ROW_BYTES
-        + stages * TILE_BYTES
+        + STAGES * TILE_BYTES
         + CONSUMERS * nw * ROW_BYTES
         + CONSUMERS * 2 * 4 * nw * 4
-        + 16 * stages
+        + 16 * STAGES
         + 16
 }
 
@@ -60,17 +54,11 @@ pub const fn decode_smem_bytes_with(cols: u32, stages: u32) -> u32 {
 /// tile of 64 x 64, the scorer's hand-overs (the rows' rescale factors and their 1 / l, 64 f32
 /// each in slots sized for two warpgroups), the mbarriers.
 pub const fn wide_smem_bytes() -> u32 {
-    wide_smem_bytes_with(STAGES)
-}
-
-/// [`wide_smem_bytes`] with a ring of `stages` page buffers (the wide FP8 kernel's
-/// [`FP8_WIDE_STAGES`]).
-pub const fn wide_smem_bytes_with(stages: u32) -> u32 {
     QK_BLOCKS as u32 * WIDE_ROWS * ROW_BYTES
-        + stages * TILE_BYTES
+        + STAGES * TILE_BYTES
         + WIDE_ROWS * ROW_BYTES
         + 4 * WIDE_ROWS * 4
-        + 16 * stages
+        + 16 * STAGES
         + 16
 }
 
@@ -80,8 +68,7 @@ pub const KV_ON_M_COLS: [u32; 2] = [16, 32];
 const _: () = assert!(decode_smem_bytes(KV_ON_M_COLS[1]) <= MAX_SMEM && wide_smem_bytes() <= MAX_SMEM);
 const _: () = assert!(core::mem::size_of::<TensorMap>() == 128 && core::mem::align_of::<TensorMap>() == 64);
 
-const _: () =
-    assert!(fp8_smem_bytes(FP8_656_ROW_BYTES) <= MAX_SMEM && fp8_wide_smem_bytes(FP8_TENSOR_ROW_BYTES) <= MAX_SMEM);
+const _: () = assert!(fp8_smem_bytes(FP8_656_ROW_BYTES) <= MAX_SMEM);
 // A box is whole 128-byte lines (the copy engine's destinations stay aligned) and a tile is two.
 const _: () = assert!(
     (FP8_BOX_ROWS * FP8_656_ROW_BYTES).is_multiple_of(128)
@@ -100,16 +87,13 @@ pub enum Kernel {
     /// The ETAP decode kernel of 16 columns over an FP8 cache (bf16 q, out), by its cache's
     /// row bytes (`FP8_656_ROW_BYTES` or `FP8_TENSOR_ROW_BYTES`).
     DecodeFp8 { row_bytes: u32 },
-    /// The wide (heads-on-M) decode kernel over a per-tensor FP8 cache (bf16 q, out), by its
-    /// cache's row bytes (`FP8_TENSOR_ROW_BYTES` only).
-    WideFp8 { row_bytes: u32 },
     /// The one-thread scheduler.
     Schedule,
 }
 
 impl Kernel {
     /// Every kernel of the decode path.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::Decode { f16: false, cols: 0 },
         Kernel::Decode { f16: false, cols: 1 },
         Kernel::Decode { f16: true, cols: 0 },
@@ -120,9 +104,6 @@ impl Kernel {
             row_bytes: FP8_656_ROW_BYTES,
         },
         Kernel::DecodeFp8 {
-            row_bytes: FP8_TENSOR_ROW_BYTES,
-        },
-        Kernel::WideFp8 {
             row_bytes: FP8_TENSOR_ROW_BYTES,
         },
         Kernel::Schedule,
@@ -140,7 +121,6 @@ impl Kernel {
                 row_bytes: FP8_656_ROW_BYTES,
             } => "etap_decode_fp8_656_c16",
             Kernel::DecodeFp8 { .. } => "etap_decode_fp8_tensor_c16",
-            Kernel::WideFp8 { .. } => "etap_decode_fp8_tensor_wide",
             Kernel::Schedule => "etap_schedule",
         }
     }
@@ -148,7 +128,7 @@ impl Kernel {
     /// Threads of a CTA.
     pub const fn threads(self) -> u32 {
         match self {
-            Kernel::Decode { .. } | Kernel::Wide { .. } | Kernel::WideFp8 { .. } => DECODE_THREADS,
+            Kernel::Decode { .. } | Kernel::Wide { .. } => DECODE_THREADS,
             Kernel::DecodeFp8 { .. } => FP8_THREADS,
             Kernel::Schedule => 1,
         }
@@ -173,7 +153,6 @@ impl Kernel {
             Kernel::Decode { cols, .. } => decode_smem_bytes(KV_ON_M_COLS[cols]),
             Kernel::Wide { .. } => wide_smem_bytes(),
             Kernel::DecodeFp8 { row_bytes } => fp8_smem_bytes(row_bytes),
-            Kernel::WideFp8 { row_bytes } => fp8_wide_smem_bytes(row_bytes),
             Kernel::Schedule => 0,
         }
     }
@@ -241,14 +220,11 @@ pub const FP8_TENSOR_ROW_BYTES: u32 = 576;
 /// the copy engine fills the next two (a whole tile a box left one in flight, and the SM idle
 /// while it was converted).
 pub const FP8_BOX_ROWS: u32 = 32;
-/// Tile buffers (f16, 72 KiB each) in the FP8 ETAP kernel's ring: the 16-bit kernel's two.
-pub const FP8_STAGES: u32 = STAGES;
 /// Raw boxes in the FP8 kernel's staging ring: three of 32 rows of 656 bytes (61.5 KiB) are
 /// what fits beside the 16-bit kernel's layout in 227 KiB (four would not).
 pub const FP8_RAW_SLOTS: u32 = 3;
 
-/// Dynamic shared memory of the FP8 ETAP kernel (16 columns): the 16-bit kernel's layout with
-/// [`FP8_STAGES`] tile buffers, then
+/// Dynamic shared memory of the FP8 ETAP kernel (16 columns): the 16-bit kernel's layout, then
 /// (128-aligned, for the copy engine) the staging ring of [`FP8_RAW_SLOTS`] boxes of
 /// [`FP8_BOX_ROWS`] raw rows of `row_bytes` bytes, then its mbarriers (raw full per slot, then
 /// raw empty per slot).
@@ -256,28 +232,9 @@ pub const fn fp8_smem_bytes(row_bytes: u32) -> u32 {
     fp8_staging_offset() + FP8_RAW_SLOTS * (FP8_BOX_ROWS * row_bytes + 16)
 }
 
-/// Tile buffers in the wide (heads-on-M) FP8 kernel's ring: one, since Q takes 64 rows there;
-/// converting a tile and consuming it take turns.
-pub const FP8_WIDE_STAGES: u32 = 1;
-/// Raw boxes in the wide FP8 kernel's staging ring: four of 32 rows of 576 bytes (72 KiB) fit
-/// beside its one tile buffer. Only the per-tensor format has a wide kernel.
-pub const FP8_WIDE_RAW_SLOTS: u32 = 4;
-
-/// Dynamic shared memory of the wide FP8 kernel: the wide layout with [`FP8_WIDE_STAGES`] tile
-/// buffers, then (128-aligned) [`FP8_WIDE_RAW_SLOTS`] raw boxes of `row_bytes` rows and their
-/// mbarriers.
-pub const fn fp8_wide_smem_bytes(row_bytes: u32) -> u32 {
-    fp8_wide_staging_offset() + FP8_WIDE_RAW_SLOTS * (FP8_BOX_ROWS * row_bytes + 16)
-}
-
-/// Where the wide FP8 kernel's staging buffer starts in its dynamic shared memory.
-pub const fn fp8_wide_staging_offset() -> u32 {
-    wide_smem_bytes_with(FP8_WIDE_STAGES).div_ceil(128) * 128
-}
-
 /// Where the FP8 kernel's staging buffer starts in its dynamic shared memory.
 pub const fn fp8_staging_offset() -> u32 {
-    decode_smem_bytes_with(KV_ON_M_COLS[0], FP8_STAGES).div_ceil(128) * 128
+    decode_smem_bytes(KV_ON_M_COLS[0]).div_ceil(128) * 128
 }
 
 /// Where one request's (token, head) columns `n = token * h_q + head` live: its first row of q

@@ -38,9 +38,9 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
     if shape.kv_format != crate::KvFormat::Elem16 {
         let why = if shape.page_size != 64 {
             Some(format!("FP8 caches take pages of 64 rows, not {}", shape.page_size))
-        } else if shape.s_q * shape.h_q > 16 && shape.kv_format != crate::KvFormat::Fp8PerTensor {
+        } else if shape.s_q * shape.h_q > 16 {
             Some(format!(
-                "FlashMLA's FP8 cache takes at most 16 (token, head) columns a request for now (s_q * h_q = {}); the per-tensor one any",
+                "FP8 caches take at most 16 (token, head) columns a request for now (s_q * h_q = {})",
                 shape.s_q * shape.h_q
             ))
         } else {

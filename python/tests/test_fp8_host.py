@@ -33,15 +33,15 @@ def test_constants():
 # --- the native shape check ----------------------------------------------------------------------
 
 
-def test_validate_shape_fp8_656_up_to_16_columns_per_tensor_any():
+def test_validate_shape_fp8_accepts_up_to_16_columns():
     for fmt in ("fp8_656", "fp8_per_tensor"):
         for s_q in range(1, 9):
             for h_q in range(1, 17):
-                if s_q * h_q <= 16 or fmt == "fp8_per_tensor":
+                if s_q * h_q <= 16:
                     _etap.validate_shape(3, s_q, h_q, 10, 7, 64, kv_format=fmt)
                 else:
-                    with pytest.raises(ValueError, match=rf"^kv_format: FlashMLA's FP8 cache takes at most 16 \(token, "
-                                                         rf"head\) columns a request for now \(s_q \* h_q = {s_q * h_q}\)"):
+                    with pytest.raises(ValueError, match=rf"^kv_format: FP8 caches take at most 16 \(token, head\) "
+                                                         rf"columns a request for now \(s_q \* h_q = {s_q * h_q}\)"):
                         _etap.validate_shape(3, s_q, h_q, 10, 7, 64, kv_format=fmt)
     _etap.validate_shape(3, 1, 16, 10, 7, 64, kv_format=None)  # None: a 16-bit cache
 
@@ -51,8 +51,8 @@ def test_validate_shape_fp8_656_up_to_16_columns_per_tensor_any():
     [
         ((2, 1, 16, 8, 4, 32), dict(kv_format="fp8_656"), r"^kv_format: FP8 caches take pages of 64 rows, not 32"),
         ((2, 1, 16, 8, 4, 128), dict(kv_format="fp8_per_tensor"), "^kv_format: FP8 caches take pages of 64 rows, not 128"),
-        ((2, 1, 17, 8, 4, 64), dict(kv_format="fp8_656"), r"^kv_format: FlashMLA's FP8 cache takes at most 16 .*= 17\)"),
-        ((2, 8, 128, 8, 4, 64), dict(kv_format="fp8_656"), r"^kv_format: .*= 1024\)"),
+        ((2, 1, 17, 8, 4, 64), dict(kv_format="fp8_656"), r"^kv_format: FP8 caches take at most 16 .*= 17\)"),
+        ((2, 8, 128, 8, 4, 64), dict(kv_format="fp8_per_tensor"), r"^kv_format: .*= 1024\)"),
         ((2, 1, 16, 8, 4, 64), dict(kv_format="fp8"), r'^kv_format: "fp8" is not a cache format \(None for 16-bit, '
                                                         r'"fp8_656" or "fp8_per_tensor"\)'),
         ((2, 1, 16, 8, 4, 64), dict(kv_format="bf16"), r'^kv_format: "bf16" is not a cache format'),

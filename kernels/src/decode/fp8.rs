@@ -31,18 +31,15 @@
 //! the values stay in f16's range: q, the RoPE part and the dequantized values below 65520 in
 //! magnitude (beyond, infinite: a NaN output); a block scale below 2^-24 (its block below
 //! about 1.3e-5) reads as zero; values under 2^-14 keep f16's subnormal steps of 2^-24.
-use super::{
-    for_each_producer_tile, heads_on_m, kv_on_m, prologue, DecodeParams, Smem, CONSUMERS, CONSUMER_REGS, PRODUCER_REGS,
-    THREADS as WIDE_THREADS,
-};
+use super::{for_each_producer_tile, kv_on_m, prologue, DecodeParams, Smem, CONSUMERS, STAGES};
 use crate::barriers::IDLE as BAR_IDLE;
 use crate::device::{index, math, mbarrier, smem, sync, tma};
 use crate::elem::{Elem, Fp8Blocks, Fp8Tensor};
 use crate::merge;
 use crate::tile::{self, BLOCK_BYTES, ROW_BYTES, TILE_BYTES};
 use etap_core::contract::{
-    fp8_staging_offset, fp8_wide_staging_offset, Kernel, FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_RAW_SLOTS, FP8_STAGES,
-    FP8_TENSOR_ROW_BYTES, FP8_THREADS as THREADS, FP8_WIDE_RAW_SLOTS, FP8_WIDE_STAGES, WIDE_ROWS,
+    fp8_staging_offset, Kernel, FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_RAW_SLOTS, FP8_TENSOR_ROW_BYTES,
+    FP8_THREADS as THREADS,
 };
 use etap_core::{WorkRange, D_QK, D_V, QK_BLOCKS, TILE_ROWS};
 
@@ -79,22 +76,28 @@ const ROW_CHUNKS: u32 = D_QK as u32 / 8;
 
 #[inline(always)]
 unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
-    let sm = Smem::with_stages(COLS, COLS / 2, FP8_STAGES);
-    let ring = RawRing::<ROW, FP8_RAW_SLOTS>::new(fp8_staging_offset());
+    let sm = Smem::new(COLS, COLS / 2);
+    let ring = RawRing::<ROW>::new();
     let group = index::block_y();
     let t = index::thread_x();
-    ring.init::<CONVERTERS>();
-    match prologue::<FP8_STAGES, CONVERTERS>(prm, &sm) {
+    if t == 0 {
+        // Initialized here, fenced and synchronized by the prologue with the ring's.
+        for slot in 0..FP8_RAW_SLOTS {
+            mbarrier::init(ring.full(slot), 1);
+            mbarrier::init(ring.empty(slot), CONVERTERS);
+        }
+    }
+    match prologue::<STAGES, CONVERTERS>(prm, &sm) {
         Some(range) => {
             if sync::warp_uniform(t / index::WARPGROUP) >= CONSUMERS {
                 sync::setmaxnreg_dec::<CONVERTER_REGS>();
                 if t == CONSUMERS * index::WARPGROUP {
-                    produce_raw(prm, &range, &sm, group, COLS, &ring);
+                    produce_raw(prm, &range, &sm, group, &ring);
                 } else if t >= FIRST_CONVERTER {
                     let rank = t - FIRST_CONVERTER;
                     merge::write_empty(prm, group, COLS, rank, CONVERTERS);
                     merge::publish_empty_splits(prm, group, COLS, rank, CONVERTERS, BAR_IDLE);
-                    convert::<ROW, FP8_STAGES, FP8_RAW_SLOTS, CONVERTERS>(prm, &range, &sm, &ring, rank);
+                    convert(prm, &range, &sm, &ring, rank);
                 }
             } else {
                 sync::setmaxnreg_inc::<FP8_CONSUMER_REGS>();
@@ -105,76 +108,21 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
     }
 }
 
-/// The wide (heads-on-M) kernel over a per-tensor FP8 cache, for requests of more than 16
-/// columns: the wide consumers (`heads_on_m::consume`) on one f16 tile buffer, filled by the
-/// same producer thread and converter code as [`decode_fp8`]'s from a ring of
-/// [`FP8_WIDE_RAW_SLOTS`] raw boxes, in the 16-bit kernels' 384 threads: the wide consumers
-/// need [`CONSUMER_REGS`], which leaves the producer warpgroup [`PRODUCER_REGS`], so its three
-/// idle warps ([`WIDE_CONVERTERS`]) convert there.
-#[inline(always)]
-unsafe fn decode_fp8_wide<const ROW: u32, E: Elem>(prm: &DecodeParams) {
-    let (sm, red_sum) = heads_on_m::layout_with(FP8_WIDE_STAGES);
-    let ring = RawRing::<ROW, FP8_WIDE_RAW_SLOTS>::new(fp8_wide_staging_offset());
-    let group = index::block_y();
-    let t = index::thread_x();
-    ring.init::<WIDE_CONVERTERS>();
-    match prologue::<FP8_WIDE_STAGES, WIDE_CONVERTERS>(prm, &sm) {
-        Some(_) => {
-            // The work range is read again on each side of the register hand-over: held
-            // across it, its fields were spilled (ptxas).
-            let reread = || core::ptr::read_volatile(prm.ranges.add(index::block_x() as usize));
-            if sync::warp_uniform(t / index::WARPGROUP) == CONSUMERS {
-                sync::setmaxnreg_dec::<PRODUCER_REGS>();
-                let range = reread();
-                let first_conv = WIDE_THREADS - WIDE_CONVERTERS;
-                if t == CONSUMERS * index::WARPGROUP {
-                    produce_raw(prm, &range, &sm, group, WIDE_ROWS, &ring);
-                } else if t >= first_conv {
-                    let rank = t - first_conv;
-                    merge::write_empty(prm, group, WIDE_ROWS, rank, WIDE_CONVERTERS);
-                    merge::publish_empty_splits(prm, group, WIDE_ROWS, rank, WIDE_CONVERTERS, BAR_IDLE);
-                    convert::<ROW, FP8_WIDE_STAGES, FP8_WIDE_RAW_SLOTS, WIDE_CONVERTERS>(prm, &range, &sm, &ring, rank);
-                }
-            } else {
-                sync::setmaxnreg_inc::<CONSUMER_REGS>();
-                let range = reread();
-                heads_on_m::consume::<E>(prm, &range, &sm, red_sum, group);
-            }
-        }
-        None => merge::write_empty(prm, group, WIDE_ROWS, t, WIDE_THREADS),
-    }
-}
-
-/// The wide FP8 kernel's converters: the producer warpgroup's warps 1 to 3.
-const WIDE_CONVERTERS: u32 = 3 * index::WARP;
-
-/// The staging ring: `SLOTS` boxes of [`FP8_BOX_ROWS`] raw rows of `ROW` bytes from byte
-/// `offset` of the dynamic shared memory, then a `full` mbarrier per slot (the copy engine's
-/// bytes) and an `empty` one (the converters' arrivals). Boxes go round it in order: box `j`
-/// (half `j % 2` of a tile) in slot `j % SLOTS`, in phase `(j / SLOTS) % 2`.
-struct RawRing<const ROW: u32, const SLOTS: u32> {
+/// The staging ring: [`FP8_RAW_SLOTS`] boxes of [`FP8_BOX_ROWS`] raw rows of `ROW` bytes, then
+/// a `full` mbarrier per slot (the copy engine's bytes) and an `empty` one (the converters'
+/// [`CONVERTERS`] arrivals). Boxes go round it in order: box `j` (half `j % 2` of a tile) in
+/// slot `j % FP8_RAW_SLOTS`, in phase `(j / FP8_RAW_SLOTS) % 2`.
+struct RawRing<const ROW: u32> {
     base: u32,
 }
 
-impl<const ROW: u32, const SLOTS: u32> RawRing<ROW, SLOTS> {
+impl<const ROW: u32> RawRing<ROW> {
     const BOX_BYTES: u32 = FP8_BOX_ROWS * ROW;
 
     #[inline(always)]
-    fn new(offset: u32) -> Self {
+    fn new() -> Self {
         RawRing {
-            base: smem::base() + offset,
-        }
-    }
-
-    /// Initialize the ring's mbarriers for `N` converters (thread 0; the prologue fences and
-    /// synchronizes them with the tile ring's).
-    #[inline(always)]
-    unsafe fn init<const N: u32>(&self) {
-        if index::thread_x() == 0 {
-            for slot in 0..SLOTS {
-                mbarrier::init(self.full(slot), 1);
-                mbarrier::init(self.empty(slot), N);
-            }
+            base: smem::base() + fp8_staging_offset(),
         }
     }
     #[inline(always)]
@@ -183,28 +131,28 @@ impl<const ROW: u32, const SLOTS: u32> RawRing<ROW, SLOTS> {
     }
     #[inline(always)]
     fn full(&self, slot: u32) -> u32 {
-        self.base + SLOTS * Self::BOX_BYTES + 8 * slot
+        self.base + FP8_RAW_SLOTS * Self::BOX_BYTES + 8 * slot
     }
     #[inline(always)]
     fn empty(&self, slot: u32) -> u32 {
-        self.full(SLOTS) + 8 * slot
+        self.full(FP8_RAW_SLOTS) + 8 * slot
     }
 }
 
 /// Where box `j` goes round the ring: its slot and the parity of its round, counted on rather
-/// than computed from `j` (no division by the ring's `SLOTS` in the producer's and converters'
+/// than computed from `j` (no division by [`FP8_RAW_SLOTS`] in the producer's and converters'
 /// loops).
 #[derive(Clone, Copy)]
-struct RingPos<const SLOTS: u32> {
+struct RingPos {
     slot: u32,
     round: u32,
 }
 
-impl<const SLOTS: u32> RingPos<SLOTS> {
-    const START: RingPos<SLOTS> = RingPos { slot: 0, round: 0 };
+impl RingPos {
+    const START: RingPos = RingPos { slot: 0, round: 0 };
     #[inline(always)]
-    fn next(self) -> RingPos<SLOTS> {
-        if self.slot + 1 == SLOTS {
+    fn next(self) -> RingPos {
+        if self.slot + 1 == FP8_RAW_SLOTS {
             RingPos {
                 slot: 0,
                 round: self.round + 1,
@@ -218,24 +166,22 @@ impl<const SLOTS: u32> RingPos<SLOTS> {
     }
 }
 
-/// The producer thread: each request's Q (`cols` rows of column group `group`), then each
-/// tile's raw rows as two boxes of
+/// The producer thread: each request's Q, then each tile's raw rows as two boxes of
 /// [`FP8_BOX_ROWS`] (from the page the block table names, or zeros for an entry outside the
 /// cache) into the staging ring, each once the converters are done with its slot's last box.
 ///
 /// # Safety
 /// One thread, after the prologue; the KV tensor map has boxes of [`FP8_BOX_ROWS`] raw rows.
 #[inline(always)]
-unsafe fn produce_raw<const ROW: u32, const SLOTS: u32>(
+unsafe fn produce_raw<const ROW: u32>(
     prm: &DecodeParams,
     range: &WorkRange,
     sm: &Smem,
     group: u32,
-    cols: u32,
-    ring: &RawRing<ROW, SLOTS>,
+    ring: &RawRing<ROW>,
 ) {
-    let mut pos = RingPos::<SLOTS>::START;
-    for_each_producer_tile!(prm, range, sm, group, cols, |_r, _, table, tile, _it| {
+    let mut pos = RingPos::START;
+    for_each_producer_tile!(prm, range, sm, group, COLS, |_r, _, table, tile, _it| {
         // Pages of 64 rows: tile `tile` is page slot `tile`, below `max_pages`.
         let row = prm.page_row(*table.add(tile as usize), 0, prm.kv_stride);
         for half in 0..TILE_ROWS as u32 / FP8_BOX_ROWS {
@@ -243,7 +189,7 @@ unsafe fn produce_raw<const ROW: u32, const SLOTS: u32>(
                 tile::wait(ring.empty(pos.slot), (pos.round - 1) & 1);
             }
             let full = ring.full(pos.slot);
-            mbarrier::arrive_expect_tx(full, RawRing::<ROW, SLOTS>::BOX_BYTES);
+            mbarrier::arrive_expect_tx(full, RawRing::<ROW>::BOX_BYTES);
             // An entry outside the cache gave the row past it: both halves read zeros.
             tma::load_2d(
                 prm.kv_map,
@@ -258,22 +204,16 @@ unsafe fn produce_raw<const ROW: u32, const SLOTS: u32>(
 }
 
 /// The converters: for each tile of the part, its two raw boxes from the staging ring to the
-/// f16 tile of the ring of `STAGES` tiles, in the 128-byte-swizzled layout the consumers read.
-/// `rank` of the `N` converters.
+/// f16 tile of the ring, in the 128-byte-swizzled layout the consumers read. `rank` of
+/// [`CONVERTERS`].
 ///
 /// # Safety
-/// The converter threads, after the prologue; `sm` has `STAGES` tile buffers.
+/// The converter threads, after the prologue.
 #[inline(always)]
-unsafe fn convert<const ROW: u32, const STAGES: u32, const SLOTS: u32, const N: u32>(
-    prm: &DecodeParams,
-    range: &WorkRange,
-    sm: &Smem,
-    ring: &RawRing<ROW, SLOTS>,
-    rank: u32,
-) {
+unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, ring: &RawRing<ROW>, rank: u32) {
     let mut it = 0u32;
-    let mut pos = RingPos::<SLOTS>::START;
-    let lane = ConvLane::<N>::new(rank);
+    let mut pos = RingPos::START;
+    let lane = ConvLane::new(rank);
     for r in range.begin_req..=range.end_req {
         let (_, lo, hi) = prm.segment(range, r);
         for _ in lo..hi {
@@ -297,18 +237,20 @@ unsafe fn convert<const ROW: u32, const STAGES: u32, const SLOTS: u32, const N: 
     }
 }
 
-/// Chunk columns of a converter's share of a box: `N` converters = 24 x `N / 24` threads (the
-/// 16-column kernel's [`CONVERTERS`]: 24 x 8), thread `24 * r0 + c` converting the 16-byte
-/// chunks `c`, `c + 24`, `c + 48` (of 72 in a tile row) of the box's rows `r0`, `r0 + N / 24`,
-/// ... so that each thread's chunks (their source offsets, scales and swizzle) are fixed and
-/// only the row moves.
+/// Chunk columns of a converter's share of a box: [`CONVERTERS`] = 24 x 8 threads, thread
+/// `24 * r0 + c` converting the 16-byte chunks `c`, `c + 24`, `c + 48` (of 72 in a tile row)
+/// of the box's rows `r0`, `r0 + 8`, ... so that each thread's chunks (their source offsets,
+/// scales and swizzle) are fixed and only the row moves.
 const CHUNK_LANES: u32 = ROW_CHUNKS / 3;
+const ROW_LANES: u32 = CONVERTERS / CHUNK_LANES;
 /// Rows a converter does at a time: one, whose three loads are issued before any store (the
 /// stores could alias them for all the compiler knows, so this is the ILP there is). Two rows
 /// spilled at 64 converter registers.
 const ROWS_IN_FLIGHT: u32 = 1;
 const IN_FLIGHT: usize = 3 * ROWS_IN_FLIGHT as usize;
-const _: () = assert!(IN_FLIGHT <= 4);
+const _: () = assert!(
+    CHUNK_LANES * ROW_LANES == CONVERTERS && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * ROWS_IN_FLIGHT) && IN_FLIGHT <= 4
+);
 
 /// Whether a thread's `i`-th chunk of the rows in flight, in 64-value block `block`, is the
 /// 656-byte format's RoPE part (bf16 already): its third chunk (`c + 48`) for `c >= 16`. Only
@@ -318,25 +260,16 @@ fn is_rope<const ROW: u32>(i: usize, block: u32) -> bool {
     ROW == FP8_656_ROW_BYTES && i % 3 == 2 && block == (D_V / 64) as u32
 }
 
-/// One converter thread's share of a box, of `N` converters.
-struct ConvLane<const N: u32> {
+/// One converter thread's share of a box.
+struct ConvLane {
     /// The first of its rows (`r0` above) and its first chunk (`c`).
     r0: u32,
     c: u32,
 }
 
-impl<const N: u32> ConvLane<N> {
-    /// Rows the `N` converters take at a time.
-    const ROW_LANES: u32 = N / CHUNK_LANES;
-    const FITS: () = assert!(
-        CHUNK_LANES * Self::ROW_LANES == N && FP8_BOX_ROWS.is_multiple_of(Self::ROW_LANES * ROWS_IN_FLIGHT),
-        "the converters do not tile a box"
-    );
-
+impl ConvLane {
     #[inline(always)]
     fn new(rank: u32) -> Self {
-        #[allow(clippy::let_unit_value)]
-        let () = Self::FITS;
         ConvLane {
             r0: rank / CHUNK_LANES,
             c: rank % CHUNK_LANES,
@@ -351,15 +284,15 @@ impl<const N: u32> ConvLane<N> {
     /// anyone else.
     #[inline(always)]
     unsafe fn convert_box<const ROW: u32>(&self, src: u32, dst: u32) {
-        for step in 0..FP8_BOX_ROWS / (Self::ROW_LANES * ROWS_IN_FLIGHT) {
-            let row0 = self.r0 + step * Self::ROW_LANES * ROWS_IN_FLIGHT;
+        for step in 0..FP8_BOX_ROWS / (ROW_LANES * ROWS_IN_FLIGHT) {
+            let row0 = self.r0 + step * ROW_LANES * ROWS_IN_FLIGHT;
             // Sized for `unroll!`'s dead copies (indices up to 3); three are used.
             let mut raw = [[0u32; 4]; 4];
             // The 656 format's block scales as f16 pairs.
             let mut scale = [0u32; 4];
             // Loads first.
             crate::unroll!(i < IN_FLIGHT, max 4 => {
-                let row = row0 + (i as u32 / 3) * Self::ROW_LANES;
+                let row = row0 + (i as u32 / 3) * ROW_LANES;
                 let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
                 let block = chunk / 8;
                 let s = src + row * ROW;
@@ -377,7 +310,7 @@ impl<const N: u32> ConvLane<N> {
                 }
             });
             crate::unroll!(i < IN_FLIGHT, max 4 => {
-                let row = row0 + (i as u32 / 3) * Self::ROW_LANES;
+                let row = row0 + (i as u32 / 3) * ROW_LANES;
                 let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
                 let block = chunk / 8;
                 let v = if is_rope::<ROW>(i, block) {
@@ -426,12 +359,4 @@ macro_rules! decode_fp8_entry {
 decode_fp8_entry! {
     etap_decode_fp8_656_c16 = (FP8_656_ROW_BYTES, Fp8Blocks);
     etap_decode_fp8_tensor_c16 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor);
-}
-
-/// Heads-on-M split-KV decode over a per-tensor FP8 cache, for requests of more than 16
-/// columns; see [`decode_fp8_wide`]. Launch: grid (parts, column groups of 64), 384 threads,
-/// `etap_core::contract::fp8_wide_smem_bytes` bytes.
-#[no_mangle]
-pub unsafe extern "ptx-kernel" fn etap_decode_fp8_tensor_wide(params: DecodeParams) {
-    decode_fp8_wide::<{ FP8_TENSOR_ROW_BYTES }, Fp8Tensor>(&params)
 }

@@ -60,8 +60,6 @@ pub use etap_core::contract::DecodeParams;
 /// Shared-memory layout for a CTA of `COLS` columns (two warpgroups of COLS/2). The wide
 /// kernel (`heads_on_m`) lays out the same fields its own way.
 pub(crate) struct Smem {
-    /// Page buffers in the ring (the frame's [`STAGES`], the FP8 kernel's `FP8_STAGES`).
-    pub(crate) stages: u32,
     pub(crate) q: u32,
     pub(crate) pages: u32,
     pub(crate) p: u32,
@@ -75,37 +73,30 @@ pub(crate) struct Smem {
 impl Smem {
     #[inline(always)]
     pub(crate) fn new(cols: u32, nw: u32) -> Smem {
-        Smem::with_stages(cols, nw, STAGES)
-    }
-
-    /// [`Smem::new`] with a ring of `stages` page buffers.
-    #[inline(always)]
-    pub(crate) fn with_stages(cols: u32, nw: u32, stages: u32) -> Smem {
         let base = smem::base();
         let q = base;
         let pages = q + QK_BLOCKS as u32 * cols * ROW_BYTES; // cols * 128 * 9: a multiple of 1024 (cols % 8 == 0)
-        let p = pages + stages * TILE_BYTES;
+        let p = pages + STAGES * TILE_BYTES;
         let red = p + CONSUMERS * nw * ROW_BYTES;
         // Per warpgroup: 2 buffers x 4 warps x nw floats.
         let bars = red + CONSUMERS * 2 * 4 * nw * 4;
-        Smem::with_barriers_at(q, pages, p, red, bars, stages)
+        Smem::with_barriers_at(q, pages, p, red, bars)
     }
 
     /// The layout of buffers at `q`, `pages`, `p`, `red`, with the ring's mbarriers (full and
-    /// empty per stage of `stages`, then Q's full and empty, 8 bytes each) from `bars` on: both
-    /// kernels' layouts end this way.
+    /// empty per stage, then Q's full and empty, 8 bytes each) from `bars` on: both kernels'
+    /// layouts end this way.
     #[inline(always)]
-    pub(crate) fn with_barriers_at(q: u32, pages: u32, p: u32, red: u32, bars: u32, stages: u32) -> Smem {
+    pub(crate) fn with_barriers_at(q: u32, pages: u32, p: u32, red: u32, bars: u32) -> Smem {
         Smem {
-            stages,
             q,
             pages,
             p,
             red,
             full: bars,
-            empty: bars + 8 * stages,
-            q_full: bars + 16 * stages,
-            q_empty: bars + 16 * stages + 8,
+            empty: bars + 8 * STAGES,
+            q_full: bars + 16 * STAGES,
+            q_empty: bars + 16 * STAGES + 8,
         }
     }
 }
@@ -327,9 +318,9 @@ macro_rules! for_each_segment {
             q_round += 1;
             $($($q_ready)*)?
             for $page in lo..$hi {
-                let stage = $it % $sm.stages;
+                let stage = $it % $crate::decode::STAGES;
                 let $kv = $sm.pages + stage * $crate::tile::TILE_BYTES;
-                $crate::tile::wait($sm.full + 8 * stage, ($it / $sm.stages) & 1);
+                $crate::tile::wait($sm.full + 8 * stage, ($it / $crate::decode::STAGES) & 1);
                 let $row0 = $page * etap_core::TILE_ROWS as u32;
                 if $row0 + etap_core::TILE_ROWS as u32 > $rows {
                     // The request's last, partial tile: zero V's rows past its end.
