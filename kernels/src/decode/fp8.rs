@@ -9,7 +9,8 @@
 //!   producer thread:   raw box (32 rows x row_bytes, half a tile) -> staging ring of 3   [raw full]
 //!   converter warps:   raw box -> its rows of the f16 tile of the ring (x block scale)  [raw empty]
 //!                      after a tile's two boxes                                           [full[s]]
-//!   consumers:         the 16-bit ETAP kernel's tile step, unchanged                      [empty[s]]
+//!   consumers:         warpgroup 0: the 16-bit ETAP kernel's tile step for all 16
+//!                      columns (N = 16); warpgroup 1 only keeps the frame's count        [empty[s]]
 //! ```
 //!
 //! The CTA has a second producer warpgroup ([`THREADS`] = 512), and the producer warpgroups'
@@ -101,7 +102,14 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
                 }
             } else {
                 sync::setmaxnreg_inc::<FP8_CONSUMER_REGS>();
-                kv_on_m::consume::<8, E>(prm, &range, &sm, group);
+                // Warpgroup 0 computes all 16 columns: each tile is read once as the wgmma A
+                // operand (two warpgroups of 8 read it twice, which bound the kernel by shared
+                // memory, session 11).
+                if sync::warp_uniform(t / index::WARPGROUP) == 0 {
+                    kv_on_m::consume::<{ COLS as usize }, E, true>(prm, &range, &sm, group);
+                } else {
+                    kv_on_m::keep_count::<E>(prm, &range, &sm, group, COLS);
+                }
             }
         }
         None => merge::write_empty(prm, group, COLS, t, THREADS),

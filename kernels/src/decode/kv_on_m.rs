@@ -19,32 +19,40 @@ unsafe fn decode<const NW: usize, E: Elem>(prm: &DecodeParams) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, cols) {
                 sync::setmaxnreg_inc::<CONSUMER_REGS>();
-                consume::<NW, E>(prm, &range, &sm, group);
+                consume::<NW, E, false>(prm, &range, &sm, group);
             }
         }
         None => merge::write_empty(prm, group, cols, index::thread_x(), THREADS),
     }
 }
 
-/// A consumer warpgroup: S^T, softmax, O^T for its NW columns over the part's pages.
+/// A consumer warpgroup: S^T, softmax, O^T for its NW columns over the part's pages. `SOLO`:
+/// warpgroup 0 computes all of the CTA's NW columns alone (the FP8 kernel: every tile is read
+/// once from shared memory as the wgmma A operand, not once per warpgroup), while warpgroup 1
+/// only keeps the frame's count ([`keep_count`]).
 #[inline(always)]
-pub(crate) unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32) {
+pub(crate) unsafe fn consume<const NW: usize, E: Elem, const SOLO: bool>(
+    prm: &DecodeParams,
+    range: &WorkRange,
+    sm: &Smem,
+    group: u32,
+) {
     let t = index::thread_x();
     let wg = t / index::WARPGROUP;
     let tw = t % index::WARPGROUP;
     let bar_id = BAR_OWN + wg;
-    let cols = 2 * NW as u32;
+    let cols = if SOLO { NW as u32 } else { 2 * NW as u32 };
     let p_tile = sm.p + wg * NW as u32 * ROW_BYTES;
     let red = sm.red + wg * 2 * 4 * NW as u32 * 4;
     let q_cols = sm.q + wg * NW as u32 * ROW_BYTES;
     // The request column of this warpgroup's first column.
     let col0 = group * cols + wg * NW as u32;
 
-    let turn = tile::Turn {
+    let turn = tile::Turn::<SOLO> {
         mine: BAR_TURN + wg,
         theirs: BAR_TURN + 1 - wg,
     };
-    if wg == 1 {
+    if wg == 1 && !SOLO {
         // Warpgroup 0 takes the first turn.
         turn.pass();
     }
@@ -77,13 +85,13 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range
         }
         tile |page, hi, row0, kv, it| {
             let mut s: Frag = [0f32; 32];
-            tile::scores_t::<NW, E>(&mut s, kv, q_cols, cols, turn);
+            tile::scores_t::<NW, E, SOLO>(&mut s, kv, q_cols, cols, turn);
             // This warpgroup no longer reads Q after its last page's scores.
             mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
             let red_buf = red + (it & 1) * 4 * NW as u32 * 4;
             tile::column_softmax::<NW>(&mut s, &mut o, &mut st, &visible, row0, scale_log2, red_buf, bar_id);
             tile::store_p_t::<NW, E>(p_tile, &s, bar_id);
-            tile::accumulate_o_t::<NW, E>(&mut o, kv, p_tile, turn);
+            tile::accumulate_o_t::<NW, E, SOLO>(&mut o, kv, p_tile, turn);
         }
         end {
             finish_segment::<NW, E>(prm, r, range.split_of(r), col0, &st, &o, red, bar_id);
@@ -92,11 +100,37 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem>(prm: &DecodeParams, range
             }
         }
     );
-    if wg == 0 {
+    if wg == 0 && !SOLO {
         // Warpgroup 1's last hand-over (it passed first, so it passes once more than it
         // takes): consume it so that no barrier is left half-arrived at exit.
         turn.take();
     }
+    merge::merge_splits::<E>(prm, group, cols, BAR_CONSUMERS);
+}
+
+/// Warpgroup 1 beside a `SOLO` consumer of `cols` columns: what the frame counts on from each
+/// consumer warpgroup and nothing else: its wait for each request's Q and each tile (with its
+/// share of zeroing a partial tile), its arrivals on the tiles' `empty` and Q's `q_empty`, its
+/// count of each split published, and its share of the merge.
+#[inline(always)]
+pub(crate) unsafe fn keep_count<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, group: u32, cols: u32) {
+    let t = index::thread_x();
+    let tw = t % index::WARPGROUP;
+    let bar_id = BAR_OWN + t / index::WARPGROUP;
+    for_each_segment!(prm, range, sm, t, tw;
+        segment |r, rows| {
+            let _ = rows;
+        }
+        tile |page, hi, row0, kv, it| {
+            let _ = (row0, kv, it);
+            mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
+        }
+        end {
+            if prm.splits(r) > 1 {
+                merge::publish(prm, r, group, bar_id);
+            }
+        }
+    );
     merge::merge_splits::<E>(prm, group, cols, BAR_CONSUMERS);
 }
 

@@ -13,7 +13,13 @@ use etap_core::V_BLOCKS;
 /// # Safety
 /// The whole warpgroup calls it, with the page and Q loaded.
 #[inline(always)]
-pub unsafe fn scores_t<const NW: usize, E: Elem>(s: &mut Frag, page: u32, q_cols: u32, q_rows: u32, turn: Turn) {
+pub unsafe fn scores_t<const NW: usize, E: Elem, const SOLO: bool>(
+    s: &mut Frag,
+    page: u32,
+    q_cols: u32,
+    q_rows: u32,
+    turn: Turn<SOLO>,
+) {
     let (page, q_cols) = (smem::opaque(page), smem::opaque(q_cols));
     turn.take();
     wgmma::fence();
@@ -30,7 +36,12 @@ pub unsafe fn scores_t<const NW: usize, E: Elem>(s: &mut Frag, page: u32, q_cols
 /// # Safety
 /// The whole warpgroup calls it, with P written and fenced.
 #[inline(always)]
-pub unsafe fn accumulate_o_t<const NW: usize, E: Elem>(o: &mut [Frag; V_BLOCKS], page: u32, p: u32, turn: Turn) {
+pub unsafe fn accumulate_o_t<const NW: usize, E: Elem, const SOLO: bool>(
+    o: &mut [Frag; V_BLOCKS],
+    page: u32,
+    p: u32,
+    turn: Turn<SOLO>,
+) {
     let (page, p) = (smem::opaque(page), smem::opaque(p));
     turn.take();
     wgmma::fence();

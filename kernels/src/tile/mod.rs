@@ -38,26 +38,32 @@ pub const STEPS_PER_BLOCK: u32 = BLOCK_COLS as u32 / K_STEP;
 /// "ping-pong"): a warpgroup waits for its turn before issuing a batch of wgmmas and hands the
 /// turn over right after, so one warpgroup's softmax runs while the other's GEMMs do, instead
 /// of both stopping the tensor cores for their softmax at the same time.
+/// `SOLO`: one warpgroup computes alone (the FP8 kernel's consumer of all 16 columns), so there
+/// is no turn to take or pass and both are nothing.
 #[derive(Clone, Copy)]
-pub struct Turn {
+pub struct Turn<const SOLO: bool = false> {
     /// Named barrier this warpgroup waits on ("my turn").
     pub mine: u32,
     /// Named barrier the other warpgroup waits on.
     pub theirs: u32,
 }
 
-impl Turn {
+impl<const SOLO: bool> Turn<SOLO> {
     /// Threads on each turn barrier: both consumer warpgroups.
     const THREADS: u32 = 2 * index::WARPGROUP;
 
     #[inline(always)]
     pub fn take(&self) {
-        sync::bar_sync(self.mine, Self::THREADS);
+        if !SOLO {
+            sync::bar_sync(self.mine, Self::THREADS);
+        }
     }
 
     #[inline(always)]
     pub fn pass(&self) {
-        sync::bar_arrive(self.theirs, Self::THREADS);
+        if !SOLO {
+            sync::bar_arrive(self.theirs, Self::THREADS);
+        }
     }
 }
 
