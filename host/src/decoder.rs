@@ -653,7 +653,7 @@ impl Decoder {
         // before merging them (kernels/src/merge.rs), so they must all be resident.
         launch_cooperative(
             self.kernels().get(kernel),
-            (tiling.groups, plan.parts),
+            (plan.parts, tiling.groups),
             kernel.threads(),
             kernel.smem_bytes(),
             stream,
