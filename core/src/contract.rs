@@ -69,12 +69,11 @@ const _: () = assert!(decode_smem_bytes(KV_ON_M_COLS[1]) <= MAX_SMEM && wide_sme
 const _: () = assert!(core::mem::size_of::<TensorMap>() == 128 && core::mem::align_of::<TensorMap>() == 64);
 
 const _: () = assert!(fp8_smem_bytes(FP8_656_ROW_BYTES) <= MAX_SMEM);
-// A box is whole 128-byte lines (the copy engine's destinations stay aligned) and a tile is
-// whole boxes.
+// A box is whole 128-byte lines (the copy engine's destinations stay aligned) and a tile is two.
 const _: () = assert!(
     (FP8_BOX_ROWS * FP8_656_ROW_BYTES).is_multiple_of(128)
         && (FP8_BOX_ROWS * FP8_TENSOR_ROW_BYTES).is_multiple_of(128)
-        && (TILE_ROWS as u32).is_multiple_of(FP8_BOX_ROWS)
+        && 2 * FP8_BOX_ROWS == TILE_ROWS as u32
 );
 
 /// The kernels of the module, each with the name both sides use: the host looks them up by it,
@@ -217,14 +216,13 @@ const _: () = assert!(core::mem::size_of::<DecodeParams>() == 12 * 8 + 12 * 4);
 pub const FP8_656_ROW_BYTES: u32 = 656;
 pub const FP8_TENSOR_ROW_BYTES: u32 = 576;
 
-/// Rows of an FP8 cache's raw box: a quarter of a tile, so that while the converters work on
-/// one box the copy engine fills the other five of the ring: 5/6 of the ring's bytes in flight,
-/// against 2/3 with half-tile boxes in three slots (and one box with a whole tile a box, which
-/// left the SM idle while it was converted).
-pub const FP8_BOX_ROWS: u32 = 16;
-/// Raw boxes in the FP8 kernel's staging ring: six of 16 rows of 656 bytes (61.5 KiB) are what
-/// fits beside the 16-bit kernel's layout in 227 KiB (eight would not).
-pub const FP8_RAW_SLOTS: u32 = 6;
+/// Rows of an FP8 cache's raw box: half a tile, so that the converters work on one box while
+/// the copy engine fills the next two (a whole tile a box left one in flight, and the SM idle
+/// while it was converted).
+pub const FP8_BOX_ROWS: u32 = 32;
+/// Raw boxes in the FP8 kernel's staging ring: three of 32 rows of 656 bytes (61.5 KiB) are
+/// what fits beside the 16-bit kernel's layout in 227 KiB (four would not).
+pub const FP8_RAW_SLOTS: u32 = 3;
 
 /// Dynamic shared memory of the FP8 ETAP kernel (16 columns): the 16-bit kernel's layout, then
 /// (128-aligned, for the copy engine) the staging ring of [`FP8_RAW_SLOTS`] boxes of
@@ -383,7 +381,7 @@ mod tests {
         );
         assert_eq!(wide_smem_bytes(), 230_448);
         // The 16-bit layout (168,576, 128-aligned), then three 32-row boxes and their barriers.
-        assert_eq!(fp8_smem_bytes(FP8_656_ROW_BYTES), 168_576 + 6 * (16 * 656 + 16));
+        assert_eq!(fp8_smem_bytes(FP8_656_ROW_BYTES), 168_576 + 3 * (32 * 656 + 16));
         assert_eq!(fp8_staging_offset(), 168_576);
         assert_eq!(
             Kernel::Decode { f16: true, cols: 1 }.smem_bytes(),

@@ -347,7 +347,7 @@ impl Plan {
                     D_QK as u64,
                     kv_box_rows(shape.page_size as u32),
                 )?,
-                // An FP8 cache: raw rows, 65 a page in the 656-byte format, a quarter tile a box.
+                // An FP8 cache: raw rows, 65 a page in the 656-byte format, half a tile a box.
                 Some(row_bytes) => encode_rows(
                     kv_addr,
                     (shape.num_pages * shape.kv_format.page_stride_rows(shape.page_size)) as u64,

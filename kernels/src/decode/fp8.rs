@@ -6,21 +6,21 @@
 //! converted to f16 in shared memory once per request by the consumers; the output is bf16.
 //!
 //! ```text
-//!   producer thread:   raw box (16 rows x row_bytes, a quarter tile) -> staging ring of 6 [raw full]
+//!   producer thread:   raw box (32 rows x row_bytes, half a tile) -> staging ring of 3   [raw full]
 //!   converter warps:   raw box -> its rows of the f16 tile of the ring (x block scale)  [raw empty]
-//!                      after a tile's four boxes                                          [full[s]]
+//!                      after a tile's two boxes                                           [full[s]]
 //!   consumers:         warpgroup 0: the 16-bit ETAP kernel's tile step for all 16
 //!                      columns (N = 16); warpgroup 1 only keeps the frame's count        [empty[s]]
 //! ```
 //!
 //! The CTA has a second producer warpgroup ([`THREADS`] = 512), and the producer warpgroups'
 //! warps 10 to 15 are the converters (after their empty requests and stale splits): they wait
-//! for a free stage of the ring, then for each of the tile's raw boxes, convert it and arrive
-//! on its slot's `empty` barrier, after which the producer loads the box [`FP8_RAW_SLOTS`]
-//! later into that slot; after the tile's last box they fence their writes for the tensor cores
+//! for a free stage of the ring, then for each of the tile's two raw boxes, convert it and
+//! arrive on its slot's `empty` barrier, after which the producer loads the box three later
+//! into that slot; after the second box they fence their writes for the tensor cores
 //! (`fence.proxy.async`) and arrive on the stage's `full` barrier (counting [`CONVERTERS`]
-//! arrivals). Six quarter-tile slots are what fits beside the 16-bit kernel's layout: while one
-//! box is converted the copy engine fills the next five.
+//! arrivals). Three half-tile slots are what fits beside the 16-bit kernel's
+//! layout: while one box is converted the copy engine fills the next two.
 //!
 //! Formats (`etap_core::contract::FP8_*_ROW_BYTES`, host/src/fp8.rs): FlashMLA's 656 bytes (512
 //! e4m3, 4 f32 scales, one per 128 values, 64 bf16 for RoPE; pages 65 rows apart) and per-tensor
@@ -118,7 +118,7 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
 
 /// The staging ring: [`FP8_RAW_SLOTS`] boxes of [`FP8_BOX_ROWS`] raw rows of `ROW` bytes, then
 /// a `full` mbarrier per slot (the copy engine's bytes) and an `empty` one (the converters'
-/// [`CONVERTERS`] arrivals). Boxes go round it in order: box `j` (quarter `j % 4` of a tile) in
+/// [`CONVERTERS`] arrivals). Boxes go round it in order: box `j` (half `j % 2` of a tile) in
 /// slot `j % FP8_RAW_SLOTS`, in phase `(j / FP8_RAW_SLOTS) % 2`.
 struct RawRing<const ROW: u32> {
     base: u32,
@@ -174,7 +174,7 @@ impl RingPos {
     }
 }
 
-/// The producer thread: each request's Q, then each tile's raw rows as boxes of
+/// The producer thread: each request's Q, then each tile's raw rows as two boxes of
 /// [`FP8_BOX_ROWS`] (from the page the block table names, or zeros for an entry outside the
 /// cache) into the staging ring, each once the converters are done with its slot's last box.
 ///
@@ -211,7 +211,7 @@ unsafe fn produce_raw<const ROW: u32>(
     });
 }
 
-/// The converters: for each tile of the part, its raw boxes from the staging ring to the
+/// The converters: for each tile of the part, its two raw boxes from the staging ring to the
 /// f16 tile of the ring, in the 128-byte-swizzled layout the consumers read. `rank` of
 /// [`CONVERTERS`].
 ///
