@@ -52,8 +52,8 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem, const SOLO: bool>(
         mine: BAR_TURN + wg,
         theirs: BAR_TURN + 1 - wg,
     };
-    if wg == 1 && !SOLO {
-        // Warpgroup 0 takes the first turn.
+    if wg == 1 {
+        // Warpgroup 0 takes the first turn (solo, there is no turn: `Turn<true>` is nothing).
         turn.pass();
     }
     // A per-tensor scale multiplies every score (and, in finish_segment, the output).
@@ -100,7 +100,7 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem, const SOLO: bool>(
             }
         }
     );
-    if wg == 0 && !SOLO {
+    if wg == 0 {
         // Warpgroup 1's last hand-over (it passed first, so it passes once more than it
         // takes): consume it so that no barrier is left half-arrived at exit.
         turn.take();
