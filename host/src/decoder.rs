@@ -653,7 +653,7 @@ impl Decoder {
         // before merging them (kernels/src/merge.rs), so they must all be resident.
         launch_cooperative(
             self.kernels().get(kernel),
-            (plan.parts, tiling.groups),
+            (tiling.groups, plan.parts),
             kernel.threads(),
             kernel.smem_bytes(),
             stream,

@@ -47,7 +47,7 @@ const CHUNKS: u32 = D_V as u32 / CHUNK;
 /// The (request, column group) counter of the merge.
 #[inline(always)]
 unsafe fn counter(prm: &DecodeParams, r: u32, group: u32) -> *mut u32 {
-    prm.counters.add((r * index::grid_y() + group) as usize)
+    prm.counters.add((r * index::groups() + group) as usize)
 }
 
 /// After this warpgroup has written its part of a split's partial result (its stores issued):
@@ -76,7 +76,7 @@ pub unsafe fn publish(prm: &DecodeParams, r: u32, group: u32, bar_id: u32) {
 pub unsafe fn merge_splits<E: Elem>(prm: &DecodeParams, group: u32, group_cols: u32, bar_id: u32) {
     // The part's range, read again (volatile: not replaced by the values the main loop had)
     // rather than kept in registers through the main loop, where they made ptxas spill.
-    let range = &core::ptr::read_volatile(prm.ranges.add(index::block_x() as usize));
+    let range = &core::ptr::read_volatile(prm.ranges.add(index::part() as usize));
     let split = range.split_of(range.end_req);
     merge_request::<E>(prm, range.end_req, split, group, group_cols, bar_id);
 }
@@ -383,7 +383,7 @@ impl ShareItems {
 /// `prm` holds the plan's buffers; every one of the `threads` threads calls it.
 #[inline(always)]
 pub unsafe fn publish_empty_splits(prm: &DecodeParams, group: u32, cols: u32, rank: u32, threads: u32, bar_id: u32) {
-    let range = &core::ptr::read_volatile(prm.ranges.add(index::block_x() as usize));
+    let range = &core::ptr::read_volatile(prm.ranges.add(index::part() as usize));
     let mut r = range.begin_req;
     loop {
         let seqlen = *prm.seqlens.add(r as usize);
@@ -452,7 +452,7 @@ unsafe fn write_empty_partial(
 #[inline(always)]
 pub unsafe fn write_empty(prm: &DecodeParams, group: u32, group_cols: u32, rank: u32, threads: u32) {
     let col0 = group * group_cols;
-    let mut r = index::block_x();
+    let mut r = index::part();
     while r < prm.batch {
         // No split in the plan (the request was empty when planned), or one split and no rows
         // now. (A request with several splits is always written by its merge.)
@@ -473,6 +473,6 @@ pub unsafe fn write_empty(prm: &DecodeParams, group: u32, group_cols: u32, rank:
                 c += threads;
             }
         }
-        r += index::grid_x();
+        r += index::parts();
     }
 }

@@ -79,7 +79,7 @@ const ROW_CHUNKS: u32 = D_QK as u32 / 8;
 unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
     let sm = Smem::new(COLS, COLS / 2);
     let ring = RawRing::<ROW>::new();
-    let group = index::block_y();
+    let group = index::group();
     let t = index::thread_x();
     if t == 0 {
         // Initialized here, fenced and synchronized by the prologue with the ring's.
@@ -355,7 +355,7 @@ const _: () = assert!(QK_BLOCKS == 9 && ROW_CHUNKS == 72);
 macro_rules! decode_fp8_entry {
     ($($name:ident = ($row:expr, $e:ty);)*) => {$(
         /// ETAP split-KV decode of 16 columns over an FP8 cache; see the module documentation.
-        /// Launch: grid (parts, column groups), [`THREADS`] threads,
+        /// Launch: grid (column groups, parts), [`THREADS`] threads,
         /// `etap_core::contract::fp8_smem_bytes` bytes.
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(params: DecodeParams) {

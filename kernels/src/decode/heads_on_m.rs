@@ -49,7 +49,7 @@ pub use etap_core::contract::wide_smem_bytes as smem_bytes;
 #[inline(always)]
 unsafe fn decode_wide<E: Elem>(prm: &DecodeParams) {
     let (sm, red_sum) = layout();
-    let group = index::block_y();
+    let group = index::group();
     match prologue::<STAGES, 1>(prm, &sm) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, WIDE_ROWS) {
@@ -221,7 +221,7 @@ pub(crate) use store_rows;
 macro_rules! decode_wide_entry {
     ($($name:ident = $e:ty;)*) => {$(
         /// Wide (heads-on-M) split-KV decode, CTAs of 64 (token, head) rows; see the module
-        /// documentation. Launch: grid (parts, column groups), `decode::THREADS` threads,
+        /// documentation. Launch: grid (column groups, parts), `decode::THREADS` threads,
         /// [`smem_bytes`] bytes.
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(params: DecodeParams) {

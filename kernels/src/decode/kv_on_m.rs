@@ -14,7 +14,7 @@ use etap_core::{visible_rows, WorkRange, D_V, V_BLOCKS};
 unsafe fn decode<const NW: usize, E: Elem>(prm: &DecodeParams) {
     let cols = 2 * NW as u32;
     let sm = Smem::new(cols, NW as u32);
-    let group = index::block_y();
+    let group = index::group();
     match prologue::<STAGES, 1>(prm, &sm) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, cols) {
@@ -220,7 +220,7 @@ unsafe fn finish_segment<const NW: usize, E: Elem>(
 macro_rules! decode_entry {
     ($($name:ident = ($nw:literal, $e:ty);)*) => {$(
         /// ETAP split-KV decode for CTAs of 2 x NW columns; see the module documentation.
-        /// Launch: grid (parts, column groups), [`THREADS`] threads, [`smem_bytes`] bytes.
+        /// Launch: grid (column groups, parts), [`THREADS`] threads, [`smem_bytes`] bytes.
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(params: DecodeParams) {
             decode::<$nw, $e>(&params)

@@ -117,7 +117,7 @@ pub(crate) unsafe fn prologue<const SLOTS: u32, const FULL_ARRIVALS: u32>(
     sm: &Smem,
 ) -> Option<WorkRange> {
     let t = index::thread_x();
-    let part = index::block_x();
+    let part = index::part();
     #[allow(clippy::manual_is_multiple_of)] // the GPU-tested PTX; `is_multiple_of` lays out the branch differently
     if sm.q % 1024 != 0 {
         sync::trap();

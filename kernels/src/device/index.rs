@@ -29,6 +29,33 @@ special_reg!(/// `gridDim.y`.
 special_reg!(/// `blockDim.x`.
     block_dim_x, "%ntid.x");
 
+/// This decode CTA's part (the scheduler's work range it runs) and column group: the decode
+/// grid is (column groups, parts), groups on x, so that the groups of one part are consecutive
+/// CTAs, which the hardware starts side by side: they read the same pages (at 128 columns,
+/// both from the L2: docs/perf-notes.md).
+#[inline(always)]
+pub fn part() -> u32 {
+    block_y()
+}
+
+/// This decode CTA's column group (see [`part`]).
+#[inline(always)]
+pub fn group() -> u32 {
+    block_x()
+}
+
+/// The decode grid's parts (see [`part`]).
+#[inline(always)]
+pub fn parts() -> u32 {
+    grid_y()
+}
+
+/// The decode grid's column groups (see [`part`]).
+#[inline(always)]
+pub fn groups() -> u32 {
+    grid_x()
+}
+
 /// Threads in a warp.
 pub const WARP: u32 = 32;
 /// Threads in a warpgroup: the four consecutive warps that issue one `wgmma` together.
