@@ -1413,6 +1413,59 @@ fn fp8_per_tensor_reference_applies_the_scale_exactly() {
     }
 }
 
+/// The FP8 reference with fp16 q (`reference::mla_decode_fp8::<F16>`, what the fp16 FP8 kernels
+/// are checked against) reads the same values as with bf16 q: a bf16 q converted to fp16 and the
+/// dequantized cache taken as fp16 are exact, so both give the same result bit for bit, in both
+/// formats; a q that fp16 cannot hold exactly (an extra low bit) changes it.
+#[test]
+fn fp8_reference_with_fp16_q_reads_the_same_values() {
+    use etap::{fp8, reference::mla_decode_fp8, KvFormat};
+    let case = Case::<Bf16>::new(2, 8, &[300, 70, 1], 78);
+    let q16: Vec<F16> = case.q.iter().map(|x| F16::from_f32(x.to_f32())).collect();
+    assert!(
+        case.q.iter().zip(&q16).all(|(a, b)| a.to_f32() == b.to_f32()),
+        "bf16 q not exact in fp16"
+    );
+    for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
+        let shape = case.shape.with_kv_format(format);
+        let (bytes, scale) = match format {
+            KvFormat::Fp8Flashmla656 => (fp8::quantize_fp8_656(&case.cache, shape.num_pages), None),
+            _ => {
+                let s = fp8::per_tensor_scale(&case.cache);
+                (fp8::quantize_e4m3_per_tensor(&case.cache, s), Some(s))
+            }
+        };
+        let run = |q: &[F16]| {
+            mla_decode_fp8(
+                &shape,
+                q,
+                &bytes,
+                scale,
+                &case.block_table,
+                &case.seqlens,
+                case.softmax_scale,
+            )
+            .unwrap()
+        };
+        let (bo, bl) = mla_decode_fp8(
+            &shape,
+            &case.q,
+            &bytes,
+            scale,
+            &case.block_table,
+            &case.seqlens,
+            case.softmax_scale,
+        )
+        .unwrap();
+        let (o, l) = run(&q16);
+        assert!(o == bo && l == bl, "{format:?}: fp16 q gives another result");
+        // One q value with a bit bf16 does not have: the result moves.
+        let mut q_odd = q16.clone();
+        q_odd[0] = F16::from_f32(q_odd[0].to_f32() * (1.0 + 2f32.powi(-10)));
+        assert_ne!(run(&q_odd).0, bo, "{format:?}: a changed q left the result");
+    }
+}
+
 /// The per-request FP8 reference (`reference::mla_decode_request_fp8`, what etap-bench checks
 /// sampled requests against) is the whole batch's (`reference::mla_decode_fp8`) for that request,
 /// bit for bit, in both formats: the per-tensor scale folded the same way, with a scale that is
@@ -1617,8 +1670,8 @@ fn fp8_shapes() {
         }
     }
     // The kernel the plan checks its tiling against and the decode call launches
-    // (`ColumnTiling::kernel_for`): the ETAP kernel of 16 columns for bf16 q in the layout the
-    // plan picks; none for fp16 q, nor in the heads-on-M layout.
+    // (`ColumnTiling::kernel_for`): the ETAP kernel of 16 columns for q's dtype in the layout
+    // the plan picks; none in the heads-on-M layout.
     use etap::plan::ColumnTiling;
     use etap::{Dtype, Layout};
     use etap_core::contract::Kernel;
@@ -1626,10 +1679,10 @@ fn fp8_shapes() {
         let shape = s.with_kv_format(f);
         let tiling = ColumnTiling::for_shape(&shape, Layout::for_shape(&shape));
         let row_bytes = f.fp8_row_bytes().unwrap();
-        assert_eq!(tiling.kernel_for(Dtype::Bf16, f), Ok(Kernel::DecodeFp8 { row_bytes }));
-        for (dtype, layout) in [(Dtype::F16, Layout::KvOnM), (Dtype::Bf16, Layout::HeadsOnM)] {
+        for (dtype, f16) in [(Dtype::Bf16, false), (Dtype::F16, true)] {
+            assert_eq!(tiling.kernel_for(dtype, f), Ok(Kernel::DecodeFp8 { row_bytes, f16 }));
             assert!(matches!(
-                ColumnTiling::for_shape(&shape, layout).kernel_for(dtype, f),
+                ColumnTiling::for_shape(&shape, Layout::HeadsOnM).kernel_for(dtype, f),
                 Err(EtapError::Invalid { arg: "kv_format", .. })
             ));
         }

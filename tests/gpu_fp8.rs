@@ -1,6 +1,7 @@
 //! On a GPU: decode over FP8 caches (issue 14), FlashMLA's 656-byte format and per-tensor e4m3,
 //! against the CPU reference over the dequantized cache (`etap::reference::mla_decode_fp8`), with
-//! the bf16 bound of `etap::check`, every request on its own. The caches are quantized from the
+//! the bound of `etap::check` for q's dtype (bf16, or fp16 converted from the bf16 case's q), every
+//! request on its own. The caches are quantized from the
 //! poisoned bf16 cases of the other GPU tests (NaN past each seqlen and in unused pages, which
 //! quantize to e4m3 NaN; junk in unused block-table slots; shuffled pages), and out and lse are
 //! poisoned with NaN before every call. Also printed: the error against the unquantized bf16
@@ -8,7 +9,7 @@
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
-use etap::{fp8, Bf16, Decoder, Dtype, Element, EtapError, KvFormat};
+use etap::{fp8, Bf16, Decoder, Element, EtapError, KvFormat, F16};
 use etap_tests::{read_back, Case};
 
 /// The cache of `case` in `format`, with the per-tensor scale where it has one.
@@ -23,16 +24,17 @@ fn quantize(case: &Case<Bf16>, format: KvFormat) -> (Vec<u8>, Option<f32>) {
     }
 }
 
-/// Decode `case`'s cache in `format` on the GPU and check every request.
-fn check_fp8(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
+/// Decode `case`'s cache in `format` on the GPU with q (and out) of `T` and check every request.
+fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
     let shape = case.shape.with_kv_format(format);
     let (bytes, kv_scale) = quantize(case, format);
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
-    let q = DeviceBuffer::from_slice(&case.q).unwrap();
+    let q_host: Vec<T> = case.q.iter().map(|x| T::from_f32(x.to_f32())).collect();
+    let q = DeviceBuffer::from_slice(&q_host).unwrap();
     let kv = DeviceBuffer::from_slice(&bytes).unwrap();
     let bt = DeviceBuffer::from_slice(&case.block_table).unwrap();
     let sl = DeviceBuffer::from_slice(&case.seqlens).unwrap();
-    let mut out = DeviceBuffer::from_slice(&vec![Bf16::nan(); shape.out_len()]).unwrap();
+    let mut out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()]).unwrap();
     let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()]).unwrap();
     let plan = dec.plan(&shape, &sl, &stream).unwrap();
     dec.decode_fp8_into(
@@ -52,7 +54,7 @@ fn check_fp8(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
     let o: Vec<f32> = o.iter().map(|x| x.to_f32()).collect();
     let (ro, rl) = etap::reference::mla_decode_fp8(
         &shape,
-        &case.q,
+        &q_host,
         &bytes,
         kv_scale,
         &case.block_table,
@@ -70,18 +72,22 @@ fn check_fp8(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
             )
         })
         .collect();
-    let outcome = etap::check::compare(Dtype::Bf16, shape.s_q, shape.h_q, &case.seqlens, &o, &l, &refs);
+    let outcome = etap::check::compare(T::DTYPE, shape.s_q, shape.h_q, &case.seqlens, &o, &l, &refs);
     // What quantization costs: the unquantized bf16 reference (not a pass criterion).
     let (bo, _) = case.reference();
     let vs_bf16 = etap::metrics::rel_err(&o, &bo);
     println!(
-        "fp8 {format:?} b={} s_q={} h_q={} row_err={:.2e} lse_diff={:.2e} (vs the unquantized bf16 reference: rel err {vs_bf16:.2e})",
-        shape.batch, shape.s_q, shape.h_q, outcome.row_err, outcome.lse_diff
+        "fp8 {format:?} q {:?} b={} s_q={} h_q={} row_err={:.2e} lse_diff={:.2e} (vs the unquantized bf16 reference: rel err {vs_bf16:.2e})",
+        T::DTYPE, shape.batch, shape.s_q, shape.h_q, outcome.row_err, outcome.lse_diff
     );
     if let Some(why) = outcome.failure() {
         panic!(
-            "fp8 {format:?}: {why} (seed {}, seqlens {:?}, s_q {}, h_q {})",
-            case.seed, case.seqlens, shape.s_q, shape.h_q
+            "fp8 {format:?} q {:?}: {why} (seed {}, seqlens {:?}, s_q {}, h_q {})",
+            T::DTYPE,
+            case.seed,
+            case.seqlens,
+            shape.s_q,
+            shape.h_q
         );
     }
 }
@@ -103,7 +109,8 @@ fn fp8_caches_match_the_reference() {
     for (k, &(s_q, h_q, seqlens)) in cases.iter().enumerate() {
         let case = Case::<Bf16>::new(s_q, h_q, seqlens, 9000 + k as u64);
         for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
-            check_fp8(&dec, &case, format);
+            check_fp8::<Bf16>(&dec, &case, format);
+            check_fp8::<F16>(&dec, &case, format);
         }
     }
 }

@@ -115,7 +115,7 @@ pub fn time<T: Element, C: DeviceCopy>(
             if shape.kv_format == KvFormat::Elem16 {
                 unsafe { dec.decode_raw(&plan, T::DTYPE, bufs, None, stream.raw())? };
             } else {
-                unsafe { dec.decode_fp8_raw(&plan, bufs, kv_scale, None, stream.raw())? };
+                unsafe { dec.decode_fp8_raw(&plan, T::DTYPE, bufs, kv_scale, None, stream.raw())? };
             }
         }
         Ok(())

@@ -84,16 +84,17 @@ pub enum Kernel {
     Decode { f16: bool, cols: usize },
     /// The wide (heads-on-M) decode kernel.
     Wide { f16: bool },
-    /// The ETAP decode kernel of 16 columns over an FP8 cache (bf16 q, out), by its cache's
-    /// row bytes (`FP8_656_ROW_BYTES` or `FP8_TENSOR_ROW_BYTES`).
-    DecodeFp8 { row_bytes: u32 },
+    /// The ETAP decode kernel of 16 columns over an FP8 cache, by its cache's row bytes
+    /// (`FP8_656_ROW_BYTES` or `FP8_TENSOR_ROW_BYTES`) and its q and out (fp16 when `f16`, else
+    /// bf16).
+    DecodeFp8 { row_bytes: u32, f16: bool },
     /// The one-thread scheduler.
     Schedule,
 }
 
 impl Kernel {
     /// Every kernel of the decode path.
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::Decode { f16: false, cols: 0 },
         Kernel::Decode { f16: false, cols: 1 },
         Kernel::Decode { f16: true, cols: 0 },
@@ -102,9 +103,19 @@ impl Kernel {
         Kernel::Wide { f16: true },
         Kernel::DecodeFp8 {
             row_bytes: FP8_656_ROW_BYTES,
+            f16: false,
         },
         Kernel::DecodeFp8 {
             row_bytes: FP8_TENSOR_ROW_BYTES,
+            f16: false,
+        },
+        Kernel::DecodeFp8 {
+            row_bytes: FP8_656_ROW_BYTES,
+            f16: true,
+        },
+        Kernel::DecodeFp8 {
+            row_bytes: FP8_TENSOR_ROW_BYTES,
+            f16: true,
         },
         Kernel::Schedule,
     ];
@@ -119,8 +130,14 @@ impl Kernel {
             Kernel::Wide { f16: true } => "etap_decode_wide_f16",
             Kernel::DecodeFp8 {
                 row_bytes: FP8_656_ROW_BYTES,
+                f16: false,
             } => "etap_decode_fp8_656_c16",
-            Kernel::DecodeFp8 { .. } => "etap_decode_fp8_tensor_c16",
+            Kernel::DecodeFp8 { f16: false, .. } => "etap_decode_fp8_tensor_c16",
+            Kernel::DecodeFp8 {
+                row_bytes: FP8_656_ROW_BYTES,
+                f16: true,
+            } => "etap_decode_fp8_656_c16_f16",
+            Kernel::DecodeFp8 { f16: true, .. } => "etap_decode_fp8_tensor_c16_f16",
             Kernel::Schedule => "etap_schedule",
         }
     }
@@ -152,7 +169,7 @@ impl Kernel {
         match self {
             Kernel::Decode { cols, .. } => decode_smem_bytes(KV_ON_M_COLS[cols]),
             Kernel::Wide { .. } => wide_smem_bytes(),
-            Kernel::DecodeFp8 { row_bytes } => fp8_smem_bytes(row_bytes),
+            Kernel::DecodeFp8 { row_bytes, .. } => fp8_smem_bytes(row_bytes),
             Kernel::Schedule => 0,
         }
     }

@@ -3,7 +3,7 @@
 //! the tables, and the raw entry points for interop. The plan's state is in `plan`, the raw
 //! driver calls in `driver`.
 use crate::driver::{self, launch, launch_cooperative};
-use crate::dtype::{Bf16, Dtype, Element};
+use crate::dtype::{Dtype, Element};
 use crate::error::{EtapError, Result};
 use crate::plan::{ColumnTiling, Layout, Plan, RawBuffers};
 use crate::shape::{DecodeShape, KvFormat};
@@ -228,7 +228,8 @@ impl Decoder {
         }
         let layout = layout.unwrap_or_else(|| Layout::for_shape(shape));
         let tiling = ColumnTiling::for_shape(shape, layout);
-        // A tiling no kernel runs over this cache (FP8 q is bf16).
+        // A tiling no kernel runs over this cache (the FP8 kernels' tiling is the same for
+        // either q dtype).
         tiling.kernel_for(Dtype::Bf16, shape.kv_format)?;
         let parts = (self.num_sms() / tiling.groups).max(1);
         let plan = Plan::allocate(shape, tiling, parts, stream)?;
@@ -507,41 +508,43 @@ impl Decoder {
     }
 
     /// Decode over an FP8 cache (a plan made for a shape `with_kv_format(Fp8...)`): q and out
-    /// bf16, `kv_cache` the cache's bytes in the plan's format, `kv_scale` the per-tensor
+    /// bf16 or fp16 (`T`), `kv_cache` the cache's bytes in the plan's format, `kv_scale` the per-tensor
     /// format's scale (finite, positive; `None` for FlashMLA's 656-byte format, whose scales
     /// are in the cache). Checked and launched as [`Decoder::decode_into`]. See
     /// `kernels/src/decode/fp8.rs` for what the kernel does, and `etap::fp8` for the formats
     /// and their quantizers.
     ///
-    /// The kernel computes in f16 (bf16 q and out): q, the 656 format's RoPE part and its
+    /// The kernel computes in f16 (whatever q and out are): q, the 656 format's RoPE part and its
     /// dequantized values must be below 65520 in magnitude, or the output is not finite; a
     /// 656 block scale below 2^-24 reads as zero (docs/design.md, §4d).
     #[allow(clippy::too_many_arguments)]
-    pub fn decode_fp8_into(
+    pub fn decode_fp8_into<T: Element>(
         &self,
         plan: &Plan,
-        q: &DeviceBuffer<Bf16>,
+        q: &DeviceBuffer<T>,
         kv_cache: &DeviceBuffer<u8>,
         kv_scale: Option<f32>,
         block_table: &DeviceBuffer<i32>,
         cache_seqlens: &DeviceBuffer<i32>,
         softmax_scale: Option<f32>,
-        out: &mut DeviceBuffer<Bf16>,
+        out: &mut DeviceBuffer<T>,
         lse: &mut DeviceBuffer<f32>,
         stream: &Stream,
     ) -> Result<()> {
         let bufs = typed_buffers(&plan.shape, q, None, kv_cache, block_table, cache_seqlens, out, lse)?;
         // SAFETY: as decode_into's: live buffers of the validated lengths, borrowed for the call.
-        unsafe { self.decode_fp8_raw(plan, bufs, kv_scale, softmax_scale, stream.as_inner()) }
+        unsafe { self.decode_fp8_raw(plan, T::DTYPE, bufs, kv_scale, softmax_scale, stream.as_inner()) }
     }
 
-    /// [`Decoder::decode_fp8_into`]'s raw entry point (`bufs.kv_cache`: the FP8 cache's bytes).
+    /// [`Decoder::decode_fp8_into`]'s raw entry point (`bufs.kv_cache`: the FP8 cache's bytes;
+    /// q and out of `dtype`).
     ///
     /// # Safety
     /// As [`Decoder::decode_raw`], with the cache `shape.cache_len()` bytes.
     pub unsafe fn decode_fp8_raw(
         &self,
         plan: &Plan,
+        dtype: Dtype,
         bufs: RawBuffers,
         kv_scale: Option<f32>,
         softmax_scale: Option<f32>,
@@ -569,7 +572,7 @@ impl Decoder {
                 })
             }
         };
-        self.launch(plan, Dtype::Bf16, bufs, softmax_scale, kv_scale, stream)
+        self.launch(plan, dtype, bufs, softmax_scale, kv_scale, stream)
     }
 
     /// The decode launch of every entry point: checks, tensor maps, the parameter block.

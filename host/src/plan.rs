@@ -95,18 +95,21 @@ impl ColumnTiling {
     }
 
     /// The kernel that runs this tiling for `dtype` q over a cache of `format`: [`Self::kernel`]
-    /// for a 16-bit cache; for an FP8 cache (bf16 q only) the ETAP kernel of 16 columns. The
-    /// plan checks its tiling against it with bf16, the decode call with its q's dtype.
+    /// for a 16-bit cache; for an FP8 cache the ETAP kernel of 16 columns for `dtype` q and out.
+    /// The plan checks its tiling against it with bf16, the decode call with its q's dtype.
     pub fn kernel_for(&self, dtype: Dtype, format: KvFormat) -> Result<Kernel> {
         let Some(row_bytes) = format.fp8_row_bytes() else {
             return Ok(self.kernel(dtype));
         };
         match (dtype, self.layout, self.cols_per_cta) {
-            (Dtype::Bf16, Layout::KvOnM, 16) => Ok(Kernel::DecodeFp8 { row_bytes }),
+            (_, Layout::KvOnM, 16) => Ok(Kernel::DecodeFp8 {
+                row_bytes,
+                f16: dtype == Dtype::F16,
+            }),
             _ => Err(EtapError::Invalid {
                 arg: "kv_format",
                 why: format!(
-                    "an FP8 cache is read by the ETAP kernel of 16 columns with bf16 q; this call has {dtype:?} and {:?} of {} columns",
+                    "an FP8 cache is read by the ETAP kernel of 16 columns; this call has {:?} of {} columns",
                     self.layout, self.cols_per_cta
                 ),
             }),

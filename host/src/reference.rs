@@ -5,7 +5,7 @@
 //!
 //! The reference never reads a cache row at or past a request's sequence length, nor a
 //! block-table slot past its used pages: tests poison both with NaN or junk.
-use crate::dtype::{Bf16, Element};
+use crate::dtype::Element;
 use crate::error::{EtapError, Result};
 use crate::shape::DecodeShape;
 use crate::validate::validate_all;
@@ -371,11 +371,12 @@ pub fn mla_decode_packed<T: Element>(
 /// `crate::fp8::dequantize_fp8_656`). The per-tensor format's e4m3 x scale is rarely a bf16, so
 /// the reference reads the stored values (`crate::fp8::e4m3_values`) with `softmax_scale x
 /// kv_scale` for the scores (rounded to f32 once) and multiplies the output by `kv_scale`, as
-/// the kernel folds the scale.
+/// the kernel folds the scale. With fp16 q (`T`) the cache's values are taken as fp16 too, as
+/// the kernel computes in f16 (exact for the dequantized values in f16's range).
 #[allow(clippy::too_many_arguments)]
-pub fn mla_decode_fp8(
+pub fn mla_decode_fp8<T: Element>(
     shape: &DecodeShape,
-    q: &[Bf16],
+    q: &[T],
     cache: &[u8],
     kv_scale: Option<f32>,
     block_table: &[i32],
@@ -401,6 +402,7 @@ pub fn mla_decode_fp8(
             })
         }
     };
+    let values: Vec<T> = values.iter().map(|v| T::from_f32(v.to_f32())).collect();
     let (scores, out_factor) = fold_kv_scale(softmax_scale, kv_scale);
     let (out, lse) = mla_decode_f64(&bf16, q, &values, block_table, seqlens, scores)?;
     Ok((out.iter().map(|&o| (o * out_factor) as f32).collect(), to_f32(&lse)))

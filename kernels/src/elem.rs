@@ -4,8 +4,9 @@
 //!
 //! Two types can differ: the tensor cores' operands (the staged K/V tiles, Q as the consumers
 //! read it, P) and the caller's q and output in global memory. The 16-bit caches' kernels have
-//! them equal; the FP8 caches' kernel computes in f16 under bf16 q and output, since e4m3 goes
-//! to f16 in one conversion (`cvt.rn.f16x2.e4m3x2`, exact) where bf16 takes an f32 round trip.
+//! them equal; the FP8 caches' kernels compute in f16 under bf16 or fp16 q and output, since e4m3
+//! goes to f16 in one conversion (`cvt.rn.f16x2.e4m3x2`, exact) where bf16 takes an f32 round
+//! trip.
 
 /// An element type of the decode kernels' 16-bit operands.
 pub trait Elem {
@@ -26,12 +27,13 @@ pub trait Elem {
 pub struct Bf16;
 /// IEEE half precision.
 pub struct F16;
-/// FlashMLA's 656-byte FP8 cache under bf16 q and output: f16 operands (each 128-value block
-/// times its power-of-two scale in f16, the RoPE part converted from bf16).
-pub struct Fp8Blocks;
-/// The per-tensor e4m3 cache under bf16 q and output: f16 operands holding the stored e4m3
-/// values, the scale folded.
-pub struct Fp8Tensor;
+/// FlashMLA's 656-byte FP8 cache: f16 operands (each 128-value block times its power-of-two
+/// scale in f16, the RoPE part converted from bf16), under fp16 q and output when `IO_F16`,
+/// else bf16.
+pub struct Fp8Blocks<const IO_F16: bool>;
+/// The per-tensor e4m3 cache: f16 operands holding the stored e4m3 values, the scale folded,
+/// under fp16 q and output when `IO_F16`, else bf16.
+pub struct Fp8Tensor<const IO_F16: bool>;
 
 impl Elem for Bf16 {
     const F16: bool = false;
@@ -41,13 +43,13 @@ impl Elem for F16 {
     const F16: bool = true;
 }
 
-impl Elem for Fp8Blocks {
+impl<const IO: bool> Elem for Fp8Blocks<IO> {
     const F16: bool = true;
-    const IO_F16: bool = false;
+    const IO_F16: bool = IO;
 }
 
-impl Elem for Fp8Tensor {
+impl<const IO: bool> Elem for Fp8Tensor<IO> {
     const F16: bool = true;
-    const IO_F16: bool = false;
+    const IO_F16: bool = IO;
     const FOLD_KV_SCALE: bool = true;
 }

@@ -20,7 +20,7 @@ its own number of query tokens:
 with q ``[total_q, h_q, 576]``, cu ``int32[b + 1]`` (request r's tokens are rows
 ``cu[r]..cu[r + 1]``), n 1 to 8; out ``[total_q, h_q, 512]``, lse ``float32[total_q, h_q]``.
 
-FP8 caches (bf16 q and out, ``s_q * h_q <= 16``, pages of 64 rows, the uniform layout), made by
+FP8 caches (bf16 or fp16 q and out, ``s_q * h_q <= 16``, pages of 64 rows, the uniform layout), made by
 :mod:`etap.quant`:
 
     k8 = etap.quant.quantize_fp8_656(k_cache)          # FlashMLA's [num_blocks, 64, 1, 656]

@@ -19,8 +19,8 @@ The packed query layout (each request its own number of query tokens, through de
 ``cu_seqlens_q``) is on etap's own call only (:func:`plan` / :func:`decode`); FlashMLA's call
 keeps its uniform layout.
 
-FP8 caches (issue 14; bf16 q and out, pages of 64 rows, ``s_q * h_q <= 16``, the uniform query
-layout): FlashMLA's "FP8 with scale" format (656 bytes a token: 512 float8_e4m3fn, 4 float32
+FP8 caches (issue 14; q and out bf16 or fp16, pages of 64 rows, ``s_q * h_q <= 16``, the
+uniform query layout): FlashMLA's "FP8 with scale" format (656 bytes a token: 512 float8_e4m3fn, 4 float32
 scales, one per 128 values, 64 bf16 RoPE values; ``k_cache [num_blocks, 64, 1, 656]`` as
 FlashMLA's quantizer lays it out, pages 65 token slots apart) with
 ``flash_mla_with_kvcache(..., is_fp8_kvcache=True)``, and per-tensor e4m3 (``k_cache
@@ -327,7 +327,8 @@ def flash_mla_with_kvcache(
     ``empty_lse="-inf"`` (what merging partial states needs). ``out``/``lse`` may be given
     (etap's extension) to write into the caller's tensors.
 
-    FP8 caches (``is_fp8_kvcache=True``; q and out bf16, ``s_q * h_q <= 16``, pages of 64 rows):
+    FP8 caches (``is_fp8_kvcache=True``; q and out bf16 or fp16, ``s_q * h_q <= 16``, pages of
+    64 rows):
 
     - FlashMLA's "FP8 with scale" format: k_cache ``[num_blocks, 64, 1, 656]`` float8_e4m3fn (or
       uint8) as FlashMLA's quantizer returns it (``tests/quant.py``'s ``quantize_k_cache``, or
@@ -357,10 +358,9 @@ def flash_mla_with_kvcache(
     if empty_lse not in ("+inf", "-inf"):
         raise ValueError(f"empty_lse: must be '+inf' (FlashMLA's) or '-inf', got {empty_lse!r}")
     if is_fp8_kvcache:
-        device, shape, kv_format = _checks.check_fp8_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                                                                  causal)
+        device, dtype, shape, kv_format = _checks.check_fp8_decode_args(q, k_cache, block_table, cache_seqlens,
+                                                                         head_dim_v, causal)
         _checks.check_fp8_kv_scale(kv_format, kv_scale)
-        dtype = "bf16"
     else:
         if kv_scale is not None:
             raise ValueError("kv_scale: given with is_fp8_kvcache=False (a 16-bit cache has no scale)")
@@ -381,7 +381,7 @@ def flash_mla_with_kvcache(
         dec.decode(p, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
                    out.data_ptr(), lse.data_ptr(), scale, stream)
     else:
-        dec.decode_fp8(p, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
+        dec.decode_fp8(p, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
                        out.data_ptr(), lse.data_ptr(), kv_scale, scale, stream)
     _empty_lse(lse, empty_lse)
     return out, lse
@@ -423,9 +423,9 @@ def _check_args(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q, ma
                 "cu_seqlens_q: the packed query layout over an FP8 cache is not supported (not validated on a "
                 "GPU yet): decode FP8 caches in the uniform layout, q [b, s_q, h_q, 576]"
             )
-        device, shape, kv_format = _checks.check_fp8_decode_args(q, k_cache, block_table, cache_seqlens, _checks.D_V,
-                                                                  causal)
-        return device, "bf16", shape, None, kv_format
+        device, dtype, shape, kv_format = _checks.check_fp8_decode_args(q, k_cache, block_table, cache_seqlens,
+                                                                         _checks.D_V, causal)
+        return device, dtype, shape, None, kv_format
     if packed:
         return _checks.check_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table, cache_seqlens,
                                                 causal) + (None,)
@@ -452,8 +452,8 @@ class Plan:
 
     An FP8 cache (issue 14; a k_cache of dtype float8_e4m3fn or uint8: FlashMLA's ``[num_blocks,
     64, 1, 656]`` or per-tensor e4m3 ``[num_blocks, 64, 1, 576]``, see
-    :func:`flash_mla_with_kvcache`; q bf16, ``s_q * h_q <= 16``, the uniform layout) makes a plan
-    for its format: ``kv_format`` is ``"fp8_656"`` or ``"fp8_per_tensor"`` (None for a 16-bit
+    :func:`flash_mla_with_kvcache`; q bf16 or fp16, ``s_q * h_q <= 16``, the uniform layout) makes
+    a plan for its format: ``kv_format`` is ``"fp8_656"`` or ``"fp8_per_tensor"`` (None for a 16-bit
     cache), and :func:`decode` refuses a cache of another format.
     """
 
@@ -536,8 +536,8 @@ def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, cau
     or writes outside q, out and lse, but the result is then unspecified. Everything else is
     checked before the launch.
 
-    An FP8 cache (a plan made for its format: see :class:`Plan`): q bf16 ``[b, s_q, h_q,
-    576]``, out bf16; ``kv_scale`` (a Python float, finite and positive as a float32) is the
+    An FP8 cache (a plan made for its format: see :class:`Plan`): q bf16 or fp16 ``[b, s_q,
+    h_q, 576]``, out of q's dtype; ``kv_scale`` (a Python float, finite and positive as a float32) is the
     per-tensor e4m3 cache's scale (value = e4m3 * kv_scale) and must be None for FlashMLA's
     656-byte format, whose scales are in the cache. The scale is passed by value: a CUDA graph
     replays the scale it captured.
@@ -586,7 +586,7 @@ def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, cau
     _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse, cu_seqlens_q)
     stream = _stream_handle(device)
     if kv_format is not None:
-        plan._dec.decode_fp8(plan._plan, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(),
+        plan._dec.decode_fp8(plan._plan, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(),
                              cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(), kv_scale, scale, stream)
         _empty_lse(lse, empty_lse)
         return out, lse

@@ -422,18 +422,19 @@ impl PyDecoder {
     }
 
     /// Launch the decode over an FP8 cache on `stream`, with a plan made for its `kv_format`:
-    /// q `[b, s_q, h_q, 576]` bf16, the cache's bytes at `k_cache` (16-byte aligned): in the
+    /// q `[b, s_q, h_q, 576]` of `dtype` ("bf16" or "f16"), the cache's bytes at `k_cache` (16-byte aligned): in the
     /// "fp8_656" format `num_pages` pages of 64 tokens of 656 bytes, page `p` at
     /// `p * 65 * 656` (FlashMLA's quantizer's layout: `num_pages * 65 * 656` bytes), in the
     /// "fp8_per_tensor" format `[num_pages, 64, 576]` e4m3 bytes; block table, seqlens, out
-    /// (bf16) and lse as `decode`'s uniform layout. `kv_scale`: the per-tensor format's scale
+    /// (q's dtype) and lse as `decode`'s uniform layout. `kv_scale`: the per-tensor format's scale
     /// (finite and positive as a float32), None for the 656-byte format (its scales are in the
     /// cache). Errors (ValueError) name the argument; nothing is launched then.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (plan, q, k_cache, block_table, cache_seqlens, out, lse, kv_scale, softmax_scale, stream))]
+    #[pyo3(signature = (plan, dtype, q, k_cache, block_table, cache_seqlens, out, lse, kv_scale, softmax_scale, stream))]
     fn decode_fp8(
         &self,
         plan: &PyPlan,
+        dtype: &str,
         q: u64,
         k_cache: u64,
         block_table: u64,
@@ -450,6 +451,7 @@ impl PyDecoder {
                 self.inner.device()
             )));
         }
+        let dtype = dtype_of(dtype)?;
         check_alignment([q, k_cache, block_table, cache_seqlens, out, lse]).map_err(to_py)?;
         let scale = softmax_scale_of(softmax_scale)?;
         let p = plan.get()?;
@@ -475,12 +477,12 @@ impl PyDecoder {
         // SAFETY: as in `plan`.
         unsafe { check_stream(&self.inner, stream) }.map_err(to_py)?;
         // SAFETY: the Python layer checked every tensor: on this device, of the dtype and the
-        // exact shape the plan's shape implies (q and out bf16 and contiguous; the cache's bytes
+        // exact shape the plan's shape implies (q and out of `dtype` and contiguous; the cache's bytes
         // in the plan's format, `shape.cache_len()` of them from `k_cache` inside its
         // allocation: the 656-byte format's strided pages included), out/lse not overlapping the
         // inputs, and keeps them alive until the call returns; torch's stream ordering keeps
         // their memory valid until the kernels ran.
-        unsafe { self.inner.decode_fp8_raw(p, bufs, kv_scale, scale, stream) }.map_err(to_py)
+        unsafe { self.inner.decode_fp8_raw(p, dtype, bufs, kv_scale, scale, stream) }.map_err(to_py)
     }
 }
 

@@ -98,10 +98,10 @@ def fp8_656_cache(num_pages=8, dtype=FP8, device=("cuda", 0), **kw):
 
 
 def fp8_inputs(b=2, s_q=1, h_q=16, num_pages=8, max_pages=4, kv_format="fp8_656", cache_dtype=FP8,
-               device=("cuda", 0)):
-    """q (bf16), an FP8 cache of `kv_format` ("fp8_656" or "fp8_per_tensor"), block table and
-    seqlens."""
-    q = FakeTensor((b, s_q, h_q, 576), BF16, device)
+               device=("cuda", 0), q_dtype=BF16):
+    """q (bf16 unless `q_dtype`), an FP8 cache of `kv_format` ("fp8_656" or "fp8_per_tensor"),
+    block table and seqlens."""
+    q = FakeTensor((b, s_q, h_q, 576), q_dtype, device)
     if kv_format == "fp8_656":
         k_cache = fp8_656_cache(num_pages, cache_dtype, device)
     else:

@@ -1,7 +1,8 @@
 """GPU tests of FP8 KV caches (issue 14): FlashMLA's 656-byte format and per-tensor e4m3, through
 flash_mla_with_kvcache(is_fp8_kvcache=True[, kv_scale=]) and etap.plan / etap.decode, against the
 float64 reference over the dequantized cache (etap.reference.mla_decode_fp8_reference) with the
-bf16 tolerances of the other GPU tests, each request on its own. The caches are quantized on the
+bf16 tolerances of the other GPU tests (fp16 q and out: the same rule at fp16's precision, 8x
+tighter), each request on its own. The caches are quantized on the
 GPU by etap.quant from make_inputs' poisoned caches (NaN in every row past each request's length
 and in unused pages, junk past the used block-table slots, shuffled pages), and the quantized
 bytes are checked against etap's Rust quantizer; out and lse are poisoned with NaN before each
@@ -19,6 +20,9 @@ from etap import _etap, quant
 from etap.reference import make_inputs, max_violation, mla_decode_fp8_reference, mla_decode_reference
 
 FORMATS = ["fp8_656", "fp8_per_tensor"]
+# max_violation's out tolerances by q's (and out's) dtype: bf16's are its defaults (about two
+# units in the last place, relative, beside an absolute floor); fp16 has 3 more mantissa bits.
+OUT_TOL = {"bf16": dict(out_atol=8e-4, out_rtol=2.01 / 128), "f16": dict(out_atol=1e-4, out_rtol=2.01 / 1024)}
 STRIDE = 65 * 656
 
 # (s_q, h_q, seqlens): 1 to 16 (token, head) columns; empty, one-row, page-boundary (64-row)
@@ -73,7 +77,7 @@ def _fp8_inputs(torch, s_q, h_q, lens, fmt, seed):
 def _decode_poisoned(torch, q, k8, bt, sl, kv_scale, empty_lse="+inf", softmax_scale=None, meta=None):
     """flash_mla_with_kvcache over an FP8 cache into out/lse filled with NaN."""
     b, s_q, h_q, _ = q.shape
-    out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16, device=q.device)
+    out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=q.dtype, device=q.device)
     lse = torch.full((b, h_q, s_q), float("nan"), device=q.device)
     if meta is None:
         meta = etap.get_mla_metadata(sl, s_q * h_q, 1, is_fp8_kvcache=True)[0]
@@ -93,8 +97,9 @@ def _check_each_request(torch, out, lse, q, k8, kv_scale, bt, sl, what, empty_ls
                                                 empty_lse=empty_lse)
     s_q = q.shape[1]
     lens = sl.tolist()
+    tol = OUT_TOL["f16" if q.dtype == torch.float16 else "bf16"]
     for i in range(q.shape[0]):
-        v = max_violation(out[i : i + 1], lse[i : i + 1], ref_out[i : i + 1], ref_lse[i : i + 1])
+        v = max_violation(out[i : i + 1], lse[i : i + 1], ref_out[i : i + 1], ref_lse[i : i + 1], **tol)
         assert v <= 1.0, f"{what}: request {i} (seqlen {lens[i]}): error {v:.3f} x tolerance"
         blind = min(max(s_q - lens[i], 0), s_q)  # its first tokens see no row
         assert (out[i, :blind] == 0).all() and (lse[i, :, :blind] == float(empty_lse)).all(), f"{what}: request {i}"
@@ -113,6 +118,21 @@ def test_fp8_against_the_dequantized_reference(torch_cuda, s_q, h_q, lens, fmt):
     # What quantization costs, against the unquantized bf16 reference (printed, not a criterion).
     ref_out, _ = mla_decode_reference(q, k, bt, sl)
     print(f"{what}: max |out - bf16 reference| = {(out.double() - ref_out).abs().max().item():.3e}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("s_q, h_q, lens", [FP8_CASES[0], FP8_CASES[4], FP8_CASES[6]])
+def test_fp8_with_fp16_q(torch_cuda, s_q, h_q, lens, fmt):
+    """fp16 q and out over the same caches (the `_f16` kernels): against the reference over the
+    dequantized cache with fp16's tolerance, each request on its own."""
+    torch = torch_cuda
+    q, _, k8, kv_scale, bt, sl = _fp8_inputs(torch, s_q, h_q, lens, fmt, seed=9100 + 10 * h_q + s_q)
+    q16 = q.half()
+    assert torch.equal(q16.float(), q.float())  # the bf16 values are exact in fp16
+    what = f"{fmt} fp16 q s_q={s_q} h_q={h_q}"
+    out, lse = _decode_poisoned(torch, q16, k8, bt, sl, kv_scale)
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    _check_each_request(torch, out, lse, q16, k8, kv_scale, bt, sl, what)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -235,7 +255,7 @@ def test_fp8_bad_inputs_raise_and_write_nothing(torch_cuda):
         (dict(k_cache=kt, kv_scale=float("nan")), ValueError, "kv_scale: nan must be finite and positive"),
         (dict(k_cache=kt, kv_scale=torch.tensor(st)), TypeError, "kv_scale: expected a float"),
         (dict(k_cache=kt[:, :, :, :512], kv_scale=st), ValueError, "k_cache: an FP8 cache has 656 bytes a token"),
-        (dict(q=q.half()), TypeError, "q: dtype must be torch.bfloat16 with an FP8 cache"),
+        (dict(q=q.float()), TypeError, "q: dtype must be torch.bfloat16 or torch.float16"),
         (dict(q=torch.zeros(2, 1, 17, 576, dtype=torch.bfloat16, device=q.device)), ValueError,
          r"q: s_q \* h_q = 1 \* 17 = 17"),
         (dict(q=torch.zeros(2, 2, 16, 576, dtype=torch.bfloat16, device=q.device),
@@ -256,18 +276,19 @@ def test_fp8_bad_inputs_raise_and_write_nothing(torch_cuda):
     p16 = etap.plan(q, k, bt, sl)
     addrs = (q.data_ptr(), k8.data_ptr(), bt.data_ptr(), sl.data_ptr(), out.data_ptr(), lse.data_ptr())
     for f, args, needle in (
-        (p8._dec.decode_fp8, (p16._plan,) + addrs + (None, None, stream), "plan: made for a 16-bit cache"),
+        (p8._dec.decode_fp8, (p16._plan, "bf16") + addrs + (None, None, stream), "plan: made for a 16-bit cache"),
         (p8._dec.decode, (p8._plan, "bf16") + addrs + (None, stream), r"plan: made for an FP8 cache \(kv_format "
                                                                       r"\"fp8_656\"\): decode it with `decode_fp8`"),
-        (p8._dec.decode_fp8, (p8._plan,) + addrs + (1.0, None, stream),
+        (p8._dec.decode_fp8, (p8._plan, "bf16") + addrs + (1.0, None, stream),
          "kv_scale: FlashMLA's 656-byte format carries its scales in the cache"),
-        (p8._dec.decode_fp8, (pt._plan,) + addrs + (None, None, stream),
+        (p8._dec.decode_fp8, (pt._plan, "bf16") + addrs + (None, None, stream),
          "kv_scale: the per-tensor format needs a finite, positive scale, got None"),
-        (p8._dec.decode_fp8, (pt._plan,) + addrs + (float("nan"), None, stream), "kv_scale: the per-tensor format"),
-        (p8._dec.decode_fp8, (pt._plan,) + addrs + (1e-60, None, stream), "kv_scale: the per-tensor format"),
-        (p8._dec.decode_fp8, (p8._plan,) + addrs + (None, -1.0, stream), "softmax_scale: -1"),
-        (p8._dec.decode_fp8, (p8._plan, addrs[0], addrs[1] + 8) + addrs[2:] + (None, None, stream),
+        (p8._dec.decode_fp8, (pt._plan, "bf16") + addrs + (float("nan"), None, stream), "kv_scale: the per-tensor format"),
+        (p8._dec.decode_fp8, (pt._plan, "bf16") + addrs + (1e-60, None, stream), "kv_scale: the per-tensor format"),
+        (p8._dec.decode_fp8, (p8._plan, "bf16") + addrs + (None, -1.0, stream), "softmax_scale: -1"),
+        (p8._dec.decode_fp8, (p8._plan, "bf16", addrs[0], addrs[1] + 8) + addrs[2:] + (None, None, stream),
          "k_cache at 0x[0-9a-f]+ must be 16-byte aligned"),
+        (p8._dec.decode_fp8, (p8._plan, "f32") + addrs + (None, None, stream), "dtype"),
     ):
         with pytest.raises(ValueError, match=needle):
             f(*args)

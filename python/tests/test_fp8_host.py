@@ -127,10 +127,10 @@ def pt(**kw):
 
 
 BAD_FP8 = [
-    # q: bf16, [b, s_q, h_q, 576], s_q * h_q <= 16
-    (dict(q=FakeTensor((2, 1, 16, 576), F16)), TypeError,
-     r"q: dtype must be torch.bfloat16 with an FP8 cache \(etap's FP8 kernel takes bf16 q and out\), got torch.float16"),
-    (pt(q=FakeTensor((2, 1, 16, 576), F32)), TypeError, "q: dtype must be torch.bfloat16 with an FP8 cache"),
+    # q: bf16 or fp16, [b, s_q, h_q, 576], s_q * h_q <= 16
+    (dict(q=FakeTensor((2, 1, 16, 576), F32)), TypeError,
+     r"q: dtype must be torch.bfloat16 or torch.float16, got torch.float32"),
+    (pt(q=FakeTensor((2, 1, 16, 576), F32)), TypeError, "q: dtype must be torch.bfloat16 or torch.float16"),
     (dict(q=FakeTensor((2, 1, 17, 576))), ValueError,
      r"q: s_q \* h_q = 1 \* 17 = 17 \(token, head\) columns a request is not supported with an FP8 cache "
      r"\(at most 16: etap reads FP8 caches with its ETAP kernel of 16 columns\)"),
@@ -260,8 +260,9 @@ class FakeDecoder:
     def decode(self, plan, dtype, *args, **kw):
         self.calls.append(("decode", dtype) + tuple(kw.items()))
 
-    def decode_fp8(self, plan, q, k_cache, block_table, cache_seqlens, out, lse, kv_scale, softmax_scale, stream):
-        self.calls.append(("decode_fp8", k_cache, kv_scale, softmax_scale))
+    def decode_fp8(self, plan, dtype, q, k_cache, block_table, cache_seqlens, out, lse, kv_scale, softmax_scale,
+                   stream):
+        self.calls.append(("decode_fp8", dtype, k_cache, kv_scale, softmax_scale))
 
 
 @pytest.fixture
@@ -290,33 +291,36 @@ def test_metadata_is_fp8_kvcache_must_match_the_call(fake_decoder):
 
 
 def test_valid_fp8_calls_reach_the_device_with_their_format(fake_decoder):
-    """Every s_q * h_q <= 16, both formats, both cache dtypes: a plan made with the format, then
-    decode_fp8 with the cache's address and the scale (None for the 656-byte format)."""
-    for s_q in range(1, 9):
-        for h_q in range(1, 17):
-            if s_q * h_q > 16:
-                continue
-            for fmt, kv_scale in (("fp8_656", None), ("fp8_per_tensor", 0.0123)):
-                for cache_dtype in (FP8, U8):
-                    fake_decoder.calls.clear()
-                    q, k, bt, sl = fp8_inputs(b=3, s_q=s_q, h_q=h_q, kv_format=fmt, cache_dtype=cache_dtype)
-                    out, lse = FakeTensor((3, s_q, h_q, 512)), FakeTensor((3, h_q, s_q), F32)
-                    meta = etap.get_mla_metadata(sl, s_q * h_q, 1, is_fp8_kvcache=True)[0]
-                    o, l = etap.flash_mla_with_kvcache(q, k, bt, sl, 512, meta, None, 0.25, True, True,
-                                                       kv_scale=kv_scale, out=out, lse=lse, empty_lse="-inf")
-                    assert (o, l) == (out, lse)
-                    # The uint8 cache after the float8 one: the same shape and format, re-planned.
-                    first = ("plan", 3, s_q, h_q, 8, 4, 64, ("kv_format", fmt)) if cache_dtype is FP8 else "replan"
-                    assert [c[0] for c in fake_decoder.calls] == ["plan" if cache_dtype is FP8 else "replan",
-                                                                   "decode_fp8"]
-                    assert fake_decoder.calls[0] == first or fake_decoder.calls[0][0] == first
-                    assert fake_decoder.calls[-1] == ("decode_fp8", k.data_ptr(), kv_scale, 0.25)
+    """Every s_q * h_q <= 16, both formats, both cache dtypes, bf16 and fp16 q: a plan made with
+    the format, then decode_fp8 with q's dtype, the cache's address and the scale (None for the
+    656-byte format)."""
+    for s_q, h_q, q_dtype in [(s, h, d) for s in range(1, 9) for h in range(1, 17) for d in (BF16, F16)]:
+        if s_q * h_q > 16:
+            continue
+        dtype = "bf16" if q_dtype is BF16 else "f16"
+        for fmt, kv_scale in (("fp8_656", None), ("fp8_per_tensor", 0.0123)):
+            for cache_dtype in (FP8, U8):
+                fake_decoder.calls.clear()
+                q, k, bt, sl = fp8_inputs(b=3, s_q=s_q, h_q=h_q, kv_format=fmt, cache_dtype=cache_dtype,
+                                          q_dtype=q_dtype)
+                out, lse = FakeTensor((3, s_q, h_q, 512), q_dtype), FakeTensor((3, h_q, s_q), F32)
+                meta = etap.get_mla_metadata(sl, s_q * h_q, 1, is_fp8_kvcache=True)[0]
+                o, l = etap.flash_mla_with_kvcache(q, k, bt, sl, 512, meta, None, 0.25, True, True,
+                                                   kv_scale=kv_scale, out=out, lse=lse, empty_lse="-inf")
+                assert (o, l) == (out, lse)
+                # The plan cache holds a plan per shape and format (not per q dtype): the first
+                # call of a shape and format plans, every later one re-plans.
+                first = q_dtype is BF16 and cache_dtype is FP8
+                assert [c[0] for c in fake_decoder.calls] == ["plan" if first else "replan", "decode_fp8"]
+                if first:
+                    assert fake_decoder.calls[0] == ("plan", 3, s_q, h_q, 8, 4, 64, ("kv_format", fmt))
+                assert fake_decoder.calls[-1] == ("decode_fp8", dtype, k.data_ptr(), kv_scale, 0.25)
     # An int scale is a float to the kernel.
     q, k, bt, sl = fp8_inputs(kv_format="fp8_per_tensor")
     etap.flash_mla_with_kvcache(q, k, bt, sl, 512, etap.get_mla_metadata()[0], None, causal=True, is_fp8_kvcache=True,
                                 kv_scale=2, out=FakeTensor((2, 1, 16, 512)), lse=FakeTensor((2, 16, 1), F32),
                                 empty_lse="-inf")
-    assert fake_decoder.calls[-1][2] == 2.0 and isinstance(fake_decoder.calls[-1][2], float)
+    assert fake_decoder.calls[-1][3] == 2.0 and isinstance(fake_decoder.calls[-1][3], float)
 
 
 def test_one_plan_per_format(fake_decoder):
@@ -384,7 +388,7 @@ def test_native_plan_reads_the_format_from_the_cache(fake_decoder):
             assert p.kv_format == fmt and p.shape == (2, 1, 16, 8, 4, 64) and p.total_q is None
             assert fake_decoder.calls == [("plan", 2, 1, 16, 8, 4, 64, ("kv_format", fmt))]
             assert etap.decode(p, q, k, bt, sl, 0.5, out=out, lse=lse, kv_scale=scale) == (out, lse)
-            assert fake_decoder.calls[-1] == ("decode_fp8", k.data_ptr(), scale, 0.5)
+            assert fake_decoder.calls[-1] == ("decode_fp8", "bf16", k.data_ptr(), scale, 0.5)
             plans[fmt] = (p, q, k, bt, sl)
     q16, k16, bt16, sl16 = decode_inputs()
     p16 = etap.plan(q16, k16, bt16, sl16)
@@ -412,8 +416,8 @@ def test_native_plan_reads_the_format_from_the_cache(fake_decoder):
         qq = q16 if k is k16 else q
         with pytest.raises(exc, match=needle):
             etap.decode(p, qq, k, bt, sl, out=out, lse=lse, **kw)
-    with pytest.raises(TypeError, match="q: dtype must be torch.bfloat16 with an FP8 cache"):
-        etap.decode(p656, FakeTensor((2, 1, 16, 576), F16), k656, bt, sl, out=out, lse=lse)
+    with pytest.raises(TypeError, match="q: dtype must be torch.bfloat16 or torch.float16"):
+        etap.decode(p656, FakeTensor((2, 1, 16, 576), F32), k656, bt, sl, out=out, lse=lse)
     with pytest.raises(ValueError, match="cu_seqlens_q: given, but the plan was made for the uniform layout"):
         etap.decode(p656, FakeTensor((2, 16, 576)), k656, bt, sl, cu_seqlens_q=FakeTensor((3,), I32), max_seqlen_q=1)
     assert fake_decoder.calls == [], "a refused call must not reach the device"
@@ -428,8 +432,8 @@ def test_native_plan_fp8_errors(fake_decoder):
         etap.plan(q, k, bt, sl, max_seqlen_q=1)
     with pytest.raises(ValueError, match=r"q: s_q \* h_q = 2 \* 16 = 32"):
         etap.plan(FakeTensor((2, 2, 16, 576)), k, bt, sl)
-    with pytest.raises(TypeError, match="q: dtype must be torch.bfloat16 with an FP8 cache"):
-        etap.plan(FakeTensor((2, 1, 16, 576), F16), k, bt, sl)
+    with pytest.raises(TypeError, match="q: dtype must be torch.bfloat16 or torch.float16"):
+        etap.plan(FakeTensor((2, 1, 16, 576), F32), k, bt, sl)
     with pytest.raises(ValueError, match="k_cache: page_block_size = 32 rows is not supported with an FP8 cache"):
         etap.plan(q, FakeTensor((8, 32, 1, 576), U8), bt, sl)
     assert fake_decoder.calls == []

@@ -58,6 +58,7 @@ pub const CONVERTERS: u32 = THREADS - FIRST_CONVERTER;
 /// kernels' cap (the PTX build gives these kernels a `.maxnreg`).
 const ENTRY_REGS: u32 = Kernel::DecodeFp8 {
     row_bytes: FP8_656_ROW_BYTES,
+    f16: false,
 }
 .entry_regs();
 /// Registers of the producer warpgroups (the converters) and of the consumers: the converters
@@ -365,6 +366,8 @@ macro_rules! decode_fp8_entry {
 }
 
 decode_fp8_entry! {
-    etap_decode_fp8_656_c16 = (FP8_656_ROW_BYTES, Fp8Blocks);
-    etap_decode_fp8_tensor_c16 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor);
+    etap_decode_fp8_656_c16 = (FP8_656_ROW_BYTES, Fp8Blocks<false>);
+    etap_decode_fp8_tensor_c16 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor<false>);
+    etap_decode_fp8_656_c16_f16 = (FP8_656_ROW_BYTES, Fp8Blocks<true>);
+    etap_decode_fp8_tensor_c16_f16 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor<true>);
 }
