@@ -127,8 +127,7 @@ def test_fp8_with_fp16_q(torch_cuda, s_q, h_q, lens, fmt):
     dequantized cache with fp16's tolerance, each request on its own."""
     torch = torch_cuda
     q, _, k8, kv_scale, bt, sl = _fp8_inputs(torch, s_q, h_q, lens, fmt, seed=9100 + 10 * h_q + s_q)
-    q16 = q.half()
-    assert torch.equal(q16.float(), q.float())  # the bf16 values are exact in fp16
+    q16 = q.half()  # the reference reads q16 itself (bf16 values below fp16's normal range round)
     what = f"{fmt} fp16 q s_q={s_q} h_q={h_q}"
     out, lse = _decode_poisoned(torch, q16, k8, bt, sl, kv_scale)
     assert out.dtype == torch.float16 and lse.dtype == torch.float32
