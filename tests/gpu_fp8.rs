@@ -1,11 +1,10 @@
 //! On a GPU: decode over FP8 caches (issue 14), FlashMLA's 656-byte format and per-tensor e4m3,
 //! against the CPU reference over the dequantized cache (`etap::reference::mla_decode_fp8`), with
-//! the bound of `etap::check` for q's dtype (bf16, or fp16 converted from the bf16 case's q), every
-//! request on its own. The caches are quantized from the
-//! poisoned bf16 cases of the other GPU tests (NaN past each seqlen and in unused pages, which
-//! quantize to e4m3 NaN; junk in unused block-table slots; shuffled pages), and out and lse are
-//! poisoned with NaN before every call. Also printed: the error against the unquantized bf16
-//! reference (what the quantization costs).
+//! the bound of `etap::check` for q's dtype (bf16, or fp16 converted from the bf16 case's q),
+//! every request on its own. The caches are quantized from the poisoned bf16 cases of the other
+//! GPU tests (NaN past each seqlen and in unused pages, which quantize to e4m3 NaN; junk in unused
+//! block-table slots; shuffled pages), and out and lse are poisoned with NaN before every call.
+//! Also printed: the error against the unquantized bf16 reference (what the quantization costs).
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
