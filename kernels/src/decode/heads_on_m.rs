@@ -74,7 +74,7 @@ unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red
     let alpha_buf = sm.red;
     // The request row of the tile's first row.
     let col0 = group * WIDE_ROWS;
-    for_each_segment!(prm, range, sm, t, tw;
+    for_each_segment!(prm, range, sm, t, tw, per_stage: false;
         segment |r, rows| {
             // Visible KV rows of this thread's two rows (causal for s_q > 1). Padding rows (past
             // the request's columns) compute on, but never past the request's rows.

@@ -38,7 +38,8 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem, const SOLO: bool>(
     group: u32,
 ) {
     let t = index::thread_x();
-    let wg = t / index::WARPGROUP;
+    // Solo, only warpgroup 0 consumes: a constant, so that its Q and P addresses are too.
+    let wg = if SOLO { 0 } else { t / index::WARPGROUP };
     let tw = t % index::WARPGROUP;
     let bar_id = BAR_OWN + wg;
     let cols = if SOLO { NW as u32 } else { 2 * NW as u32 };
@@ -62,7 +63,7 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem, const SOLO: bool>(
     } else {
         prm.scale_log2
     };
-    for_each_segment!(prm, range, sm, t, tw;
+    for_each_segment!(prm, range, sm, t, tw, per_stage: true;
         segment |r, rows| {
             // Visible rows of the columns this thread holds (causal for s_q > 1), per column:
             // with a head count that is not a multiple of 8, one 8-wide block may hold two
@@ -117,7 +118,7 @@ pub(crate) unsafe fn keep_count<E: Elem>(prm: &DecodeParams, range: &WorkRange, 
     let t = index::thread_x();
     let tw = t % index::WARPGROUP;
     let bar_id = BAR_OWN + t / index::WARPGROUP;
-    for_each_segment!(prm, range, sm, t, tw;
+    for_each_segment!(prm, range, sm, t, tw, per_stage: false;
         segment |r, rows| {
             let _ = rows;
         }

@@ -283,6 +283,11 @@ macro_rules! for_each_producer_tile {
 }
 pub(crate) use for_each_producer_tile;
 
+const _: () = assert!(
+    STAGES == 2,
+    "for_each_segment!'s per-stage copies are written for two stages"
+);
+
 /// The consumers' walk over their part, the frame's segment loop: for each request with tiles
 /// in the part (a segment), the consumer's `segment` statements (its per-segment state, in
 /// scope for the rest), the wait for the request's Q, the consumer's optional `q_ready`
@@ -294,13 +299,21 @@ pub(crate) use for_each_producer_tile;
 /// in shared memory, `it` the tiles consumed so far; `t` / `tw` are the thread's index in the
 /// CTA / its warpgroup.
 ///
+/// `per_stage: true` writes the `tile` statements out once per stage (`STAGES` = 2), each with
+/// its stage's address a constant offset from the shared-memory base, so that ptxas computes
+/// the tile's wgmma descriptors in uniform registers (an add each) instead of in a thread's
+/// registers moved over for every wgmma: 5 instructions a wgmma in place of 9 where both
+/// operands' addresses are constants (the solo FP8 consumer), 7 where only the tile's is (the
+/// 16-bit ETAP consumers, whose Q and P depend on the warpgroup). Twice the code of the tile
+/// step; the wide kernel spilled with it (24 bytes), so it keeps one copy.
+///
 /// A macro, not a function calling a `Consumer` trait: three tries of the trait moved the same
 /// instructions into another order, and ptxas then spilled the wide kernel (24 bytes) and the
 /// ETAP kernel of 32 columns (4 bytes) at the consumers' 232 registers; the macro expands to
 /// the loop each consumer had written out (PTX byte-identical, checked).
 macro_rules! for_each_segment {
     (
-        $prm:expr, $range:expr, $sm:expr, $t:expr, $tw:expr;
+        $prm:expr, $range:expr, $sm:expr, $t:expr, $tw:expr, per_stage: $per_stage:literal;
         segment |$r:ident, $rows:ident| { $($segment:tt)* }
         $(q_ready { $($q_ready:tt)* })?
         tile |$page:ident, $hi:ident, $row0:ident, $kv:ident, $it:ident| { $($tile:tt)* }
@@ -319,17 +332,26 @@ macro_rules! for_each_segment {
             $($($q_ready)*)?
             for $page in lo..$hi {
                 let stage = $it % $crate::decode::STAGES;
-                let $kv = $sm.pages + stage * $crate::tile::TILE_BYTES;
+                let tile_at = $sm.pages + stage * $crate::tile::TILE_BYTES;
                 $crate::tile::wait($sm.full + 8 * stage, ($it / $crate::decode::STAGES) & 1);
                 let $row0 = $page * etap_core::TILE_ROWS as u32;
                 if $row0 + etap_core::TILE_ROWS as u32 > $rows {
                     // The request's last, partial tile: zero V's rows past its end.
                     let all = $crate::decode::CONSUMERS * $crate::device::index::WARPGROUP;
-                    $crate::tile::zero_rows_from($kv, $rows - $row0, $t, all);
+                    $crate::tile::zero_rows_from(tile_at, $rows - $row0, $t, all);
                     $crate::device::sync::fence_proxy_async_shared();
                     $crate::device::sync::bar_sync($crate::barriers::CONSUMERS, all);
                 }
-                $($tile)*
+                if !$per_stage {
+                    let $kv = tile_at;
+                    $($tile)*
+                } else if stage == 0 {
+                    let $kv = $sm.pages;
+                    $($tile)*
+                } else {
+                    let $kv = $sm.pages + $crate::tile::TILE_BYTES;
+                    $($tile)*
+                }
                 $crate::device::mbarrier::arrive_if($tw == 0, $sm.empty + 8 * stage);
                 $it += 1;
             }

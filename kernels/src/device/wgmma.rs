@@ -51,6 +51,19 @@ impl Desc {
         )
     }
 
+    /// The descriptor of the same layout `bytes` further on (a multiple of 16): its start
+    /// address field plus `bytes / 16`, as one 32-bit add on the low word, so that a GEMM's
+    /// wgmmas step from one base descriptor by constants instead of encoding each address
+    /// again (a shift, a mask and an or per operand per wgmma: most of the consumers' issue
+    /// slots, session 14's ncu). Exact while the address stays below 256 KiB, where the 14-bit
+    /// field (16-byte units) ends: all of shared memory (at most 228 KiB on sm_90), so no
+    /// carry reaches the leading offset.
+    #[inline(always)]
+    pub const fn advance(self, bytes: u32) -> Desc {
+        let lo = self.0 as u32 + (bytes >> 4);
+        Desc((self.0 & !0xffff_ffff) | lo as u64)
+    }
+
     /// K-major operand, 128-byte swizzle: rows of 64 16-bit elements (128 bytes, contiguous
     /// along K), 8-row groups 1024 bytes apart. One 16-wide K step is 32 bytes further along
     /// the row, inside the swizzle atom; the leading offset is unused in this mode.

@@ -187,10 +187,14 @@ pub unsafe fn store_p<E: Elem>(p_tile: u32, s: &Frag, alpha: [f32; 2], alpha_buf
 pub unsafe fn accumulate_o<E: Elem>(o: &mut WideAcc, page: u32, p_tile: u32, vb0: u32) {
     let (page, p_tile) = (smem::opaque(page), smem::opaque(p_tile));
     wgmma::fence();
+    let (p_k, v_n) = (
+        Desc::k_major_sw128(p_tile),
+        Desc::m_major_sw128(page + vb0 * BLOCK_BYTES),
+    );
     unroll!(j < STEPS_PER_BLOCK as usize, max 4 => {
-        let a = Desc::k_major_sw128(p_tile + j as u32 * K_STEP * 2);
+        let a = p_k.advance(j as u32 * K_STEP * 2);
         // 16 KV rows of 128 bytes per step.
-        let b = Desc::m_major_sw128(page + vb0 * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
+        let b = v_n.advance(j as u32 * K_STEP * ROW_BYTES);
         wgmma::mma_n256::<0, 1, E>(o, a, b, true);
     });
     wgmma::commit_group();

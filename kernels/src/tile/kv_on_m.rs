@@ -45,11 +45,12 @@ pub unsafe fn accumulate_o_t<const NW: usize, E: Elem, const SOLO: bool>(
     let (page, p) = (smem::opaque(page), smem::opaque(p));
     turn.take();
     wgmma::fence();
+    let (v_t, p_t) = (Desc::m_major_sw128(page), Desc::k_major_sw128(p));
     unroll!(c < V_BLOCKS, max 8 => {
         unroll!(j < STEPS_PER_BLOCK as usize, max 4 => {
             // 16 KV rows of 128 bytes per step.
-            let a = Desc::m_major_sw128(page + c as u32 * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
-            let b = Desc::k_major_sw128(p + j as u32 * K_STEP * 2);
+            let a = v_t.advance(c as u32 * BLOCK_BYTES + j as u32 * K_STEP * ROW_BYTES);
+            let b = p_t.advance(j as u32 * K_STEP * 2);
             wgmma::mma::<NW, 1, 0, E>(&mut o[c], a, b, true);
         });
     });

@@ -16,6 +16,7 @@
 //!   of O^T (K = KV rows).
 use crate::device::{index, math, mbarrier, smem, sync, tma, tma::TensorMap, wgmma, wgmma::Desc};
 use crate::elem::Elem;
+use crate::unroll;
 use etap_core::{BLOCK_COLS, QK_BLOCKS, TILE_ROWS, V_BLOCKS};
 
 pub mod heads_on_m;
@@ -103,13 +104,17 @@ pub unsafe fn load_q(map: *const TensorMap, dst: u32, bar: u32, row: i32, cols: 
 /// The whole warpgroup calls it, with both tiles loaded.
 #[inline(always)]
 pub unsafe fn gemm_k576<const N: usize, E: Elem>(d: &mut Frag, a: u32, a_block: u32, b: u32, b_block: u32) {
-    for kk in 0..(QK_BLOCKS as u32 * STEPS_PER_BLOCK) {
-        let blk = kk / STEPS_PER_BLOCK;
-        let within = (kk % STEPS_PER_BLOCK) * K_STEP * 2;
-        let da = Desc::k_major_sw128(a + blk * a_block + within);
-        let db = Desc::k_major_sw128(b + blk * b_block + within);
-        wgmma::mma::<N, 0, 0, E>(d, da, db, kk > 0);
-    }
+    let (da, db) = (Desc::k_major_sw128(a), Desc::k_major_sw128(b));
+    unroll!(blk < QK_BLOCKS, max 16 => {
+        unroll!(j < STEPS_PER_BLOCK as usize, max 4 => {
+            let within = j as u32 * K_STEP * 2;
+            let a_k = da.advance(blk as u32 * a_block + within);
+            let b_k = db.advance(blk as u32 * b_block + within);
+            // The first step overwrites d (`blk` and `j` are constants: no comparison is made).
+            let first = blk == 0 && j == 0;
+            wgmma::mma::<N, 0, 0, E>(d, a_k, b_k, !first);
+        });
+    });
 }
 
 /// Zero KV rows `first..64` of the V part of a page tile (8 blocks), so that rows past the
