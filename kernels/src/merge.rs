@@ -50,20 +50,23 @@ unsafe fn counter(prm: &DecodeParams, r: u32, group: u32) -> *mut u32 {
     prm.counters.add((r * index::groups() + group) as usize)
 }
 
-/// After this warpgroup has written its part of a split's partial result (its stores issued):
-/// count it. Every thread of the warpgroup calls it; `bar_id` is a named barrier of the
-/// warpgroup's 128 threads.
+/// After this warpgroup has written its part of a segment's result (its stores issued): if the
+/// request has several splits, count it for the merge; a single split's result is final and
+/// nothing counts it. Every thread of the warpgroup calls it after each segment; `bar_id` is a
+/// named barrier of the warpgroup's 128 threads.
 ///
 /// # Safety
 /// `r` is a request of the grid's batch; `prm.counters` has `batch * groups` entries.
 #[inline(always)]
 pub unsafe fn publish(prm: &DecodeParams, r: u32, group: u32, bar_id: u32) {
-    sync::bar_sync(bar_id, index::WARPGROUP);
-    global::release_add_if(
-        index::thread_x().is_multiple_of(index::WARPGROUP),
-        counter(prm, r, group),
-        1,
-    );
+    if prm.splits(r) > 1 {
+        sync::bar_sync(bar_id, index::WARPGROUP);
+        global::release_add_if(
+            index::thread_x().is_multiple_of(index::WARPGROUP),
+            counter(prm, r, group),
+            1,
+        );
+    }
 }
 
 /// Merge this CTA's share of the request of its range's last segment, if that segment is a

@@ -116,9 +116,7 @@ unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red
         }
         end {
             finish_segment::<E>(prm, r, range.split_of(r), col0, &st, &o, red_sum, wg);
-            if prm.splits(r) > 1 {
-                merge::publish(prm, r, group, BAR_OWN + wg);
-            }
+            merge::publish(prm, r, group, BAR_OWN + wg);
         }
     );
     merge::merge_splits::<E>(prm, group, WIDE_ROWS, BAR_CONSUMERS);

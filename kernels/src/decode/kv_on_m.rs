@@ -96,9 +96,7 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem, const SOLO: bool>(
         }
         end {
             finish_segment::<NW, E>(prm, r, range.split_of(r), col0, &st, &o, red, bar_id);
-            if prm.splits(r) > 1 {
-                merge::publish(prm, r, group, bar_id);
-            }
+            merge::publish(prm, r, group, bar_id);
         }
     );
     if wg == 0 {
@@ -127,9 +125,7 @@ pub(crate) unsafe fn keep_count<E: Elem>(prm: &DecodeParams, range: &WorkRange, 
             mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
         }
         end {
-            if prm.splits(r) > 1 {
-                merge::publish(prm, r, group, bar_id);
-            }
+            merge::publish(prm, r, group, bar_id);
         }
     );
     merge::merge_splits::<E>(prm, group, cols, BAR_CONSUMERS);
