@@ -1643,7 +1643,9 @@ fn packed_reference_matches_uniform() {
     }
 }
 
-/// FP8 cache shapes (issue 14): their byte lengths, and what the FP8 kernel does not take.
+/// FP8 cache shapes (issue 14): their byte lengths, every column count accepted (past 16 the
+/// plan runs column groups of 16: `fp8_tiling_is_column_groups_of_16`), and what the FP8 kernel
+/// does not take (pages other than 64 rows).
 #[test]
 fn fp8_shapes() {
     use etap::KvFormat;
@@ -1655,10 +1657,27 @@ fn fp8_shapes() {
     assert_eq!(s.with_kv_format(KvFormat::Fp8PerTensor).cache_len(), 10 * 64 * 576);
     for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
         assert_eq!(validate_shape(&s.with_kv_format(f)), Ok(()));
+        // Past 16 columns, up to the most there are (s_q 8 x h_q 128).
+        for (s_q, h_q) in [
+            (1, 17),
+            (2, 9),
+            (2, 16),
+            (4, 8),
+            (1, 32),
+            (1, 64),
+            (1, 128),
+            (MAX_S_Q, MAX_HEADS),
+        ] {
+            assert_eq!(
+                validate_shape(&DecodeShape::new(2, s_q, h_q, 10, 4).with_kv_format(f)),
+                Ok(()),
+                "{f:?} s_q {s_q} h_q {h_q}"
+            );
+        }
         for bad in [
-            DecodeShape::new(2, 1, 17, 10, 4),
-            DecodeShape::new(2, 2, 9, 10, 4),
             DecodeShape::new(2, 1, 16, 10, 4).with_page_size(32),
+            DecodeShape::new(2, 1, 16, 10, 4).with_page_size(16),
+            DecodeShape::new(2, 2, 64, 10, 4).with_page_size(128),
         ] {
             assert!(
                 matches!(
@@ -1692,4 +1711,54 @@ fn fp8_shapes() {
         tiling.kernel_for(Dtype::F16, KvFormat::Elem16),
         Ok(tiling.kernel(Dtype::F16))
     );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// The plan's tiling of an FP8 cache (`Layout::for_shape`, `ColumnTiling::for_shape`): KV on
+    /// M, [`etap::plan::FP8_COLS_PER_CTA`] = 16 columns a CTA and `ceil(s_q * h_q / 16)` column
+    /// groups at every column count, run by the FP8 kernel for either q dtype; heads on M (what a
+    /// 16-bit cache of 17 columns or more takes) is a typed error naming `kv_format`, and so is the
+    /// 16-bit cache's ETAP CTA of 32 columns.
+    #[test]
+    fn fp8_tiling_is_column_groups_of_16(
+        s_q in 1..=4usize,
+        h_q in prop_oneof![1..=MAX_HEADS, Just(16usize), Just(32usize), Just(64usize), Just(MAX_HEADS)],
+        batch in 1..=8usize,
+        per_tensor in any::<bool>(),
+    ) {
+        use etap::plan::{ColumnTiling, FP8_COLS_PER_CTA};
+        use etap::{KvFormat, Layout};
+        use etap_core::contract::Kernel;
+        let f = if per_tensor { KvFormat::Fp8PerTensor } else { KvFormat::Fp8Flashmla656 };
+        let sixteen = DecodeShape::new(batch, s_q, h_q, 10, 4);
+        let shape = sixteen.with_kv_format(f);
+        prop_assert_eq!(validate_shape(&shape), Ok(()));
+        let n = (s_q * h_q) as u32;
+        prop_assert_eq!(FP8_COLS_PER_CTA, 16);
+        let layout = Layout::for_shape(&shape);
+        prop_assert_eq!(layout, Layout::KvOnM);
+        let t = ColumnTiling::for_shape(&shape, layout);
+        prop_assert_eq!(t.layout, Layout::KvOnM);
+        prop_assert_eq!(t.cols_per_cta, 16);
+        prop_assert_eq!(t.groups, n.div_ceil(16));
+        // Every column in exactly one group, no group empty.
+        prop_assert!(t.groups * t.cols_per_cta >= n && (t.groups - 1) * t.cols_per_cta < n);
+        let row_bytes = f.fp8_row_bytes().unwrap();
+        for (dtype, f16) in [(Dtype::Bf16, false), (Dtype::F16, true)] {
+            prop_assert_eq!(t.kernel_for(dtype, f), Ok(Kernel::DecodeFp8 { row_bytes, f16 }));
+            let wide = ColumnTiling::for_shape(&shape, Layout::HeadsOnM);
+            let e = wide.kernel_for(dtype, f);
+            prop_assert!(matches!(e, Err(EtapError::Invalid { arg: "kv_format", .. })), "heads on M: {:?}", e);
+            // The 16-bit cache's ETAP tiling (CTAs of 32 from 17 columns) does not run FP8.
+            let c32 = ColumnTiling::for_shape(&sixteen, Layout::KvOnM);
+            if c32.cols_per_cta != 16 {
+                let e = c32.kernel_for(dtype, f);
+                prop_assert!(matches!(e, Err(EtapError::Invalid { arg: "kv_format", .. })), "c32: {:?}", e);
+            }
+        }
+        // The 16-bit cache's rule is unchanged: heads on M from 17 columns.
+        let want = if n >= 17 { Layout::HeadsOnM } else { Layout::KvOnM };
+        prop_assert_eq!(Layout::for_shape(&sixteen), want);
+    }
 }

@@ -8,7 +8,7 @@
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
-use etap::{fp8, Bf16, Decoder, Element, EtapError, KvFormat, F16};
+use etap::{fp8, Bf16, DecodeShape, Decoder, Element, EtapError, KvFormat, Layout, F16};
 use etap_tests::{read_back, Case};
 
 /// The cache of `case` in `format`, with the per-tensor scale where it has one.
@@ -36,6 +36,12 @@ fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
     let mut out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()]).unwrap();
     let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()]).unwrap();
     let plan = dec.plan(&shape, &sl, &stream).unwrap();
+    // Column groups of 16 at every column count (the FP8 kernel's CTA).
+    let t = plan.tiling();
+    assert_eq!(
+        (t.layout, t.cols_per_cta, t.groups),
+        (Layout::KvOnM, 16, (shape.cols() as u32).div_ceil(16))
+    );
     dec.decode_fp8_into(
         &plan,
         &q,
@@ -76,8 +82,8 @@ fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
     let (bo, _) = case.reference();
     let vs_bf16 = etap::metrics::rel_err(&o, &bo);
     println!(
-        "fp8 {format:?} q {:?} b={} s_q={} h_q={} row_err={:.2e} lse_diff={:.2e} (vs the unquantized bf16 reference: rel err {vs_bf16:.2e})",
-        T::DTYPE, shape.batch, shape.s_q, shape.h_q, outcome.row_err, outcome.lse_diff
+        "fp8 {format:?} q {:?} b={} s_q={} h_q={} groups={} parts={} row_err={:.2e} lse_diff={:.2e} (vs the unquantized bf16 reference: rel err {vs_bf16:.2e})",
+        T::DTYPE, shape.batch, shape.s_q, shape.h_q, t.groups, plan.parts(), outcome.row_err, outcome.lse_diff
     );
     if let Some(why) = outcome.failure() {
         panic!(
@@ -96,7 +102,12 @@ fn fp8_caches_match_the_reference() {
     let Some(dec) = decoder_or_skip("gpu_fp8") else {
         return;
     };
-    // (s_q, h_q, seqlens): up to 16 columns, empty, one-row and page-boundary requests, a long one.
+    // (s_q, h_q, seqlens): empty, one-row and page-boundary requests, a long one; up to 16
+    // columns (one CTA a part), then past 16 in column groups of 16 (2 to 8 CTAs a part, each
+    // with its own Q rows, merge counters and partials): DeepSeek MTP (s_q 2 x h16), h32, h64,
+    // h128 (DP attention), s_q 4 x h8. The longest request past 16 columns is a few thousand
+    // rows, so that it is split over parts (the merge per column group) while the f64 CPU
+    // reference stays affordable.
     let cases: &[(usize, usize, &[i32])] = &[
         (1, 16, &[1, 0, 64, 65, 300, 4000]),
         (2, 8, &[129, 7, 2000]),
@@ -104,6 +115,12 @@ fn fp8_caches_match_the_reference() {
         (1, 6, &[700, 64]),
         (4, 4, &[64, 1, 1000]),
         (1, 16, &[20_000, 3]),
+        (2, 16, &[1, 0, 64, 65, 4000, 129]),
+        (1, 32, &[65, 64, 0, 1, 3500]),
+        (1, 64, &[3000, 1, 64, 0, 65]),
+        (1, 128, &[0, 65, 1, 2900, 64]),
+        (4, 8, &[64, 1, 0, 65, 2500, 3]),
+        (3, 6, &[2, 700, 0]),
     ];
     for (k, &(s_q, h_q, seqlens)) in cases.iter().enumerate() {
         let case = Case::<Bf16>::new(s_q, h_q, seqlens, 9000 + k as u64);
@@ -159,4 +176,53 @@ fn fp8_argument_errors() {
     let mut o = vec![Bf16::default(); case.shape.out_len()];
     out.copy_to(&mut o[..]).unwrap();
     assert!(o.iter().all(|x| x.to_f32().is_nan()), "a rejected call wrote out");
+}
+
+/// Plans over an FP8 cache: KV on M in column groups of 16 at every column count, `num_sms /
+/// groups` parts (all CTAs resident for the cooperative launch); the heads-on-M layout is a
+/// typed error naming `kv_format`, before anything is allocated or launched.
+#[test]
+fn fp8_plans_are_column_groups_of_16() {
+    let Some(dec) = decoder_or_skip("gpu_fp8 plans") else {
+        return;
+    };
+    let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    let sl = DeviceBuffer::from_slice(&[300i32, 0, 65]).unwrap();
+    for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
+        for (s_q, h_q) in [
+            (1, 16),
+            (1, 17),
+            (2, 16),
+            (4, 8),
+            (1, 32),
+            (1, 64),
+            (1, 128),
+            (4, 128),
+            (8, 128),
+        ] {
+            let shape = DecodeShape::new(3, s_q, h_q, 12, 6).with_kv_format(format);
+            let groups = ((s_q * h_q) as u32).div_ceil(16);
+            for plan in [
+                dec.plan(&shape, &sl, &stream).unwrap(),
+                dec.plan_with_layout(&shape, &sl, &stream, Layout::KvOnM).unwrap(),
+            ] {
+                let t = plan.tiling();
+                assert_eq!((t.layout, t.cols_per_cta, t.groups), (Layout::KvOnM, 16, groups));
+                assert_eq!(plan.parts(), (dec.num_sms() / groups).max(1));
+                assert!(
+                    groups * plan.parts() <= dec.num_sms(),
+                    "{s_q} x {h_q}: more CTAs than SMs"
+                );
+            }
+            let e = dec
+                .plan_with_layout(&shape, &sl, &stream, Layout::HeadsOnM)
+                .err()
+                .expect("heads on M over an FP8 cache");
+            assert!(
+                matches!(e, EtapError::Invalid { arg: "kv_format", .. }),
+                "{format:?} {s_q} x {h_q}: {e:?}"
+            );
+        }
+    }
+    stream.synchronize().unwrap();
 }

@@ -259,7 +259,10 @@ fn bench_config<T: Element>(
     o: &Options,
     layout: Option<Layout>,
 ) -> Row {
-    let layout = layout.unwrap_or_else(|| Layout::for_shape(&DecodeShape::new(cfg.batch, cfg.s_q, cfg.h_q, 1, 1)));
+    // The plan's own choice for the configuration's cache (an FP8 cache: KV on M at any width).
+    let layout = layout.unwrap_or_else(|| {
+        Layout::for_shape(&DecodeShape::new(cfg.batch, cfg.s_q, cfg.h_q, 1, 1).with_kv_format(cfg.kv))
+    });
     let bytes = match cfg.kv.fp8_row_bytes() {
         None => metrics::bytes_moved(&cfg.seqlens, cfg.batch, cfg.s_q, cfg.h_q),
         Some(row) => metrics::bytes_moved_kv(&cfg.seqlens, cfg.batch, cfg.s_q, cfg.h_q, row as f64),

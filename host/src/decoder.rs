@@ -179,7 +179,9 @@ impl Decoder {
     }
 
     /// [`Decoder::plan`] with the layout chosen by the caller instead of by
-    /// [`Layout::for_shape`] (for benchmarks and tests: both layouts handle every shape).
+    /// [`Layout::for_shape`] (for benchmarks and tests: both layouts handle every shape over a
+    /// 16-bit cache; over an FP8 cache only [`Layout::KvOnM`] does, in column groups of 16, and
+    /// [`Layout::HeadsOnM`] is `Invalid { arg: "kv_format" }`).
     pub fn plan_with_layout(
         &self,
         shape: &DecodeShape,
@@ -231,6 +233,8 @@ impl Decoder {
         // A tiling no kernel runs over this cache (the FP8 kernels' tiling is the same for
         // either q dtype).
         tiling.kernel_for(Dtype::Bf16, shape.kv_format)?;
+        // groups * parts <= num_sms CTAs (while groups <= num_sms: at most 1024 / 16 = 64 groups,
+        // an FP8 cache's), each alone on its SM, so the cooperative launch has them all resident.
         let parts = (self.num_sms() / tiling.groups).max(1);
         let plan = Plan::allocate(shape, tiling, parts, stream)?;
         self.schedule(&plan, cache_seqlens, stream)?;

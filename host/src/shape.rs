@@ -36,8 +36,9 @@ pub struct DecodeShape {
 }
 
 /// The KV cache's row format (issue 14). The FP8 formats are read by the ETAP kernel of 16
-/// columns (`s_q * h_q <= 16`), with bf16 or fp16 q and out and pages of 64 rows; they are
-/// given to `Decoder::decode_fp8_into` as bytes.
+/// columns, a request of more columns in column groups of 16 (`plan::FP8_COLS_PER_CTA`), with
+/// bf16 or fp16 q and out and pages of 64 rows; they are given to `Decoder::decode_fp8_into` as
+/// bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum KvFormat {
     /// The dtype of q (bf16 or fp16), `[num_pages, page_size, 576]`.

@@ -20,7 +20,7 @@ its own number of query tokens:
 with q ``[total_q, h_q, 576]``, cu ``int32[b + 1]`` (request r's tokens are rows
 ``cu[r]..cu[r + 1]``), n 1 to 8; out ``[total_q, h_q, 512]``, lse ``float32[total_q, h_q]``.
 
-FP8 caches (bf16 or fp16 q and out, ``s_q * h_q <= 16``, pages of 64 rows, the uniform layout), made by
+FP8 caches (bf16 or fp16 q and out, s_q and h_q as above, pages of 64 rows, the uniform layout), made by
 :mod:`etap.quant`:
 
     k8 = etap.quant.quantize_fp8_656(k_cache)          # FlashMLA's [num_blocks, 64, 1, 656]
@@ -36,7 +36,7 @@ to decode.)
 """
 
 from . import _etap, quant
-from ._checks import D_QK, D_V, DEFAULT_PAGE_SIZE, FP8_MAX_COLS, FP8_PAGE_SIZE, MAX_HEADS, MAX_S_Q, PAGE_SIZES
+from ._checks import D_QK, D_V, DEFAULT_PAGE_SIZE, FP8_PAGE_SIZE, MAX_HEADS, MAX_S_Q, PAGE_SIZES
 from .interface import EtapMetadata, Plan, decode, decoder, flash_mla_with_kvcache, get_mla_metadata, plan
 from .merge import merge_states
 
@@ -46,7 +46,6 @@ __all__ = [
     "D_QK",
     "D_V",
     "DEFAULT_PAGE_SIZE",
-    "FP8_MAX_COLS",
     "FP8_PAGE_SIZE",
     "MAX_HEADS",
     "MAX_S_Q",

@@ -20,12 +20,12 @@ MAX_S_Q = _etap.MAX_S_Q  # 8: s_q (query tokens per request) is 1 to MAX_S_Q
 PAGE_SIZES = tuple(_etap.PAGE_SIZES)  # (16, 32, 64, 128): rows per cache page (page_block_size)
 DEFAULT_PAGE_SIZE = _etap.DEFAULT_PAGE_SIZE  # 64: FlashMLA's page size
 
-# FP8 caches (issue 14): read by the ETAP kernel of 16 columns, with bf16 or fp16 q and out.
+# FP8 caches (issue 14): read by the ETAP kernel of 16 columns (a request of more columns in column
+# groups of 16), with bf16 or fp16 q and out.
 FP8_656_TOKEN_BYTES = _etap.FP8_656_TOKEN_BYTES  # 656: FlashMLA's "FP8 with scale" (512 e4m3, 4 f32, 64 bf16)
 FP8_656_PAGE_STRIDE = _etap.FP8_656_PAGE_STRIDE  # 42640 bytes: pages of 64 tokens laid out 65 apart
 FP8_TENSOR_TOKEN_BYTES = _etap.FP8_TENSOR_TOKEN_BYTES  # 576: per-tensor e4m3, one float32 scale
 FP8_PAGE_SIZE = 64  # an FP8 cache's page_block_size
-FP8_MAX_COLS = 16  # s_q * h_q at most, with an FP8 cache
 
 # dtype names as torch prints them (str(torch.bfloat16) == "torch.bfloat16").
 _HALF = {"torch.bfloat16": "bf16", "torch.float16": "f16"}
@@ -196,7 +196,7 @@ def check_fp8_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V
     shape, kv_format), dtype and shape as :func:`check_decode_args`'s and kv_format ``"fp8_656"``
     or ``"fp8_per_tensor"`` (from k_cache's last dim: 656 or 576 bytes a token).
 
-    q ``[b, s_q, h_q, 576]`` bf16 or fp16 with ``s_q * h_q <= 16``; k_cache float8_e4m3fn or uint8,
+    q ``[b, s_q, h_q, 576]`` bf16 or fp16 (any s_q and h_q, as for a 16-bit cache); k_cache float8_e4m3fn or uint8,
     ``[num_blocks, 64, 1, 656]`` laid out as FlashMLA's quantizer makes it (pages 65 token slots
     apart: strides ``(42640, 656, 656, 1)``, the allocation holding all ``num_blocks * 65``
     slots) or ``[num_blocks, 64, 1, 576]`` contiguous (per-tensor e4m3)."""
@@ -205,11 +205,6 @@ def check_fp8_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V
     if qd not in _HALF:
         raise TypeError(f"q: dtype must be torch.bfloat16 or torch.float16, got {qd}")
     device, b, s_q, h_q = _check_q_shape(q, causal)
-    if s_q * h_q > FP8_MAX_COLS:
-        raise ValueError(
-            f"q: s_q * h_q = {s_q} * {h_q} = {s_q * h_q} (token, head) columns a request is not supported with an "
-            f"FP8 cache (at most {FP8_MAX_COLS}: etap reads FP8 caches with its ETAP kernel of 16 columns)"
-        )
     num_pages, fmt = _check_fp8_cache(device, k_cache)
     max_pages = _check_tables(device, b, block_table, cache_seqlens)
     shape = (b, s_q, h_q, num_pages, max_pages, FP8_PAGE_SIZE)

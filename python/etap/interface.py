@@ -19,8 +19,8 @@ The packed query layout (each request its own number of query tokens, through de
 ``cu_seqlens_q``) is on etap's own call only (:func:`plan` / :func:`decode`); FlashMLA's call
 keeps its uniform layout.
 
-FP8 caches (issue 14; q and out bf16 or fp16, pages of 64 rows, ``s_q * h_q <= 16``, the
-uniform query layout): FlashMLA's "FP8 with scale" format (656 bytes a token: 512 float8_e4m3fn, 4 float32
+FP8 caches (issue 14; q and out bf16 or fp16, pages of 64 rows, any ``s_q * h_q`` (past 16 in
+column groups of 16), the uniform query layout): FlashMLA's "FP8 with scale" format (656 bytes a token: 512 float8_e4m3fn, 4 float32
 scales, one per 128 values, 64 bf16 RoPE values; ``k_cache [num_blocks, 64, 1, 656]`` as
 FlashMLA's quantizer lays it out, pages 65 token slots apart) with
 ``flash_mla_with_kvcache(..., is_fp8_kvcache=True)``, and per-tensor e4m3 (``k_cache
@@ -158,8 +158,8 @@ def get_mla_metadata(
     against the decode call: the batch and ``s_q * h_q``) and the newer ``get_mla_metadata()``.
     ``tile_scheduler_metadata`` is an :class:`EtapMetadata` (it plans lazily, on the tensors of
     the first decode call); ``num_splits`` is ``None`` (kept for the call's signature).
-    ``is_fp8_kvcache=True`` (an FP8 cache: ``num_q_tokens_per_head_k``, where given, at most 16)
-    is recorded, and the decode calls with this metadata must say the same (FlashMLA's rule).
+    ``is_fp8_kvcache=True`` (an FP8 cache, any ``num_q_tokens_per_head_k`` a 16-bit one takes) is
+    recorded, and the decode calls with this metadata must say the same (FlashMLA's rule).
     Launches nothing and does not synchronize.
     """
     # FlashMLA's other versions: the count's older name, and the fp8 / sparse options.
@@ -197,12 +197,6 @@ def get_mla_metadata(
         raise ValueError(
             f"num_q_tokens_per_head_k: {num_q_tokens_per_head_k} (= s_q * h_q / num_heads_k) is not supported: "
             f"it must be s_q * h_q with s_q 1 to {_checks.MAX_S_Q} and h_q 1 to {_checks.MAX_HEADS}"
-        )
-    if is_fp8_kvcache and num_q_tokens_per_head_k > _checks.FP8_MAX_COLS:
-        raise ValueError(
-            f"num_q_tokens_per_head_k: {num_q_tokens_per_head_k} (= s_q * h_q) is not supported with "
-            f"is_fp8_kvcache=True (at most {_checks.FP8_MAX_COLS}: etap reads FP8 caches with its ETAP kernel of "
-            "16 columns)"
         )
     return EtapMetadata(shape[0], num_q_tokens_per_head_k, device, fp8), None
 
@@ -327,8 +321,9 @@ def flash_mla_with_kvcache(
     ``empty_lse="-inf"`` (what merging partial states needs). ``out``/``lse`` may be given
     (etap's extension) to write into the caller's tensors.
 
-    FP8 caches (``is_fp8_kvcache=True``; q and out bf16 or fp16, ``s_q * h_q <= 16``, pages of
-    64 rows):
+    FP8 caches (``is_fp8_kvcache=True``; q and out bf16 or fp16, s_q and h_q as above, pages of
+    64 rows; past 16 (token, head) columns a request, etap runs its FP8 kernel of 16 columns over
+    column groups of 16, each converting the cache's pages itself):
 
     - FlashMLA's "FP8 with scale" format: k_cache ``[num_blocks, 64, 1, 656]`` float8_e4m3fn (or
       uint8) as FlashMLA's quantizer returns it (``tests/quant.py``'s ``quantize_k_cache``, or
@@ -452,7 +447,7 @@ class Plan:
 
     An FP8 cache (issue 14; a k_cache of dtype float8_e4m3fn or uint8: FlashMLA's ``[num_blocks,
     64, 1, 656]`` or per-tensor e4m3 ``[num_blocks, 64, 1, 576]``, see
-    :func:`flash_mla_with_kvcache`; q bf16 or fp16, ``s_q * h_q <= 16``, the uniform layout) makes
+    :func:`flash_mla_with_kvcache`; q bf16 or fp16, the uniform layout) makes
     a plan for its format: ``kv_format`` is ``"fp8_656"`` or ``"fp8_per_tensor"`` (None for a 16-bit
     cache), and :func:`decode` refuses a cache of another format.
     """

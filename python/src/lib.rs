@@ -68,8 +68,8 @@ fn kv_format_name(f: KvFormat) -> Option<&'static str> {
 /// The decode shape, checked; `total_q` `Some`: the packed query layout (`s_q` is then the most
 /// tokens a request may have, and `total_q` at most `batch * s_q`: more could not be split
 /// into `batch` requests of at most `s_q` tokens). `kv_format`: see [`kv_format_of`]; an FP8
-/// format takes pages of 64 rows and `s_q * h_q <= 16` (etap::validate), and the uniform query
-/// layout only here (the packed one over an FP8 cache has not been validated on a GPU).
+/// format takes pages of 64 rows (etap::validate; any `s_q * h_q`, past 16 in column groups of
+/// 16), and the uniform query layout only here (the packed one over an FP8 cache has not been validated on a GPU).
 #[allow(clippy::too_many_arguments)]
 fn shape_of(
     batch: usize,
@@ -88,7 +88,7 @@ fn shape_of(
     if let Some(total_q) = total_q {
         shape = shape.with_packed_q(total_q);
     }
-    // Checks `total_q <= batch * s_q`, and the FP8 formats' page size and column count, too.
+    // Checks `total_q <= batch * s_q`, and the FP8 formats' page size, too.
     etap::validate::validate_shape(&shape).map_err(to_py)?;
     if format != KvFormat::Elem16 && total_q.is_some() {
         return Err(PyValueError::new_err(
@@ -112,8 +112,8 @@ fn softmax_scale_of(softmax_scale: Option<f64>) -> PyResult<Option<f32>> {
 /// Check a decode shape without a GPU: raises ValueError naming the field at fault.
 /// `page_size`: the cache's rows per page (one of `PAGE_SIZES`); `total_q`: the packed query
 /// layout's token count (`s_q` is then the most tokens a request has), None for the uniform one;
-/// `kv_format`: None (a 16-bit cache), "fp8_656" or "fp8_per_tensor" (pages of 64 rows,
-/// `s_q * h_q <= 16`, the uniform layout).
+/// `kv_format`: None (a 16-bit cache), "fp8_656" or "fp8_per_tensor" (pages of 64 rows, the
+/// uniform layout).
 #[allow(clippy::too_many_arguments)]
 #[pyfunction]
 #[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, total_q=None, kv_format=None))]
@@ -285,7 +285,8 @@ impl PyDecoder {
     /// packed query layout of `total_q` tokens, at most `s_q` a request (decode it with
     /// `cu_seqlens_q`); None: the uniform layout, `s_q` tokens a request. `kv_format`: None for
     /// a 16-bit cache (decode it with `decode`), "fp8_656" or "fp8_per_tensor" for an FP8 one
-    /// (decode it with `decode_fp8`; pages of 64 rows, `s_q * h_q <= 16`, no `total_q`).
+    /// (decode it with `decode_fp8`; pages of 64 rows, no `total_q`; past 16 columns in column
+    /// groups of 16).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, cache_seqlens, stream, total_q=None, kv_format=None))]
     fn plan(

@@ -21,8 +21,9 @@ from etap.reference import make_inputs, max_violation, mla_decode_fp8_reference,
 FORMATS = ["fp8_656", "fp8_per_tensor"]
 STRIDE = 65 * 656
 
-# (s_q, h_q, seqlens): 1 to 16 (token, head) columns; empty, one-row, page-boundary (64-row)
-# requests, shorter than s_q (tokens that see no row), and long ones (split over several CTAs).
+# (s_q, h_q, seqlens): 1 to 16 (token, head) columns, then past 16 (FP8_WIDE); empty, one-row,
+# page-boundary (64-row) requests, shorter than s_q (tokens that see no row), and long ones (split
+# over several CTAs).
 FP8_CASES = [
     (1, 16, [1, 0, 64, 65, 300, 4000]),
     (2, 8, [129, 7, 2000, 1]),
@@ -36,6 +37,19 @@ FP8_CASES = [
     (2, 1, [1, 2, 3, 8000]),
     (1, 12, [63, 127, 191, 255, 319]),
 ]
+# Past 16 columns: the FP8 kernel of 16 columns over column groups of 16 (2 to 8 CTAs a part, each
+# with its Q rows, merge counter and partials): DeepSeek MTP (s_q 2 x h16), h32, h64 with a long
+# request, h128 (DP attention), s_q 4 x h8, and a last group of 2 columns (s_q 3 x h6). Short
+# requests but one a case, so that the float64 reference stays quick.
+FP8_WIDE = [
+    (2, 16, [1, 0, 64, 65, 129, 2000]),
+    (1, 32, [65, 64, 0, 1, 1500]),
+    (1, 64, [6000, 1, 64, 0, 65]),
+    (1, 128, [0, 65, 1, 1200, 64]),
+    (4, 8, [64, 1, 0, 65, 900, 3]),
+    (3, 6, [2, 700, 0, 129]),
+]
+FP8_CASES += FP8_WIDE
 
 
 def _host_bytes(torch, t):
@@ -116,7 +130,7 @@ def test_fp8_against_the_dequantized_reference(torch_cuda, s_q, h_q, lens, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("s_q, h_q, lens", [FP8_CASES[0], FP8_CASES[4], FP8_CASES[6]])
+@pytest.mark.parametrize("s_q, h_q, lens", [FP8_CASES[0], FP8_CASES[4], FP8_CASES[6], FP8_WIDE[0], FP8_WIDE[3]])
 def test_fp8_with_fp16_q(torch_cuda, s_q, h_q, lens, fmt):
     """fp16 q and out over the same caches (the `_f16` kernels): against the reference over the
     dequantized cache with fp16's tolerance, each request on its own."""
@@ -148,12 +162,13 @@ def test_fp8_softmax_scale_and_new_outputs(torch_cuda, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_fp8_native_plan_api(torch_cuda, fmt):
-    """etap.plan / replan / decode over an FP8 cache: a plan of its format (the ETAP kernel),
-    into NaN-poisoned out/lse, for two steps' seqlens."""
+@pytest.mark.parametrize("s_q, h_q", [(3, 5), (2, 16), (1, 64)])
+def test_fp8_native_plan_api(torch_cuda, fmt, s_q, h_q):
+    """etap.plan / replan / decode over an FP8 cache: a plan of its format (the ETAP kernel, KV
+    on M also past 16 columns), into NaN-poisoned out/lse, for two steps' seqlens."""
     torch = torch_cuda
-    b, s_q, h_q = 5, 3, 5
-    q, _, k8, kv_scale, bt, sl = _fp8_inputs(torch, s_q, h_q, [2000, 0, 2, 700, 129], fmt, seed=31)
+    b = 5
+    q, _, k8, kv_scale, bt, sl = _fp8_inputs(torch, s_q, h_q, [2000, 0, 2, 700, 129], fmt, seed=31 + h_q)
     p = etap.plan(q, k8, bt, sl)
     assert p.kv_format == fmt and p.layout == "KvOnM" and p.total_q is None
     assert p.shape == (b, s_q, h_q, k8.shape[0], bt.shape[1], 64)
@@ -250,10 +265,11 @@ def test_fp8_bad_inputs_raise_and_write_nothing(torch_cuda):
         (dict(k_cache=kt, kv_scale=torch.tensor(st)), TypeError, "kv_scale: expected a float"),
         (dict(k_cache=kt[:, :, :, :512], kv_scale=st), ValueError, "k_cache: an FP8 cache has 656 bytes a token"),
         (dict(q=q.float()), TypeError, "q: dtype must be torch.bfloat16 or torch.float16"),
-        (dict(q=torch.zeros(2, 1, 17, 576, dtype=torch.bfloat16, device=q.device)), ValueError,
-         r"q: s_q \* h_q = 1 \* 17 = 17"),
-        (dict(q=torch.zeros(2, 2, 16, 576, dtype=torch.bfloat16, device=q.device),
-              tile_scheduler_metadata=etap.get_mla_metadata()[0]), ValueError, r"q: s_q \* h_q = 2 \* 16 = 32"),
+        (dict(q=torch.zeros(2, 1, 129, 576, dtype=torch.bfloat16, device=q.device)), ValueError,
+         "q: h_q = 129 heads is not supported"),
+        # Past 16 columns is valid (FP8_WIDE), but not with metadata made for 16.
+        (dict(q=torch.zeros(2, 2, 16, 576, dtype=torch.bfloat16, device=q.device)), ValueError,
+         r"tile_scheduler_metadata: made for num_q_tokens_per_head_k = 16, but q has s_q \* h_q = 2 \* 16 = 32"),
         (dict(is_fp8_kvcache=False), TypeError, "k_cache: dtype torch.float8_e4m3fn is an FP8 cache's"),
         (dict(out=out.float()), TypeError, "out: dtype must be torch.bfloat16"),
         (dict(block_table=bt.long()), TypeError, "block_table: dtype must be torch.int32"),

@@ -21,7 +21,9 @@ STRIDE = 65 * 656  # FlashMLA's FP8 cache: bytes between pages
 
 def test_constants():
     assert (_etap.FP8_656_TOKEN_BYTES, _etap.FP8_656_PAGE_STRIDE, _etap.FP8_TENSOR_TOKEN_BYTES) == (656, STRIDE, 576)
-    assert (etap.FP8_MAX_COLS, etap.FP8_PAGE_SIZE) == (16, 64)
+    assert etap.FP8_PAGE_SIZE == 64
+    # No column limit of its own any more: an FP8 cache takes every s_q * h_q (column groups of 16).
+    assert not hasattr(etap, "FP8_MAX_COLS") and not hasattr(_checks, "FP8_MAX_COLS")
     for name in ("quantize_fp8_656", "dequantize_fp8_656", "per_tensor_scale", "quantize_e4m3_per_tensor",
                  "dequantize_e4m3_per_tensor"):
         assert callable(getattr(etap.quant, name)) and callable(getattr(_etap, name))
@@ -33,17 +35,13 @@ def test_constants():
 # --- the native shape check ----------------------------------------------------------------------
 
 
-def test_validate_shape_fp8_accepts_up_to_16_columns():
-    for fmt in ("fp8_656", "fp8_per_tensor"):
+def test_validate_shape_fp8_accepts_every_column_count():
+    """s_q 1 to 8 and h_q 1 to 128 as for a 16-bit cache: past 16 (token, head) columns the plan
+    runs the FP8 kernel of 16 columns over column groups of 16."""
+    for fmt in ("fp8_656", "fp8_per_tensor", None):  # None: a 16-bit cache
         for s_q in range(1, 9):
-            for h_q in range(1, 17):
-                if s_q * h_q <= 16:
-                    _etap.validate_shape(3, s_q, h_q, 10, 7, 64, kv_format=fmt)
-                else:
-                    with pytest.raises(ValueError, match=rf"^kv_format: FP8 caches take at most 16 \(token, head\) "
-                                                         rf"columns a request for now \(s_q \* h_q = {s_q * h_q}\)"):
-                        _etap.validate_shape(3, s_q, h_q, 10, 7, 64, kv_format=fmt)
-    _etap.validate_shape(3, 1, 16, 10, 7, 64, kv_format=None)  # None: a 16-bit cache
+            for h_q in range(1, 129):
+                _etap.validate_shape(3, s_q, h_q, 10, 7, 64, kv_format=fmt)
 
 
 @pytest.mark.parametrize(
@@ -51,8 +49,10 @@ def test_validate_shape_fp8_accepts_up_to_16_columns():
     [
         ((2, 1, 16, 8, 4, 32), dict(kv_format="fp8_656"), r"^kv_format: FP8 caches take pages of 64 rows, not 32"),
         ((2, 1, 16, 8, 4, 128), dict(kv_format="fp8_per_tensor"), "^kv_format: FP8 caches take pages of 64 rows, not 128"),
-        ((2, 1, 17, 8, 4, 64), dict(kv_format="fp8_656"), r"^kv_format: FP8 caches take at most 16 .*= 17\)"),
-        ((2, 8, 128, 8, 4, 64), dict(kv_format="fp8_per_tensor"), r"^kv_format: .*= 1024\)"),
+        ((2, 2, 64, 8, 4, 16), dict(kv_format="fp8_656"), r"^kv_format: FP8 caches take pages of 64 rows, not 16"),
+        # Columns: the 16-bit cache's limits (h_q 1 to 128, s_q 1 to 8), no other.
+        ((2, 1, 129, 8, 4, 64), dict(kv_format="fp8_656"), r"h_q = 129 is not supported"),
+        ((2, 9, 16, 8, 4, 64), dict(kv_format="fp8_per_tensor"), r"s_q = 9"),
         ((2, 1, 16, 8, 4, 64), dict(kv_format="fp8"), r'^kv_format: "fp8" is not a cache format \(None for 16-bit, '
                                                         r'"fp8_656" or "fp8_per_tensor"\)'),
         ((2, 1, 16, 8, 4, 64), dict(kv_format="bf16"), r'^kv_format: "bf16" is not a cache format'),
@@ -89,10 +89,11 @@ def test_metadata_records_is_fp8_kvcache():
     # Not said (False is FlashMLA's default): not recorded, so not checked.
     assert etap.get_mla_metadata(sl, 16, 1)[0].fp8 is None
     assert etap.get_mla_metadata()[0].fp8 is None
-    for cols in (1, 2, 8, 15, 16):
+    # Any column count a 16-bit cache takes (past 16: column groups of 16), and no other.
+    for cols in (1, 2, 8, 15, 16, 17, 18, 32, 64, 128, 256, 1024):
         assert etap.get_mla_metadata(sl, cols, 1, is_fp8_kvcache=True)[0].cols == cols
-    for cols in (17, 18, 32, 128):
-        with pytest.raises(ValueError, match=rf"num_q_tokens_per_head_k: {cols} .*is_fp8_kvcache=True"):
+    for cols in (0, 131, 1025):
+        with pytest.raises(ValueError, match=rf"num_q_tokens_per_head_k: {cols} "):
             etap.get_mla_metadata(sl, cols, 1, is_fp8_kvcache=True)
     for bad in (1, "yes", None):
         with pytest.raises(TypeError, match="is_fp8_kvcache: expected a bool"):
@@ -127,16 +128,11 @@ def pt(**kw):
 
 
 BAD_FP8 = [
-    # q: bf16 or fp16, [b, s_q, h_q, 576], s_q * h_q <= 16
+    # q: bf16 or fp16, [b, s_q, h_q, 576], s_q 1 to 8, h_q 1 to 128 (any s_q * h_q)
     (dict(q=FakeTensor((2, 1, 16, 576), F32)), TypeError,
      r"q: dtype must be torch.bfloat16 or torch.float16, got torch.float32"),
     (pt(q=FakeTensor((2, 1, 16, 576), F32)), TypeError, "q: dtype must be torch.bfloat16 or torch.float16"),
-    (dict(q=FakeTensor((2, 1, 17, 576))), ValueError,
-     r"q: s_q \* h_q = 1 \* 17 = 17 \(token, head\) columns a request is not supported with an FP8 cache "
-     r"\(at most 16: etap reads FP8 caches with its ETAP kernel of 16 columns\)"),
-    (dict(q=FakeTensor((2, 2, 16, 576))), ValueError, r"q: s_q \* h_q = 2 \* 16 = 32"),
-    (pt(q=FakeTensor((2, 3, 6, 576))), ValueError, r"q: s_q \* h_q = 3 \* 6 = 18"),
-    (dict(q=FakeTensor((2, 8, 128, 576))), ValueError, r"q: s_q \* h_q = 8 \* 128 = 1024"),
+    (dict(q=FakeTensor((2, 1, 129, 576))), ValueError, "q: h_q = 129 heads is not supported"),
     (dict(q=FakeTensor((2, 9, 1, 576))), ValueError, "q: s_q = 9 query tokens per request is not supported"),
     (dict(q=FakeTensor((2, 1, 16, 512))), ValueError, "q: head dim must be 576"),
     (dict(q=FakeTensor((2, 16, 576))), ValueError, "q: expected 4 dims"),
@@ -290,13 +286,17 @@ def test_metadata_is_fp8_kvcache_must_match_the_call(fake_decoder):
     assert [c[0] for c in fake_decoder.calls] == ["plan", "decode_fp8"]
 
 
+# Past 16 (token, head) columns (column groups of 16): DeepSeek MTP (s_q 2 x h16), h32 to h128 (DP
+# attention), s_q 4 x h8, a partial last group (s_q 3 x h6: 18), the most there are (s_q 8 x h128).
+WIDE_FP8 = [(2, 16), (1, 17), (1, 32), (1, 64), (1, 128), (4, 8), (3, 6), (2, 128), (8, 128)]
+
+
 def test_valid_fp8_calls_reach_the_device_with_their_format(fake_decoder):
-    """Every s_q * h_q <= 16, both formats, both cache dtypes, bf16 and fp16 q: a plan made with
-    the format, then decode_fp8 with q's dtype, the cache's address and the scale (None for the
-    656-byte format)."""
-    for s_q, h_q, q_dtype in [(s, h, d) for s in range(1, 9) for h in range(1, 17) for d in (BF16, F16)]:
-        if s_q * h_q > 16:
-            continue
+    """Every s_q * h_q <= 16 and the wide shapes past it, both formats, both cache dtypes, bf16 and
+    fp16 q: a plan made with the format, then decode_fp8 with q's dtype, the cache's address and
+    the scale (None for the 656-byte format)."""
+    narrow = [(s, h) for s in range(1, 9) for h in range(1, 17) if s * h <= 16]
+    for s_q, h_q, q_dtype in [(s, h, d) for s, h in narrow + WIDE_FP8 for d in (BF16, F16)]:
         dtype = "bf16" if q_dtype is BF16 else "f16"
         for fmt, kv_scale in (("fp8_656", None), ("fp8_per_tensor", 0.0123)):
             for cache_dtype in (FP8, U8):
@@ -430,8 +430,9 @@ def test_native_plan_fp8_errors(fake_decoder):
         etap.plan(FakeTensor((2, 16, 576)), k, bt, sl, cu_seqlens_q=FakeTensor((3,), I32), max_seqlen_q=1)
     with pytest.raises(TypeError, match="max_seqlen_q: given without cu_seqlens_q"):
         etap.plan(q, k, bt, sl, max_seqlen_q=1)
-    with pytest.raises(ValueError, match=r"q: s_q \* h_q = 2 \* 16 = 32"):
-        etap.plan(FakeTensor((2, 2, 16, 576)), k, bt, sl)
+    # Past 16 columns is a plan (test_native_plan_and_decode_past_16_columns); past the shape's limits is not.
+    with pytest.raises(ValueError, match="q: h_q = 129 heads is not supported"):
+        etap.plan(FakeTensor((2, 1, 129, 576)), k, bt, sl)
     with pytest.raises(TypeError, match="q: dtype must be torch.bfloat16 or torch.float16"):
         etap.plan(FakeTensor((2, 1, 16, 576), F32), k, bt, sl)
     with pytest.raises(ValueError, match="k_cache: page_block_size = 32 rows is not supported with an FP8 cache"):
@@ -631,3 +632,23 @@ def bf16_bits_rne(x):
     """The bits of a float rounded to float32 and then to bf16, to nearest even."""
     bits = struct.unpack("<I", struct.pack("<f", f32(x)))[0]
     return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+
+
+def test_native_plan_and_decode_past_16_columns(fake_decoder):
+    """etap.plan / etap.decode over an FP8 cache past 16 columns: checked as at 16, planned with
+    the format (the native plan runs column groups of 16), decoded with decode_fp8."""
+    for s_q, h_q in WIDE_FP8:
+        for fmt, scale in (("fp8_656", None), ("fp8_per_tensor", 0.03)):
+            q, k, bt, sl = fp8_inputs(b=3, s_q=s_q, h_q=h_q, kv_format=fmt)
+            out, lse = FakeTensor((3, s_q, h_q, 512)), FakeTensor((3, h_q, s_q), F32)
+            fake_decoder.calls.clear()
+            p = etap.plan(q, k, bt, sl)
+            assert p.kv_format == fmt and p.shape == (3, s_q, h_q, 8, 4, 64)
+            assert fake_decoder.calls == [("plan", 3, s_q, h_q, 8, 4, 64, ("kv_format", fmt))]
+            assert etap.decode(p, q, k, bt, sl, out=out, lse=lse, kv_scale=scale) == (out, lse)
+            assert fake_decoder.calls[-1] == ("decode_fp8", "bf16", k.data_ptr(), scale, None)
+            # The shape's own checks still hold: another s_q * h_q than the plan's is refused.
+            q2 = FakeTensor((3, s_q, h_q + 1 if h_q < 128 else h_q - 1, 576))
+            with pytest.raises(ValueError, match="plan: made for"):
+                etap.decode(p, q2, k, bt, sl, kv_scale=scale, out=FakeTensor((3, s_q, q2.shape[2], 512)),
+                            lse=FakeTensor((3, q2.shape[2], s_q), F32))

@@ -109,6 +109,9 @@ def test_metadata_takes_every_supported_s_q_times_h_q():
     for c in sorted(cols):
         meta, _ = etap.get_mla_metadata(seqlens, c, 1)
         assert meta.cols == c
+        # An FP8 cache too (past 16 columns in column groups of 16).
+        meta, _ = etap.get_mla_metadata(seqlens, c, 1, is_fp8_kvcache=True)
+        assert (meta.cols, meta.fp8) == (c, True)
     for c in range(-2, 1100):
         assert interface._supported_cols(c) == (c in cols), c
     # For example s_q = 3 with 6 heads, 8 tokens with 127 heads, 1 token with 1 head.
@@ -132,8 +135,9 @@ def test_metadata_takes_every_supported_s_q_times_h_q():
         ((FakeTensor((0,), I32), 16, 1), ValueError, "cache_seqlens"),
         (([1, 2], 16, 1), TypeError, "cache_seqlens"),
         ((FakeTensor((4,), I32), 16, None), TypeError, "get_mla_metadata"),
-        ((FakeTensor((4,), I32), 17, 1, None, True), ValueError,
-         r"num_q_tokens_per_head_k: 17 \(= s_q \* h_q\) is not supported with is_fp8_kvcache=True \(at most 16"),
+        # An FP8 cache takes the 16-bit cache's column counts, and refuses the same others.
+        ((FakeTensor((4,), I32), 131, 1, None, True), ValueError, r"num_q_tokens_per_head_k: 131 .* s_q 1 to 8"),
+        ((FakeTensor((4,), I32), 1025, 1, None, True), ValueError, "num_q_tokens_per_head_k: 1025"),
         ((FakeTensor((4,), I32), 16, 1, None, 1), TypeError, "is_fp8_kvcache: expected a bool, got int"),
         ((FakeTensor((4,), I32), 16, 1, None, False, 2048), NotImplementedError, "topk"),
     ],
