@@ -61,15 +61,16 @@ const ENTRY_REGS: u32 = Kernel::DecodeFp8 {
     f16: false,
 }
 .entry_regs();
-/// Registers of the producer warpgroups (the converters) and of the consumers: the converters
-/// keep a row's three chunks in flight with their scales and swizzled addresses; at the 16-bit
-/// kernel's 40 ptxas spilled them. The consumers of 16 columns take what the two warpgroups
-/// give back (ptxas: no spill).
-const CONVERTER_REGS: u32 = 56;
+/// Registers of the solo consumer (warpgroup 0) and of the producer warpgroups (the
+/// converters): the converters keep [`ROWS_IN_FLIGHT`] rows of chunks with their scales and
+/// swizzled addresses (two rows spilled at 56); warpgroup 1, which only keeps the frame's count
+/// ([`kv_on_m::keep_count`]), keeps its entry registers (ptxas spilled it at 112). ptxas: no
+/// spill.
 const FP8_CONSUMER_REGS: u32 = 200;
+const CONVERTER_REGS: u32 = 88;
 const _: () = assert!(
-    (ENTRY_REGS - CONVERTER_REGS) * PRODUCER_WARPGROUPS >= (FP8_CONSUMER_REGS - ENTRY_REGS) * CONSUMERS,
-    "the consumers would take more registers than the converters give back"
+    (ENTRY_REGS - CONVERTER_REGS) * PRODUCER_WARPGROUPS >= FP8_CONSUMER_REGS - ENTRY_REGS,
+    "the consumer would take more registers than the converters give back"
 );
 /// Columns of the kernel's CTA (two warpgroups of 8).
 const COLS: u32 = 16;
@@ -101,16 +102,14 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
                     merge::publish_empty_splits(prm, group, COLS, rank, CONVERTERS, BAR_IDLE);
                     convert(prm, &range, &sm, &ring, rank);
                 }
-            } else {
-                sync::setmaxnreg_inc::<FP8_CONSUMER_REGS>();
+            } else if sync::warp_uniform(t / index::WARPGROUP) == 0 {
                 // Warpgroup 0 computes all 16 columns: each tile is read once as the wgmma A
                 // operand (two warpgroups of 8 read it twice, which bound the kernel by shared
                 // memory, session 11).
-                if sync::warp_uniform(t / index::WARPGROUP) == 0 {
-                    kv_on_m::consume::<{ COLS as usize }, E, true>(prm, &range, &sm, group);
-                } else {
-                    kv_on_m::keep_count::<E>(prm, &range, &sm, group, COLS);
-                }
+                sync::setmaxnreg_inc::<FP8_CONSUMER_REGS>();
+                kv_on_m::consume::<{ COLS as usize }, E, true>(prm, &range, &sm, group);
+            } else {
+                kv_on_m::keep_count::<E>(prm, &range, &sm, group, COLS);
             }
         }
         None => merge::write_empty(prm, group, COLS, t, THREADS),
@@ -252,13 +251,13 @@ unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Sm
 /// scales and swizzle) are fixed and only the row moves.
 const CHUNK_LANES: u32 = ROW_CHUNKS / 3;
 const ROW_LANES: u32 = CONVERTERS / CHUNK_LANES;
-/// Rows a converter does at a time: one, whose three loads are issued before any store (the
-/// stores could alias them for all the compiler knows, so this is the ILP there is). Two rows
-/// spilled at 64 converter registers.
-const ROWS_IN_FLIGHT: u32 = 1;
+/// Rows a converter does at a time, all their loads issued before any store (the stores could
+/// alias them for all the compiler knows, so this is the ILP there is): two, so that the wait
+/// for shared memory, long while the consumer's wgmmas read it, is paid once for six chunks.
+const ROWS_IN_FLIGHT: u32 = 2;
 const IN_FLIGHT: usize = 3 * ROWS_IN_FLIGHT as usize;
 const _: () = assert!(
-    CHUNK_LANES * ROW_LANES == CONVERTERS && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * ROWS_IN_FLIGHT) && IN_FLIGHT <= 4
+    CHUNK_LANES * ROW_LANES == CONVERTERS && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * ROWS_IN_FLIGHT) && IN_FLIGHT <= 8
 );
 
 /// Whether a thread's `i`-th chunk of the rows in flight, in 64-value block `block`, is the
@@ -295,12 +294,12 @@ impl ConvLane {
     unsafe fn convert_box<const ROW: u32>(&self, src: u32, dst: u32) {
         for step in 0..FP8_BOX_ROWS / (ROW_LANES * ROWS_IN_FLIGHT) {
             let row0 = self.r0 + step * ROW_LANES * ROWS_IN_FLIGHT;
-            // Sized for `unroll!`'s dead copies (indices up to 3); three are used.
-            let mut raw = [[0u32; 4]; 4];
+            // Sized for `unroll!`'s dead copies (indices up to 7); `IN_FLIGHT` are used.
+            let mut raw = [[0u32; 4]; 8];
             // The 656 format's block scales as f16 pairs.
-            let mut scale = [0u32; 4];
+            let mut scale = [0u32; 8];
             // Loads first.
-            crate::unroll!(i < IN_FLIGHT, max 4 => {
+            crate::unroll!(i < IN_FLIGHT, max 8 => {
                 let row = row0 + (i as u32 / 3) * ROW_LANES;
                 let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
                 let block = chunk / 8;
@@ -318,7 +317,7 @@ impl ConvLane {
                     }
                 }
             });
-            crate::unroll!(i < IN_FLIGHT, max 4 => {
+            crate::unroll!(i < IN_FLIGHT, max 8 => {
                 let row = row0 + (i as u32 / 3) * ROW_LANES;
                 let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
                 let block = chunk / 8;
