@@ -119,8 +119,8 @@ impl ColumnTiling {
         let Some(row_bytes) = format.fp8_row_bytes() else {
             return Ok(self.kernel(dtype));
         };
-        match (dtype, self.layout, self.cols_per_cta) {
-            (_, Layout::KvOnM, FP8_COLS_PER_CTA) => Ok(Kernel::DecodeFp8 {
+        match (self.layout, self.cols_per_cta) {
+            (Layout::KvOnM, FP8_COLS_PER_CTA) => Ok(Kernel::DecodeFp8 {
                 row_bytes,
                 f16: dtype == Dtype::F16,
             }),

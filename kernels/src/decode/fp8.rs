@@ -72,7 +72,8 @@ const _: () = assert!(
     (ENTRY_REGS - CONVERTER_REGS) * PRODUCER_WARPGROUPS >= FP8_CONSUMER_REGS - ENTRY_REGS,
     "the consumer would take more registers than the converters give back"
 );
-/// Columns of the kernel's CTA (two warpgroups of 8).
+/// Columns of the kernel's CTA: warpgroup 0 computes all 16, in the 16-bit kernel's shared-memory
+/// layout of two warpgroups of 8 (`Smem::new(COLS, COLS / 2)`).
 const COLS: u32 = 16;
 /// 16-byte chunks (8 bf16) of a tile row: 576 / 8.
 const ROW_CHUNKS: u32 = D_QK as u32 / 8;
