@@ -1689,8 +1689,8 @@ fn fp8_shapes() {
         }
     }
     // The kernel the plan checks its tiling against and the decode call launches
-    // (`ColumnTiling::kernel_for`): the ETAP kernel of 16 columns for q's dtype in the layout
-    // the plan picks; none in the heads-on-M layout.
+    // (`ColumnTiling::kernel_for`): the FP8 ETAP kernel of the tiling's CTA (16 or 32 columns)
+    // for q's dtype in the layout the plan picks; none in the heads-on-M layout.
     use etap::plan::ColumnTiling;
     use etap::{Dtype, Layout};
     use etap_core::contract::Kernel;
@@ -1698,8 +1698,12 @@ fn fp8_shapes() {
         let shape = s.with_kv_format(f);
         let tiling = ColumnTiling::for_shape(&shape, Layout::for_shape(&shape));
         let row_bytes = f.fp8_row_bytes().unwrap();
+        let cols = usize::from(tiling.cols_per_cta == 32);
         for (dtype, f16) in [(Dtype::Bf16, false), (Dtype::F16, true)] {
-            assert_eq!(tiling.kernel_for(dtype, f), Ok(Kernel::DecodeFp8 { row_bytes, f16 }));
+            assert_eq!(
+                tiling.kernel_for(dtype, f),
+                Ok(Kernel::DecodeFp8 { row_bytes, f16, cols })
+            );
             assert!(matches!(
                 ColumnTiling::for_shape(&shape, Layout::HeadsOnM).kernel_for(dtype, f),
                 Err(EtapError::Invalid { arg: "kv_format", .. })
@@ -1716,18 +1720,18 @@ fn fp8_shapes() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     /// The plan's tiling of an FP8 cache (`Layout::for_shape`, `ColumnTiling::for_shape`): KV on
-    /// M, [`etap::plan::FP8_COLS_PER_CTA`] = 16 columns a CTA and `ceil(s_q * h_q / 16)` column
-    /// groups at every column count, run by the FP8 kernel for either q dtype; heads on M (what a
-    /// 16-bit cache of 17 columns or more takes) is a typed error naming `kv_format`, and so is the
-    /// 16-bit cache's ETAP CTA of 32 columns.
+    /// M, `s_q * h_q` rounded up to 16 columns a CTA but at most
+    /// [`etap::plan::FP8_MAX_COLS_PER_CTA`] = 32, and `ceil(s_q * h_q / cols)` column groups at
+    /// every column count, run by the FP8 kernel of that CTA for either q dtype; heads on M (what a
+    /// 16-bit cache of 17 columns or more takes) is a typed error naming `kv_format`.
     #[test]
-    fn fp8_tiling_is_column_groups_of_16(
+    fn fp8_tiling_is_column_groups_of_16_or_32(
         s_q in 1..=4usize,
         h_q in prop_oneof![1..=MAX_HEADS, Just(16usize), Just(32usize), Just(64usize), Just(MAX_HEADS)],
         batch in 1..=8usize,
         per_tensor in any::<bool>(),
     ) {
-        use etap::plan::{ColumnTiling, FP8_COLS_PER_CTA};
+        use etap::plan::{ColumnTiling, FP8_MAX_COLS_PER_CTA};
         use etap::{KvFormat, Layout};
         use etap_core::contract::Kernel;
         let f = if per_tensor { KvFormat::Fp8PerTensor } else { KvFormat::Fp8Flashmla656 };
@@ -1735,27 +1739,26 @@ proptest! {
         let shape = sixteen.with_kv_format(f);
         prop_assert_eq!(validate_shape(&shape), Ok(()));
         let n = (s_q * h_q) as u32;
-        prop_assert_eq!(FP8_COLS_PER_CTA, 16);
+        prop_assert_eq!(FP8_MAX_COLS_PER_CTA, 32);
         let layout = Layout::for_shape(&shape);
         prop_assert_eq!(layout, Layout::KvOnM);
         let t = ColumnTiling::for_shape(&shape, layout);
         prop_assert_eq!(t.layout, Layout::KvOnM);
-        prop_assert_eq!(t.cols_per_cta, 16);
-        prop_assert_eq!(t.groups, n.div_ceil(16));
+        let cols_per_cta = if n <= 16 { 16 } else { 32 };
+        prop_assert_eq!(t.cols_per_cta, cols_per_cta);
+        prop_assert_eq!(t.groups, n.div_ceil(cols_per_cta));
         // Every column in exactly one group, no group empty.
         prop_assert!(t.groups * t.cols_per_cta >= n && (t.groups - 1) * t.cols_per_cta < n);
         let row_bytes = f.fp8_row_bytes().unwrap();
+        let cols = usize::from(cols_per_cta == 32);
         for (dtype, f16) in [(Dtype::Bf16, false), (Dtype::F16, true)] {
-            prop_assert_eq!(t.kernel_for(dtype, f), Ok(Kernel::DecodeFp8 { row_bytes, f16 }));
+            prop_assert_eq!(t.kernel_for(dtype, f), Ok(Kernel::DecodeFp8 { row_bytes, f16, cols }));
             let wide = ColumnTiling::for_shape(&shape, Layout::HeadsOnM);
             let e = wide.kernel_for(dtype, f);
             prop_assert!(matches!(e, Err(EtapError::Invalid { arg: "kv_format", .. })), "heads on M: {:?}", e);
-            // The 16-bit cache's ETAP tiling (CTAs of 32 from 17 columns) does not run FP8.
-            let c32 = ColumnTiling::for_shape(&sixteen, Layout::KvOnM);
-            if c32.cols_per_cta != 16 {
-                let e = c32.kernel_for(dtype, f);
-                prop_assert!(matches!(e, Err(EtapError::Invalid { arg: "kv_format", .. })), "c32: {:?}", e);
-            }
+            // The 16-bit cache's ETAP tiling of the same shape runs FP8 with the same CTA.
+            let etap16 = ColumnTiling::for_shape(&sixteen, Layout::KvOnM);
+            prop_assert_eq!(etap16, t);
         }
         // The 16-bit cache's rule is unchanged: heads on M from 17 columns.
         let want = if n >= 17 { Layout::HeadsOnM } else { Layout::KvOnM };

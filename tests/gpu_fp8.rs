@@ -36,11 +36,16 @@ fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
     let mut out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()]).unwrap();
     let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()]).unwrap();
     let plan = dec.plan(&shape, &sl, &stream).unwrap();
-    // Column groups of 16 at every column count (the FP8 kernel's CTA).
+    // CTAs of 16 columns up to 16, else column groups of 32 (the FP8 kernel's CTAs).
     let t = plan.tiling();
+    let cols_per_cta = fp8_cols_per_cta(shape.cols() as u32);
     assert_eq!(
         (t.layout, t.cols_per_cta, t.groups),
-        (Layout::KvOnM, 16, (shape.cols() as u32).div_ceil(16))
+        (
+            Layout::KvOnM,
+            cols_per_cta,
+            (shape.cols() as u32).div_ceil(cols_per_cta)
+        )
     );
     dec.decode_fp8_into(
         &plan,
@@ -103,11 +108,12 @@ fn fp8_caches_match_the_reference() {
         return;
     };
     // (s_q, h_q, seqlens): empty, one-row and page-boundary requests, a long one; up to 16
-    // columns (one CTA a part), then past 16 in column groups of 16 (2 to 8 CTAs a part, each
-    // with its own Q rows, merge counters and partials): DeepSeek MTP (s_q 2 x h16), h32, h64,
-    // h128 (DP attention), s_q 4 x h8. The longest request past 16 columns is a few thousand
-    // rows, so that it is split over parts (the merge per column group) while the f64 CPU
-    // reference stays affordable.
+    // columns (the CTA of 16), then past 16 the CTA of 32, in column groups past 32 (2 to 4
+    // CTAs a part, each with its own Q rows, merge counters and partials): DeepSeek MTP (s_q 2 x
+    // h16), h32, h64, h128 (DP attention), s_q 4 x h8, and padding columns in a CTA of 32 (s_q 3
+    // x h6: 18 of 32; s_q 3 x h16: the second group half empty). The longest request past 16
+    // columns is a few thousand rows, so that it is split over parts (the merge per column
+    // group) while the f64 CPU reference stays affordable.
     let cases: &[(usize, usize, &[i32])] = &[
         (1, 16, &[1, 0, 64, 65, 300, 4000]),
         (2, 8, &[129, 7, 2000]),
@@ -121,6 +127,7 @@ fn fp8_caches_match_the_reference() {
         (1, 128, &[0, 65, 1, 2900, 64]),
         (4, 8, &[64, 1, 0, 65, 2500, 3]),
         (3, 6, &[2, 700, 0]),
+        (3, 16, &[3000, 0, 65, 1]),
     ];
     for (k, &(s_q, h_q, seqlens)) in cases.iter().enumerate() {
         let case = Case::<Bf16>::new(s_q, h_q, seqlens, 9000 + k as u64);
@@ -178,11 +185,21 @@ fn fp8_argument_errors() {
     assert!(o.iter().all(|x| x.to_f32().is_nan()), "a rejected call wrote out");
 }
 
-/// Plans over an FP8 cache: KV on M in column groups of 16 at every column count, `num_sms /
-/// groups` parts (all CTAs resident for the cooperative launch); the heads-on-M layout is a
-/// typed error naming `kv_format`, before anything is allocated or launched.
+/// The FP8 kernel's CTA for `cols` (token, head) columns: 16 columns up to 16, else 32.
+fn fp8_cols_per_cta(cols: u32) -> u32 {
+    if cols <= 16 {
+        16
+    } else {
+        32
+    }
+}
+
+/// Plans over an FP8 cache: KV on M at every column count, CTAs of 16 columns up to 16 and
+/// column groups of 32 past them, `num_sms / groups` parts (all CTAs resident for the
+/// cooperative launch); the heads-on-M layout is a typed error naming `kv_format`, before
+/// anything is allocated or launched.
 #[test]
-fn fp8_plans_are_column_groups_of_16() {
+fn fp8_plans_are_column_groups_of_16_or_32() {
     let Some(dec) = decoder_or_skip("gpu_fp8 plans") else {
         return;
     };
@@ -201,13 +218,17 @@ fn fp8_plans_are_column_groups_of_16() {
             (8, 128),
         ] {
             let shape = DecodeShape::new(3, s_q, h_q, 12, 6).with_kv_format(format);
-            let groups = ((s_q * h_q) as u32).div_ceil(16);
+            let cols_per_cta = fp8_cols_per_cta((s_q * h_q) as u32);
+            let groups = ((s_q * h_q) as u32).div_ceil(cols_per_cta);
             for plan in [
                 dec.plan(&shape, &sl, &stream).unwrap(),
                 dec.plan_with_layout(&shape, &sl, &stream, Layout::KvOnM).unwrap(),
             ] {
                 let t = plan.tiling();
-                assert_eq!((t.layout, t.cols_per_cta, t.groups), (Layout::KvOnM, 16, groups));
+                assert_eq!(
+                    (t.layout, t.cols_per_cta, t.groups),
+                    (Layout::KvOnM, cols_per_cta, groups)
+                );
                 assert_eq!(plan.parts(), (dec.num_sms() / groups).max(1));
                 assert!(
                     groups * plan.parts() <= dec.num_sms(),

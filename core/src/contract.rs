@@ -68,7 +68,10 @@ pub const KV_ON_M_COLS: [u32; 2] = [16, 32];
 const _: () = assert!(decode_smem_bytes(KV_ON_M_COLS[1]) <= MAX_SMEM && wide_smem_bytes() <= MAX_SMEM);
 const _: () = assert!(core::mem::size_of::<TensorMap>() == 128 && core::mem::align_of::<TensorMap>() == 64);
 
-const _: () = assert!(fp8_smem_bytes(FP8_656_ROW_BYTES) <= MAX_SMEM);
+const _: () = assert!(
+    fp8_smem_bytes(FP8_656_ROW_BYTES, KV_ON_M_COLS[0]) <= MAX_SMEM
+        && fp8_smem_bytes(FP8_656_ROW_BYTES, KV_ON_M_COLS[1]) <= MAX_SMEM
+);
 // A box is whole 128-byte lines (the copy engine's destinations stay aligned) and a tile is two.
 const _: () = assert!(
     (FP8_BOX_ROWS * FP8_656_ROW_BYTES).is_multiple_of(128)
@@ -84,41 +87,38 @@ pub enum Kernel {
     Decode { f16: bool, cols: usize },
     /// The wide (heads-on-M) decode kernel.
     Wide { f16: bool },
-    /// The ETAP decode kernel of 16 columns over an FP8 cache, by its cache's row bytes
-    /// (`FP8_656_ROW_BYTES` or `FP8_TENSOR_ROW_BYTES`) and its q and out (fp16 when `f16`, else
-    /// bf16).
-    DecodeFp8 { row_bytes: u32, f16: bool },
+    /// The ETAP decode kernel over an FP8 cache for CTAs of `KV_ON_M_COLS[cols]` columns, by its
+    /// cache's row bytes (`FP8_656_ROW_BYTES` or `FP8_TENSOR_ROW_BYTES`) and its q and out (fp16
+    /// when `f16`, else bf16).
+    DecodeFp8 { row_bytes: u32, f16: bool, cols: usize },
     /// The one-thread scheduler.
     Schedule,
 }
 
 impl Kernel {
     /// Every kernel of the decode path.
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 15] = [
         Kernel::Decode { f16: false, cols: 0 },
         Kernel::Decode { f16: false, cols: 1 },
         Kernel::Decode { f16: true, cols: 0 },
         Kernel::Decode { f16: true, cols: 1 },
         Kernel::Wide { f16: false },
         Kernel::Wide { f16: true },
-        Kernel::DecodeFp8 {
-            row_bytes: FP8_656_ROW_BYTES,
-            f16: false,
-        },
-        Kernel::DecodeFp8 {
-            row_bytes: FP8_TENSOR_ROW_BYTES,
-            f16: false,
-        },
-        Kernel::DecodeFp8 {
-            row_bytes: FP8_656_ROW_BYTES,
-            f16: true,
-        },
-        Kernel::DecodeFp8 {
-            row_bytes: FP8_TENSOR_ROW_BYTES,
-            f16: true,
-        },
+        Kernel::fp8(FP8_656_ROW_BYTES, false, 0),
+        Kernel::fp8(FP8_TENSOR_ROW_BYTES, false, 0),
+        Kernel::fp8(FP8_656_ROW_BYTES, true, 0),
+        Kernel::fp8(FP8_TENSOR_ROW_BYTES, true, 0),
+        Kernel::fp8(FP8_656_ROW_BYTES, false, 1),
+        Kernel::fp8(FP8_TENSOR_ROW_BYTES, false, 1),
+        Kernel::fp8(FP8_656_ROW_BYTES, true, 1),
+        Kernel::fp8(FP8_TENSOR_ROW_BYTES, true, 1),
         Kernel::Schedule,
     ];
+
+    /// [`Kernel::DecodeFp8`], shorter.
+    pub const fn fp8(row_bytes: u32, f16: bool, cols: usize) -> Kernel {
+        Kernel::DecodeFp8 { row_bytes, f16, cols }
+    }
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -128,16 +128,16 @@ impl Kernel {
             Kernel::Decode { f16: true, .. } => "etap_decode_f16_c32",
             Kernel::Wide { f16: false } => "etap_decode_wide_bf16",
             Kernel::Wide { f16: true } => "etap_decode_wide_f16",
-            Kernel::DecodeFp8 {
-                row_bytes: FP8_656_ROW_BYTES,
-                f16: false,
-            } => "etap_decode_fp8_656_c16",
-            Kernel::DecodeFp8 { f16: false, .. } => "etap_decode_fp8_tensor_c16",
-            Kernel::DecodeFp8 {
-                row_bytes: FP8_656_ROW_BYTES,
-                f16: true,
-            } => "etap_decode_fp8_656_c16_f16",
-            Kernel::DecodeFp8 { f16: true, .. } => "etap_decode_fp8_tensor_c16_f16",
+            Kernel::DecodeFp8 { row_bytes, f16, cols } => match (row_bytes == FP8_656_ROW_BYTES, f16, cols) {
+                (true, false, 0) => "etap_decode_fp8_656_c16",
+                (false, false, 0) => "etap_decode_fp8_tensor_c16",
+                (true, true, 0) => "etap_decode_fp8_656_c16_f16",
+                (false, true, 0) => "etap_decode_fp8_tensor_c16_f16",
+                (true, false, _) => "etap_decode_fp8_656_c32",
+                (false, false, _) => "etap_decode_fp8_tensor_c32",
+                (true, true, _) => "etap_decode_fp8_656_c32_f16",
+                (false, true, _) => "etap_decode_fp8_tensor_c32_f16",
+            },
             Kernel::Schedule => "etap_schedule",
         }
     }
@@ -169,7 +169,7 @@ impl Kernel {
         match self {
             Kernel::Decode { cols, .. } => decode_smem_bytes(KV_ON_M_COLS[cols]),
             Kernel::Wide { .. } => wide_smem_bytes(),
-            Kernel::DecodeFp8 { row_bytes, .. } => fp8_smem_bytes(row_bytes),
+            Kernel::DecodeFp8 { row_bytes, cols, .. } => fp8_smem_bytes(row_bytes, KV_ON_M_COLS[cols]),
             Kernel::Schedule => 0,
         }
     }
@@ -237,21 +237,29 @@ pub const FP8_TENSOR_ROW_BYTES: u32 = 576;
 /// the copy engine fills the next two (a whole tile a box left one in flight, and the SM idle
 /// while it was converted).
 pub const FP8_BOX_ROWS: u32 = 32;
-/// Raw boxes in the FP8 kernel's staging ring: three of 32 rows of 656 bytes (61.5 KiB) are
-/// what fits beside the 16-bit kernel's layout in 227 KiB (four would not).
-pub const FP8_RAW_SLOTS: u32 = 3;
-
-/// Dynamic shared memory of the FP8 ETAP kernel (16 columns): the 16-bit kernel's layout, then
-/// (128-aligned, for the copy engine) the staging ring of [`FP8_RAW_SLOTS`] boxes of
-/// [`FP8_BOX_ROWS`] raw rows of `row_bytes` bytes, then its mbarriers (raw full per slot, then
-/// raw empty per slot).
-pub const fn fp8_smem_bytes(row_bytes: u32) -> u32 {
-    fp8_staging_offset() + FP8_RAW_SLOTS * (FP8_BOX_ROWS * row_bytes + 16)
+/// Raw boxes in the FP8 kernel's staging ring for CTAs of `cols` columns: three of 32 rows of
+/// 656 bytes (61.5 KiB) are what fits beside the 16-bit layout of 16 columns in 227 KiB (four
+/// would not); beside the layout of 32 columns (Q and P twice the size) two fit (three would
+/// take 252,592 bytes).
+pub const fn fp8_raw_slots(cols: u32) -> u32 {
+    if cols <= KV_ON_M_COLS[0] {
+        3
+    } else {
+        2
+    }
 }
 
-/// Where the FP8 kernel's staging buffer starts in its dynamic shared memory.
-pub const fn fp8_staging_offset() -> u32 {
-    decode_smem_bytes(KV_ON_M_COLS[0]).div_ceil(128) * 128
+/// Dynamic shared memory of the FP8 ETAP kernel for CTAs of `cols` columns: the 16-bit kernel's
+/// layout, then (128-aligned, for the copy engine) the staging ring of [`fp8_raw_slots`] boxes
+/// of [`FP8_BOX_ROWS`] raw rows of `row_bytes` bytes, then its mbarriers (raw full per slot,
+/// then raw empty per slot).
+pub const fn fp8_smem_bytes(row_bytes: u32, cols: u32) -> u32 {
+    fp8_staging_offset(cols) + fp8_raw_slots(cols) * (FP8_BOX_ROWS * row_bytes + 16)
+}
+
+/// Where the FP8 kernel's staging buffer starts in its dynamic shared memory (CTAs of `cols`).
+pub const fn fp8_staging_offset(cols: u32) -> u32 {
+    decode_smem_bytes(cols).div_ceil(128) * 128
 }
 
 /// Where one request's (token, head) columns `n = token * h_q + head` live: its first row of q
@@ -398,8 +406,13 @@ mod tests {
         );
         assert_eq!(wide_smem_bytes(), 230_448);
         // The 16-bit layout (168,576, 128-aligned), then three 32-row boxes and their barriers.
-        assert_eq!(fp8_smem_bytes(FP8_656_ROW_BYTES), 168_576 + 3 * (32 * 656 + 16));
-        assert_eq!(fp8_staging_offset(), 168_576);
+        assert_eq!(fp8_smem_bytes(FP8_656_ROW_BYTES, 16), 168_576 + 3 * (32 * 656 + 16));
+        assert_eq!(fp8_staging_offset(16), 168_576);
+        // 32 columns: the layout of 32 (189,488, 128-aligned), then two boxes.
+        assert_eq!(fp8_smem_bytes(FP8_656_ROW_BYTES, 32), 189_568 + 2 * (32 * 656 + 16));
+        assert_eq!(fp8_smem_bytes(FP8_656_ROW_BYTES, 32), 231_584);
+        // Three slots would not fit at 32 columns.
+        const { assert!(189_568 + 3 * (32 * 656 + 16) > MAX_SMEM) };
         assert_eq!(
             Kernel::Decode { f16: true, cols: 1 }.smem_bytes(),
             decode_smem_bytes(32)

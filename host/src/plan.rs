@@ -42,17 +42,16 @@ pub enum Layout {
 /// The ETAP kernel's 32-column CTA is kept for `Decoder::plan_with_layout`.
 pub const WIDE_MIN_COLS: usize = 17;
 
-/// Columns of every CTA over an FP8 cache, whatever the request's column count: the FP8 kernel
-/// (`etap_decode_fp8_*_c16*`) is built for 16 columns only (its one consumer warpgroup holds the
-/// 16 columns' O^T, docs/design.md §4d), so a request of more columns runs as column groups of
-/// 16 (`ceil(s_q * h_q / 16)` CTAs a part, each converting its part's pages itself). FP8 with
-/// wider CTAs (the heads-on-M kernel, or the ETAP kernel of 32) is future work.
-pub const FP8_COLS_PER_CTA: u32 = KV_ON_M_COLS[0];
+/// Columns of a CTA over an FP8 cache at most: the FP8 kernel is built for CTAs of 16 and 32
+/// columns (`etap_decode_fp8_*_c{16,32}*`, docs/design.md §4d), the ETAP kernel's column counts,
+/// so a request of more than 32 columns runs as column groups of 32 (`ceil(s_q * h_q / 32)` CTAs
+/// a part, each converting its part's pages itself). Heads on M over an FP8 cache is future work.
+pub const FP8_MAX_COLS_PER_CTA: u32 = KV_ON_M_COLS[1];
 
 impl Layout {
     /// The layout `Decoder::plan` uses for `shape`: over a 16-bit cache heads on M from
     /// [`WIDE_MIN_COLS`] columns; over an FP8 cache always KV on M (the only layout of the FP8
-    /// kernel, in groups of [`FP8_COLS_PER_CTA`] columns: [`ColumnTiling::for_shape`]).
+    /// kernel, in groups of at most [`FP8_MAX_COLS_PER_CTA`] columns: [`ColumnTiling::for_shape`]).
     pub fn for_shape(shape: &DecodeShape) -> Layout {
         if shape.kv_format.fp8_row_bytes().is_some() {
             Layout::KvOnM
@@ -68,9 +67,9 @@ impl Layout {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ColumnTiling {
     pub layout: Layout,
-    /// Columns per CTA: for [`Layout::KvOnM`] `s_q * h_q` rounded up to 16, at most 32, and
-    /// always [`FP8_COLS_PER_CTA`] (16) over an FP8 cache; for [`Layout::HeadsOnM`] always 64
-    /// (one wgmma M; padding rows past `s_q * h_q` compute on but are never written).
+    /// Columns per CTA: for [`Layout::KvOnM`] `s_q * h_q` rounded up to 16, at most 32 (over
+    /// either cache); for [`Layout::HeadsOnM`] always 64 (one wgmma M; padding rows past
+    /// `s_q * h_q` compute on but are never written).
     pub cols_per_cta: u32,
     /// Column groups: CTAs that share a part's KV pages, each with its own columns
     /// (`ceil(s_q * h_q / cols_per_cta)`).
@@ -81,9 +80,7 @@ impl ColumnTiling {
     /// How `shape`'s columns are laid over CTAs in `layout` (the one rule, for both cache kinds).
     pub fn for_shape(shape: &DecodeShape, layout: Layout) -> ColumnTiling {
         let n = shape.cols() as u32;
-        let fp8 = shape.kv_format.fp8_row_bytes().is_some();
         let cols_per_cta = match layout {
-            Layout::KvOnM if fp8 => FP8_COLS_PER_CTA,
             Layout::KvOnM => n.div_ceil(16).saturating_mul(16).min(KV_ON_M_MAX_COLS),
             Layout::HeadsOnM => COLS_PER_CTA as u32,
         };
@@ -110,24 +107,21 @@ impl ColumnTiling {
     }
 
     /// The kernel that runs this tiling for `dtype` q over a cache of `format`: [`Self::kernel`]
-    /// for a 16-bit cache; for an FP8 cache the ETAP kernel of [`FP8_COLS_PER_CTA`] (16) columns
-    /// for `dtype` q and out, run over the tiling's column groups (any column count: a request
-    /// of more than 16 columns takes `ceil(s_q * h_q / 16)` groups); any other tiling of an FP8
-    /// cache (heads on M, or CTAs of 32 columns) is `Invalid { arg: "kv_format" }`. The plan
-    /// checks its tiling against it with bf16, the decode call with its q's dtype.
+    /// for a 16-bit cache; for an FP8 cache the FP8 ETAP kernel of the tiling's CTA (16 or 32
+    /// columns) for `dtype` q and out, run over its column groups (any column count: a request
+    /// of more than 32 columns takes `ceil(s_q * h_q / 32)` groups); heads on M over an FP8
+    /// cache is `Invalid { arg: "kv_format" }`. The plan checks its tiling against it with
+    /// bf16, the decode call with its q's dtype.
     pub fn kernel_for(&self, dtype: Dtype, format: KvFormat) -> Result<Kernel> {
         let Some(row_bytes) = format.fp8_row_bytes() else {
             return Ok(self.kernel(dtype));
         };
-        match (self.layout, self.cols_per_cta) {
-            (Layout::KvOnM, FP8_COLS_PER_CTA) => Ok(Kernel::DecodeFp8 {
-                row_bytes,
-                f16: dtype == Dtype::F16,
-            }),
+        match (self.layout, self.kernel(dtype)) {
+            (Layout::KvOnM, Kernel::Decode { f16, cols }) => Ok(Kernel::DecodeFp8 { row_bytes, f16, cols }),
             _ => Err(EtapError::Invalid {
                 arg: "kv_format",
                 why: format!(
-                    "an FP8 cache is read by the ETAP kernel of 16 columns (KvOnM, in column groups of 16); \
+                    "an FP8 cache is read by the ETAP kernel (KvOnM, CTAs of 16 or 32 columns); \
                      this call has {:?} of {} columns",
                     self.layout, self.cols_per_cta
                 ),
@@ -467,19 +461,20 @@ mod tests {
     }
 
     #[test]
-    fn fp8_tilings_are_groups_of_16() {
+    fn fp8_tilings_are_groups_of_16_or_32() {
         for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
-            for (s_q, h_q, groups) in [
-                (1, 1, 1),
-                (1, 16, 1),
-                (1, 17, 2),
-                (2, 16, 2),
-                (4, 8, 2),
-                (1, 32, 2),
-                (1, 64, 4),
-                (1, 128, 8),
-                (3, 6, 2),
-                (8, 128, 64),
+            for (s_q, h_q, cols_per_cta, groups) in [
+                (1, 1, 16, 1),
+                (1, 16, 16, 1),
+                (1, 17, 32, 1),
+                (2, 16, 32, 1),
+                (4, 8, 32, 1),
+                (1, 32, 32, 1),
+                (1, 64, 32, 2),
+                (1, 128, 32, 4),
+                (3, 6, 32, 1),
+                (3, 16, 32, 2),
+                (8, 128, 32, 32),
             ] {
                 let sh = shape(s_q, h_q).with_kv_format(f);
                 let t = ColumnTiling::for_shape(&sh, Layout::for_shape(&sh));
@@ -487,27 +482,22 @@ mod tests {
                     t,
                     ColumnTiling {
                         layout: Layout::KvOnM,
-                        cols_per_cta: FP8_COLS_PER_CTA,
+                        cols_per_cta,
                         groups
                     },
                     "{f:?} s_q={s_q} h_q={h_q}"
                 );
-                assert!(t.kernel_for(Dtype::Bf16, f).is_ok());
-                assert!(t.kernel_for(Dtype::F16, f).is_ok());
-                // The 16-bit cache's tilings of the same shape: none runs an FP8 cache past 16
-                // columns (heads on M, or the ETAP kernel's CTA of 32).
+                for dtype in [Dtype::Bf16, Dtype::F16] {
+                    let k = t.kernel_for(dtype, f).unwrap();
+                    assert!(matches!(k, Kernel::DecodeFp8 { cols, .. } if KV_ON_M_COLS[cols] == cols_per_cta));
+                    assert!(k.smem_bytes() <= etap_core::contract::MAX_SMEM);
+                }
+                // Heads on M (the 16-bit cache's layout from 17 columns) does not run FP8.
                 let wide = ColumnTiling::for_shape(&sh, Layout::HeadsOnM);
                 assert!(matches!(
                     wide.kernel_for(Dtype::Bf16, f),
                     Err(EtapError::Invalid { arg: "kv_format", .. })
                 ));
-                let c32 = ColumnTiling::for_shape(&shape(s_q, h_q), Layout::KvOnM);
-                if c32.cols_per_cta != FP8_COLS_PER_CTA {
-                    assert!(matches!(
-                        c32.kernel_for(Dtype::Bf16, f),
-                        Err(EtapError::Invalid { arg: "kv_format", .. })
-                    ));
-                }
             }
         }
     }

@@ -68,8 +68,8 @@ fn kv_format_name(f: KvFormat) -> Option<&'static str> {
 /// The decode shape, checked; `total_q` `Some`: the packed query layout (`s_q` is then the most
 /// tokens a request may have, and `total_q` at most `batch * s_q`: more could not be split
 /// into `batch` requests of at most `s_q` tokens). `kv_format`: see [`kv_format_of`]; an FP8
-/// format takes pages of 64 rows (etap::validate; any `s_q * h_q`, past 16 in column groups of
-/// 16), and the uniform query layout only here (the packed one over an FP8 cache has not been validated on a GPU).
+/// format takes pages of 64 rows (etap::validate; any `s_q * h_q`, past 16 in CTAs of 32,
+/// column groups past 32), and the uniform query layout only here (the packed one over an FP8 cache has not been validated on a GPU).
 #[allow(clippy::too_many_arguments)]
 fn shape_of(
     batch: usize,
@@ -285,8 +285,8 @@ impl PyDecoder {
     /// packed query layout of `total_q` tokens, at most `s_q` a request (decode it with
     /// `cu_seqlens_q`); None: the uniform layout, `s_q` tokens a request. `kv_format`: None for
     /// a 16-bit cache (decode it with `decode`), "fp8_656" or "fp8_per_tensor" for an FP8 one
-    /// (decode it with `decode_fp8`; pages of 64 rows, no `total_q`; past 16 columns in column
-    /// groups of 16).
+    /// (decode it with `decode_fp8`; pages of 64 rows, no `total_q`; past 16 columns in CTAs
+    /// of 32, column groups past 32).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, cache_seqlens, stream, total_q=None, kv_format=None))]
     fn plan(

@@ -37,8 +37,8 @@ FP8_CASES = [
     (2, 1, [1, 2, 3, 8000]),
     (1, 12, [63, 127, 191, 255, 319]),
 ]
-# Past 16 columns: the FP8 kernel of 16 columns over column groups of 16 (2 to 8 CTAs a part, each
-# with its Q rows, merge counter and partials): DeepSeek MTP (s_q 2 x h16), h32, h64 with a long
+# Past 16 columns: the FP8 kernel of 32 columns, over column groups of 32 past 32 (2 to 4 CTAs a
+# part, each with its Q rows, merge counter and partials): DeepSeek MTP (s_q 2 x h16), h32, h64 with a long
 # request, h128 (DP attention), s_q 4 x h8, and a last group of 2 columns (s_q 3 x h6). Short
 # requests but one a case, so that the float64 reference stays quick.
 FP8_WIDE = [

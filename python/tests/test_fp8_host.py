@@ -22,7 +22,7 @@ STRIDE = 65 * 656  # FlashMLA's FP8 cache: bytes between pages
 def test_constants():
     assert (_etap.FP8_656_TOKEN_BYTES, _etap.FP8_656_PAGE_STRIDE, _etap.FP8_TENSOR_TOKEN_BYTES) == (656, STRIDE, 576)
     assert etap.FP8_PAGE_SIZE == 64
-    # No column limit of its own any more: an FP8 cache takes every s_q * h_q (column groups of 16).
+    # No column limit of its own any more: an FP8 cache takes every s_q * h_q (CTAs of 32 past 16, column groups past 32).
     assert not hasattr(etap, "FP8_MAX_COLS") and not hasattr(_checks, "FP8_MAX_COLS")
     for name in ("quantize_fp8_656", "dequantize_fp8_656", "per_tensor_scale", "quantize_e4m3_per_tensor",
                  "dequantize_e4m3_per_tensor"):
@@ -37,7 +37,7 @@ def test_constants():
 
 def test_validate_shape_fp8_accepts_every_column_count():
     """s_q 1 to 8 and h_q 1 to 128 as for a 16-bit cache: past 16 (token, head) columns the plan
-    runs the FP8 kernel of 16 columns over column groups of 16."""
+    runs the FP8 kernel of 32 columns past 16, over column groups of 32 past 32."""
     for fmt in ("fp8_656", "fp8_per_tensor", None):  # None: a 16-bit cache
         for s_q in range(1, 9):
             for h_q in range(1, 129):
@@ -89,7 +89,7 @@ def test_metadata_records_is_fp8_kvcache():
     # Not said (False is FlashMLA's default): not recorded, so not checked.
     assert etap.get_mla_metadata(sl, 16, 1)[0].fp8 is None
     assert etap.get_mla_metadata()[0].fp8 is None
-    # Any column count a 16-bit cache takes (past 16: column groups of 16), and no other.
+    # Any column count a 16-bit cache takes (past 16: CTAs of 32, column groups past 32), and no other.
     for cols in (1, 2, 8, 15, 16, 17, 18, 32, 64, 128, 256, 1024):
         assert etap.get_mla_metadata(sl, cols, 1, is_fp8_kvcache=True)[0].cols == cols
     for cols in (0, 131, 1025):
@@ -286,7 +286,7 @@ def test_metadata_is_fp8_kvcache_must_match_the_call(fake_decoder):
     assert [c[0] for c in fake_decoder.calls] == ["plan", "decode_fp8"]
 
 
-# Past 16 (token, head) columns (column groups of 16): DeepSeek MTP (s_q 2 x h16), h32 to h128 (DP
+# Past 16 (token, head) columns (CTAs of 32, column groups past 32): DeepSeek MTP (s_q 2 x h16), h32 to h128 (DP
 # attention), s_q 4 x h8, a partial last group (s_q 3 x h6: 18), the most there are (s_q 8 x h128).
 WIDE_FP8 = [(2, 16), (1, 17), (1, 32), (1, 64), (1, 128), (4, 8), (3, 6), (2, 128), (8, 128)]
 
@@ -636,7 +636,7 @@ def bf16_bits_rne(x):
 
 def test_native_plan_and_decode_past_16_columns(fake_decoder):
     """etap.plan / etap.decode over an FP8 cache past 16 columns: checked as at 16, planned with
-    the format (the native plan runs column groups of 16), decoded with decode_fp8."""
+    the format (the native plan runs CTAs of 32, column groups past 32), decoded with decode_fp8."""
     for s_q, h_q in WIDE_FP8:
         for fmt, scale in (("fp8_656", None), ("fp8_per_tensor", 0.03)):
             q, k, bt, sl = fp8_inputs(b=3, s_q=s_q, h_q=h_q, kv_format=fmt)

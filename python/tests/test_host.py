@@ -109,7 +109,7 @@ def test_metadata_takes_every_supported_s_q_times_h_q():
     for c in sorted(cols):
         meta, _ = etap.get_mla_metadata(seqlens, c, 1)
         assert meta.cols == c
-        # An FP8 cache too (past 16 columns in column groups of 16).
+        # An FP8 cache too (past 16 columns in CTAs of 32, column groups past 32).
         meta, _ = etap.get_mla_metadata(seqlens, c, 1, is_fp8_kvcache=True)
         assert (meta.cols, meta.fp8) == (c, True)
     for c in range(-2, 1100):

@@ -1,4 +1,4 @@
-//! The FP8 KV cache (issue 14) for the ETAP kernel of 16 columns: the cache's rows stay FP8 in
+//! The FP8 KV cache (issue 14) for the ETAP kernel of 16 or 32 columns: the cache's rows stay FP8 in
 //! global memory (656 or 576 bytes a row against 1152) and become f16 tiles in shared memory,
 //! so that the consumers, the tensor cores and the arithmetic are the 16-bit kernel's, in f16
 //! (`elem::Fp8Blocks`, `elem::Fp8Tensor`): e4m3 goes to f16 in one exact conversion
@@ -7,10 +7,13 @@
 //!
 //! ```text
 //!   producer thread:   raw box (32 rows x row_bytes, half a tile) -> staging ring of 3   [raw full]
+//!                      (2 at 32 columns)
 //!   converter warps:   raw box -> its rows of the f16 tile of the ring (x block scale)  [raw empty]
 //!                      after a tile's two boxes                                           [full[s]]
-//!   consumers:         warpgroup 0: the 16-bit ETAP kernel's tile step for all 16
+//!   consumers, c16:    warpgroup 0: the 16-bit ETAP kernel's tile step for all 16
 //!                      columns (N = 16); warpgroup 1 only keeps the frame's count        [empty[s]]
+//!   consumers, c32:    both warpgroups: the tile step for 16 columns each, taking turns
+//!                      as in the 16-bit kernel of 32 (each tile converted once for 32)    [empty[s]]
 //! ```
 //!
 //! The CTA has a second producer warpgroup ([`THREADS`] = 512), and the producer warpgroups'
@@ -19,8 +22,13 @@
 //! arrive on its slot's `empty` barrier, after which the producer loads the box three later
 //! into that slot; after the second box they fence their writes for the tensor cores
 //! (`fence.proxy.async`) and arrive on the stage's `full` barrier (counting [`CONVERTERS`]
-//! arrivals). Three half-tile slots are what fits beside the 16-bit kernel's
-//! layout: while one box is converted the copy engine fills the next two.
+//! arrivals). Three half-tile slots are what fits beside the 16-bit kernel's layout of 16
+//! columns (two beside that of 32, `contract::fp8_raw_slots`): while one box is converted the
+//! copy engine fills the next two (the next one at 32 columns).
+//!
+//! The CTA of 32 columns (issue 14's compute-bound shapes) converts each page once for 32
+//! columns, where two CTAs of 16 converted it twice; it trades the converters' second row in
+//! flight (their registers go to the second computing warpgroup) and a staging slot for that.
 //!
 //! Formats (`etap_core::contract::FP8_*_ROW_BYTES`, host/src/fp8.rs): FlashMLA's 656 bytes (512
 //! e4m3, 4 f32 scales, one per 128 values, 64 bf16 for RoPE; pages 65 rows apart) and per-tensor
@@ -39,8 +47,8 @@ use crate::elem::{Elem, Fp8Blocks, Fp8Tensor};
 use crate::merge;
 use crate::tile::{self, BLOCK_BYTES, ROW_BYTES, TILE_BYTES};
 use etap_core::contract::{
-    fp8_staging_offset, Kernel, FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_RAW_SLOTS, FP8_TENSOR_ROW_BYTES,
-    FP8_THREADS as THREADS,
+    fp8_raw_slots, fp8_staging_offset, Kernel, FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_TENSOR_ROW_BYTES,
+    FP8_THREADS as THREADS, KV_ON_M_COLS,
 };
 use etap_core::{WorkRange, D_QK, D_V, QK_BLOCKS, TILE_ROWS};
 
@@ -56,37 +64,46 @@ const FIRST_CONVERTER: u32 = CONSUMERS * index::WARPGROUP + 2 * index::WARP;
 pub const CONVERTERS: u32 = THREADS - FIRST_CONVERTER;
 /// Registers at entry: a CTA of [`THREADS`] fits the register file at 128, not at the 16-bit
 /// kernels' cap (the PTX build gives these kernels a `.maxnreg`).
-const ENTRY_REGS: u32 = Kernel::DecodeFp8 {
-    row_bytes: FP8_656_ROW_BYTES,
-    f16: false,
-}
-.entry_regs();
-/// Registers of the solo consumer (warpgroup 0) and of the producer warpgroups (the
-/// converters): the converters keep [`ROWS_IN_FLIGHT`] rows of chunks with their scales and
-/// swizzled addresses (two rows spilled at 56); warpgroup 1, which only keeps the frame's count
-/// ([`kv_on_m::keep_count`]), keeps its entry registers (ptxas spilled it at 112). ptxas: no
-/// spill.
+const ENTRY_REGS: u32 = Kernel::fp8(FP8_656_ROW_BYTES, false, 0).entry_regs();
+/// Registers of a computing consumer warpgroup, and of the producer warpgroups (the converters)
+/// in the CTA of 16 columns and in that of 32. At 16 columns the converters keep two rows of
+/// chunks in flight with their scales and swizzled addresses (two rows spilled at 56) and
+/// warpgroup 1, which only keeps the frame's count ([`kv_on_m::keep_count`]), keeps its entry
+/// registers (ptxas spilled it at 112); at 32 both consumer warpgroups compute, and the
+/// converters give them what one row in flight leaves (56: spilled at 40).
 const FP8_CONSUMER_REGS: u32 = 200;
-const CONVERTER_REGS: u32 = 88;
+const C16_CONVERTER_REGS: u32 = 88;
+const C32_CONVERTER_REGS: u32 = 56;
 const _: () = assert!(
-    (ENTRY_REGS - CONVERTER_REGS) * PRODUCER_WARPGROUPS >= FP8_CONSUMER_REGS - ENTRY_REGS,
-    "the consumer would take more registers than the converters give back"
+    (ENTRY_REGS - C16_CONVERTER_REGS) * PRODUCER_WARPGROUPS >= FP8_CONSUMER_REGS - ENTRY_REGS
+        && (ENTRY_REGS - C32_CONVERTER_REGS) * PRODUCER_WARPGROUPS >= (FP8_CONSUMER_REGS - ENTRY_REGS) * CONSUMERS,
+    "the consumers would take more registers than the converters give back"
 );
-/// Columns of the kernel's CTA: warpgroup 0 computes all 16, in the 16-bit kernel's shared-memory
-/// layout of two warpgroups of 8 (`Smem::new(COLS, COLS / 2)`).
-const COLS: u32 = 16;
+/// Rows a converter does at a time in a CTA of `cols` columns, all their loads issued before
+/// any store (the stores could alias them for all the compiler knows, so this is the ILP there
+/// is): two at 16 columns, so that the wait for shared memory, long while the consumer's wgmmas
+/// read it, is paid once for six chunks (656 at 64K: 280.6 -> 270.0 µs, session 17, H100); one
+/// at 32, where the registers go to the second consumer.
+const fn rows_in_flight(cols: u32) -> u32 {
+    if cols == KV_ON_M_COLS[0] {
+        2
+    } else {
+        1
+    }
+}
 /// 16-byte chunks (8 bf16) of a tile row: 576 / 8.
 const ROW_CHUNKS: u32 = D_QK as u32 / 8;
 
+/// The FP8 kernel for CTAs of `COLS` (16 or 32) columns.
 #[inline(always)]
-unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
+unsafe fn decode_fp8<const ROW: u32, E: Elem, const COLS: u32>(prm: &DecodeParams) {
     let sm = Smem::new(COLS, COLS / 2);
-    let ring = RawRing::<ROW>::new();
+    let ring = RawRing::<ROW, COLS>::new();
     let group = index::group();
     let t = index::thread_x();
     if t == 0 {
         // Initialized here, fenced and synchronized by the prologue with the ring's.
-        for slot in 0..FP8_RAW_SLOTS {
+        for slot in 0..RawRing::<ROW, COLS>::SLOTS {
             mbarrier::init(ring.full(slot), 1);
             mbarrier::init(ring.empty(slot), CONVERTERS);
         }
@@ -94,7 +111,11 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
     match prologue::<STAGES, CONVERTERS>(prm, &sm) {
         Some(range) => {
             if sync::warp_uniform(t / index::WARPGROUP) >= CONSUMERS {
-                sync::setmaxnreg_dec::<CONVERTER_REGS>();
+                if COLS == KV_ON_M_COLS[0] {
+                    sync::setmaxnreg_dec::<C16_CONVERTER_REGS>();
+                } else {
+                    sync::setmaxnreg_dec::<C32_CONVERTER_REGS>();
+                }
                 if t == CONSUMERS * index::WARPGROUP {
                     produce_raw(prm, &range, &sm, group, &ring);
                 } else if t >= FIRST_CONVERTER {
@@ -103,12 +124,16 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
                     merge::publish_empty_splits(prm, group, COLS, rank, CONVERTERS, BAR_IDLE);
                     convert(prm, &range, &sm, &ring, rank);
                 }
+            } else if COLS != KV_ON_M_COLS[0] {
+                // 32 columns: both warpgroups compute 16 each, as in the 16-bit kernel.
+                sync::setmaxnreg_inc::<FP8_CONSUMER_REGS>();
+                kv_on_m::consume::<16, E, false>(prm, &range, &sm, group);
             } else if sync::warp_uniform(t / index::WARPGROUP) == 0 {
-                // Warpgroup 0 computes all 16 columns: each tile is read once as the wgmma A
-                // operand (two warpgroups of 8 read it twice, which bound the kernel by shared
+                // 16 columns: warpgroup 0 computes all 16: each tile is read once as the wgmma
+                // A operand (two warpgroups of 8 read it twice, which bound the kernel by shared
                 // memory, session 11).
                 sync::setmaxnreg_inc::<FP8_CONSUMER_REGS>();
-                kv_on_m::consume::<{ COLS as usize }, E, true>(prm, &range, &sm, group);
+                kv_on_m::consume::<16, E, true>(prm, &range, &sm, group);
             } else {
                 kv_on_m::keep_count::<E>(prm, &range, &sm, group, COLS);
             }
@@ -117,21 +142,22 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem>(prm: &DecodeParams) {
     }
 }
 
-/// The staging ring: [`FP8_RAW_SLOTS`] boxes of [`FP8_BOX_ROWS`] raw rows of `ROW` bytes, then
-/// a `full` mbarrier per slot (the copy engine's bytes) and an `empty` one (the converters'
-/// [`CONVERTERS`] arrivals). Boxes go round it in order: box `j` (half `j % 2` of a tile) in
-/// slot `j % FP8_RAW_SLOTS`, in phase `(j / FP8_RAW_SLOTS) % 2`.
-struct RawRing<const ROW: u32> {
+/// The staging ring of the CTA of `COLS` columns: [`Self::SLOTS`] boxes of [`FP8_BOX_ROWS`] raw
+/// rows of `ROW` bytes, then a `full` mbarrier per slot (the copy engine's bytes) and an `empty`
+/// one (the converters' [`CONVERTERS`] arrivals). Boxes go round it in order: box `j` (half
+/// `j % 2` of a tile) in slot `j % SLOTS`, in phase `(j / SLOTS) % 2`.
+struct RawRing<const ROW: u32, const COLS: u32> {
     base: u32,
 }
 
-impl<const ROW: u32> RawRing<ROW> {
+impl<const ROW: u32, const COLS: u32> RawRing<ROW, COLS> {
     const BOX_BYTES: u32 = FP8_BOX_ROWS * ROW;
+    const SLOTS: u32 = fp8_raw_slots(COLS);
 
     #[inline(always)]
     fn new() -> Self {
         RawRing {
-            base: smem::base() + fp8_staging_offset(),
+            base: smem::base() + fp8_staging_offset(COLS),
         }
     }
     #[inline(always)]
@@ -140,17 +166,16 @@ impl<const ROW: u32> RawRing<ROW> {
     }
     #[inline(always)]
     fn full(&self, slot: u32) -> u32 {
-        self.base + FP8_RAW_SLOTS * Self::BOX_BYTES + 8 * slot
+        self.base + Self::SLOTS * Self::BOX_BYTES + 8 * slot
     }
     #[inline(always)]
     fn empty(&self, slot: u32) -> u32 {
-        self.full(FP8_RAW_SLOTS) + 8 * slot
+        self.full(Self::SLOTS) + 8 * slot
     }
 }
 
-/// Where box `j` goes round the ring: its slot and the parity of its round, counted on rather
-/// than computed from `j` (no division by [`FP8_RAW_SLOTS`] in the producer's and converters'
-/// loops).
+/// Where box `j` goes round a ring of `slots`: its slot and the parity of its round, counted on
+/// rather than computed from `j` (no division in the producer's and converters' loops).
 #[derive(Clone, Copy)]
 struct RingPos {
     slot: u32,
@@ -160,8 +185,8 @@ struct RingPos {
 impl RingPos {
     const START: RingPos = RingPos { slot: 0, round: 0 };
     #[inline(always)]
-    fn next(self) -> RingPos {
-        if self.slot + 1 == FP8_RAW_SLOTS {
+    fn next(self, slots: u32) -> RingPos {
+        if self.slot + 1 == slots {
             RingPos {
                 slot: 0,
                 round: self.round + 1,
@@ -182,12 +207,12 @@ impl RingPos {
 /// # Safety
 /// One thread, after the prologue; the KV tensor map has boxes of [`FP8_BOX_ROWS`] raw rows.
 #[inline(always)]
-unsafe fn produce_raw<const ROW: u32>(
+unsafe fn produce_raw<const ROW: u32, const COLS: u32>(
     prm: &DecodeParams,
     range: &WorkRange,
     sm: &Smem,
     group: u32,
-    ring: &RawRing<ROW>,
+    ring: &RawRing<ROW, COLS>,
 ) {
     let mut pos = RingPos::START;
     for_each_producer_tile!(prm, range, sm, group, COLS, |_r, _, table, tile, _it| {
@@ -198,7 +223,7 @@ unsafe fn produce_raw<const ROW: u32>(
                 tile::wait(ring.empty(pos.slot), (pos.round - 1) & 1);
             }
             let full = ring.full(pos.slot);
-            mbarrier::arrive_expect_tx(full, RawRing::<ROW>::BOX_BYTES);
+            mbarrier::arrive_expect_tx(full, RawRing::<ROW, COLS>::BOX_BYTES);
             // An entry outside the cache gave the row past it: both halves read zeros.
             tma::load_2d(
                 prm.kv_map,
@@ -207,7 +232,7 @@ unsafe fn produce_raw<const ROW: u32>(
                 0,
                 row + (half * FP8_BOX_ROWS) as i32,
             );
-            pos = pos.next();
+            pos = pos.next(RawRing::<ROW, COLS>::SLOTS);
         }
     });
 }
@@ -219,7 +244,13 @@ unsafe fn produce_raw<const ROW: u32>(
 /// # Safety
 /// The converter threads, after the prologue.
 #[inline(always)]
-unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, ring: &RawRing<ROW>, rank: u32) {
+unsafe fn convert<const ROW: u32, const COLS: u32>(
+    prm: &DecodeParams,
+    range: &WorkRange,
+    sm: &Smem,
+    ring: &RawRing<ROW, COLS>,
+    rank: u32,
+) {
     let mut it = 0u32;
     let mut pos = RingPos::START;
     let lane = ConvLane::new(rank);
@@ -233,10 +264,14 @@ unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Sm
             let dst = sm.pages + stage * TILE_BYTES;
             for half in 0..TILE_ROWS as u32 / FP8_BOX_ROWS {
                 tile::wait(ring.full(pos.slot), pos.round & 1);
-                lane.convert_box::<ROW>(ring.slot(pos.slot), dst + half * FP8_BOX_ROWS * ROW_BYTES);
+                lane.convert_box::<ROW>(
+                    ring.slot(pos.slot),
+                    dst + half * FP8_BOX_ROWS * ROW_BYTES,
+                    rows_in_flight(COLS),
+                );
                 // The box's reads are done (the arrival releases them): the slot is free.
                 mbarrier::arrive(ring.empty(pos.slot));
-                pos = pos.next();
+                pos = pos.next(RawRing::<ROW, COLS>::SLOTS);
             }
             // The tile's writes, for the tensor cores; then the stage is full.
             sync::fence_proxy_async_shared();
@@ -252,13 +287,12 @@ unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Sm
 /// scales and swizzle) are fixed and only the row moves.
 const CHUNK_LANES: u32 = ROW_CHUNKS / 3;
 const ROW_LANES: u32 = CONVERTERS / CHUNK_LANES;
-/// Rows a converter does at a time, all their loads issued before any store (the stores could
-/// alias them for all the compiler knows, so this is the ILP there is): two, so that the wait
-/// for shared memory, long while the consumer's wgmmas read it, is paid once for six chunks.
-const ROWS_IN_FLIGHT: u32 = 2;
-const IN_FLIGHT: usize = 3 * ROWS_IN_FLIGHT as usize;
 const _: () = assert!(
-    CHUNK_LANES * ROW_LANES == CONVERTERS && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * ROWS_IN_FLIGHT) && IN_FLIGHT <= 8
+    CHUNK_LANES * ROW_LANES == CONVERTERS
+        && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * rows_in_flight(KV_ON_M_COLS[0]))
+        && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * rows_in_flight(KV_ON_M_COLS[1]))
+        && 3 * rows_in_flight(KV_ON_M_COLS[0]) <= 8
+        && 3 * rows_in_flight(KV_ON_M_COLS[1]) <= 8
 );
 
 /// Whether a thread's `i`-th chunk of the rows in flight, in 64-value block `block`, is the
@@ -286,21 +320,23 @@ impl ConvLane {
     }
 
     /// Convert this thread's share of the box at `src` ([`FP8_BOX_ROWS`] rows of `ROW` bytes)
-    /// into the f16 rows at `dst` (the same rows of a tile in shared memory, swizzled).
+    /// into the f16 rows at `dst` (the same rows of a tile in shared memory, swizzled), `rows`
+    /// rows at a time ([`rows_in_flight`]: a constant once inlined).
     ///
     /// # Safety
     /// `src` and `dst` are a full raw box and a tile's rows in shared memory, not in use by
     /// anyone else.
     #[inline(always)]
-    unsafe fn convert_box<const ROW: u32>(&self, src: u32, dst: u32) {
-        for step in 0..FP8_BOX_ROWS / (ROW_LANES * ROWS_IN_FLIGHT) {
-            let row0 = self.r0 + step * ROW_LANES * ROWS_IN_FLIGHT;
-            // Sized for `unroll!`'s dead copies (indices up to 7); `IN_FLIGHT` are used.
+    unsafe fn convert_box<const ROW: u32>(&self, src: u32, dst: u32, rows: u32) {
+        let in_flight = 3 * rows as usize;
+        for step in 0..FP8_BOX_ROWS / (ROW_LANES * rows) {
+            let row0 = self.r0 + step * ROW_LANES * rows;
+            // Sized for `unroll!`'s dead copies (indices up to 7); `in_flight` are used.
             let mut raw = [[0u32; 4]; 8];
             // The 656 format's block scales as f16 pairs.
             let mut scale = [0u32; 8];
             // Loads first.
-            crate::unroll!(i < IN_FLIGHT, max 8 => {
+            crate::unroll!(i < in_flight, max 8 => {
                 let row = row0 + (i as u32 / 3) * ROW_LANES;
                 let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
                 let block = chunk / 8;
@@ -318,7 +354,7 @@ impl ConvLane {
                     }
                 }
             });
-            crate::unroll!(i < IN_FLIGHT, max 8 => {
+            crate::unroll!(i < in_flight, max 8 => {
                 let row = row0 + (i as u32 / 3) * ROW_LANES;
                 let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
                 let block = chunk / 8;
@@ -354,20 +390,24 @@ const _: () =
 const _: () = assert!(QK_BLOCKS == 9 && ROW_CHUNKS == 72);
 
 macro_rules! decode_fp8_entry {
-    ($($name:ident = ($row:expr, $e:ty);)*) => {$(
-        /// ETAP split-KV decode of 16 columns over an FP8 cache; see the module documentation.
-        /// Launch: grid (column groups, parts), [`THREADS`] threads,
+    ($($name:ident = ($row:expr, $e:ty, $cols:literal);)*) => {$(
+        /// ETAP split-KV decode of CTAs of 16 or 32 columns over an FP8 cache; see the module
+        /// documentation. Launch: grid (column groups, parts), [`THREADS`] threads,
         /// `etap_core::contract::fp8_smem_bytes` bytes.
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(params: DecodeParams) {
-            decode_fp8::<{ $row }, $e>(&params)
+            decode_fp8::<{ $row }, $e, $cols>(&params)
         }
     )*};
 }
 
 decode_fp8_entry! {
-    etap_decode_fp8_656_c16 = (FP8_656_ROW_BYTES, Fp8Blocks<false>);
-    etap_decode_fp8_tensor_c16 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor<false>);
-    etap_decode_fp8_656_c16_f16 = (FP8_656_ROW_BYTES, Fp8Blocks<true>);
-    etap_decode_fp8_tensor_c16_f16 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor<true>);
+    etap_decode_fp8_656_c16 = (FP8_656_ROW_BYTES, Fp8Blocks<false>, 16);
+    etap_decode_fp8_tensor_c16 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor<false>, 16);
+    etap_decode_fp8_656_c16_f16 = (FP8_656_ROW_BYTES, Fp8Blocks<true>, 16);
+    etap_decode_fp8_tensor_c16_f16 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor<true>, 16);
+    etap_decode_fp8_656_c32 = (FP8_656_ROW_BYTES, Fp8Blocks<false>, 32);
+    etap_decode_fp8_tensor_c32 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor<false>, 32);
+    etap_decode_fp8_656_c32_f16 = (FP8_656_ROW_BYTES, Fp8Blocks<true>, 32);
+    etap_decode_fp8_tensor_c32_f16 = (FP8_TENSOR_ROW_BYTES, Fp8Tensor<true>, 32);
 }
