@@ -180,8 +180,8 @@ impl Decoder {
 
     /// [`Decoder::plan`] with the layout chosen by the caller instead of by
     /// [`Layout::for_shape`] (for benchmarks and tests: both layouts handle every shape over a
-    /// 16-bit cache and over an FP8 one: [`Layout::HeadsOnM`] there runs the wide FP8 kernel,
-    /// which `plan` does not pick yet).
+    /// 16-bit cache; over an FP8 cache only [`Layout::KvOnM`] does, in column groups of 16, and
+    /// [`Layout::HeadsOnM`] is `Invalid { arg: "kv_format" }`).
     pub fn plan_with_layout(
         &self,
         shape: &DecodeShape,
@@ -641,7 +641,6 @@ impl Decoder {
             o_accum: plan.o_accum.as_device_ptr().as_raw() as *mut f32,
             lse_accum: plan.lse_accum.as_device_ptr().as_raw() as *mut f32,
             counters: plan.counters.as_device_ptr().as_raw() as *mut u32,
-            kv: bufs.kv_cache as *const u8,
             batch: shape.batch as u32,
             s_q: shape.s_q as u32,
             h_q: shape.h_q as u32,
