@@ -24,8 +24,8 @@ options:
                      per size, named with -p<size> unless 64 (default 64)
   --kv F,G,...       cache formats: 16 (the dtype's, default), fp8-656 (FlashMLA's FP8 with
                      scale), fp8-tensor (per-tensor e4m3): every configuration once per format;
-                     FP8 runs serving mode, KV on M (past 16 columns in column
-                     groups of 16; --layout heads gives an error row)
+                     FP8 runs serving mode, KV on M (CTAs of 16 or 32 columns,
+                     column groups of 32 past that; --layout heads gives an error row)
   --packed           every configuration also in the packed query layout (q_offsets, each
                      request at s_q tokens), named with -packed: the layout's cost
   --layers N         layers of the serving-mode CUDA graph, each with its own cache

@@ -180,8 +180,9 @@ impl Decoder {
 
     /// [`Decoder::plan`] with the layout chosen by the caller instead of by
     /// [`Layout::for_shape`] (for benchmarks and tests: both layouts handle every shape over a
-    /// 16-bit cache; over an FP8 cache only [`Layout::KvOnM`] does, in column groups of 16, and
-    /// [`Layout::HeadsOnM`] is `Invalid { arg: "kv_format" }`).
+    /// 16-bit cache; over an FP8 cache only [`Layout::KvOnM`] does, in CTAs of 16 or 32 columns
+    /// and column groups of 32 past that, and [`Layout::HeadsOnM`] is
+    /// `Invalid { arg: "kv_format" }`).
     pub fn plan_with_layout(
         &self,
         shape: &DecodeShape,
