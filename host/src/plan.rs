@@ -116,8 +116,9 @@ impl ColumnTiling {
         let Some(row_bytes) = format.fp8_row_bytes() else {
             return Ok(self.kernel(dtype));
         };
-        match (self.layout, self.kernel(dtype)) {
-            (Layout::KvOnM, Kernel::Decode { f16, cols }) => Ok(Kernel::DecodeFp8 { row_bytes, f16, cols }),
+        // `kernel` gives the ETAP kernel exactly for the KvOnM layout.
+        match self.kernel(dtype) {
+            Kernel::Decode { f16, cols } => Ok(Kernel::DecodeFp8 { row_bytes, f16, cols }),
             _ => Err(EtapError::Invalid {
                 arg: "kv_format",
                 why: format!(
