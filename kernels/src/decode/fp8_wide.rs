@@ -49,14 +49,6 @@ const _: () = assert!(
 /// Tiles ahead of the one being converted that the copy engine brings into L2: two tiles of
 /// every CTA (84 KiB each at 656 bytes a row, 11 MiB over 132 SMs) stay well inside the L2.
 const PREFETCH_TILES: u32 = 2;
-/// Rows of one L1 prefetch group: 8 rows are whole 128-byte lines in both formats (36 lines of
-/// 576-byte rows, 41 of 656-byte ones), and a page starts on a line.
-const L1_GROUP_ROWS: u32 = 8;
-/// Groups the converters ask L1 for ahead of the rows they convert: at most
-/// `L1_AHEAD + 1` groups (24 KiB at 656 bytes a row) are resident, inside the 28 KiB of L1 the
-/// kernel's 228 KiB of shared memory leave.
-const L1_AHEAD: u32 = 3;
-const L1_GROUPS: u32 = TILE_ROWS as u32 / L1_GROUP_ROWS;
 /// 16-byte f16 chunks (8 values) of a tile row, [`CHUNK_LANES`] threads a row, three chunks
 /// each (`c`, `c + 24`, `c + 48`), [`ROW_LANES`] rows at a time: the ETAP FP8 kernel's chunk
 /// layout, so that each thread's source offsets, scales and swizzle stay fixed and only the row
@@ -138,6 +130,7 @@ unsafe fn prefetch_tile(prm: &DecodeParams, id: i32) {
 #[inline(always)]
 unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, rank: u32) {
     let lane = ConvLane::new(rank);
+    let page_bytes = (prm.kv_stride * ROW) as usize;
     let mut it = 0u32;
     for r in range.begin_req..=range.end_req {
         let (_, lo, hi) = prm.segment(range, r);
@@ -156,18 +149,13 @@ unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Sm
             }
             // Read before the wait for the stage, so that its latency overlaps it.
             let id = *table.add(tile as usize);
-            let page = page_of::<ROW>(prm, id);
-            if !page.is_null() {
-                // The tile's first groups, before the wait for its stage.
-                for g in 0..L1_AHEAD {
-                    prefetch_group::<ROW>(page, g, rank);
-                }
-            }
             let stage = it % STAGES;
             if it >= STAGES {
                 tile::wait(sm.empty + 8 * stage, (it / STAGES - 1) & 1);
             }
-            lane.convert_tile::<ROW>(page, sm.pages + stage * TILE_BYTES);
+            let valid = (id as u32) < prm.num_pages;
+            let page = prm.kv.add(if valid { id as usize * page_bytes } else { 0 });
+            lane.convert_tile::<ROW>(page, valid, sm.pages + stage * TILE_BYTES);
             // The tile's writes, for the tensor cores; then the stage is full.
             sync::fence_proxy_async_shared();
             mbarrier::arrive(sm.full + 8 * stage);
@@ -175,29 +163,6 @@ unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Sm
         }
     }
 }
-
-/// Page `id` of the cache, or null for an entry outside it (a tile of zeros).
-#[inline(always)]
-unsafe fn page_of<const ROW: u32>(prm: &DecodeParams, id: i32) -> *const u8 {
-    if (id as u32) < prm.num_pages {
-        prm.kv.add(id as usize * (prm.kv_stride * ROW) as usize)
-    } else {
-        core::ptr::null()
-    }
-}
-
-/// Ask L1 for group `g` of [`L1_GROUP_ROWS`] rows of `page` (non-null), a line a converter.
-#[inline(always)]
-unsafe fn prefetch_group<const ROW: u32>(page: *const u8, g: u32, rank: u32) {
-    if rank < L1_GROUP_ROWS * ROW / 128 {
-        global::prefetch_l1(page.add((g * L1_GROUP_ROWS * ROW + rank * 128) as usize));
-    }
-}
-const _: () = assert!(
-    (L1_GROUP_ROWS * FP8_656_ROW_BYTES).is_multiple_of(128)
-        && (L1_GROUP_ROWS * FP8_TENSOR_ROW_BYTES).is_multiple_of(128)
-        && L1_GROUP_ROWS * FP8_656_ROW_BYTES / 128 <= CONVERTERS
-);
 
 /// One converter thread's share of a tile: chunks `c`, `c + 24`, `c + 48` of rows `r0`,
 /// `r0 + ROW_LANES`, ...
@@ -222,20 +187,11 @@ impl ConvLane {
     /// # Safety
     /// `page` is a page of the cache when `valid`; `dst` a tile buffer no one else uses now.
     #[inline(always)]
-    unsafe fn convert_tile<const ROW: u32>(&self, page: *const u8, dst: u32) {
+    unsafe fn convert_tile<const ROW: u32>(&self, page: *const u8, valid: bool, dst: u32) {
         let rows = rows_in_flight(ROW);
         let in_flight = 3 * rows as usize;
-        let valid = !page.is_null();
         for step in 0..TILE_ROWS as u32 / (ROW_LANES * rows) {
-            let first = step * ROW_LANES * rows;
-            if first.is_multiple_of(L1_GROUP_ROWS) {
-                // The group L1_AHEAD ahead in this page.
-                let g = first / L1_GROUP_ROWS + L1_AHEAD;
-                if valid && g < L1_GROUPS {
-                    prefetch_group::<ROW>(page, g, self.r0 * CHUNK_LANES + self.c);
-                }
-            }
-            let row0 = self.r0 + first;
+            let row0 = self.r0 + step * ROW_LANES * rows;
             // Sized for `unroll!`'s dead copies (indices up to 7); `in_flight` are used.
             let mut raw = [[0u32; 4]; 8];
             // The 656 format's block scales as f16 pairs.

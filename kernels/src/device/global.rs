@@ -139,16 +139,6 @@ pub unsafe fn st_u32x2_if(pred: bool, ptr: *mut u32, v: [u32; 2]) {
     );
 }
 
-/// Ask L1 for the 128-byte line holding `ptr` (`prefetch.global.L1`): no register waits on it,
-/// so a thread can have lines in flight beyond what its registers hold.
-///
-/// # Safety
-/// `ptr` points into live global memory (a prefetch has no other effect).
-#[inline(always)]
-pub unsafe fn prefetch_l1(ptr: *const u8) {
-    asm!("prefetch.global.L1 [{0}];", in(reg64) ptr, options(readonly, nostack));
-}
-
 /// Load 8 bytes that no thread writes while the kernel runs (the cache), through the
 /// non-coherent path and without allocating in L1 (each is read once per CTA).
 ///
