@@ -51,6 +51,10 @@ ab_args=(${AB_ARGS:---iters 20 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,1024 -
 # The A/B steps' columns of results.csv: config, dtype, per-call µs, rel err, lse diff, serving
 # µs shuffled / contiguous, status.
 ab_cols=3,4,15,21,22,23,24,26
+# Hazard reports per kernel in a racecheck log (each report names two accesses, kernel+offset):
+# the summary alone does not say which kernel (session 19 found the wide FP8 kernel's hazards
+# only in its bf16-q variants this way).
+per_kernel() { grep -oE 'etap_[a-z0-9_]+\+0x[0-9a-f]+' "$1" | sed 's/+0x.*//' | sort | uniq -c; }
 case "${1:-}" in
 tests)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -101,6 +105,7 @@ fp8)
         (cd target/bundle && ETAP_REQUIRE_GPU=1 "$san" --tool $tool ./tests/gpu_fp8 --test-threads=1 fp8_caches >"/root/san-$tool.log" 2>&1)
         echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /root/san-$tool.log)"
     done
+    per_kernel /root/san-racecheck.log
     target/bundle/etap-bench --out /root/f1 --iters 10 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 64,1,16,8192 >"$out/fp8-bench.log" 2>&1
     echo "fp8 bench rc=$?"; cp /root/f1/results.csv "$out/fp8.csv"
     ;;
@@ -144,6 +149,7 @@ candidate)
     run_test graph 60 ./tests/gpu_graph --test-threads=1
     run_test fp8-memcheck 60 "$san" --tool memcheck ./tests/gpu_fp8 --test-threads=1 fp8_caches
     run_test fp8-racecheck 60 "$san" --tool racecheck ./tests/gpu_fp8 --test-threads=1 fp8_caches
+    per_kernel /root/fp8-racecheck.log | tee -a "$out/candidate.log"
     for side in base new; do
         left $((limit - 100)) || break
         bin=$base; [ $side = new ] && bin=target/bundle/etap-bench
