@@ -461,10 +461,15 @@ mod tests {
             (4, 128, Layout::HeadsOnM),
         ] {
             assert_eq!(Layout::for_shape(&shape(s_q, h_q)), want, "s_q={s_q} h_q={h_q}");
-            // An FP8 cache: KV on M at every column count.
+            // An FP8 cache: KV on M, but for the per-tensor format from FP8_WIDE_MIN_COLS.
             for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
                 let sh = shape(s_q, h_q).with_kv_format(f);
-                assert_eq!(Layout::for_shape(&sh), Layout::KvOnM, "{f:?} s_q={s_q} h_q={h_q}");
+                let want = if f == KvFormat::Fp8PerTensor && s_q * h_q >= FP8_WIDE_MIN_COLS {
+                    Layout::HeadsOnM
+                } else {
+                    Layout::KvOnM
+                };
+                assert_eq!(Layout::for_shape(&sh), want, "{f:?} s_q={s_q} h_q={h_q}");
             }
         }
     }
@@ -486,7 +491,9 @@ mod tests {
                 (8, 128, 32, 32),
             ] {
                 let sh = shape(s_q, h_q).with_kv_format(f);
-                let t = ColumnTiling::for_shape(&sh, Layout::for_shape(&sh));
+                // The KV-on-M tiling (the plan's layout for these up to FP8_WIDE_MIN_COLS, and
+                // for the 656-byte format at every count).
+                let t = ColumnTiling::for_shape(&sh, Layout::KvOnM);
                 assert_eq!(
                     t,
                     ColumnTiling {
