@@ -25,10 +25,9 @@ pub const DECODE_THREADS: u32 = (CONSUMERS + 1) * WARPGROUP;
 /// warpgroup and a second warpgroup, so that the warps that turn the FP8 rows into f16 tiles
 /// are six (two on each of two SM sub-partitions, one on each other) rather than three.
 pub const FP8_THREADS: u32 = (CONSUMERS + 2) * WARPGROUP;
-/// Converter threads of the wide FP8 kernel: the producer warpgroup's last three warps (its
-/// first warp's first thread loads Q and prefetches the pages; 96 is the converters' chunk
-/// layout, a multiple of 24 threads).
-pub const FP8_WIDE_CONVERTERS: u32 = WARPGROUP - 32;
+/// Converter threads of the wide FP8 kernel: the whole producer warpgroup (its first thread
+/// also loads Q and prefetches the pages), 8 threads a row (the converters' chunk layout).
+pub const FP8_WIDE_CONVERTERS: u32 = WARPGROUP;
 /// 32-bit registers of an SM's register file, which a CTA's threads share (one CTA an SM).
 pub const REGISTER_FILE: u32 = 65_536;
 /// Bytes of one 128-byte swizzle row: a shared-memory tile row of 64 16-bit elements.

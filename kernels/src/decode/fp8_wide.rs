@@ -4,11 +4,11 @@
 //! where the ETAP FP8 kernel converts it once for each 32.
 //!
 //! ```text
-//!   producer warp 0, thread 0:  each request's Q (TMA)                               [q_full]
-//!   converters (warps 1-3):     each tile's 64 raw rows, global memory -> registers ->
-//!                               the f16 tile of the ring (x block scale)              [full[s]]
-//!                               (their first thread: the copy engine's L2 prefetch of
-//!                               the tiles PREFETCH_TILES ahead)
+//!   producer warpgroup (128 converters): each tile's 64 raw rows, global memory -> registers
+//!                               -> the f16 tile of the ring (x block scale)           [full[s]]
+//!                               (its first thread also: each request's Q by TMA [q_full],
+//!                               and the copy engine's L2 prefetch of the tiles
+//!                               PREFETCH_TILES ahead)
 //!   consumers:                  the wide kernel's: S = Q·K^T, row softmax, O += P·V   [empty[s]]
 //! ```
 //!
@@ -16,25 +16,25 @@
 //! (72 KiB), so beside the two f16 tile buffers there is no room for raw boxes (one tile buffer
 //! and a ring was session 13's wide FP8 kernel: converting and consuming then took turns, 1.17x
 //! the bf16 cache at h128 64K, H100). The converters read the cache's rows from global memory
-//! themselves (`DecodeParams::kv`), one or two rows of loads in flight a thread, with the
-//! copy engine prefetching the next tiles into L2 so that those loads hit there. It also spares
-//! shared memory the raw bytes' write and read.
+//! themselves (`DecodeParams::kv`), a whole row's share of loads in flight a thread (16 rows a
+//! CTA at a time), with the copy engine prefetching the next tiles into L2 so that those loads
+//! hit there. It also spares shared memory the raw bytes' write and read.
 //!
 //! Values as in `fp8` (exact conversions to f16; the per-tensor scale folded by the consumers).
 //! A block-table entry outside the cache gives a tile of zeros, as the copy engine gives the
 //! other kernels: the converters load nothing for it.
-use super::fp8::{e4m3x8_to_f16, is_rope};
-use super::{for_each_producer_tile, heads_on_m, prologue, DecodeParams, Smem, CONSUMERS, ENTRY_REGS, STAGES, THREADS};
+use super::fp8::e4m3x8_to_f16;
+use super::{heads_on_m, load_request_q, prologue, DecodeParams, Smem, CONSUMERS, ENTRY_REGS, STAGES, THREADS};
 use crate::barriers::IDLE as BAR_IDLE;
 use crate::device::{global, index, math, mbarrier, smem, sync, tma};
 use crate::elem::{Elem, Fp8Blocks, Fp8Tensor};
 use crate::merge;
 use crate::tile::{self, BLOCK_BYTES, ROW_BYTES, TILE_BYTES, WIDE_ROWS};
 use etap_core::contract::{FP8_656_ROW_BYTES, FP8_BOX_ROWS, FP8_TENSOR_ROW_BYTES, FP8_WIDE_CONVERTERS as CONVERTERS};
-use etap_core::{WorkRange, D_QK, D_V, TILE_ROWS};
+use etap_core::{WorkRange, D_V, QK_BLOCKS, TILE_ROWS};
 
-/// The first converter thread: the producer warpgroup's second warp.
-const FIRST_CONVERTER: u32 = CONSUMERS * index::WARPGROUP + index::WARP;
+/// The first converter thread: the producer warpgroup's first.
+const FIRST_CONVERTER: u32 = CONSUMERS * index::WARPGROUP;
 const _: () = assert!(THREADS - FIRST_CONVERTER == CONVERTERS);
 /// Registers of the converters (the producer warpgroup) and the consumers: the converters'
 /// loads in flight and their addresses take more than the 16-bit producer's 40 (ptxas spilled
@@ -49,30 +49,23 @@ const _: () = assert!(
 /// Tiles ahead of the one being converted that the copy engine brings into L2: two tiles of
 /// every CTA (84 KiB each at 656 bytes a row, 11 MiB over 132 SMs) stay well inside the L2.
 const PREFETCH_TILES: u32 = 2;
-/// 16-byte f16 chunks (8 values) of a tile row, [`CHUNK_LANES`] threads a row, three chunks
-/// each (`c`, `c + 24`, `c + 48`), [`ROW_LANES`] rows at a time: the ETAP FP8 kernel's chunk
-/// layout, so that each thread's source offsets, scales and swizzle stay fixed and only the row
-/// moves.
-const ROW_CHUNKS: u32 = D_QK as u32 / 8;
-const CHUNK_LANES: u32 = ROW_CHUNKS / 3;
-const ROW_LANES: u32 = CONVERTERS / CHUNK_LANES;
-/// Rows a converter has in flight for rows of `ROW` bytes, all their loads issued before any
-/// conversion: the bytes in flight (96 threads x 48 bytes at two rows of the per-tensor format,
-/// 4.5 KiB an SM; x 24-32 bytes and three scales at one of the 656-byte format) are what hides
-/// the L2's latency, and the registers are the producer warpgroup's [`CONVERTER_REGS`] (ptxas
-/// spilled two rows of the 656-byte format there).
-const fn rows_in_flight(row: u32) -> u32 {
-    if row == FP8_656_ROW_BYTES {
-        1
-    } else {
-        2
-    }
-}
+/// Threads a row: lane `j` of a row takes its 16-byte f16 chunks (8 values) `j, j + 8, ...,
+/// j + 64`, one in each of the row's [`QK_BLOCKS`] 64-value blocks. So all of a lane's chunks
+/// fall in one swizzle slot (`j ^ row % 8`, and `row % 8` is fixed too, [`STEP_ROWS`] being a
+/// multiple of 8), a lane needs all four of a 656-byte row's block scales (one 16-byte load),
+/// and a warp's load of one block reads four rows' 64 contiguous bytes.
+const CHUNK_LANES: u32 = 8;
+/// Rows converted at a time, one a [`CHUNK_LANES`] threads, every load of a row's share
+/// issued before any conversion: 128 threads x 72 bytes (per-tensor; 96 for the 656-byte
+/// format, its scales and 16-byte RoPE chunk) = 9-12 KiB in flight a CTA, what hides the L2's
+/// latency. Session 19's layout (24 threads a row, 96 converters, one or two rows) had
+/// 3-4.5 KiB, and its converters bound the kernel (ncu: waiting on their loads).
+const STEP_ROWS: u32 = CONVERTERS / CHUNK_LANES;
 const _: () = assert!(
-    CHUNK_LANES * ROW_LANES == CONVERTERS
-        && (TILE_ROWS as u32).is_multiple_of(ROW_LANES * rows_in_flight(FP8_656_ROW_BYTES))
-        && (TILE_ROWS as u32).is_multiple_of(ROW_LANES * rows_in_flight(FP8_TENSOR_ROW_BYTES))
-        && 3 * rows_in_flight(FP8_TENSOR_ROW_BYTES) <= 8
+    CHUNK_LANES * 8 == (D_V / 8) as u32
+        && STEP_ROWS.is_multiple_of(8)
+        && (TILE_ROWS as u32).is_multiple_of(STEP_ROWS)
+        && QK_BLOCKS == 9
 );
 
 #[inline(always)]
@@ -81,24 +74,24 @@ unsafe fn decode_fp8_wide<const ROW: u32, E: Elem>(prm: &DecodeParams) {
     let group = index::group();
     let t = index::thread_x();
     match prologue::<STAGES, CONVERTERS>(prm, &sm) {
-        Some(range) => {
+        Some(_) => {
             if sync::warp_uniform(t / index::WARPGROUP) == CONSUMERS {
                 sync::setmaxnreg_dec::<CONVERTER_REGS>();
-                if t == CONSUMERS * index::WARPGROUP {
-                    // Q only: the converters load the pages.
-                    for_each_producer_tile!(prm, &range, &sm, group, WIDE_ROWS, |_r, _, _, _tile, _it| {});
-                } else if t >= FIRST_CONVERTER {
-                    let rank = t - FIRST_CONVERTER;
-                    merge::write_empty(prm, group, WIDE_ROWS, rank, CONVERTERS);
-                    merge::publish_empty_splits(prm, group, WIDE_ROWS, rank, CONVERTERS, BAR_IDLE);
-                    // The work range read again rather than kept from the prologue: live across
-                    // the hand-over it took three of the converters' registers (ptxas spilled
-                    // them), and the load is an L1 hit.
-                    let range = core::ptr::read_volatile(prm.ranges.add(index::part() as usize));
-                    convert::<ROW>(prm, &range, &sm, rank);
+                let rank = t - FIRST_CONVERTER;
+                if rank >= index::WARP {
+                    // The last three warps first write the CTA's empty requests and stale
+                    // splits, as the 16-bit producer's idle warps do; the first warp starts on
+                    // the pages at once, and its first thread on Q.
+                    let (idle_rank, idle) = (rank - index::WARP, CONVERTERS - index::WARP);
+                    merge::write_empty(prm, group, WIDE_ROWS, idle_rank, idle);
+                    merge::publish_empty_splits(prm, group, WIDE_ROWS, idle_rank, idle, BAR_IDLE);
                 }
+                convert::<ROW>(prm, &sm, group, rank);
             } else {
                 sync::setmaxnreg_inc::<WIDE_FP8_CONSUMER_REGS>();
+                // Read again, as the converters do: the prologue's copy, live across the
+                // hand-over, had one of its words spilled (ptxas, 4 bytes).
+                let range = core::ptr::read_volatile(prm.ranges.add(index::part() as usize));
                 heads_on_m::consume::<E>(prm, &range, &sm, red_sum, group);
             }
         }
@@ -123,25 +116,37 @@ unsafe fn prefetch_tile(prm: &DecodeParams, id: i32) {
 /// The converters: for each tile of the part, in the consumers' order, wait for its stage to be
 /// free, convert this thread's share of the page's rows into it, fence the writes for the
 /// tensor cores and arrive on the stage's `full` barrier (counting [`CONVERTERS`] arrivals).
-/// `rank` of [`CONVERTERS`]; rank 0 also issues the L2 prefetches.
+/// `rank` of [`CONVERTERS`]; rank 0 also loads each request's Q (column group `group`) and
+/// issues the L2 prefetches.
 ///
 /// # Safety
 /// The converter threads, after the prologue; `prm.kv` is the cache the tensor map describes.
 #[inline(always)]
-unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, rank: u32) {
+unsafe fn convert<const ROW: u32>(prm: &DecodeParams, sm: &Smem, group: u32, rank: u32) {
     let lane = ConvLane::new(rank);
     let page_bytes = (prm.kv_stride * ROW) as usize;
+    // The work range read again, and again for each request, rather than kept from the
+    // prologue: its words live across the hand-over and the tile loop took registers the
+    // converters do not have (ptxas spilled them), and each load is an L1 hit.
+    let range_at = prm.ranges.add(index::part() as usize);
+    let WorkRange { begin_req, end_req, .. } = core::ptr::read_volatile(range_at);
     let mut it = 0u32;
-    for r in range.begin_req..=range.end_req {
-        let (_, lo, hi) = prm.segment(range, r);
+    let mut q_round = 0u32;
+    for r in begin_req..=end_req {
+        let (_, lo, hi) = prm.segment(&core::ptr::read_volatile(range_at), r);
         // Pages of 64 rows: tile `tile` is page slot `tile`, below `max_pages`.
         let table = prm.block_table.add((r * prm.max_pages) as usize);
-        if rank == 0 {
+        if rank == 0 && lo < hi {
             let mut ahead = lo;
             while ahead < hi && ahead < lo + PREFETCH_TILES {
                 prefetch_tile(prm, *table.add(ahead as usize));
                 ahead += 1;
             }
+            // The consumers' segments are those with tiles, each waiting for its Q. Past the
+            // first, this waits until the consumers are on the previous segment's last tile
+            // (`q_empty`), which the converters have filled by now.
+            load_request_q(prm, sm, r, group, WIDE_ROWS, q_round);
+            q_round += 1;
         }
         for tile in lo..hi {
             if rank == 0 && tile + PREFETCH_TILES < hi {
@@ -164,11 +169,10 @@ unsafe fn convert<const ROW: u32>(prm: &DecodeParams, range: &WorkRange, sm: &Sm
     }
 }
 
-/// One converter thread's share of a tile: chunks `c`, `c + 24`, `c + 48` of rows `r0`,
-/// `r0 + ROW_LANES`, ...
+/// One converter thread's share of a tile: lane `j` of rows `r0`, `r0 + STEP_ROWS`, ...
 struct ConvLane {
     r0: u32,
-    c: u32,
+    j: u32,
 }
 
 impl ConvLane {
@@ -176,7 +180,7 @@ impl ConvLane {
     fn new(rank: u32) -> Self {
         ConvLane {
             r0: rank / CHUNK_LANES,
-            c: rank % CHUNK_LANES,
+            j: rank % CHUNK_LANES,
         }
     }
 
@@ -188,46 +192,44 @@ impl ConvLane {
     /// `page` is a page of the cache when `valid`; `dst` a tile buffer no one else uses now.
     #[inline(always)]
     unsafe fn convert_tile<const ROW: u32>(&self, page: *const u8, valid: bool, dst: u32) {
-        let rows = rows_in_flight(ROW);
-        let in_flight = 3 * rows as usize;
-        for step in 0..TILE_ROWS as u32 / (ROW_LANES * rows) {
-            let row0 = self.r0 + step * ROW_LANES * rows;
-            // Sized for `unroll!`'s dead copies (indices up to 7); `in_flight` are used.
-            let mut raw = [[0u32; 4]; 8];
-            // The 656 format's block scales as f16 pairs.
-            let mut scale = [0u32; 8];
+        let blocks_656 = ROW == FP8_656_ROW_BYTES;
+        let j = self.j as usize;
+        // The lane's swizzle slot in each of its rows (row % 8 == r0 % 8).
+        let slot = dst + ((self.j ^ (self.r0 % 8)) * 16);
+        for step in 0..TILE_ROWS as u32 / STEP_ROWS {
+            let row = self.r0 + step * STEP_ROWS;
+            let src = page.add((row * ROW) as usize);
+            // The lane's e4m3 chunks of blocks 0-7 (8 bytes each), its chunk of block 8 (e4m3
+            // in the per-tensor format; bf16 RoPE, 16 bytes, in the 656-byte one) and the
+            // 656-byte row's four f32 block scales (one per 128 values: two blocks).
+            let mut raw = [[0u32; 2]; 8];
+            let mut last = [0u32; 4];
+            let mut scales = [0u32; 4];
             // Loads first (a warp-uniform branch: `valid` is the tile's).
             if valid {
-                crate::unroll!(i < in_flight, max 8 => {
-                    let row = row0 + (i as u32 / 3) * ROW_LANES;
-                    let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
-                    let src = page.add((row * ROW) as usize);
-                    if is_rope::<ROW>(i, chunk / 8) {
-                        // The 656-byte format's RoPE part, bf16 after the scales.
-                        raw[i] = global::ld_nc_u32x4(src.add(D_V + 16 + (chunk as usize % 8) * 16));
-                    } else {
-                        let [a, b] = global::ld_nc_u32x2(src.add(chunk as usize * 8));
-                        raw[i] = [a, b, 0, 0];
-                        if ROW == FP8_656_ROW_BYTES {
-                            // One f32 scale per 128 values (16 chunks), after the 512 e4m3.
-                            let f = global::ld_nc_f32(src.add(D_V + 4 * (chunk as usize / 16)));
-                            scale[i] = math::pack_f16x2(f, f);
-                        }
-                    }
+                crate::unroll!(k < 8, max 8 => {
+                    raw[k] = global::ld_nc_u32x2(src.add((j + 8 * k) * 8));
                 });
-            }
-            crate::unroll!(i < in_flight, max 8 => {
-                let row = row0 + (i as u32 / 3) * ROW_LANES;
-                let chunk = self.c + (i as u32 % 3) * CHUNK_LANES;
-                let block = chunk / 8;
-                let v = if is_rope::<ROW>(i, block) {
-                    raw[i].map(math::bf16x2_to_f16x2)
+                if blocks_656 {
+                    scales = global::ld_nc_u32x4(src.add(D_V));
+                    last = global::ld_nc_u32x4(src.add(D_V + 16 + j * 16));
                 } else {
-                    e4m3x8_to_f16([raw[i][0], raw[i][1]], ROW == FP8_656_ROW_BYTES, scale[i])
-                };
-                let at = dst + block * BLOCK_BYTES + row * ROW_BYTES + (((chunk % 8) ^ (row % 8)) * 16);
-                smem::st_v4_u32(at, v);
+                    let [a, b] = global::ld_nc_u32x2(src.add((j + 64) * 8));
+                    last = [a, b, 0, 0];
+                }
+            }
+            let at = slot + row * ROW_BYTES;
+            crate::unroll!(k < 8, max 8 => {
+                let f = f32::from_bits(scales[k / 2]);
+                let v = e4m3x8_to_f16(raw[k], blocks_656, math::pack_f16x2(f, f));
+                smem::st_v4_u32(at + k as u32 * BLOCK_BYTES, v);
             });
+            let v = if blocks_656 {
+                last.map(math::bf16x2_to_f16x2)
+            } else {
+                e4m3x8_to_f16([last[0], last[1]], false, 0)
+            };
+            smem::st_v4_u32(at + 8 * BLOCK_BYTES, v);
         }
     }
 }
