@@ -16,10 +16,10 @@
 #   bash bench/gpu-session.sh candidate A [LIMIT]
 #                                      # one call for a kernel change when device time is short
 #                                      # (session 9): the bundle's FP8, API and graph tests, the
-#                                      # FP8 sanitizers, an A/B of etap-bench A (the base) against
-#                                      # the bundle's, the Python FP8 and graph tests, then
-#                                      # gpu_decode, each step only while LIMIT seconds (default
-#                                      # 480) allow it
+#                                      # FP8 sanitizers, an A/B of etap-bench A (the base; BIN@PTX
+#                                      # as in ab) against the bundle's, the Python FP8 and graph
+#                                      # tests, then gpu_decode, each step only while LIMIT
+#                                      # seconds (default 480) allow it
 #   bash bench/gpu-session.sh ncu TAG BIN REGEX [ARGS...]
 #                                      # Nsight Compute (full set) of the third launch of the
 #                                      # kernel matching REGEX in etap-bench BIN run per call with
@@ -152,8 +152,11 @@ candidate)
     per_kernel /root/fp8-racecheck.log | tee -a "$out/candidate.log"
     for side in base new; do
         left $((limit - 100)) || break
-        bin=$base; [ $side = new ] && bin=target/bundle/etap-bench
-        timeout 90 "$bin" --out "/root/cand-$side" "${ab_args[@]}" >"/root/cand-$side.log" 2>&1
+        # The base may be BIN@PTX, as an `ab` side: BIN with the kernels of PTX.
+        bin=${base%%@*} ptx=
+        [ "$bin" != "$base" ] && ptx=$(realpath "${base#*@}")
+        [ $side = new ] && bin=target/bundle/etap-bench ptx=
+        timeout 90 env ${ptx:+ETAP_PTX=$ptx} "$bin" --out "/root/cand-$side" "${ab_args[@]}" >"/root/cand-$side.log" 2>&1
         echo "ab $side rc=$? t=$((SECONDS - t0))" | tee -a "$out/candidate.log"
         echo "== $side" >>"$out/ab.txt"
         cut -d, -f$ab_cols "/root/cand-$side/results.csv" >>"$out/ab.txt"
