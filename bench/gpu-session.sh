@@ -9,7 +9,9 @@
 #   bash bench/gpu-session.sh tests    # peers' build in the background; the bundle's tests in the
 #                                      # GPU-required mode with the sanitizers; the Python checks
 #   bash bench/gpu-session.sh bench    # etap-bench (serving mode and per call), then the peers on
-#                                      # the same batches (bench/peers.py), ratios printed last
+#                                      # the same batches (bench/peers.py), ratios printed last;
+#                                      # bench/serving_table.py turns the results.json and
+#                                      # peers.json it brings back into perf-notes' table
 #   bash bench/gpu-session.sh shapes   # issue 13's table: page sizes, head counts, s_q, packed
 #   bash bench/gpu-session.sh fp8      # issue 14: the FP8 tests with memcheck/racecheck, the FP8
 #                                      # serving table beside bf16
