@@ -14,7 +14,8 @@
 #                                      # peers.json it brings back into perf-notes' table
 #   bash bench/gpu-session.sh shapes   # issue 13's table: page sizes, head counts, s_q, packed
 #   bash bench/gpu-session.sh fp8      # issue 14: the FP8 tests with memcheck/racecheck, the FP8
-#                                      # serving table beside bf16
+#                                      # serving table beside bf16 on the issue's shapes
+#                                      # (bench/serving_table.py --fp8 makes perf-notes' table)
 #   bash bench/gpu-session.sh candidate A [LIMIT]
 #                                      # one call for a kernel change when device time is short
 #                                      # (session 9): the bundle's FP8, API and graph tests, the
@@ -108,8 +109,14 @@ fp8)
         echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /root/san-$tool.log)"
     done
     per_kernel /root/san-racecheck.log
-    target/bundle/etap-bench --out /root/f1 --iters 10 --kv 16,fp8-656,fp8-tensor --shape 16,1,16,16384 --shape 16,1,16,65536 --shape 64,1,16,8192 >"$out/fp8-bench.log" 2>&1
+    # Issue 14's shapes: the memory-bound ones (b16 h16 16K-64K, b64 8K, varlen) and the
+    # compute-bound ones (h128, s_q 2 x h64), each with the 16-bit cache beside the FP8 formats.
+    target/bundle/etap-bench --out /root/f1 --iters 10 --kv 16,fp8-656,fp8-tensor \
+        --only b16-sq1-h16-sk16k,b16-sq1-h16-sk32k,b16-sq1-h16-sk64k,b64-sq1-h16-sk8k,b32-sq1-h16-varlen8k,b16-sq2-h64-sk4k,b64-sq1-h128-sk4k,b16-sq1-h128-sk16k,b16-sq1-h128-sk64k \
+        >"$out/fp8-bench.log" 2>&1
     echo "fp8 bench rc=$?"; cp /root/f1/results.csv "$out/fp8.csv"
+    # For `python3 bench/serving_table.py --fp8 DIR/fp8 [DIR of the bench step]`.
+    mkdir -p "$out/fp8"; cp /root/f1/results.json "$out/fp8/"
     ;;
 ab)
     # Sides: etap-bench binaries, each optionally with a PTX file to run instead of its own

@@ -1,15 +1,27 @@
 #!/usr/bin/env python3
-"""The serving table of docs/perf-notes.md ("Current numbers"), as markdown rows, from one run's
-etap-bench results.json and the peers.json that bench/peers.py wrote beside it.
+"""perf-notes' serving tables, as markdown rows, from the files a device call brought back.
 
-Usage (here, on the files a device call brought back):
-    python3 bench/serving_table.py DIR            # DIR holds results.json and peers.json
+Usage (here):
+    python3 bench/serving_table.py DIR            # DIR: the `bench` step's results.json and
+                                                  # the peers.json bench/peers.py wrote beside it
+    python3 bench/serving_table.py --fp8 DIR [PEERS_DIR]
+                                                  # DIR: the `fp8` step's results.json (each
+                                                  # configuration with the 16-bit cache and the
+                                                  # FP8 formats); PEERS_DIR: the same machine's
+                                                  # `bench` step, for FlashMLA's bf16 times
 
-One row per bf16 configuration that both files have: etap's serving time with the block table
-shuffled / contiguous (and its TFLOP/s at 64+ heads, the issue's compute-bound shapes), etap's
-% of the copy roof (shuffled), each peer's two times, the ratio etap / best peer for each
-table, and issue 15's target for the shape. The numbers are the files'; nothing is measured
-here. Prints the run's card and copy roof first, so the table keeps them.
+The first form, perf-notes' "Current numbers": one row per bf16 configuration that both files
+have: etap's serving time with the block table shuffled / contiguous (and its TFLOP/s at 64+
+heads, the issue's compute-bound shapes), etap's % of the copy roof (shuffled), each peer's two
+times, the ratio etap / best peer for each table, and issue 15's target for the shape.
+
+The second, perf-notes' "FP8 caches": one row per configuration with an FP8 row: the 16-bit
+cache, FlashMLA's format and the per-tensor one (shuffled / contiguous; % of the copy roof
+counting the FP8 bytes, shuffled), how much faster FlashMLA's format is than the 16-bit cache
+and than FlashMLA's bf16 (shuffled), and issue 14's target.
+
+The numbers are the files'; nothing is measured here. Each form prints the run's card and copy
+roof first, so that the table keeps them.
 """
 import json
 import os
@@ -90,17 +102,73 @@ def rows(results, peers):
     return header + out
 
 
+# Issue 14's targets for FlashMLA's format (set for the H200), by configuration: the
+# memory-bound shapes 1.65x faster than both bf16 kernels (the byte ratio is 1.76x), 97% of
+# the copy roof at 64K; the compute-bound ones no slower than the 16-bit cache.
+FP8_TARGETS = {
+    "b16-sq1-h16-sk16k": "≥ 1.65x",
+    "b16-sq1-h16-sk32k": "≥ 1.65x",
+    "b16-sq1-h16-sk64k": "≥ 1.65x, ≥ 97% copy",
+    "b64-sq1-h16-sk8k": "≥ 1.65x",
+    "b32-sq1-h16-varlen8k": "≥ 1.65x",
+    "b16-sq1-h128-sk64k": "≥ 1.0x",
+    "b16-sq1-h128-sk16k": "≥ 1.0x",
+    "b64-sq1-h128-sk4k": "≥ 1.0x",
+    "b16-sq2-h64-sk4k": "≥ 1.0x",
+}
+FP8_FORMATS = ("fp8-656", "fp8-tensor")
+
+
+def fp8_rows(results, peers=None):
+    """The FP8 table's markdown rows, in results.json's order of the 16-bit configurations."""
+    by_config = {r["config"]: r for r in results["results"] if r["dtype"] == "bf16"}
+    flashmla = {}
+    if peers is not None:
+        flashmla = {r["config"]: r["peers"].get("FlashMLA", {}).get("shuffled") for r in peers["rows"]}
+    out = []
+    for name, base in by_config.items():
+        fmts = [by_config.get(f"{name}-{f}") for f in FP8_FORMATS]
+        if name.endswith(FP8_FORMATS) or not any(fmts):
+            continue
+        cells = [cell(base["serving_us_per_layer_shuffled"], base["serving_us_per_layer_contiguous"], ".1f")]
+        for r in fmts:
+            if r is None:
+                cells.append("")
+                continue
+            pct = r["serving_pct_copy_shuffled"]
+            cells.append(cell(r["serving_us_per_layer_shuffled"], r["serving_us_per_layer_contiguous"], ".1f")
+                         + ("" if pct is None else f" ({pct:.1f}%)"))
+        f656 = fmts[0]["serving_us_per_layer_shuffled"] if fmts[0] else None
+        speedup = lambda t: "" if not (t and f656) else f"{t / f656:.2f}x"
+        cells.append(speedup(base["serving_us_per_layer_shuffled"]))
+        cells.append(speedup(flashmla.get(name)) if flashmla else "n/a")
+        out.append(f"| {label(name)} | " + " | ".join(cells) + f" | {FP8_TARGETS.get(name, '')} |")
+    header = ["| shape | 16-bit cache µs | FP8-656 µs | FP8 per-tensor µs | 656 vs the 16-bit cache "
+              "| 656 vs FlashMLA bf16 | target (656, H200) |", "|" + "---|" * 7]
+    return header + out
+
+
 def main():
-    if len(sys.argv) != 2:
+    args = sys.argv[1:]
+    fp8 = args[:1] == ["--fp8"]
+    if fp8:
+        args = args[1:]
+    if not 1 <= len(args) <= (2 if fp8 else 1):
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    d = sys.argv[1]
-    results = json.load(open(os.path.join(d, "results.json")))
-    peers = json.load(open(os.path.join(d, "peers.json")))
+    results = json.load(open(os.path.join(args[0], "results.json")))
     copy = results["copy_gbps"]
-    print(f"{results['card']}, copy {copy:.0f} GB/s, {peers['layers']} layers; "
-          "each cell: block table shuffled / contiguous; % copy of the shuffled time")
-    for line in rows(results, peers):
+    if fp8:
+        peers = json.load(open(os.path.join(args[1], "peers.json"))) if len(args) == 2 else None
+        print(f"{results['card']}, copy {copy:.0f} GB/s; each cell: block table shuffled / contiguous "
+              "(% of the copy roof counting the cache's bytes, shuffled); speedups of the shuffled times")
+        lines = fp8_rows(results, peers)
+    else:
+        peers = json.load(open(os.path.join(args[0], "peers.json")))
+        print(f"{results['card']}, copy {copy:.0f} GB/s, {peers['layers']} layers; "
+              "each cell: block table shuffled / contiguous; % copy of the shuffled time")
+        lines = rows(results, peers)
+    for line in lines:
         print(line)
     return 0
 
