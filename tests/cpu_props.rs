@@ -1608,12 +1608,7 @@ fn packed_reference_matches_uniform() {
     }
     // Token counts 2, 0, 4, 1: each request's last tokens of the uniform q.
     let lens = [2usize, 0, 4, 1];
-    let mut offsets = vec![0i32];
-    let mut q = Vec::new();
-    for (r, &n) in lens.iter().enumerate() {
-        offsets.push(offsets[r] + n as i32);
-        q.extend_from_slice(&c.q[((r * s_q + s_q - n) * h_q) * D_QK..((r + 1) * s_q * h_q) * D_QK]);
-    }
+    let (offsets, q) = etap_tests::pack_q(&c.q, s_q, h_q, &lens);
     let total = offsets[b] as usize;
     let packed = c.shape.with_packed_q(total);
     let (po, pl) = mla_decode_packed(
@@ -1640,6 +1635,105 @@ fn packed_reference_matches_uniform() {
                 );
             }
         }
+    }
+}
+
+/// The packed FP8 reference (`reference::mla_decode_fp8_packed`) over both formats: with every
+/// request at `s_q` tokens it is the uniform FP8 reference bit for bit (lse transposed per
+/// request); with fewer tokens a request is the uniform FP8 reference of its last tokens. Its
+/// argument checks are the FP8 reference's (the scale with its format) and the packed one's
+/// (the offsets).
+#[test]
+fn packed_fp8_reference_matches_uniform() {
+    use etap::{fp8, reference, KvFormat};
+    let (s_q, h_q) = (3usize, 4usize);
+    let c = Case::<Bf16>::new(s_q, h_q, &[130, 0, 2, 64], 12);
+    let b = c.shape.batch;
+    let lens = [2usize, 0, 3, 1];
+    let (offsets, q) = etap_tests::pack_q(&c.q, s_q, h_q, &lens);
+    let full: Vec<i32> = (0..=b as i32).map(|r| r * s_q as i32).collect();
+    for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
+        let (bytes, kv_scale) = match format {
+            KvFormat::Fp8Flashmla656 => (fp8::quantize_fp8_656(&c.cache, c.shape.num_pages), None),
+            _ => {
+                let s = fp8::per_tensor_scale(&c.cache);
+                (fp8::quantize_e4m3_per_tensor(&c.cache, s), Some(s))
+            }
+        };
+        let shape = c.shape.with_kv_format(format);
+        let (uo, ul) = reference::mla_decode_fp8(
+            &shape,
+            &c.q,
+            &bytes,
+            kv_scale,
+            &c.block_table,
+            &c.seqlens,
+            c.softmax_scale,
+        )
+        .unwrap();
+        let packed = |offs: &[i32], q: &[Bf16]| {
+            reference::mla_decode_fp8_packed(
+                &shape.with_packed_q(*offs.last().unwrap() as usize),
+                q,
+                offs,
+                &bytes,
+                kv_scale,
+                &c.block_table,
+                &c.seqlens,
+                c.softmax_scale,
+            )
+        };
+        let (po, pl) = packed(&full, &c.q).unwrap();
+        assert_eq!(po, uo, "{format:?}");
+        for r in 0..b {
+            for t in 0..s_q {
+                for h in 0..h_q {
+                    assert_eq!(
+                        pl[(r * s_q + t) * h_q + h].to_bits(),
+                        ul[(r * h_q + h) * s_q + t].to_bits()
+                    );
+                }
+            }
+        }
+        let (po, pl2) = packed(&offsets, &q).unwrap();
+        for (r, &n) in lens.iter().enumerate() {
+            let first = offsets[r] as usize;
+            for j in 0..n {
+                let t = s_q - n + j;
+                assert_eq!(
+                    &po[(first + j) * h_q * D_V..(first + j + 1) * h_q * D_V],
+                    &uo[(r * s_q + t) * h_q * D_V..(r * s_q + t + 1) * h_q * D_V],
+                    "{format:?} request {r} token {j}"
+                );
+                for h in 0..h_q {
+                    assert_eq!(
+                        pl2[(first + j) * h_q + h].to_bits(),
+                        ul[(r * h_q + h) * s_q + t].to_bits()
+                    );
+                }
+            }
+        }
+        // The scale with its format, and the offsets, are checked.
+        let wrong_scale = if kv_scale.is_some() { None } else { Some(1.0) };
+        assert!(matches!(
+            reference::mla_decode_fp8_packed(
+                &shape.with_packed_q(b * s_q),
+                &c.q,
+                &full,
+                &bytes,
+                wrong_scale,
+                &c.block_table,
+                &c.seqlens,
+                c.softmax_scale,
+            ),
+            Err(EtapError::Invalid { arg: "kv_scale", .. })
+        ));
+        let mut bad = offsets.clone();
+        bad[1] = 4; // request 0 with 4 tokens, past s_q = 3
+        assert!(matches!(
+            packed(&bad, &q),
+            Err(EtapError::Invalid { arg: "q_offsets", .. })
+        ));
     }
 }
 

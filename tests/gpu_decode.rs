@@ -9,8 +9,7 @@ use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
 use etap::{Bf16, Decoder, Element, Layout, F16};
-use etap_core::{D_QK, D_V};
-use etap_tests::{read_back, Case, CaseSpec};
+use etap_tests::{compare_packed, pack_q, read_back, Case, CaseSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -385,12 +384,7 @@ fn packed_query_layout() {
 /// [`packed_query_layout`]'s check of one case with `lens` tokens per request.
 fn check_packed<T: Element>(dec: &Decoder, case: &Case<T>, lens: &[usize]) {
     let (s_q, h_q) = (case.shape.s_q, case.shape.h_q);
-    let mut offsets = vec![0i32];
-    let mut q = Vec::new();
-    for (r, &n) in lens.iter().enumerate() {
-        offsets.push(offsets[r] + n as i32);
-        q.extend_from_slice(&case.q[(r * s_q + s_q - n) * h_q * D_QK..(r + 1) * s_q * h_q * D_QK]);
-    }
+    let (offsets, q) = pack_q(&case.q, s_q, h_q, lens);
     let total = *offsets.last().unwrap() as usize;
     let shape = case.shape.with_packed_q(total);
     let (ro, rl) = etap::reference::mla_decode_packed(
@@ -429,42 +423,14 @@ fn check_packed<T: Element>(dec: &Decoder, case: &Case<T>, lens: &[usize]) {
         .unwrap();
         let (o, l) = read_back(&stream, &out, &lse);
         let o: Vec<f32> = o.iter().map(|x| x.to_f32()).collect();
-        let mut worst = 0f64;
-        for (r, &n) in lens.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            let first = offsets[r] as usize;
-            let rows = first * h_q..(first + n) * h_q;
-            let pick = |v: &[f32]| v[rows.start * D_V..rows.end * D_V].to_vec();
-            // lse [token][head] -> [head][token], the layout `compare` reads.
-            let by_head = |v: &[f32]| -> Vec<f32> {
-                (0..h_q)
-                    .flat_map(|h| (0..n).map(move |t| (h, t)))
-                    .map(|(h, t)| v[(first + t) * h_q + h])
-                    .collect()
-            };
-            let (ref_o, ref_l) = (pick(&ro), by_head(&rl));
-            let outcome = etap::check::compare(
+        let worst = compare_packed(T::DTYPE, h_q, &offsets, &case.seqlens, &o, &l, &ro, &rl).unwrap_or_else(|why| {
+            panic!(
+                "packed {layout:?} {} s_q={s_q} h_q={h_q} page={} {why} (seed {})",
                 T::DTYPE,
-                n,
-                h_q,
-                &case.seqlens[r..r + 1],
-                &pick(&o),
-                &by_head(&l),
-                &[(0, &ref_o[..], &ref_l[..])],
-            );
-            if let Some(why) = outcome.failure() {
-                panic!(
-                    "packed {layout:?} {} s_q={s_q} h_q={h_q} page={} request {r} ({n} tokens, seqlen {}): {why} (seed {})",
-                    T::DTYPE,
-                    shape.page_size,
-                    case.seqlens[r],
-                    case.seed
-                );
-            }
-            worst = worst.max(outcome.row_err);
-        }
+                shape.page_size,
+                case.seed
+            )
+        });
         println!(
             "packed     {:<8} {:>5} b={:<3} s_q<={} h_q={:<3} page={:<3} tokens={lens:?} row_err={worst:.2e}",
             format!("{layout:?}"),

@@ -5,11 +5,13 @@
 //! GPU tests (NaN past each seqlen and in unused pages, which quantize to e4m3 NaN; junk in unused
 //! block-table slots; shuffled pages), and out and lse are poisoned with NaN before every call.
 //! Also printed: the error against the unquantized bf16 reference (what the quantization costs).
+//! The packed query layout over an FP8 cache is checked the same way, against
+//! `etap::reference::mla_decode_fp8_packed`.
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
 use etap::{fp8, Bf16, DecodeShape, Decoder, Element, EtapError, KvFormat, Layout, F16};
-use etap_tests::{read_back, Case};
+use etap_tests::{compare_packed, pack_q, read_back, Case};
 
 /// The cache of `case` in `format`, with the per-tensor scale where it has one.
 fn quantize(case: &Case<Bf16>, format: KvFormat) -> (Vec<u8>, Option<f32>) {
@@ -138,6 +140,97 @@ fn fp8_caches_match_the_reference() {
     }
 }
 
+/// The packed query layout over an FP8 cache: each request its own token count (0 to `s_q`)
+/// through device `q_offsets`, q / out / lse in rows of the batch's tokens (each request's q
+/// the last tokens of a uniform case's), against the packed reference over the dequantized
+/// cache (`etap::reference::mla_decode_fp8_packed`), every request on its own, out and lse
+/// poisoned first. Both formats, bf16 and fp16 q; 16, 32, 48 and 128 columns (the CTA of 16,
+/// that of 32, column groups of 32).
+#[test]
+fn fp8_packed_query_layout() {
+    let Some(dec) = decoder_or_skip("gpu_fp8 packed layout") else {
+        return;
+    };
+    /// (s_q, h_q, tokens per request, seqlens)
+    type PackedCase = (usize, usize, &'static [usize], &'static [i32]);
+    let cases: &[PackedCase] = &[
+        (4, 4, &[4, 1, 0, 3], &[64, 1000, 7, 129]),
+        (2, 16, &[1, 2, 0, 2, 1], &[300, 65, 900, 1, 4000]),
+        (3, 16, &[3, 1, 2], &[2000, 90, 65]),
+        (8, 16, &[1, 8, 2, 7], &[3000, 300, 64, 3]),
+    ];
+    for (k, &(s_q, h_q, lens, seqlens)) in cases.iter().enumerate() {
+        let case = Case::<Bf16>::new(s_q, h_q, seqlens, 9500 + k as u64);
+        for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
+            check_fp8_packed::<Bf16>(&dec, &case, format, lens);
+            check_fp8_packed::<F16>(&dec, &case, format, lens);
+        }
+    }
+}
+
+/// [`fp8_packed_query_layout`]'s check of one case in `format` with q (and out) of `T`.
+fn check_fp8_packed<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat, lens: &[usize]) {
+    let (s_q, h_q) = (case.shape.s_q, case.shape.h_q);
+    let q_uniform: Vec<T> = case.q.iter().map(|x| T::from_f32(x.to_f32())).collect();
+    let (offsets, q_host) = pack_q(&q_uniform, s_q, h_q, lens);
+    let shape = case
+        .shape
+        .with_kv_format(format)
+        .with_packed_q(*offsets.last().unwrap() as usize);
+    let (bytes, kv_scale) = quantize(case, format);
+    let (ro, rl) = etap::reference::mla_decode_fp8_packed(
+        &shape,
+        &q_host,
+        &offsets,
+        &bytes,
+        kv_scale,
+        &case.block_table,
+        &case.seqlens,
+        case.softmax_scale,
+    )
+    .unwrap();
+    let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    let q = DeviceBuffer::from_slice(&q_host).unwrap();
+    let off = DeviceBuffer::from_slice(&offsets).unwrap();
+    let kv = DeviceBuffer::from_slice(&bytes).unwrap();
+    let bt = DeviceBuffer::from_slice(&case.block_table).unwrap();
+    let sl = DeviceBuffer::from_slice(&case.seqlens).unwrap();
+    let mut out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()]).unwrap();
+    let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()]).unwrap();
+    dec.check_q_offsets(&shape, &off).unwrap();
+    let plan = dec.plan(&shape, &sl, &stream).unwrap();
+    let t = plan.tiling();
+    dec.decode_fp8_packed_into(
+        &plan,
+        &q,
+        &off,
+        &kv,
+        kv_scale,
+        &bt,
+        &sl,
+        Some(case.softmax_scale),
+        &mut out,
+        &mut lse,
+        &stream,
+    )
+    .unwrap();
+    let (o, l) = read_back(&stream, &out, &lse);
+    let o: Vec<f32> = o.iter().map(|x| x.to_f32()).collect();
+    let worst = compare_packed(T::DTYPE, h_q, &offsets, &case.seqlens, &o, &l, &ro, &rl).unwrap_or_else(|why| {
+        panic!(
+            "fp8 packed {format:?} q {:?} s_q={s_q} h_q={h_q} tokens={lens:?}: {why} (seed {})",
+            T::DTYPE,
+            case.seed
+        )
+    });
+    println!(
+        "fp8 packed {format:?} q {:?} b={} s_q<={s_q} h_q={h_q} groups={} tokens={lens:?} row_err={worst:.2e}",
+        T::DTYPE,
+        shape.batch,
+        t.groups
+    );
+}
+
 /// Rejected FP8 calls name the argument and write nothing.
 #[test]
 fn fp8_argument_errors() {
@@ -159,7 +252,7 @@ fn fp8_argument_errors() {
         (KvFormat::Fp8PerTensor, Some(-1.0)),
     ] {
         let shape = case.shape.with_kv_format(format);
-        let (bytes, _) = quantize(&case, format);
+        let (bytes, scale) = quantize(&case, format);
         let kv = DeviceBuffer::from_slice(&bytes).unwrap();
         let plan = dec.plan(&shape, &sl, &stream).unwrap();
         let e = dec
@@ -177,6 +270,35 @@ fn fp8_argument_errors() {
         assert!(
             matches!(e, EtapError::Length { arg: "kv_cache", .. }),
             "{format:?} short cache: {e:?}"
+        );
+        // The packed layout: q_offsets of the wrong length, a packed plan without them, and
+        // q_offsets given to a uniform plan.
+        let packed = dec.plan(&shape.with_packed_q(case.shape.batch), &sl, &stream).unwrap();
+        let offsets: Vec<i32> = (0..=case.shape.batch as i32).collect();
+        let short = DeviceBuffer::from_slice(&offsets[1..]).unwrap();
+        let off = DeviceBuffer::from_slice(&offsets).unwrap();
+        let e = dec
+            .decode_fp8_packed_into(
+                &packed, &q, &short, &kv, scale, &bt, &sl, None, &mut out, &mut lse, &stream,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, EtapError::Length { arg: "q_offsets", .. }),
+            "{format:?} short q_offsets: {e:?}"
+        );
+        let e = dec
+            .decode_fp8_into(&packed, &q, &kv, scale, &bt, &sl, None, &mut out, &mut lse, &stream)
+            .unwrap_err();
+        assert!(
+            matches!(e, EtapError::Invalid { arg: "q_offsets", .. }),
+            "{format:?} packed plan without q_offsets: {e:?}"
+        );
+        let e = dec
+            .decode_fp8_packed_into(&plan, &q, &off, &kv, scale, &bt, &sl, None, &mut out, &mut lse, &stream)
+            .unwrap_err();
+        assert!(
+            matches!(e, EtapError::Invalid { arg: "q_offsets", .. }),
+            "{format:?} q_offsets with a uniform plan: {e:?}"
         );
     }
     stream.synchronize().unwrap();

@@ -422,13 +422,7 @@ impl Decoder {
         lse: &mut DeviceBuffer<f32>,
         stream: &Stream,
     ) -> Result<()> {
-        if q_offsets.len() != plan.shape.batch + 1 {
-            return Err(EtapError::Length {
-                arg: "q_offsets",
-                expected: plan.shape.batch + 1,
-                got: q_offsets.len(),
-            });
-        }
+        check_offsets_len(&plan.shape, q_offsets.len())?;
         self.decode_into_layout(
             plan,
             q,
@@ -541,6 +535,40 @@ impl Decoder {
         unsafe { self.decode_fp8_raw(plan, T::DTYPE, bufs, kv_scale, softmax_scale, stream.as_inner()) }
     }
 
+    /// [`Decoder::decode_fp8_into`] in the packed query layout (a plan made for a shape
+    /// `with_kv_format(Fp8...)` and `with_packed_q`): q, `q_offsets`, out and lse as in
+    /// [`Decoder::decode_packed_into`], the cache and `kv_scale` as in
+    /// [`Decoder::decode_fp8_into`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_fp8_packed_into<T: Element>(
+        &self,
+        plan: &Plan,
+        q: &DeviceBuffer<T>,
+        q_offsets: &DeviceBuffer<i32>,
+        kv_cache: &DeviceBuffer<u8>,
+        kv_scale: Option<f32>,
+        block_table: &DeviceBuffer<i32>,
+        cache_seqlens: &DeviceBuffer<i32>,
+        softmax_scale: Option<f32>,
+        out: &mut DeviceBuffer<T>,
+        lse: &mut DeviceBuffer<f32>,
+        stream: &Stream,
+    ) -> Result<()> {
+        check_offsets_len(&plan.shape, q_offsets.len())?;
+        let bufs = typed_buffers(
+            &plan.shape,
+            q,
+            Some(q_offsets),
+            kv_cache,
+            block_table,
+            cache_seqlens,
+            out,
+            lse,
+        )?;
+        // SAFETY: as decode_into's: live buffers of the validated lengths, borrowed for the call.
+        unsafe { self.decode_fp8_raw(plan, T::DTYPE, bufs, kv_scale, softmax_scale, stream.as_inner()) }
+    }
+
     /// [`Decoder::decode_fp8_into`]'s raw entry point (`bufs.kv_cache`: the FP8 cache's bytes;
     /// q and out of `dtype`).
     ///
@@ -600,8 +628,14 @@ impl Decoder {
             (true, 0) => {
                 return Err(EtapError::Invalid {
                     arg: "q_offsets",
-                    why: "the plan's shape has the packed query layout: q_offsets are needed (decode_packed_into)"
-                        .into(),
+                    why: format!(
+                        "the plan's shape has the packed query layout: q_offsets are needed ({})",
+                        if shape.kv_format == KvFormat::Elem16 {
+                            "decode_packed_into"
+                        } else {
+                            "decode_fp8_packed_into"
+                        }
+                    ),
                 })
             }
             (false, a) if a != 0 => {
@@ -701,6 +735,18 @@ fn typed_buffers<T: Element, C: cust::memory::DeviceCopy>(
         lse: lse.as_device_ptr().as_raw(),
         q_offsets: q_offsets.map_or(0, |o| o.as_device_ptr().as_raw()),
     })
+}
+
+/// `q_offsets` has one entry per request and one more.
+fn check_offsets_len(shape: &DecodeShape, len: usize) -> Result<()> {
+    if len != shape.batch + 1 {
+        return Err(EtapError::Length {
+            arg: "q_offsets",
+            expected: shape.batch + 1,
+            got: len,
+        });
+    }
+    Ok(())
 }
 
 /// `cache_seqlens` has one entry per request.

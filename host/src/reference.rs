@@ -328,6 +328,22 @@ pub fn mla_decode_packed<T: Element>(
     seqlens: &[i32],
     softmax_scale: f32,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    packed_scaled(shape, q, q_offsets, cache, block_table, seqlens, softmax_scale, 1.0)
+}
+
+/// [`mla_decode_packed`] with every output value times `out_factor` before its rounding to f32
+/// (a per-tensor FP8 cache's scale, [`fold_kv_scale`]; exact at 1).
+#[allow(clippy::too_many_arguments)]
+fn packed_scaled<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    q_offsets: &[i32],
+    cache: &[T],
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+    out_factor: f64,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     validate_all(shape, q, cache, block_table, seqlens, shape.out_len(), shape.lse_len())?;
     crate::validate::validate_q_offsets(shape, q_offsets)?;
     let h = shape.h_q;
@@ -353,7 +369,7 @@ pub fn mla_decode_packed<T: Element>(
             softmax_scale,
         )?;
         for (d, s) in out[first * h * D_V..(first + n) * h * D_V].iter_mut().zip(&o) {
-            *d = *s as f32;
+            *d = (*s * out_factor) as f32;
         }
         // [head][token] -> [token][head].
         for t in 0..n {
@@ -383,6 +399,45 @@ pub fn mla_decode_fp8<T: Element>(
     seqlens: &[i32],
     softmax_scale: f32,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (shape16, values) = fp8_values::<T>(shape, cache, kv_scale)?;
+    let (scores, out_factor) = fold_kv_scale(softmax_scale, kv_scale);
+    let (out, lse) = mla_decode_f64(&shape16, q, &values, block_table, seqlens, scores)?;
+    Ok((out.iter().map(|&o| (o * out_factor) as f32).collect(), to_f32(&lse)))
+}
+
+/// [`mla_decode_fp8`] in the packed query layout (`shape` made `with_packed_q`, request `r`'s
+/// tokens rows `q_offsets[r]..q_offsets[r + 1]` of q, out and lse, as in
+/// [`mla_decode_packed`]): the packed reference over the dequantized cache, the per-tensor scale
+/// folded as there.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_decode_fp8_packed<T: Element>(
+    shape: &DecodeShape,
+    q: &[T],
+    q_offsets: &[i32],
+    cache: &[u8],
+    kv_scale: Option<f32>,
+    block_table: &[i32],
+    seqlens: &[i32],
+    softmax_scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (shape16, values) = fp8_values::<T>(shape, cache, kv_scale)?;
+    let (scores, out_factor) = fold_kv_scale(softmax_scale, kv_scale);
+    packed_scaled(
+        &shape16,
+        q,
+        q_offsets,
+        &values,
+        block_table,
+        seqlens,
+        scores,
+        out_factor,
+    )
+}
+
+/// An FP8 cache (`shape.kv_format`'s bytes) as the reference reads it, in `T` (exact: see
+/// [`mla_decode_fp8`]), with the 16-bit shape it has then: FlashMLA's format dequantized, the
+/// per-tensor format's stored values (its scale, checked here, folded by the caller).
+fn fp8_values<T: Element>(shape: &DecodeShape, cache: &[u8], kv_scale: Option<f32>) -> Result<(DecodeShape, Vec<T>)> {
     crate::validate::validate_shape(shape)?;
     if cache.len() != shape.cache_len() {
         return Err(EtapError::Length {
@@ -391,7 +446,6 @@ pub fn mla_decode_fp8<T: Element>(
             got: cache.len(),
         });
     }
-    let bf16 = shape.with_kv_format(crate::KvFormat::Elem16);
     let values = match (shape.kv_format, kv_scale) {
         (crate::KvFormat::Fp8Flashmla656, None) => crate::fp8::dequantize_fp8_656(cache, shape.num_pages),
         (crate::KvFormat::Fp8PerTensor, Some(s)) if s.is_finite() && s > 0.0 => crate::fp8::e4m3_values(cache),
@@ -402,10 +456,10 @@ pub fn mla_decode_fp8<T: Element>(
             })
         }
     };
-    let values: Vec<T> = values.iter().map(|v| T::from_f32(v.to_f32())).collect();
-    let (scores, out_factor) = fold_kv_scale(softmax_scale, kv_scale);
-    let (out, lse) = mla_decode_f64(&bf16, q, &values, block_table, seqlens, scores)?;
-    Ok((out.iter().map(|&o| (o * out_factor) as f32).collect(), to_f32(&lse)))
+    Ok((
+        shape.with_kv_format(crate::KvFormat::Elem16),
+        values.iter().map(|v| T::from_f32(v.to_f32())).collect(),
+    ))
 }
 
 /// A per-tensor FP8 cache's scale as the reference applies it, where the kernel folds it: the

@@ -235,6 +235,69 @@ pub fn read_back<T: Element>(
     (o, l)
 }
 
+/// The packed query layout of a uniform case's q (`[b, s_q, h_q, 576]`): request `r` keeps its
+/// last `lens[r]` tokens (so each token keeps its causal bounds). Returns the offsets
+/// (`[b + 1]`, from 0) and the packed q (`[total_q, h_q, 576]`).
+pub fn pack_q<T: Copy>(q: &[T], s_q: usize, h_q: usize, lens: &[usize]) -> (Vec<i32>, Vec<T>) {
+    use etap_core::D_QK;
+    let mut offsets = vec![0i32];
+    let mut packed = Vec::new();
+    for (r, &n) in lens.iter().enumerate() {
+        offsets.push(offsets[r] + n as i32);
+        packed.extend_from_slice(&q[(r * s_q + s_q - n) * h_q * D_QK..(r + 1) * s_q * h_q * D_QK]);
+    }
+    (offsets, packed)
+}
+
+/// Check a packed-layout decode (`o`, `l`: out `[total_q, h_q, 512]` and lse `[total_q, h_q]`)
+/// against the packed reference (`ro`, `rl`, the same layout) request by request, with
+/// `etap::check::compare`'s bound for `dtype`; requests of 0 tokens are skipped. The worst row
+/// error, or the first failing request's description.
+#[allow(clippy::too_many_arguments)]
+pub fn compare_packed(
+    dtype: etap::Dtype,
+    h_q: usize,
+    offsets: &[i32],
+    seqlens: &[i32],
+    o: &[f32],
+    l: &[f32],
+    ro: &[f32],
+    rl: &[f32],
+) -> Result<f64, String> {
+    use etap_core::D_V;
+    let mut worst = 0f64;
+    for r in 0..seqlens.len() {
+        let (first, n) = (offsets[r] as usize, (offsets[r + 1] - offsets[r]) as usize);
+        if n == 0 {
+            continue;
+        }
+        let rows = first * h_q..(first + n) * h_q;
+        let pick = |v: &[f32]| v[rows.start * D_V..rows.end * D_V].to_vec();
+        // lse [token][head] -> [head][token], the layout `compare` reads.
+        let by_head = |v: &[f32]| -> Vec<f32> {
+            (0..h_q)
+                .flat_map(|h| (0..n).map(move |t| (h, t)))
+                .map(|(h, t)| v[(first + t) * h_q + h])
+                .collect()
+        };
+        let (ref_o, ref_l) = (pick(ro), by_head(rl));
+        let outcome = etap::check::compare(
+            dtype,
+            n,
+            h_q,
+            &seqlens[r..r + 1],
+            &pick(o),
+            &by_head(l),
+            &[(0, &ref_o[..], &ref_l[..])],
+        );
+        if let Some(why) = outcome.failure() {
+            return Err(format!("request {r} ({n} tokens, seqlen {}): {why}", seqlens[r]));
+        }
+        worst = worst.max(outcome.row_err);
+    }
+    Ok(worst)
+}
+
 /// Round `x` to `T` and back: the rounding a 16-bit kernel operand or output goes through.
 pub fn round_to<T: Element>(x: f32) -> f32 {
     T::from_f32(x).to_f32()
