@@ -265,8 +265,9 @@ def test_quantizer_argument_errors(torch_any):
 
 
 def test_fp8_reference_is_the_reference_over_the_dequantized_cache(torch_any):
-    """mla_decode_fp8_reference: exactly mla_decode_reference over the dequantized cache (both
-    formats); and near the reference over the unquantized cache (what quantization costs: a
+    """mla_decode_fp8_reference: exactly mla_decode_reference over the exactly dequantized cache
+    (both formats; the per-tensor values in float64, of which dequantize_cache's default bf16 is
+    the rounding); and near the reference over the unquantized cache (what quantization costs: a
     loose bound, the reference's sanity, not the kernel's)."""
     torch = torch_any
     lens = [0, 1, 65, 700]
@@ -277,8 +278,10 @@ def test_fp8_reference_is_the_reference_over_the_dequantized_cache(torch_any):
     for cache, scale in caches:
         for empty_lse in ("+inf", "-inf"):
             fo, fl = mla_decode_fp8_reference(q, cache, bt, sl, scale, softmax_scale=0.1, empty_lse=empty_lse)
-            eo, el = mla_decode_reference(q, dequantize_cache(cache, scale), bt, sl, softmax_scale=0.1,
-                                          empty_lse=empty_lse)
+            exact = dequantize_cache(cache, scale, exact=True)
+            rounded, bf16 = exact.to(torch.bfloat16), dequantize_cache(cache, scale)
+            assert ((rounded == bf16) | (rounded.isnan() & bf16.isnan())).all()  # NaN: the poisoned rows
+            eo, el = mla_decode_reference(q, exact, bt, sl, softmax_scale=0.1, empty_lse=empty_lse)
             assert torch.equal(fo, eo) and torch.equal(fl, el)
         fo, fl = mla_decode_fp8_reference(q, cache, bt, sl, scale, softmax_scale=0.1)
         assert not torch.isnan(fo).any() and torch.equal(torch.isinf(fl), torch.isinf(rl))
