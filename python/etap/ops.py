@@ -1,14 +1,19 @@
-"""etap as a torch custom op, so torch.compile sees it (one opaque node, with a fake
-implementation for shape propagation): ``torch.ops.etap.mla_decode``.
+"""etap as torch custom ops, so torch.compile sees it (one opaque node, with a fake
+implementation for shape propagation): ``torch.ops.etap.mla_decode`` (16-bit caches) and
+``torch.ops.etap.mla_decode_fp8`` (FP8 caches).
 
     import etap.ops
     out, lse = torch.ops.etap.mla_decode(q, k_cache, block_table, cache_seqlens, None, True, True)
+    out, lse = torch.ops.etap.mla_decode_fp8(q, k8, block_table, cache_seqlens, None, True, True, kv_scale)
 
 Arguments: q, k_cache, block_table, cache_seqlens as in ``flash_mla_with_kvcache``;
 softmax_scale (float or None); causal (bool); fmla_lse (True: lse +inf for a (token, head) that
-saw no row, FlashMLA's; False: -inf). No metadata crosses the op boundary, so each call
-re-plans for its seqlens (one small scheduler launch more per call than the FlashMLA-style
-call, which plans once per step). Needs torch >= 2.4 (torch.library.custom_op).
+saw no row, FlashMLA's; False: -inf). ``mla_decode_fp8`` takes an FP8 cache (FlashMLA's
+``[num_blocks, 64, 1, 656]`` or per-tensor e4m3 ``[num_blocks, 64, 1, 576]``, as
+``flash_mla_with_kvcache(..., is_fp8_kvcache=True)`` does) and ``kv_scale``: the per-tensor
+format's scale (a float), None for FlashMLA's format. No metadata crosses the op boundary, so
+each call re-plans for its seqlens (one small scheduler launch more per call than the
+FlashMLA-style call, which plans once per step). Needs torch >= 2.4 (torch.library.custom_op).
 """
 
 from typing import Optional, Tuple
@@ -38,6 +43,32 @@ def mla_decode(
 
 @mla_decode.register_fake
 def _(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, fmla_lse):
+    b, s_q, h_q, _ = q.shape
+    out = q.new_empty((b, s_q, h_q, _checks.D_V))
+    lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("etap::mla_decode_fp8", mutates_args=())
+def mla_decode_fp8(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: Optional[float],
+    causal: bool,
+    fmla_lse: bool,
+    kv_scale: Optional[float],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    meta, _ = get_mla_metadata(is_fp8_kvcache=True)
+    return flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, _checks.D_V, meta, None, softmax_scale, causal, True,
+        kv_scale=kv_scale, empty_lse="+inf" if fmla_lse else "-inf",
+    )
+
+
+@mla_decode_fp8.register_fake
+def _(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, fmla_lse, kv_scale):
     b, s_q, h_q, _ = q.shape
     out = q.new_empty((b, s_q, h_q, _checks.D_V))
     lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)

@@ -1,7 +1,81 @@
-"""The torch custom op (torch.ops.etap.mla_decode) under torch.compile, and a smoke run of
-python -m etap.bench. GPU only."""
+"""The torch custom ops (torch.ops.etap.mla_decode, and mla_decode_fp8 over FP8 caches) under
+torch.compile, and a smoke run of python -m etap.bench. GPU only, but for the ops' schemas and
+fake implementations (torch on any device)."""
 
-from etap.reference import make_inputs, max_violation, mla_decode_reference
+import pytest
+
+from etap.reference import make_inputs, max_violation, mla_decode_fp8_reference, mla_decode_reference
+
+
+def test_custom_ops_schemas_and_fake_shapes(torch_any):
+    """The ops' schemas, and their fake implementations' outputs (what torch.compile traces
+    with): out [b, s_q, h_q, 512] of q's dtype, lse float32 [b, h_q, s_q], whatever the cache."""
+    torch = torch_any
+    import etap.ops  # noqa: F401 - registers the ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    schema = str(torch.ops.etap.mla_decode_fp8.default._schema)
+    assert schema.startswith("etap::mla_decode_fp8(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
+                             "float? softmax_scale, bool causal, bool fmla_lse, float? kv_scale) -> (Tensor, Tensor)"), schema
+    assert str(torch.ops.etap.mla_decode.default._schema).startswith("etap::mla_decode(Tensor q, Tensor k_cache, ")
+    with FakeTensorMode():
+        for dtype in (torch.bfloat16, torch.float16):
+            q = torch.empty(3, 2, 16, 576, dtype=dtype)
+            bt = torch.empty(3, 4, dtype=torch.int32)
+            sl = torch.empty(3, dtype=torch.int32)
+            calls = [
+                (torch.ops.etap.mla_decode, (torch.empty(10, 64, 1, 576, dtype=dtype),)),
+                (torch.ops.etap.mla_decode_fp8, (torch.empty(10, 64, 1, 656, dtype=torch.uint8),), None),
+                (torch.ops.etap.mla_decode_fp8, (torch.empty(10, 64, 1, 576, dtype=torch.uint8),), 0.5),
+            ]
+            for op, (k,), *scale in calls:
+                out, lse = op(q, k, bt, sl, None, True, True, *scale)
+                assert (tuple(out.shape), out.dtype) == ((3, 2, 16, 512), dtype)
+                assert (tuple(lse.shape), lse.dtype) == ((3, 16, 2), torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_656", "fp8_per_tensor"])
+def test_fp8_custom_op_eager_opcheck_and_compile(torch_cuda, fmt):
+    """torch.ops.etap.mla_decode_fp8 eagerly (every request against the float64 reference over
+    the dequantized cache), under opcheck, and compiled (fullgraph) with new seqlens."""
+    torch = torch_cuda
+    import etap.ops  # noqa: F401 - registers the ops
+    from etap import quant
+
+    q, k, bt, sl = make_inputs(4, 2, 16, 1000, varlen=True, seed=43)
+    sl[1] = 0
+    if fmt == "fp8_656":
+        k8, s = quant.quantize_fp8_656(k), None
+    else:
+        s = quant.per_tensor_scale(k)
+        k8 = quant.quantize_e4m3_per_tensor(k, s)
+
+    def check(o, l, sl, scale, empty_lse, what):
+        ref_o, ref_l = mla_decode_fp8_reference(q, k8, bt, sl, s, softmax_scale=scale, causal=True, empty_lse=empty_lse)
+        for i in range(q.shape[0]):
+            v = max_violation(o[i : i + 1], l[i : i + 1], ref_o[i : i + 1], ref_l[i : i + 1])
+            assert v <= 1.0, f"{what}: request {i}: error {v:.3f} x tolerance"
+
+    out, lse = torch.ops.etap.mla_decode_fp8(q, k8, bt, sl, None, True, True, s)
+    check(out, lse, sl, None, "+inf", "eager")
+    out_n, lse_n = torch.ops.etap.mla_decode_fp8(q, k8, bt, sl, None, True, False, s)
+    assert torch.isneginf(lse_n[1]).all() and torch.isposinf(lse[1]).all()
+    torch.library.opcheck(
+        torch.ops.etap.mla_decode_fp8.default, (q, k8, bt, sl, None, True, True, s),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+    def f(q, k8, bt, sl):
+        o, l = torch.ops.etap.mla_decode_fp8(q, k8, bt, sl, 0.05, True, True, s)
+        return o.float() * 2.0, l + 1.0
+
+    sl2 = (sl // 2).contiguous()
+    for backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend=backend)
+        for seqlens in (sl, sl2):  # new seqlens, same compiled function: re-planned inside the op
+            o, l = compiled(q, k8, bt, seqlens)
+            check(o / 2.0, l - 1.0, seqlens, 0.05, "+inf", f"{backend}, seqlens {seqlens.tolist()}")
 
 
 def test_custom_op_eager_opcheck_and_compile(torch_cuda):
