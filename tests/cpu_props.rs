@@ -1419,7 +1419,7 @@ fn fp8_per_tensor_reference_applies_the_scale_exactly() {
 /// formats; a q that fp16 cannot hold exactly (an extra low bit) changes it.
 #[test]
 fn fp8_reference_with_fp16_q_reads_the_same_values() {
-    use etap::{fp8, reference::mla_decode_fp8, KvFormat};
+    use etap::{reference::mla_decode_fp8, KvFormat};
     let case = Case::<Bf16>::new(2, 8, &[300, 70, 1], 78);
     let q16: Vec<F16> = case.q.iter().map(|x| F16::from_f32(x.to_f32())).collect();
     assert!(
@@ -1428,13 +1428,7 @@ fn fp8_reference_with_fp16_q_reads_the_same_values() {
     );
     for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
         let shape = case.shape.with_kv_format(format);
-        let (bytes, scale) = match format {
-            KvFormat::Fp8Flashmla656 => (fp8::quantize_fp8_656(&case.cache, shape.num_pages), None),
-            _ => {
-                let s = fp8::per_tensor_scale(&case.cache);
-                (fp8::quantize_e4m3_per_tensor(&case.cache, s), Some(s))
-            }
-        };
+        let (bytes, scale) = etap_tests::quantize_case(&case, format);
         let run = |q: &[F16]| {
             mla_decode_fp8(
                 &shape,
@@ -1645,7 +1639,7 @@ fn packed_reference_matches_uniform() {
 /// (the offsets).
 #[test]
 fn packed_fp8_reference_matches_uniform() {
-    use etap::{fp8, reference, KvFormat};
+    use etap::{reference, KvFormat};
     let (s_q, h_q) = (3usize, 4usize);
     let c = Case::<Bf16>::new(s_q, h_q, &[130, 0, 2, 64], 12);
     let b = c.shape.batch;
@@ -1653,13 +1647,7 @@ fn packed_fp8_reference_matches_uniform() {
     let (offsets, q) = etap_tests::pack_q(&c.q, s_q, h_q, &lens);
     let full: Vec<i32> = (0..=b as i32).map(|r| r * s_q as i32).collect();
     for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
-        let (bytes, kv_scale) = match format {
-            KvFormat::Fp8Flashmla656 => (fp8::quantize_fp8_656(&c.cache, c.shape.num_pages), None),
-            _ => {
-                let s = fp8::per_tensor_scale(&c.cache);
-                (fp8::quantize_e4m3_per_tensor(&c.cache, s), Some(s))
-            }
-        };
+        let (bytes, kv_scale) = etap_tests::quantize_case(&c, format);
         let shape = c.shape.with_kv_format(format);
         let (uo, ul) = reference::mla_decode_fp8(
             &shape,

@@ -10,25 +10,13 @@
 use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
-use etap::{fp8, Bf16, DecodeShape, Decoder, Element, EtapError, KvFormat, Layout, F16};
-use etap_tests::{compare_packed, pack_q, read_back, Case};
-
-/// The cache of `case` in `format`, with the per-tensor scale where it has one.
-fn quantize(case: &Case<Bf16>, format: KvFormat) -> (Vec<u8>, Option<f32>) {
-    match format {
-        KvFormat::Fp8Flashmla656 => (fp8::quantize_fp8_656(&case.cache, case.shape.num_pages), None),
-        KvFormat::Fp8PerTensor => {
-            let scale = fp8::per_tensor_scale(&case.cache);
-            (fp8::quantize_e4m3_per_tensor(&case.cache, scale), Some(scale))
-        }
-        KvFormat::Elem16 => unreachable!(),
-    }
-}
+use etap::{Bf16, DecodeShape, Decoder, Element, EtapError, KvFormat, Layout, F16};
+use etap_tests::{compare_packed, pack_q, quantize_case, read_back, Case};
 
 /// Decode `case`'s cache in `format` on the GPU with q (and out) of `T` and check every request.
 fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
     let shape = case.shape.with_kv_format(format);
-    let (bytes, kv_scale) = quantize(case, format);
+    let (bytes, kv_scale) = quantize_case(case, format);
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
     let q_host: Vec<T> = case.q.iter().map(|x| T::from_f32(x.to_f32())).collect();
     let q = DeviceBuffer::from_slice(&q_host).unwrap();
@@ -177,7 +165,7 @@ fn check_fp8_packed<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvForm
         .shape
         .with_kv_format(format)
         .with_packed_q(*offsets.last().unwrap() as usize);
-    let (bytes, kv_scale) = quantize(case, format);
+    let (bytes, kv_scale) = quantize_case(case, format);
     let (ro, rl) = etap::reference::mla_decode_fp8_packed(
         &shape,
         &q_host,
@@ -252,7 +240,7 @@ fn fp8_argument_errors() {
         (KvFormat::Fp8PerTensor, Some(-1.0)),
     ] {
         let shape = case.shape.with_kv_format(format);
-        let (bytes, scale) = quantize(&case, format);
+        let (bytes, scale) = quantize_case(&case, format);
         let kv = DeviceBuffer::from_slice(&bytes).unwrap();
         let plan = dec.plan(&shape, &sl, &stream).unwrap();
         let e = dec

@@ -41,12 +41,16 @@ def mla_decode(
     )
 
 
+def _fake_outputs(q):
+    """What both ops return, for a q [b, s_q, h_q, 576]: out [b, s_q, h_q, 512] of q's dtype and
+    lse float32 [b, h_q, s_q] (the fake implementations' outputs, for torch.compile)."""
+    b, s_q, h_q, _ = q.shape
+    return q.new_empty((b, s_q, h_q, _checks.D_V)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
+
+
 @mla_decode.register_fake
 def _(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, fmla_lse):
-    b, s_q, h_q, _ = q.shape
-    out = q.new_empty((b, s_q, h_q, _checks.D_V))
-    lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
-    return out, lse
+    return _fake_outputs(q)
 
 
 @torch.library.custom_op("etap::mla_decode_fp8", mutates_args=())
@@ -69,7 +73,4 @@ def mla_decode_fp8(
 
 @mla_decode_fp8.register_fake
 def _(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, fmla_lse, kv_scale):
-    b, s_q, h_q, _ = q.shape
-    out = q.new_empty((b, s_q, h_q, _checks.D_V))
-    lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
-    return out, lse
+    return _fake_outputs(q)

@@ -235,6 +235,20 @@ pub fn read_back<T: Element>(
     (o, l)
 }
 
+/// `case`'s cache in an FP8 `format` (etap's quantizers), with the per-tensor scale where the
+/// format has one.
+pub fn quantize_case(case: &Case<etap::Bf16>, format: etap::KvFormat) -> (Vec<u8>, Option<f32>) {
+    use etap::{fp8, KvFormat};
+    match format {
+        KvFormat::Fp8Flashmla656 => (fp8::quantize_fp8_656(&case.cache, case.shape.num_pages), None),
+        KvFormat::Fp8PerTensor => {
+            let scale = fp8::per_tensor_scale(&case.cache);
+            (fp8::quantize_e4m3_per_tensor(&case.cache, scale), Some(scale))
+        }
+        KvFormat::Elem16 => panic!("quantize_case: {format:?} is not an FP8 format"),
+    }
+}
+
 /// The packed query layout of a uniform case's q (`[b, s_q, h_q, 576]`): request `r` keeps its
 /// last `lens[r]` tokens (so each token keeps its causal bounds). Returns the offsets
 /// (`[b + 1]`, from 0) and the packed q (`[total_q, h_q, 576]`).
