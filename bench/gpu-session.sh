@@ -58,6 +58,16 @@ ab_cols=3,4,15,21,22,23,24,26
 # the summary alone does not say which kernel (session 19 found the wide FP8 kernel's hazards
 # only in its bf16-q variants this way).
 per_kernel() { grep -oE 'etap_[a-z0-9_]+\+0x[0-9a-f]+' "$1" | sed 's/+0x.*//' | sort | uniq -c; }
+# Run an A/B side within LIMIT seconds: SIDE is an etap-bench binary, or BIN@PTX for BIN with the
+# kernels of PTX (through ETAP_PTX). A side that hangs (an untried kernel's deadlock) costs its
+# own limit, not the call's.
+run_side() { # LIMIT SIDE ARGS...
+    local limit=$1 side=$2 bin ptx=
+    shift 2
+    bin=${side%%@*}
+    [ "$bin" != "$side" ] && ptx=$(realpath "${side#*@}")
+    timeout "$limit" env ${ptx:+ETAP_PTX=$ptx} "$bin" "$@"
+}
 case "${1:-}" in
 tests)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -127,10 +137,7 @@ ab)
         k=0
         for side in "$@"; do
             k=$((k + 1))
-            bin=${side%%@*} ptx=
-            [ "$bin" != "$side" ] && ptx=$(realpath "${side#*@}")
-            # A side that hangs (an untried kernel's deadlock) costs its own limit, not the call's.
-            timeout "${AB_SIDE_LIMIT:-120}" env ${ptx:+ETAP_PTX=$ptx} "$bin" --out "/root/ab-$k-$i" "${ab_args[@]}" >"/root/ab-$k-$i.log" 2>&1
+            run_side "${AB_SIDE_LIMIT:-120}" "$side" --out "/root/ab-$k-$i" "${ab_args[@]}" >"/root/ab-$k-$i.log" 2>&1
             echo "$side round $i rc=$?"
         done
     done
@@ -161,11 +168,8 @@ candidate)
     per_kernel /root/fp8-racecheck.log | tee -a "$out/candidate.log"
     for side in base new; do
         left $((limit - 100)) || break
-        # The base may be BIN@PTX, as an `ab` side: BIN with the kernels of PTX.
-        bin=${base%%@*} ptx=
-        [ "$bin" != "$base" ] && ptx=$(realpath "${base#*@}")
-        [ $side = new ] && bin=target/bundle/etap-bench ptx=
-        timeout 90 env ${ptx:+ETAP_PTX=$ptx} "$bin" --out "/root/cand-$side" "${ab_args[@]}" >"/root/cand-$side.log" 2>&1
+        bin=$base; [ $side = new ] && bin=target/bundle/etap-bench
+        run_side 90 "$bin" --out "/root/cand-$side" "${ab_args[@]}" >"/root/cand-$side.log" 2>&1
         echo "ab $side rc=$? t=$((SECONDS - t0))" | tee -a "$out/candidate.log"
         echo "== $side" >>"$out/ab.txt"
         cut -d, -f$ab_cols "/root/cand-$side/results.csv" >>"$out/ab.txt"
