@@ -83,6 +83,17 @@ const SCRUBBED_ENV: &[&str] = &[
 /// without waiting on the lock of the build that runs the script.
 pub fn build_ptx() -> Result<PathBuf, String> {
     let root = workspace_root();
+    let ptx = build_raw_ptx(&root)?;
+    let stable = root.join("target").join("ptx").join(PTX_NAME);
+    let ptx = with_register_caps(&ptx)?;
+    fs::write(&stable, ptx).map_err(|e| format!("writing {}: {e}", stable.display()))?;
+    Ok(stable)
+}
+
+/// The PTX text of the kernels of the source tree at `root` (a checkout of this workspace, of
+/// any revision), as rustc writes it: [`build_ptx`]'s build, in `<root>/target/ptx`, without the
+/// register caps.
+pub fn build_raw_ptx(root: &Path) -> Result<String, String> {
     let target_dir = root.join("target").join("ptx");
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -120,11 +131,7 @@ pub fn build_ptx() -> Result<PathBuf, String> {
         ));
     }
     let built = target_dir.join(TARGET).join("release").join(PTX_NAME);
-    let stable = target_dir.join(PTX_NAME);
-    let ptx = fs::read_to_string(&built).map_err(|e| format!("reading {}: {e}", built.display()))?;
-    let ptx = with_register_caps(&ptx)?;
-    fs::write(&stable, ptx).map_err(|e| format!("writing {}: {e}", stable.display()))?;
-    Ok(stable)
+    fs::read_to_string(&built).map_err(|e| format!("reading {}: {e}", built.display()))
 }
 
 /// `ptx` with a `.maxnreg` directive on each kernel whose entry cap
@@ -300,6 +307,56 @@ pub fn entry_points(ptx: &str) -> Vec<String> {
         .collect()
 }
 
+/// PTX text cut into its kernels: each `.entry`'s name and its text, from its line to the next
+/// entry's (or the end), in file order. The module's header before the first entry is not in
+/// it.
+pub fn kernel_texts(ptx: &str) -> Vec<(String, &str)> {
+    let mut starts: Vec<(usize, String)> = Vec::new();
+    let mut at = 0;
+    for line in ptx.split_inclusive('\n') {
+        if let Some(name) = entry_points(line).pop() {
+            starts.push((at, name));
+        }
+        at += line.len();
+    }
+    let ends = starts.iter().skip(1).map(|(s, _)| *s).chain([ptx.len()]);
+    starts
+        .iter()
+        .zip(ends)
+        .map(|((start, name), end)| (name.clone(), &ptx[*start..end]))
+        .collect()
+}
+
+/// `ptx` without the hashes that depend on where the crate was built from, so that two
+/// checkouts of the same source give the same text: the crate disambiguators of mangled (v0)
+/// symbol names (`Cs<hash>_` becomes `Cs_`) and the hash in the names of anonymous constants
+/// (`anon_$_<hash>_$_` becomes `anon_$__$_`).
+pub fn without_path_hashes(ptx: &str) -> String {
+    let crates = drop_hashes(ptx, "Cs", |rest| {
+        rest.starts_with('_') && rest[1..].starts_with(|c: char| c.is_ascii_digit())
+    });
+    drop_hashes(&crates, "anon_$_", |rest| rest.starts_with("_$_"))
+}
+
+/// `text` with the ASCII alphanumeric run after each `prefix` taken out where `ends` accepts
+/// what follows the run.
+fn drop_hashes(text: &str, prefix: &str, ends: impl Fn(&str) -> bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(prefix) {
+        let (before, after) = rest.split_at(at + prefix.len());
+        out.push_str(before);
+        let hash = after.bytes().take_while(u8::is_ascii_alphanumeric).count();
+        rest = if hash > 0 && ends(&after[hash..]) {
+            &after[hash..]
+        } else {
+            after
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
 /// True under continuous integration (env `CI` set, and not to `""`, `0` or `false`). The
 /// ptxas/SASS checks then treat missing NVIDIA tools as an error instead of skipping.
 pub fn in_ci() -> bool {
@@ -351,6 +408,27 @@ pub fn sass_by_function(sass: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernels_are_cut_at_their_entries_and_path_hashes_dropped() {
+        let ptx = ".version 8.3\n.func _RNvCsAb12_12etap_kernels3foo()\n{\n}\n\
+                   .visible .entry k_one(\n.param .u64 p\n)\n{\nret;\n}\n\
+                   .visible .entry k_two(\n)\n{\ncall _RNvCsZz9_12etap_kernels3foo;\n}\n";
+        let kernels = kernel_texts(ptx);
+        let names: Vec<&str> = kernels.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["k_one", "k_two"]);
+        assert!(kernels[0].1.starts_with(".visible .entry k_one(") && kernels[0].1.ends_with("ret;\n}\n"));
+        assert!(kernels[1].1.starts_with(".visible .entry k_two(") && kernels[1].1.ends_with("foo;\n}\n"));
+        let plain = without_path_hashes(ptx);
+        assert!(plain.contains("_RNvCs_12etap_kernels3foo()") && plain.contains("call _RNvCs_12etap_kernels3foo;"));
+        assert!(!plain.contains("Ab12") && !plain.contains("Zz9"));
+        // Text that is not a crate root is left alone.
+        assert_eq!(without_path_hashes("Cs Csx_y Cs1_ CsA"), "Cs Csx_y Cs1_ CsA");
+        assert_eq!(
+            without_path_hashes("[anon_$_db6e19_$_2+28] anon_$_x anon_$__$_1"),
+            "[anon_$__$_2+28] anon_$_x anon_$__$_1"
+        );
+    }
 
     #[test]
     fn register_caps_go_on_the_kernels_that_need_them() {

@@ -6,6 +6,9 @@
 //! - `bundle`: put the release test binaries (and any release binaries of the workspace), the
 //!   PTX and `run.sh` into `target/bundle/`, to run on a GPU machine that has no Rust.
 //! - `bench [ARGS...]`: run the `etap-bench` package (`cargo run --release -p etap-bench`).
+//! - `ptx-diff REV`: build the kernels of this tree and of revision `REV` and say, kernel by
+//!   kernel, whether their PTX is the same: a change that leaves every kernel's PTX as it was
+//!   needs no GPU run to show that the kernels still work.
 use std::collections::{BTreeMap, BTreeSet};
 use std::env;
 use std::fs;
@@ -21,6 +24,8 @@ commands:
                    fail on any spill, stack frame or local memory
   bundle           put release test binaries, binaries, the PTX and run.sh into target/bundle/
   bench [ARGS...]  run the benchmark: cargo run --release -p etap-bench -- ARGS
+  ptx-diff REV     build the kernels of this tree and of git revision REV; print which kernels'
+                   PTX differ (exit status 1 if any does)
 ";
 
 /// The bundle must fit the device machine's transfer limit.
@@ -41,6 +46,16 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE
+                }
+            };
+        }
+        Some("ptx-diff") if args.len() == 2 => {
+            return match ptx_diff(&args[1]) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
                 }
             };
         }
@@ -457,6 +472,75 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
         .and_then(|c| u8::try_from(c).ok())
         .filter(|&c| c != 0)
         .map_or(ExitCode::FAILURE, ExitCode::from))
+}
+
+// ---------------------------------------------------------------------------------------------
+// ptx-diff
+
+/// Where `ptx-diff` checks out the other revision: a git worktree kept between runs, so that
+/// its kernel build (in its own `target/ptx`) is incremental.
+const DIFF_TREE: &str = "target/ptx-diff/tree";
+
+/// Build this tree's kernels and those of `rev`; print each kernel's verdict. True when every
+/// kernel's PTX is the same on both sides (rustc's text, before the register caps, which depend
+/// only on this tree's contract; the hashes in symbol names, which depend on the checkout's
+/// path, taken out).
+fn ptx_diff(rev: &str) -> Result<bool, String> {
+    let root = pb::workspace_root();
+    let tree = root.join(DIFF_TREE);
+    let git = |args: &[&str]| -> Result<String, String> {
+        let out = Command::new("git")
+            .current_dir(&root)
+            .args(args)
+            .output()
+            .map_err(|e| format!("could not run git: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "git {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--verify", &format!("{rev}^{{commit}}")])?;
+    let tree_arg = tree.to_str().ok_or("the worktree path is not UTF-8")?;
+    if tree.join(".git").exists() {
+        git(&["-C", tree_arg, "checkout", "--quiet", "--force", "--detach", &commit])?;
+    } else {
+        git(&["worktree", "prune"])?;
+        git(&["worktree", "add", "--quiet", "--force", "--detach", tree_arg, &commit])?;
+    }
+    let ours = pb::without_path_hashes(&pb::build_raw_ptx(&root)?);
+    let theirs = pb::without_path_hashes(&pb::build_raw_ptx(&tree)?);
+
+    let ours_k: BTreeMap<String, &str> = pb::kernel_texts(&ours).into_iter().collect();
+    let theirs_k: BTreeMap<String, &str> = pb::kernel_texts(&theirs).into_iter().collect();
+    let names: BTreeSet<&String> = ours_k.keys().chain(theirs_k.keys()).collect();
+    let width = names.iter().map(|n| n.len()).max().unwrap_or(6);
+    let short = &commit[..12.min(commit.len())];
+    println!("{:<width$}  {short} -> this tree", "kernel");
+    let mut same = 0;
+    for name in &names {
+        let verdict = match (theirs_k.get(*name), ours_k.get(*name)) {
+            (Some(a), Some(b)) if a == b => {
+                same += 1;
+                "same".to_string()
+            }
+            (Some(a), Some(b)) => format!("DIFFERS ({} -> {} lines)", a.lines().count(), b.lines().count()),
+            (None, Some(_)) => "NEW in this tree".to_string(),
+            (Some(_), None) => "GONE from this tree".to_string(),
+            (None, None) => unreachable!("every name comes from one side"),
+        };
+        println!("{name:<width$}  {verdict}");
+    }
+    let header_same = ours.split(".visible .entry").next() == theirs.split(".visible .entry").next();
+    println!(
+        "\n{same} of {} kernels the same; the module header (before the first kernel) {}",
+        names.len(),
+        if header_same { "the same" } else { "DIFFERS" }
+    );
+    Ok(same == names.len() && header_same)
 }
 
 #[cfg(test)]
