@@ -65,32 +65,46 @@ pub const CONVERTERS: u32 = THREADS - FIRST_CONVERTER;
 /// Registers at entry: a CTA of [`THREADS`] fits the register file at 128, not at the 16-bit
 /// kernels' cap (the PTX build gives these kernels a `.maxnreg`).
 const ENTRY_REGS: u32 = Kernel::fp8(FP8_656_ROW_BYTES, false, 0).entry_regs();
-/// Registers of a computing consumer warpgroup, and of the producer warpgroups (the converters)
-/// in the CTA of 16 columns and in that of 32. At 16 columns the converters keep two rows of
-/// chunks in flight with their scales and swizzled addresses (two rows spilled at 56) and
-/// warpgroup 1, which only keeps the frame's count ([`kv_on_m::keep_count`]), keeps its entry
-/// registers (ptxas spilled it at 112); at 32 both consumer warpgroups compute, and the
-/// converters give them what one row in flight leaves (56: spilled at 40).
+/// Registers of a computing consumer warpgroup.
 const FP8_CONSUMER_REGS: u32 = 200;
-const C16_CONVERTER_REGS: u32 = 88;
-const C32_CONVERTER_REGS: u32 = 56;
-const _: () = assert!(
-    (ENTRY_REGS - C16_CONVERTER_REGS) * PRODUCER_WARPGROUPS >= FP8_CONSUMER_REGS - ENTRY_REGS
-        && (ENTRY_REGS - C32_CONVERTER_REGS) * PRODUCER_WARPGROUPS >= (FP8_CONSUMER_REGS - ENTRY_REGS) * CONSUMERS,
-    "the consumers would take more registers than the converters give back"
-);
-/// Rows a converter does at a time in a CTA of `cols` columns, all their loads issued before
-/// any store (the stores could alias them for all the compiler knows, so this is the ILP there
-/// is): two at 16 columns, so that the wait for shared memory, long while the consumer's wgmmas
-/// read it, is paid once for six chunks (656 at 64K: 280.6 -> 270.0 µs, session 17, H100); one
-/// at 32, where the registers go to the second consumer.
-const fn rows_in_flight(cols: u32) -> u32 {
+
+/// What the converters get in a CTA of `cols` columns: their registers and the rows they convert
+/// at a time (their staging slots are `contract::fp8_raw_slots`, which the host's shared-memory
+/// size needs too).
+struct ConverterBudget {
+    /// Registers of the producer warpgroups. At 16 columns the converters keep two rows of
+    /// chunks in flight with their scales and swizzled addresses (two rows spilled at 56) and
+    /// warpgroup 1, which only keeps the frame's count ([`kv_on_m::keep_count`]), keeps its
+    /// entry registers (ptxas spilled it at 112); at 32 both consumer warpgroups compute, and
+    /// the converters give them what one row in flight leaves (56: spilled at 40).
+    regs: u32,
+    /// Rows a converter does at a time, all their loads issued before any store (the stores
+    /// could alias them for all the compiler knows, so this is the ILP there is): two at 16
+    /// columns, so that the wait for shared memory, long while the consumer's wgmmas read it,
+    /// is paid once for six chunks (656 at 64K: 280.6 -> 270.0 µs, session 17, H100); one at
+    /// 32, where the registers go to the second consumer.
+    rows_in_flight: u32,
+}
+
+const fn converters(cols: u32) -> ConverterBudget {
     if cols == KV_ON_M_COLS[0] {
-        2
+        ConverterBudget {
+            regs: 88,
+            rows_in_flight: 2,
+        }
     } else {
-        1
+        ConverterBudget {
+            regs: 56,
+            rows_in_flight: 1,
+        }
     }
 }
+const _: () = assert!(
+    (ENTRY_REGS - converters(KV_ON_M_COLS[0]).regs) * PRODUCER_WARPGROUPS >= FP8_CONSUMER_REGS - ENTRY_REGS
+        && (ENTRY_REGS - converters(KV_ON_M_COLS[1]).regs) * PRODUCER_WARPGROUPS
+            >= (FP8_CONSUMER_REGS - ENTRY_REGS) * CONSUMERS,
+    "the consumers would take more registers than the converters give back"
+);
 /// 16-byte chunks (8 bf16) of a tile row: 576 / 8.
 const ROW_CHUNKS: u32 = D_QK as u32 / 8;
 
@@ -111,11 +125,7 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem, const COLS: u32>(prm: &DecodeParam
     match prologue::<STAGES, CONVERTERS>(prm, &sm) {
         Some(range) => {
             if sync::warp_uniform(t / index::WARPGROUP) >= CONSUMERS {
-                if COLS == KV_ON_M_COLS[0] {
-                    sync::setmaxnreg_dec::<C16_CONVERTER_REGS>();
-                } else {
-                    sync::setmaxnreg_dec::<C32_CONVERTER_REGS>();
-                }
+                sync::setmaxnreg!(dec, converters(COLS).regs);
                 if t == CONSUMERS * index::WARPGROUP {
                     produce_raw(prm, &range, &sm, group, &ring);
                 } else if t >= FIRST_CONVERTER {
@@ -126,13 +136,13 @@ unsafe fn decode_fp8<const ROW: u32, E: Elem, const COLS: u32>(prm: &DecodeParam
                 }
             } else if COLS != KV_ON_M_COLS[0] {
                 // 32 columns: both warpgroups compute 16 each, as in the 16-bit kernel.
-                sync::setmaxnreg_inc::<FP8_CONSUMER_REGS>();
+                sync::setmaxnreg!(inc, FP8_CONSUMER_REGS);
                 kv_on_m::consume::<16, E, false>(prm, &range, &sm, group);
             } else if sync::warp_uniform(t / index::WARPGROUP) == 0 {
                 // 16 columns: warpgroup 0 computes all 16: each tile is read once as the wgmma
                 // A operand (two warpgroups of 8 read it twice, which bound the kernel by shared
                 // memory, session 11).
-                sync::setmaxnreg_inc::<FP8_CONSUMER_REGS>();
+                sync::setmaxnreg!(inc, FP8_CONSUMER_REGS);
                 kv_on_m::consume::<16, E, true>(prm, &range, &sm, group);
             } else {
                 kv_on_m::keep_count::<E>(prm, &range, &sm, group, COLS);
@@ -267,7 +277,7 @@ unsafe fn convert<const ROW: u32, const COLS: u32>(
                 lane.convert_box::<ROW>(
                     ring.slot(pos.slot),
                     dst + half * FP8_BOX_ROWS * ROW_BYTES,
-                    rows_in_flight(COLS),
+                    converters(COLS).rows_in_flight,
                 );
                 // The box's reads are done (the arrival releases them): the slot is free.
                 mbarrier::arrive(ring.empty(pos.slot));
@@ -289,10 +299,10 @@ const CHUNK_LANES: u32 = ROW_CHUNKS / 3;
 const ROW_LANES: u32 = CONVERTERS / CHUNK_LANES;
 const _: () = assert!(
     CHUNK_LANES * ROW_LANES == CONVERTERS
-        && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * rows_in_flight(KV_ON_M_COLS[0]))
-        && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * rows_in_flight(KV_ON_M_COLS[1]))
-        && 3 * rows_in_flight(KV_ON_M_COLS[0]) <= 8
-        && 3 * rows_in_flight(KV_ON_M_COLS[1]) <= 8
+        && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * converters(KV_ON_M_COLS[0]).rows_in_flight)
+        && FP8_BOX_ROWS.is_multiple_of(ROW_LANES * converters(KV_ON_M_COLS[1]).rows_in_flight)
+        && 3 * converters(KV_ON_M_COLS[0]).rows_in_flight <= 8
+        && 3 * converters(KV_ON_M_COLS[1]).rows_in_flight <= 8
 );
 
 /// Whether a thread's `i`-th chunk of the rows in flight, in 64-value block `block`, is the
@@ -321,7 +331,7 @@ impl ConvLane {
 
     /// Convert this thread's share of the box at `src` ([`FP8_BOX_ROWS`] rows of `ROW` bytes)
     /// into the f16 rows at `dst` (the same rows of a tile in shared memory, swizzled), `rows`
-    /// rows at a time ([`rows_in_flight`]: a constant once inlined).
+    /// rows at a time ([`ConverterBudget::rows_in_flight`]: a constant once inlined).
     ///
     /// # Safety
     /// `src` and `dst` are a full raw box and a tile's rows in shared memory, not in use by

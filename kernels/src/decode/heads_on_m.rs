@@ -53,7 +53,7 @@ unsafe fn decode_wide<E: Elem>(prm: &DecodeParams) {
     match prologue::<STAGES, 1>(prm, &sm) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, WIDE_ROWS) {
-                sync::setmaxnreg_inc::<CONSUMER_REGS>();
+                sync::setmaxnreg!(inc, CONSUMER_REGS);
                 consume::<E>(prm, &range, &sm, red_sum, group);
             }
         }

@@ -18,7 +18,7 @@ unsafe fn decode<const NW: usize, E: Elem>(prm: &DecodeParams) {
     match prologue::<STAGES, 1>(prm, &sm) {
         Some(range) => {
             if !run_producer(prm, &range, &sm, group, cols) {
-                sync::setmaxnreg_inc::<CONSUMER_REGS>();
+                sync::setmaxnreg!(inc, CONSUMER_REGS);
                 consume::<NW, E, false>(prm, &range, &sm, group);
             }
         }

@@ -159,7 +159,7 @@ pub(crate) unsafe fn run_producer(prm: &DecodeParams, range: &WorkRange, sm: &Sm
     if sync::warp_uniform(t / index::WARPGROUP) != CONSUMERS {
         return false;
     }
-    sync::setmaxnreg_dec::<PRODUCER_REGS>();
+    sync::setmaxnreg!(dec, PRODUCER_REGS);
     let first_idle = CONSUMERS * index::WARPGROUP + index::WARP;
     if t == CONSUMERS * index::WARPGROUP {
         // One loop per page size, so that each keeps its page arithmetic in constants (the

@@ -108,18 +108,20 @@ pub fn trap() -> ! {
     unsafe { asm!("trap;", options(noreturn, nostack)) }
 }
 
-/// Lower this warpgroup's register allocation to `N` per thread (`setmaxnreg.dec`, sm_90a):
-/// the producer gives its registers to the consumers. All warps of the warpgroup execute it.
-#[inline(always)]
-pub fn setmaxnreg_dec<const N: u32>() {
-    // SAFETY: executed convergently by a whole warpgroup; the kernel has a register cap at
-    // entry (the module is loaded with a max-registers JIT option).
-    unsafe { asm!("setmaxnreg.dec.sync.aligned.u32 {0};", const N, options(nostack)) };
+/// Lower (`dec`: a producer gives its registers to the consumers) or raise (`inc`) this
+/// warpgroup's register allocation to `n` per thread (`setmaxnreg`, sm_90a). All warps of the
+/// warpgroup execute it. A macro, not a function of a const generic, so that `n` may be a
+/// constant expression of the caller's own generic parameters (an asm `const` operand takes
+/// one; a const generic argument does not).
+macro_rules! setmaxnreg {
+    (dec, $n:expr) => {
+        // SAFETY: executed convergently by a whole warpgroup; the kernel has a register cap at
+        // entry (the module is loaded with a max-registers JIT option).
+        unsafe { core::arch::asm!("setmaxnreg.dec.sync.aligned.u32 {0};", const $n, options(nostack)) }
+    };
+    (inc, $n:expr) => {
+        // SAFETY: as for `dec`.
+        unsafe { core::arch::asm!("setmaxnreg.inc.sync.aligned.u32 {0};", const $n, options(nostack)) }
+    };
 }
-
-/// Raise this warpgroup's register allocation to `N` per thread (`setmaxnreg.inc`, sm_90a).
-#[inline(always)]
-pub fn setmaxnreg_inc<const N: u32>() {
-    // SAFETY: as `setmaxnreg_dec`.
-    unsafe { asm!("setmaxnreg.inc.sync.aligned.u32 {0};", const N, options(nostack)) };
-}
+pub(crate) use setmaxnreg;
