@@ -175,10 +175,10 @@ candidate)
         cut -d, -f$ab_cols "/root/cand-$side/results.csv" >>"$out/ab.txt"
     done
     wheel=$(ls target/wheels/etap-*.whl 2>/dev/null | head -1)
-    if [ -n "$wheel" ] && left $((limit - 60)); then
+    if [ -n "$wheel" ] && left $((limit - 90)); then
         site=$(mktemp -d)
         python3 -m pip install --no-deps --no-index -q --target "$site" "$wheel"
-        (cd python/tests && PYTHONPATH=$site ETAP_REQUIRE_GPU=1 timeout 60 python3 -m pytest -p no:cacheprovider -q -rs \
+        (cd python/tests && PYTHONPATH=$site ETAP_REQUIRE_GPU=1 timeout 90 python3 -m pytest -p no:cacheprovider -q -rs \
             test_fp8_gpu.py test_graph.py >"$out/python.log" 2>&1)
         echo "python rc=$? t=$((SECONDS - t0)) $(tail -1 "$out/python.log")" | tee -a "$out/candidate.log"
     fi
