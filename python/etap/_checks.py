@@ -212,6 +212,18 @@ def check_fp8_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V
     return device, _HALF[qd], shape, fmt
 
 
+def check_fp8_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table, cache_seqlens, causal=True):
+    """:func:`check_packed_decode_args` over an FP8 cache (the cache as :func:`check_fp8_decode_args`
+    takes it): returns (device index, dtype name, shape, total_q, kv_format)."""
+    device, qd, b, s_q, h_q, total_q = _check_packed_q(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table,
+                                                       cache_seqlens, causal)
+    num_pages, fmt = _check_fp8_cache(device, k_cache)
+    max_pages = _check_tables(device, b, block_table, cache_seqlens)
+    shape = (b, s_q, h_q, num_pages, max_pages, FP8_PAGE_SIZE)
+    _etap.validate_shape(*shape, total_q=total_q, kv_format=fmt)  # ValueError past the kernels' limits
+    return device, _HALF[qd], shape, total_q, fmt
+
+
 def _strides_match(t, want):
     """t's strides are `want` on every dim of size > 1 (a size-1 dim's stride does not matter)."""
     return all(size == 1 or stride == w for size, stride, w in zip(shape_of(t), t.stride(), want))
@@ -351,6 +363,17 @@ def check_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table
     ``cu_seqlens_q[r]..cu_seqlens_q[r + 1]`` of q), at most ``max_seqlen_q`` tokens a request.
     Returns (device index, dtype name, shape, total_q), shape being (b, max_seqlen_q, h_q,
     num_pages, max_pages, page_size). The offsets' values are device data, not read here."""
+    device, qd, b, s_q, h_q, total_q = _check_packed_q(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table,
+                                                       cache_seqlens, causal)
+    num_pages, max_pages, page_size = _check_cache_and_tables(device, qd, b, k_cache, block_table, cache_seqlens)
+    shape = (b, s_q, h_q, num_pages, max_pages, page_size)
+    _etap.validate_shape(*shape, total_q=total_q)  # ValueError for sizes past the kernels' limits
+    return device, _HALF[qd], shape, total_q
+
+
+def _check_packed_q(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table, cache_seqlens, causal):
+    """The packed layout's q, cu_seqlens_q, max_seqlen_q and causal (every argument a tensor
+    first); returns (device, q's dtype name, b, max_seqlen_q, h_q, total_q)."""
     for name, t in (("q", q), ("cu_seqlens_q", cu_seqlens_q), ("k_cache", k_cache), ("block_table", block_table),
                     ("cache_seqlens", cache_seqlens)):
         require_tensor(name, t)
@@ -395,11 +418,7 @@ def check_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table
             "causal=False with max_seqlen_q > 1 is not supported by etap's kernels (every query token would see "
             "the whole sequence); pass causal=True, or max_seqlen_q = 1, where both are the same"
         )
-
-    num_pages, max_pages, page_size = _check_cache_and_tables(device, qd, b, k_cache, block_table, cache_seqlens)
-    shape = (b, s_q, h_q, num_pages, max_pages, page_size)
-    _etap.validate_shape(*shape, total_q=total_q)  # ValueError for sizes past the kernels' limits
-    return device, _HALF[qd], shape, total_q
+    return device, qd, b, s_q, h_q, total_q
 
 
 def _span(t):

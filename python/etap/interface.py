@@ -20,7 +20,8 @@ The packed query layout (each request its own number of query tokens, through de
 keeps its uniform layout.
 
 FP8 caches (issue 14; q and out bf16 or fp16, pages of 64 rows, any ``s_q * h_q`` (past 32 in
-column groups of 32), the uniform query layout): FlashMLA's "FP8 with scale" format (656 bytes a token: 512 float8_e4m3fn, 4 float32
+column groups of 32), the uniform query layout and, on etap's own call, the packed one):
+FlashMLA's "FP8 with scale" format (656 bytes a token: 512 float8_e4m3fn, 4 float32
 scales, one per 128 values, 64 bf16 RoPE values; ``k_cache [num_blocks, 64, 1, 656]`` as
 FlashMLA's quantizer lays it out, pages 65 token slots apart) with
 ``flash_mla_with_kvcache(..., is_fp8_kvcache=True)``, and per-tensor e4m3 (``k_cache
@@ -414,10 +415,8 @@ def _check_args(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q, ma
     packed = _layout_args(cu_seqlens_q, max_seqlen_q)
     if _checks.is_fp8_cache(k_cache):
         if packed:
-            raise NotImplementedError(
-                "cu_seqlens_q: the packed query layout over an FP8 cache is not supported (not validated on a "
-                "GPU yet): decode FP8 caches in the uniform layout, q [b, s_q, h_q, 576]"
-            )
+            return _checks.check_fp8_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table,
+                                                        cache_seqlens, causal)
         device, dtype, shape, kv_format = _checks.check_fp8_decode_args(q, k_cache, block_table, cache_seqlens,
                                                                          _checks.D_V, causal)
         return device, dtype, shape, None, kv_format
@@ -447,7 +446,7 @@ class Plan:
 
     An FP8 cache (issue 14; a k_cache of dtype float8_e4m3fn or uint8: FlashMLA's ``[num_blocks,
     64, 1, 656]`` or per-tensor e4m3 ``[num_blocks, 64, 1, 576]``, see
-    :func:`flash_mla_with_kvcache`; q bf16 or fp16, the uniform layout) makes
+    :func:`flash_mla_with_kvcache`; q bf16 or fp16, either query layout) makes
     a plan for its format: ``kv_format`` is ``"fp8_656"`` or ``"fp8_per_tensor"`` (None for a 16-bit
     cache), and :func:`decode` refuses a cache of another format.
     """
@@ -461,12 +460,8 @@ class Plan:
         self.kv_format = kv_format
         self.stream = _stream_handle(device)
         self._dec = decoder(device)
-        if kv_format is not None:
-            self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream, kv_format=kv_format)
-        elif total_q is None:
-            self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream)
-        else:
-            self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream, total_q=total_q)
+        kw = {k: v for k, v in (("total_q", total_q), ("kv_format", kv_format)) if v is not None}
+        self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream, **kw)
 
     def replan(self, cache_seqlens):
         """Schedule for the seqlens now in `cache_seqlens` (same batch), on the current stream."""
@@ -531,8 +526,8 @@ def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, cau
     or writes outside q, out and lse, but the result is then unspecified. Everything else is
     checked before the launch.
 
-    An FP8 cache (a plan made for its format: see :class:`Plan`): q bf16 or fp16 ``[b, s_q,
-    h_q, 576]``, out of q's dtype; ``kv_scale`` (a Python float, finite and positive as a float32) is the
+    An FP8 cache (a plan made for its format: see :class:`Plan`): q bf16 or fp16 (``[b, s_q,
+    h_q, 576]``, or packed as above), out of q's dtype; ``kv_scale`` (a Python float, finite and positive as a float32) is the
     per-tensor e4m3 cache's scale (value = e4m3 * kv_scale) and must be None for FlashMLA's
     656-byte format, whose scales are in the cache. The scale is passed by value: a CUDA graph
     replays the scale it captured.
@@ -580,16 +575,12 @@ def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, cau
     out, lse = _outputs(q, shape, out, lse, tuple(inputs), total_q)
     _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse, cu_seqlens_q)
     stream = _stream_handle(device)
-    if kv_format is not None:
-        plan._dec.decode_fp8(plan._plan, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(),
-                             cache_seqlens.data_ptr(), out.data_ptr(), lse.data_ptr(), kv_scale, scale, stream)
-        _empty_lse(lse, empty_lse)
-        return out, lse
-    args = (plan._plan, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
-            out.data_ptr(), lse.data_ptr(), scale, stream)
-    if cu_seqlens_q is None:
-        plan._dec.decode(*args)
+    ptrs = (q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(), out.data_ptr(),
+            lse.data_ptr())
+    kw = {} if cu_seqlens_q is None else {"cu_seqlens_q": cu_seqlens_q.data_ptr()}
+    if kv_format is None:
+        plan._dec.decode(plan._plan, dtype, *ptrs, scale, stream, **kw)
     else:
-        plan._dec.decode(*args, cu_seqlens_q=cu_seqlens_q.data_ptr())
+        plan._dec.decode_fp8(plan._plan, dtype, *ptrs, kv_scale, scale, stream, **kw)
     _empty_lse(lse, empty_lse)
     return out, lse

@@ -1,7 +1,8 @@
 """A torch reference of MLA decode (float64), and FlashMLA-style test inputs, for validating
 etap in a deployment and for the package's own GPU tests; both also in the packed query
 layout (:func:`make_packed_inputs`, :func:`mla_decode_packed_reference`), and over FP8 caches
-(:func:`mla_decode_fp8_reference`: the reference over the dequantized cache)."""
+(:func:`mla_decode_fp8_reference`, :func:`mla_decode_fp8_packed_reference`: the references over
+the dequantized cache)."""
 
 import math
 import random
@@ -117,6 +118,16 @@ def mla_decode_fp8_reference(q, k_cache, block_table, cache_seqlens, kv_scale=No
     cache = dequantize_cache(k_cache, kv_scale, exact=True)
     return mla_decode_reference(q, cache, block_table, cache_seqlens,
                                 softmax_scale=softmax_scale, causal=causal, empty_lse=empty_lse)
+
+
+def mla_decode_fp8_packed_reference(q, cu_seqlens_q, k_cache, block_table, cache_seqlens, kv_scale=None,
+                                    max_seqlen_q=None, softmax_scale=None, causal=True, empty_lse="+inf"):
+    """:func:`mla_decode_packed_reference` over an FP8 cache dequantized exactly, as in
+    :func:`mla_decode_fp8_reference`. Returns out ``[total_q, h_q, 512]`` and lse ``[total_q,
+    h_q]`` (float64)."""
+    cache = dequantize_cache(k_cache, kv_scale, exact=True)
+    return mla_decode_packed_reference(q, cu_seqlens_q, cache, block_table, cache_seqlens, max_seqlen_q,
+                                       softmax_scale=softmax_scale, causal=causal, empty_lse=empty_lse)
 
 
 def make_packed_inputs(counts, h_q, s_k=0, max_seqlen_q=None, **kw):

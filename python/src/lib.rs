@@ -69,7 +69,7 @@ fn kv_format_name(f: KvFormat) -> Option<&'static str> {
 /// tokens a request may have, and `total_q` at most `batch * s_q`: more could not be split
 /// into `batch` requests of at most `s_q` tokens). `kv_format`: see [`kv_format_of`]; an FP8
 /// format takes pages of 64 rows (etap::validate; any `s_q * h_q`, past 16 in CTAs of 32,
-/// column groups past 32), and the uniform query layout only here (the packed one over an FP8 cache has not been validated on a GPU).
+/// column groups past 32), in either query layout.
 #[allow(clippy::too_many_arguments)]
 fn shape_of(
     batch: usize,
@@ -90,11 +90,6 @@ fn shape_of(
     }
     // Checks `total_q <= batch * s_q`, and the FP8 formats' page size, too.
     etap::validate::validate_shape(&shape).map_err(to_py)?;
-    if format != KvFormat::Elem16 && total_q.is_some() {
-        return Err(PyValueError::new_err(
-            "kv_format: an FP8 cache is decoded in the uniform query layout only (no total_q)",
-        ));
-    }
     Ok(shape)
 }
 
@@ -146,6 +141,20 @@ fn check_addresses(
 ) -> PyResult<()> {
     check_alignment([q, k_cache, block_table, cache_seqlens, out, lse]).map_err(to_py)?;
     check_offsets_alignment(cu_seqlens_q)
+}
+
+/// `cu_seqlens_q` matches the plan's query layout (an address for a packed plan, 0 for a uniform
+/// one) and, where given, is 4-byte aligned.
+fn check_offsets_for(shape: &DecodeShape, cu_seqlens_q: u64) -> PyResult<()> {
+    match (shape.packed_q, cu_seqlens_q) {
+        (Some(total_q), 0) => Err(PyValueError::new_err(format!(
+            "cu_seqlens_q: needed: the plan is for the packed query layout (total_q = {total_q})"
+        ))),
+        (None, a) if a != 0 => Err(PyValueError::new_err(
+            "cu_seqlens_q: given, but the plan is for the uniform query layout (make one with total_q)",
+        )),
+        _ => check_offsets_alignment(cu_seqlens_q),
+    }
 }
 
 /// `cu_seqlens_q` (int32 words, read by the kernels one at a time) is 4-byte aligned.
@@ -285,8 +294,8 @@ impl PyDecoder {
     /// packed query layout of `total_q` tokens, at most `s_q` a request (decode it with
     /// `cu_seqlens_q`); None: the uniform layout, `s_q` tokens a request. `kv_format`: None for
     /// a 16-bit cache (decode it with `decode`), "fp8_656" or "fp8_per_tensor" for an FP8 one
-    /// (decode it with `decode_fp8`; pages of 64 rows, no `total_q`; past 16 columns in CTAs
-    /// of 32, column groups past 32).
+    /// (decode it with `decode_fp8`; pages of 64 rows, either query layout; past 16 columns in
+    /// CTAs of 32, column groups past 32).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, cache_seqlens, stream, total_q=None, kv_format=None))]
     fn plan(
@@ -387,19 +396,7 @@ impl PyDecoder {
                 "plan: made for an FP8 cache (kv_format {f:?}): decode it with `decode_fp8`"
             )));
         }
-        match (p.shape().packed_q, cu_seqlens_q) {
-            (Some(total_q), 0) => {
-                return Err(PyValueError::new_err(format!(
-                    "cu_seqlens_q: needed: the plan is for the packed query layout (total_q = {total_q})"
-                )))
-            }
-            (None, a) if a != 0 => {
-                return Err(PyValueError::new_err(
-                    "cu_seqlens_q: given, but the plan is for the uniform query layout (make one with total_q)",
-                ))
-            }
-            _ => check_offsets_alignment(cu_seqlens_q)?,
-        }
+        check_offsets_for(p.shape(), cu_seqlens_q)?;
         let bufs = RawBuffers {
             q,
             kv_cache: k_cache,
@@ -429,9 +426,10 @@ impl PyDecoder {
     /// "fp8_per_tensor" format `[num_pages, 64, 576]` e4m3 bytes; block table, seqlens, out
     /// (q's dtype) and lse as `decode`'s uniform layout. `kv_scale`: the per-tensor format's scale
     /// (finite and positive as a float32), None for the 656-byte format (its scales are in the
-    /// cache). Errors (ValueError) name the argument; nothing is launched then.
+    /// cache). `cu_seqlens_q`: as `decode`'s, for a plan of the packed query layout (q, out and
+    /// lse then as there). Errors (ValueError) name the argument; nothing is launched then.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (plan, dtype, q, k_cache, block_table, cache_seqlens, out, lse, kv_scale, softmax_scale, stream))]
+    #[pyo3(signature = (plan, dtype, q, k_cache, block_table, cache_seqlens, out, lse, kv_scale, softmax_scale, stream, cu_seqlens_q=0))]
     fn decode_fp8(
         &self,
         plan: &PyPlan,
@@ -445,6 +443,7 @@ impl PyDecoder {
         kv_scale: Option<f64>,
         softmax_scale: Option<f64>,
         stream: usize,
+        cu_seqlens_q: u64,
     ) -> PyResult<()> {
         if !Arc::ptr_eq(&plan.decoder, &self.inner) {
             return Err(PyValueError::new_err(format!(
@@ -461,6 +460,7 @@ impl PyDecoder {
                 "plan: made for a 16-bit cache (decode it with `decode`, or make a plan with kv_format)",
             ));
         }
+        check_offsets_for(p.shape(), cu_seqlens_q)?;
         // The scale as the kernel takes it (f32): etap checks it is finite and positive there, so
         // a float64 that rounds to 0 or infinity is refused too.
         let kv_scale = kv_scale.map(|s| s as f32);
@@ -471,7 +471,7 @@ impl PyDecoder {
             cache_seqlens,
             out,
             lse,
-            q_offsets: 0,
+            q_offsets: cu_seqlens_q,
         };
         let _guard = ContextGuard::new(&self.inner).map_err(to_py)?;
         let stream = stream_of(stream);
@@ -480,9 +480,10 @@ impl PyDecoder {
         // SAFETY: the Python layer checked every tensor: on this device, of the dtype and the
         // exact shape the plan's shape implies (q and out of `dtype` and contiguous; the cache's bytes
         // in the plan's format, `shape.cache_len()` of them from `k_cache` inside its
-        // allocation: the 656-byte format's strided pages included), out/lse not overlapping the
-        // inputs, and keeps them alive until the call returns; torch's stream ordering keeps
-        // their memory valid until the kernels ran.
+        // allocation: the 656-byte format's strided pages included; cu_seqlens_q, where given,
+        // int32[b + 1]), out/lse not overlapping the inputs, and keeps them alive until the call
+        // returns; torch's stream ordering keeps their memory valid until the kernels ran. The
+        // offsets' values are device data, clamped by the kernels as in `decode`.
         unsafe { self.inner.decode_fp8_raw(p, dtype, bufs, kv_scale, scale, stream) }.map_err(to_py)
     }
 }

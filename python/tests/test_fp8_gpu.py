@@ -1,7 +1,8 @@
 """GPU tests of FP8 KV caches (issue 14): FlashMLA's 656-byte format and per-tensor e4m3, through
-flash_mla_with_kvcache(is_fp8_kvcache=True[, kv_scale=]) and etap.plan / etap.decode, against the
-float64 reference over the dequantized cache (etap.reference.mla_decode_fp8_reference) with the
-bf16 tolerances of the other GPU tests (fp16 q and out: the same rule at fp16's precision, 8x
+flash_mla_with_kvcache(is_fp8_kvcache=True[, kv_scale=]) and etap.plan / etap.decode (in the
+packed query layout too), against the float64 reference over the dequantized cache
+(etap.reference.mla_decode_fp8_reference, mla_decode_fp8_packed_reference) with the bf16
+tolerances of the other GPU tests (fp16 q and out: the same rule at fp16's precision, 8x
 tighter), each request on its own. The caches are quantized on the GPU by etap.quant from
 make_inputs' poisoned caches (NaN in every row past each request's length and in unused pages,
 junk past the used block-table slots, shuffled pages), and the quantized bytes are checked
@@ -16,7 +17,15 @@ import pytest
 
 import etap
 from etap import _etap, quant
-from etap.reference import make_inputs, max_violation, mla_decode_fp8_reference, mla_decode_reference
+from etap.reference import (
+    make_inputs,
+    make_packed_inputs,
+    max_violation,
+    mla_decode_fp8_packed_reference,
+    mla_decode_fp8_reference,
+    mla_decode_reference,
+)
+from packed_checks import check_each_packed_request
 
 FORMATS = ["fp8_656", "fp8_per_tensor"]
 STRIDE = 65 * 656
@@ -179,6 +188,90 @@ def test_fp8_native_plan_api(torch_cuda, fmt, s_q, h_q):
         lse = torch.full((b, h_q, s_q), float("nan"), device=q.device)
         etap.decode(p, q, k8, bt, lens, out=out, lse=lse, kv_scale=kv_scale)
         _check_each_request(torch, out, lse, q, k8, kv_scale, bt, lens, f"native plan {fmt}", empty_lse="-inf")
+
+
+# The packed query layout over an FP8 cache, (h_q, max_seqlen_q, tokens per request, seqlens),
+# through each FP8 kernel: the CTA of 16 columns (6 heads x 2 tokens), of 32 (16 x 2; 8 x 4),
+# column groups of 32 (64 x 1: two; 5 x 8: 40 columns, a last group of 8); requests of 0 tokens,
+# tokens that see no row (a request shorter than its tokens), lengths at page boundaries, and a
+# long request a case (split over several CTAs).
+FP8_PACKED_CASES = [
+    (6, 2, [2, 0, 1, 2, 1], [300, 5, 0, 64, 2000]),
+    (16, 2, [2, 1, 0, 2], [65, 1, 700, 4000]),
+    (8, 4, [4, 0, 3, 1, 2], [1, 64, 129, 3, 900]),
+    (64, 1, [1, 0, 1, 1], [6000, 3, 64, 0]),
+    (5, 8, [8, 7, 0, 1], [9, 1000, 5, 64]),
+]
+
+
+@pytest.mark.parametrize("q_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("h_q, max_seqlen_q, counts, lens", FP8_PACKED_CASES)
+def test_fp8_packed_query_layout(torch_cuda, h_q, max_seqlen_q, counts, lens, fmt, q_dtype):
+    """etap.plan / etap.decode with cu_seqlens_q over an FP8 cache: each request against the
+    float64 packed reference over the dequantized cache, into NaN-poisoned out and lse, both
+    empty-lse conventions, bf16 and fp16 q and out."""
+    torch = torch_cuda
+    q, cu, k, bt, sl = make_packed_inputs(counts, h_q, max_seqlen_q=max_seqlen_q, lens=lens,
+                                          seed=9200 + 10 * h_q + max_seqlen_q)
+    q = q.to(getattr(torch, q_dtype))
+    k8, kv_scale = _quantize(torch, k, fmt)
+    total_q = sum(counts)
+    p = etap.plan(q, k8, bt, sl, cu_seqlens_q=cu, max_seqlen_q=max_seqlen_q)
+    assert p.kv_format == fmt and p.layout == "KvOnM" and p.total_q == total_q
+    what = f"packed {fmt} {q_dtype} h_q={h_q} max_seqlen_q={max_seqlen_q}"
+    for empty_lse in ("-inf", "+inf"):
+        out = torch.full((total_q, h_q, 512), float("nan"), dtype=q.dtype, device=q.device)
+        lse = torch.full((total_q, h_q), float("nan"), device=q.device)
+        o, l = etap.decode(p, q, k8, bt, sl, cu_seqlens_q=cu, max_seqlen_q=max_seqlen_q, out=out, lse=lse,
+                           empty_lse=empty_lse, kv_scale=kv_scale)
+        assert o.data_ptr() == out.data_ptr() and l.data_ptr() == lse.data_ptr()
+        torch.cuda.synchronize()
+        ref = mla_decode_fp8_packed_reference(q, cu, k8, bt, sl, kv_scale, max_seqlen_q, empty_lse=empty_lse)
+        check_each_packed_request(torch, out, lse, cu, sl, ref, f"{what} empty_lse={empty_lse}", empty_lse)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("b, s_q, h_q", [(5, 1, 16), (4, 3, 6), (3, 2, 16), (2, 1, 128)])
+def test_fp8_packed_full_equals_uniform(torch_cuda, fmt, b, s_q, h_q):
+    """Every request at s_q tokens: the packed call over the very same q (a view) and FP8 cache
+    gives the uniform call's out bit for bit, and its lse transposed."""
+    torch = torch_cuda
+    q, _, k8, kv_scale, bt, sl = _fp8_inputs(torch, s_q, h_q, [3000, 0, 2, 700, 64][:b], fmt, seed=9300 + h_q + s_q)
+    pu = etap.plan(q, k8, bt, sl)
+    out_u, lse_u = etap.decode(pu, q, k8, bt, sl, kv_scale=kv_scale)
+    qp = q.view(b * s_q, h_q, 576)
+    cu = torch.arange(0, b * s_q + 1, s_q, dtype=torch.int32, device=q.device)
+    pp = etap.plan(qp, k8, bt, sl, cu_seqlens_q=cu, max_seqlen_q=s_q)
+    out_p, lse_p = etap.decode(pp, qp, k8, bt, sl, cu_seqlens_q=cu, max_seqlen_q=s_q, kv_scale=kv_scale)
+    _check_each_request(torch, out_u, lse_u, q, k8, kv_scale, bt, sl, f"uniform {fmt}", empty_lse="-inf")
+    assert torch.equal(out_p.view(b, s_q, h_q, 512), out_u), "packed out differs from the uniform out"
+    assert torch.equal(lse_p.view(b, s_q, h_q), lse_u.transpose(1, 2)), "packed lse differs from the uniform lse"
+
+
+def test_fp8_packed_reference_is_the_uniform_one(torch_any):
+    """The packed FP8 reference (on the CPU): with every request at s_q tokens, the uniform FP8
+    reference with lse transposed, both formats; with fewer tokens, each request's rows are the
+    uniform reference's last rows of that request."""
+    torch = torch_any
+    lens = [0, 1, 64, 300]
+    s_q, h_q = 2, 4
+    for fmt in FORMATS:
+        q, k, bt, sl = make_inputs(len(lens), s_q, h_q, 0, device="cpu", seed=53, lens=lens)
+        k8, kv_scale = _quantize(torch, k, fmt)
+        ro, rl = mla_decode_fp8_reference(q, k8, bt, sl, kv_scale)
+        cu = torch.arange(0, len(lens) * s_q + 1, s_q, dtype=torch.int32)
+        po, pl = mla_decode_fp8_packed_reference(q.view(-1, h_q, 576), cu, k8, bt, sl, kv_scale, s_q)
+        assert torch.equal(po.view(ro.shape), ro) and torch.equal(pl.view(len(lens), s_q, h_q), rl.transpose(1, 2))
+        counts = [2, 0, 1, 2]
+        qp, cu, _, _, _ = make_packed_inputs(counts, h_q, max_seqlen_q=s_q, device="cpu", seed=53, lens=lens)
+        po, pl = mla_decode_fp8_packed_reference(qp, cu, k8, bt, sl, kv_scale, s_q)
+        for r, n in enumerate(counts):
+            a = int(cu[r])
+            torch.testing.assert_close(po[a : a + n], ro[r, s_q - n :], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(pl[a : a + n], rl[r, :, s_q - n :].T, rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="kv_scale"):
+            mla_decode_fp8_packed_reference(qp, cu, k8, bt, sl, None if kv_scale else 1.0, s_q)
 
 
 def test_fp8_and_16_bit_plans_apart(torch_cuda):

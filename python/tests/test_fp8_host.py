@@ -56,8 +56,8 @@ def test_validate_shape_fp8_accepts_every_column_count():
         ((2, 1, 16, 8, 4, 64), dict(kv_format="fp8"), r'^kv_format: "fp8" is not a cache format \(None for 16-bit, '
                                                         r'"fp8_656" or "fp8_per_tensor"\)'),
         ((2, 1, 16, 8, 4, 64), dict(kv_format="bf16"), r'^kv_format: "bf16" is not a cache format'),
-        ((2, 2, 8, 8, 4, 64), dict(kv_format="fp8_656", total_q=3),
-         r"^kv_format: an FP8 cache is decoded in the uniform query layout only \(no total_q\)"),
+        # The packed layout's own limit holds over an FP8 cache too.
+        ((2, 2, 8, 8, 4, 64), dict(kv_format="fp8_656", total_q=5), r"^total_q: 5 tokens for 2 requests of at most s_q = 2 each"),
         # The shape's own checks come first.
         ((0, 1, 16, 8, 4, 64), dict(kv_format="fp8_656"), "empty batch"),
         ((2, 1, 16, 0, 4, 64), dict(kv_format="fp8_656"), "num_pages"),
@@ -68,6 +68,15 @@ def test_validate_shape_fp8_accepts_every_column_count():
 def test_validate_shape_fp8_rejects(args, kw, needle):
     with pytest.raises(ValueError, match=needle):
         _etap.validate_shape(*args, **kw)
+
+
+def test_validate_shape_fp8_packed():
+    """The packed query layout over both FP8 formats: any total_q up to batch * s_q."""
+    for fmt in ("fp8_656", "fp8_per_tensor"):
+        for total_q in range(1, 7):
+            _etap.validate_shape(3, 2, 16, 8, 4, 64, total_q=total_q, kv_format=fmt)
+        with pytest.raises(ValueError, match="kv_format: FP8 caches take pages of 64 rows, not 16"):
+            _etap.validate_shape(3, 2, 16, 8, 4, 16, total_q=3, kv_format=fmt)
 
 
 def test_validate_shape_fp8_counts_65_rows_a_page():
@@ -257,8 +266,8 @@ class FakeDecoder:
         self.calls.append(("decode", dtype) + tuple(kw.items()))
 
     def decode_fp8(self, plan, dtype, q, k_cache, block_table, cache_seqlens, out, lse, kv_scale, softmax_scale,
-                   stream):
-        self.calls.append(("decode_fp8", dtype, k_cache, kv_scale, softmax_scale))
+                   stream, **kw):
+        self.calls.append(("decode_fp8", dtype, k_cache, kv_scale, softmax_scale) + tuple(kw.items()))
 
 
 @pytest.fixture
@@ -425,9 +434,6 @@ def test_native_plan_reads_the_format_from_the_cache(fake_decoder):
 
 def test_native_plan_fp8_errors(fake_decoder):
     q, k, bt, sl = fp8_inputs()
-    with pytest.raises(NotImplementedError, match=r"cu_seqlens_q: the packed query layout over an FP8 cache is not "
-                                                  r"supported \(not validated on a GPU yet\)"):
-        etap.plan(FakeTensor((2, 16, 576)), k, bt, sl, cu_seqlens_q=FakeTensor((3,), I32), max_seqlen_q=1)
     with pytest.raises(TypeError, match="max_seqlen_q: given without cu_seqlens_q"):
         etap.plan(q, k, bt, sl, max_seqlen_q=1)
     # Past 16 columns is a plan (test_native_plan_and_decode_past_16_columns); past the shape's limits is not.
@@ -652,3 +658,109 @@ def test_native_plan_and_decode_past_16_columns(fake_decoder):
             with pytest.raises(ValueError, match="plan: made for"):
                 etap.decode(p, q2, k, bt, sl, kv_scale=scale, out=FakeTensor((3, s_q, q2.shape[2], 512)),
                             lse=FakeTensor((3, q2.shape[2], s_q), F32))
+
+
+# --- the packed query layout over an FP8 cache (etap.plan / etap.decode with cu_seqlens_q) -----------
+# b = 3 requests of at most 2 tokens, 5 tokens in all: q [5, h_q, 576], cu_seqlens_q int32[4].
+
+
+def fp8_packed_args(kv_format="fp8_656", b=3, max_seqlen_q=2, total_q=5, h_q=6, cache_dtype=FP8, q_dtype=BF16):
+    _, k, bt, sl = fp8_inputs(b=b, h_q=h_q, kv_format=kv_format, cache_dtype=cache_dtype)
+    return dict(q=FakeTensor((total_q, h_q, 576), q_dtype), k_cache=k, block_table=bt, cache_seqlens=sl,
+                cu_seqlens_q=FakeTensor((b + 1,), I32), max_seqlen_q=max_seqlen_q)
+
+
+def test_fp8_packed_plan_and_decode_reach_the_device(fake_decoder):
+    """Both formats and cache dtypes, bf16 and fp16 q, 1 to 128 heads (CTAs of 16, of 32 and column
+    groups of 32), every total_q kind: the plan is made with total_q and the format, the decode
+    goes to decode_fp8 with the offsets' address and the scale."""
+    for h_q, max_seqlen_q, b in ((6, 2, 3), (16, 1, 2), (16, 2, 4), (64, 8, 2), (128, 3, 5), (1, 8, 1)):
+        for total_q in sorted({1, b * max_seqlen_q // 2 or 1, b * max_seqlen_q}):
+            for fmt, scale in (("fp8_656", None), ("fp8_per_tensor", 0.03)):
+                for cache_dtype, q_dtype in ((FP8, BF16), (U8, F16)):
+                    fake_decoder.calls.clear()
+                    a = fp8_packed_args(fmt, b, max_seqlen_q, total_q, h_q, cache_dtype, q_dtype)
+                    p = etap.plan(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"],
+                                  cu_seqlens_q=a["cu_seqlens_q"], max_seqlen_q=max_seqlen_q)
+                    assert p.shape == (b, max_seqlen_q, h_q, 8, 4, 64) and p.total_q == total_q
+                    assert p.kv_format == fmt
+                    assert fake_decoder.calls == [("plan", b, max_seqlen_q, h_q, 8, 4, 64, ("total_q", total_q),
+                                                   ("kv_format", fmt))]
+                    out, lse = FakeTensor((total_q, h_q, 512), q_dtype), FakeTensor((total_q, h_q), F32)
+                    o, l = etap.decode(p, a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], 0.5,
+                                       cu_seqlens_q=a["cu_seqlens_q"], max_seqlen_q=max_seqlen_q, out=out, lse=lse,
+                                       kv_scale=scale)
+                    assert (o, l) == (out, lse)
+                    name = "bf16" if q_dtype is BF16 else "f16"
+                    assert fake_decoder.calls[-1] == ("decode_fp8", name, a["k_cache"].data_ptr(), scale, 0.5,
+                                                      ("cu_seqlens_q", a["cu_seqlens_q"].data_ptr()))
+
+
+BAD_FP8_PACKED = [
+    # The packed layout's own checks (shared with the 16-bit cache's).
+    (dict(q=FakeTensor((3, 2, 6, 576))), ValueError, r"q: expected 3 dims \[total_q, h_q, 576\] with cu_seqlens_q"),
+    (dict(q=FakeTensor((7, 6, 576))), ValueError, "q: total_q = 7 query tokens do not fit 3 requests"),
+    (dict(q=FakeTensor((5, 6, 576), F32)), TypeError, "q: dtype must be torch.bfloat16 or torch.float16"),
+    (dict(cu_seqlens_q=FakeTensor((4,), I64)), TypeError, "cu_seqlens_q: dtype must be torch.int32"),
+    (dict(cu_seqlens_q=FakeTensor((5,), I32)), ValueError, r"block_table: expected shape \[batch = 4, max_pages\]"),
+    (dict(max_seqlen_q=9), ValueError, "max_seqlen_q: 9 query tokens per request is not supported"),
+    (dict(max_seqlen_q=None), TypeError, "max_seqlen_q: needed with cu_seqlens_q"),
+    (dict(causal=False), NotImplementedError, "causal=False with max_seqlen_q > 1"),
+    # The FP8 cache's own.
+    (dict(k_cache=FakeTensor((8, 32, 1, 576), U8)), ValueError,
+     "k_cache: page_block_size = 32 rows is not supported with an FP8 cache"),
+    (dict(k_cache=FakeTensor((8, 64, 1, 600), U8)), ValueError, "k_cache: an FP8 cache has 656 bytes a token"),
+    (dict(k_cache=FakeTensor((8, 64, 1, 656), FP8)), ValueError, "k_cache: FlashMLA's FP8 cache lays its pages out"),
+    (dict(k_cache=fp8_656_cache(device=("cuda", 1))), ValueError, "k_cache: on cuda:1, but q is on cuda:0"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, needle", BAD_FP8_PACKED, ids=[f"{i}-{b[2][:30]}" for i, b in enumerate(BAD_FP8_PACKED)])
+def test_fp8_packed_plan_bad_input_raises_naming_the_argument(kw, exc, needle, fake_decoder):
+    args = fp8_packed_args()
+    args.update(kw)
+    causal = args.pop("causal", True)
+    with pytest.raises(exc, match=needle):
+        etap.plan(args.pop("q"), args.pop("k_cache"), args.pop("block_table"), args.pop("cache_seqlens"), causal,
+                  **args)
+    assert fake_decoder.calls == [], "the checks must fail before any device work"
+
+
+def test_fp8_packed_decode_refuses_another_plan_or_scale(fake_decoder):
+    """A packed FP8 plan serves its layout, format and total_q only; the scale belongs to the
+    per-tensor format; each refusal before any device work."""
+    a = fp8_packed_args("fp8_per_tensor")
+    p = etap.plan(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], cu_seqlens_q=a["cu_seqlens_q"],
+                  max_seqlen_q=2)
+    a656 = fp8_packed_args("fp8_656")
+    p656 = etap.plan(a656["q"], a656["k_cache"], a656["block_table"], a656["cache_seqlens"],
+                     cu_seqlens_q=a656["cu_seqlens_q"], max_seqlen_q=2)
+    q_u, k_u, bt_u, sl_u = fp8_inputs(b=3, s_q=2, h_q=6, kv_format="fp8_per_tensor")
+    p_uniform = etap.plan(q_u, k_u, bt_u, sl_u)
+    _, k16, _, _ = decode_inputs(b=3, h_q=6)
+    fake_decoder.calls.clear()
+    out, lse = FakeTensor((5, 6, 512)), FakeTensor((5, 6), F32)
+    packed = dict(cu_seqlens_q=a["cu_seqlens_q"], max_seqlen_q=2, out=out, lse=lse)
+    for plan, k, kw, exc, needle in (
+        (p, a["k_cache"], {}, ValueError, "kv_scale: needed: k_cache of 576 bytes a token"),
+        (p, a["k_cache"], dict(kv_scale=float("inf")), ValueError, "kv_scale: inf must be finite and positive"),
+        (p656, a656["k_cache"], dict(kv_scale=1.0), ValueError, "kv_scale: given, but k_cache is FlashMLA's FP8 format"),
+        (p656, a["k_cache"], dict(kv_scale=1.0), ValueError,
+         r"plan: made for FlashMLA's FP8 cache .*, but k_cache is a per-tensor e4m3 cache"),
+        (p, k16, {}, ValueError, r"plan: made for a per-tensor e4m3 cache .*, but k_cache is a 16-bit cache"),
+        (p_uniform, a["k_cache"], dict(kv_scale=1.0), ValueError,
+         "cu_seqlens_q: given, but the plan was made for the uniform layout"),
+        (p, a["k_cache"], dict(kv_scale=1.0, max_seqlen_q=3), ValueError,
+         r"plan: made for \(batch, max_seqlen_q, h_q, num_pages, max_pages, page_size, total_q\) = "
+         r"\(3, 2, 6, 8, 4, 64, 5\), this call has \(3, 3, 6, 8, 4, 64, 5\)"),
+    ):
+        q = FakeTensor((5, 6, 576)) if k is not k16 else FakeTensor((5, 6, 576), BF16)
+        with pytest.raises(exc, match=needle):
+            etap.decode(plan, q, k, a["block_table"], a["cache_seqlens"], **dict(packed, **kw))
+    with pytest.raises(ValueError, match="cu_seqlens_q: needed: the plan was made for the packed layout"):
+        etap.decode(p, q_u, k_u, bt_u, sl_u, kv_scale=1.0, out=FakeTensor((3, 2, 6, 512)),
+                    lse=FakeTensor((3, 6, 2), F32))
+    with pytest.raises(ValueError, match="out: overlaps cu_seqlens_q"):
+        etap.decode(p, a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], kv_scale=1.0,
+                    **dict(packed, out=FakeTensor((5, 6, 512), ptr=a["cu_seqlens_q"].data_ptr())))
+    assert fake_decoder.calls == [], "a refused call must not reach the device"

@@ -17,6 +17,7 @@ from etap.reference import (
     mla_decode_packed_reference,
     mla_decode_reference,
 )
+from packed_checks import check_each_packed_request
 
 
 def _cases():
@@ -482,21 +483,10 @@ def _packed_nan_poisoned(torch, p, q, cu, k, bt, sl, max_seqlen_q, empty_lse):
 
 
 def _check_each_packed_request(torch, out, lse, q, cu, k, bt, sl, max_seqlen_q, what, empty_lse="-inf"):
-    """Every request on its own against the float64 packed reference (a failure names the
-    request, its tokens and length); no NaN anywhere (every row of out and lse written); a token
-    that sees no row has out 0 and lse +-inf."""
+    """:func:`packed_checks.check_each_packed_request` against the float64 packed reference."""
     torch.cuda.synchronize()
-    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"{what}: NaN in out or lse"
-    ref_out, ref_lse = mla_decode_packed_reference(q, cu, k, bt, sl, max_seqlen_q, empty_lse=empty_lse)
-    offsets, lens = cu.tolist(), sl.tolist()
-    for r in range(len(lens)):
-        a, e = offsets[r], offsets[r + 1]
-        if a == e:
-            continue
-        v = max_violation(out[a:e], lse[a:e], ref_out[a:e], ref_lse[a:e])
-        assert v <= 1.0, f"{what}: request {r} ({e - a} tokens, seqlen {lens[r]}): error {v:.3f} x tolerance"
-        blind = min(max(e - a - lens[r], 0), e - a)  # its first tokens that see no row
-        assert (out[a : a + blind] == 0).all() and (lse[a : a + blind] == float(empty_lse)).all(), what
+    ref = mla_decode_packed_reference(q, cu, k, bt, sl, max_seqlen_q, empty_lse=empty_lse)
+    check_each_packed_request(torch, out, lse, cu, sl, ref, what, empty_lse)
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
