@@ -1726,8 +1726,9 @@ fn packed_fp8_reference_matches_uniform() {
 }
 
 /// FP8 cache shapes (issue 14): their byte lengths, every column count accepted (past 16 the
-/// plan runs column groups of 16: `fp8_tiling_is_column_groups_of_16`), and what the FP8 kernel
-/// does not take (pages other than 64 rows).
+/// plan runs CTAs of 32, column groups past 32: `fp8_tiling_is_column_groups_of_16_or_32`),
+/// the packed query layout's lengths over them, and what the FP8 kernel does not take (pages
+/// other than 64 rows).
 #[test]
 fn fp8_shapes() {
     use etap::KvFormat;
@@ -1756,10 +1757,23 @@ fn fp8_shapes() {
                 "{f:?} s_q {s_q} h_q {h_q}"
             );
         }
+        // The packed query layout over it: q, out and lse by total_q, the cache by its format,
+        // total_q within batch * s_q.
+        let packed = DecodeShape::new(3, 4, 6, 10, 5).with_kv_format(f).with_packed_q(7);
+        assert_eq!(validate_shape(&packed), Ok(()));
+        assert_eq!(
+            (packed.q_len(), packed.out_len(), packed.lse_len(), packed.cache_len()),
+            (7 * 6 * 576, 7 * 6 * 512, 7 * 6, s.with_kv_format(f).cache_len())
+        );
+        assert!(matches!(
+            validate_shape(&packed.with_packed_q(13)),
+            Err(EtapError::Invalid { arg: "total_q", .. })
+        ));
         for bad in [
             DecodeShape::new(2, 1, 16, 10, 4).with_page_size(32),
             DecodeShape::new(2, 1, 16, 10, 4).with_page_size(16),
             DecodeShape::new(2, 2, 64, 10, 4).with_page_size(128),
+            DecodeShape::new(2, 2, 8, 10, 4).with_page_size(32).with_packed_q(3),
         ] {
             assert!(
                 matches!(
