@@ -13,12 +13,14 @@ Usage (here):
 The first form, perf-notes' "Current numbers": one row per bf16 configuration that both files
 have: etap's serving time with the block table shuffled / contiguous (and its TFLOP/s at 64+
 heads, the issue's compute-bound shapes), etap's % of the copy roof (shuffled), each peer's two
-times, the ratio etap / best peer for each table, and issue 15's target for the shape.
+times, the ratio etap / best peer for each table, issue 15's target for the shape and whether
+the shuffled table's figure meets it (`met`: yes / no, with the figure the target reads).
 
 The second, perf-notes' "FP8 caches": one row per configuration with an FP8 row: the 16-bit
 cache, FlashMLA's format and the per-tensor one (shuffled / contiguous; % of the copy roof
 counting the FP8 bytes, shuffled), how much faster FlashMLA's format is than the 16-bit cache
-and than FlashMLA's bf16 (shuffled), and issue 14's target.
+and than FlashMLA's bf16 (shuffled), issue 14's target and whether FlashMLA's format meets it
+(shuffled; without PEERS_DIR the FlashMLA half of a 1.65x target is not judged).
 
 The numbers are the files'; nothing is measured here. Each form prints the run's card and copy
 roof first, so that the table keeps them.
@@ -77,6 +79,31 @@ def cell(a, b, fmt):
     return " / ".join("n/a" if v is None or v != v else format(v, fmt) for v in (a, b))
 
 
+def met(ok, figure):
+    """A `met` cell: yes / no and the figure judged, or n/a where the figure is missing."""
+    return "n/a" if ok is None else f"{'yes' if ok else 'no'} ({figure})"
+
+
+def verdict(target, r, p):
+    """Whether configuration `r` (results.json) with its peers `p` (peers.json) meets issue 15's
+    `target`, on the shuffled table: `≤ X` etap / best peer, `≤ X of FlashMLA` etap /
+    FlashMLA, `≥ X% copy`, `≥ X TFLOP/s`."""
+    shuf = r["serving_us_per_layer_shuffled"]
+    bound = float(target.split()[1].rstrip("%"))
+    if target.endswith("% copy"):
+        pct = r["serving_pct_copy_shuffled"]
+        return met(None if pct is None else pct >= bound, f"{pct:.1f}%" if pct is not None else "")
+    if target.endswith("TFLOP/s"):
+        tflops = r["flops"] / (shuf * 1e-6) / 1e12 if shuf else None
+        return met(None if tflops is None else tflops >= bound, f"{tflops:.0f} TFLOP/s" if tflops else "")
+    if target.endswith("of FlashMLA"):
+        fm = p["peers"].get("FlashMLA", {}).get("shuffled")
+        ratio = shuf / fm if shuf and fm else None
+        return met(None if ratio is None else ratio <= bound, f"{ratio:.3f}" if ratio else "")
+    ratio = p["ratio"]["shuffled"]
+    return met(None if ratio is None or ratio != ratio else ratio <= bound, f"{ratio:.3f}" if ratio else "")
+
+
 def rows(results, peers):
     """The markdown rows, in results.json's order."""
     by_config = {r["config"]: r for r in peers["rows"]}
@@ -95,10 +122,11 @@ def rows(results, peers):
         peer_cells = [cell(p["peers"][n]["shuffled"], p["peers"][n]["contiguous"], ".1f") for n in names]
         ratio = cell(p["ratio"]["shuffled"], p["ratio"]["contiguous"], ".3f")
         target = TARGETS.get(r["config"], "")
+        ok = verdict(target, r, p) if target else ""
         out.append(f"| {label(r['config'])} | {etap} | {pct} | " + " | ".join(peer_cells)
-                   + f" | {ratio} | {target} |")
-    header = ["| shape | etap µs | % copy | " + " | ".join(f"{n} µs" for n in names) + " | ratio | target (H200) |",
-              "|" + "---|" * (len(names) + 5)]
+                   + f" | {ratio} | {target} | {ok} |")
+    header = ["| shape | etap µs | % copy | " + " | ".join(f"{n} µs" for n in names)
+              + " | ratio | target (H200) | met |", "|" + "---|" * (len(names) + 6)]
     return header + out
 
 
@@ -117,6 +145,31 @@ FP8_TARGETS = {
     "b16-sq2-h64-sk4k": "≥ 1.0x",
 }
 FP8_FORMATS = ("fp8-656", "fp8-tensor")
+
+
+def fp8_verdict(target, base, f656, flashmla_us):
+    """Whether FlashMLA's format (`f656`, results.json's row) meets issue 14's `target` on the
+    shuffled table: `≥ Xx` faster than the 16-bit cache (`base`) and, for the memory-bound
+    shapes' 1.65x, than FlashMLA's bf16 (`flashmla_us`; None: not judged), `≥ X% copy`."""
+    t656 = f656["serving_us_per_layer_shuffled"] if f656 else None
+    if not t656:
+        return met(None, "")
+    checks, figures = [], []
+    for part in target.split(", "):
+        bound = float(part.split()[1].rstrip("x%"))
+        if part.endswith("% copy"):
+            pct = f656["serving_pct_copy_shuffled"]
+            checks.append(None if pct is None else pct >= bound)
+            figures.append("" if pct is None else f"{pct:.1f}% copy")
+            continue
+        x = base["serving_us_per_layer_shuffled"] / t656
+        checks.append(x >= bound)
+        figures.append(f"{x:.2f}x")
+        if bound > 1 and flashmla_us:
+            checks.append(flashmla_us / t656 >= bound)
+            figures.append(f"{flashmla_us / t656:.2f}x FlashMLA")
+    ok = None if None in checks else all(checks)
+    return met(ok, ", ".join(figures))
 
 
 def fp8_rows(results, peers=None):
@@ -142,9 +195,11 @@ def fp8_rows(results, peers=None):
         speedup = lambda t: "" if not (t and f656) else f"{t / f656:.2f}x"
         cells.append(speedup(base["serving_us_per_layer_shuffled"]))
         cells.append(speedup(flashmla.get(name)) if flashmla else "n/a")
-        out.append(f"| {label(name)} | " + " | ".join(cells) + f" | {FP8_TARGETS.get(name, '')} |")
+        target = FP8_TARGETS.get(name, "")
+        ok = fp8_verdict(target, base, fmts[0], flashmla.get(name) if flashmla else None) if target else ""
+        out.append(f"| {label(name)} | " + " | ".join(cells) + f" | {target} | {ok} |")
     header = ["| shape | 16-bit cache µs | FP8-656 µs | FP8 per-tensor µs | 656 vs the 16-bit cache "
-              "| 656 vs FlashMLA bf16 | target (656, H200) |", "|" + "---|" * 7]
+              "| 656 vs FlashMLA bf16 | target (656, H200) | met |", "|" + "---|" * 8]
     return header + out
 
 
