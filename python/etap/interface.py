@@ -527,9 +527,9 @@ def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, cau
     checked before the launch.
 
     An FP8 cache (a plan made for its format: see :class:`Plan`): q bf16 or fp16 (``[b, s_q,
-    h_q, 576]``, or packed as above), out of q's dtype; ``kv_scale`` (a Python float, finite and positive as a float32) is the
-    per-tensor e4m3 cache's scale (value = e4m3 * kv_scale) and must be None for FlashMLA's
-    656-byte format, whose scales are in the cache. The scale is passed by value: a CUDA graph
+    h_q, 576]``, or packed as above), out of q's dtype; ``kv_scale`` (a Python float, finite
+    and positive as a float32) is the per-tensor e4m3 cache's scale (value = e4m3 * kv_scale)
+    and must be None for FlashMLA's 656-byte format, whose scales are in the cache. The scale is passed by value: a CUDA graph
     replays the scale it captured.
     """
     if not isinstance(plan, Plan):
