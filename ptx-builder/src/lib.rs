@@ -391,6 +391,20 @@ pub fn sass(cuobjdump: &Path, cubin: &Path) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The instructions of a function's SASS (as [`sass_by_function`] gives it), without their
+/// addresses and encodings: what two builds compare on.
+pub fn sass_instructions(body: &str) -> Vec<&str> {
+    body.lines()
+        .filter_map(|l| {
+            let rest = l.trim_start().strip_prefix("/*")?;
+            let (addr, instr) = rest.split_once("*/")?;
+            addr.chars()
+                .all(|c| c.is_ascii_hexdigit())
+                .then(|| instr.split(';').next().unwrap_or("").trim())
+        })
+        .collect()
+}
+
 /// Split `cuobjdump -sass` output into (kernel name, SASS text) pairs.
 pub fn sass_by_function(sass: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
@@ -428,6 +442,14 @@ mod tests {
             without_path_hashes("[anon_$_db6e19_$_2+28] anon_$_x anon_$__$_1"),
             "[anon_$__$_2+28] anon_$_x anon_$__$_1"
         );
+    }
+
+    #[test]
+    fn sass_instructions_drop_addresses_and_encodings() {
+        let body = "        /*0000*/                   LDC R1, c[0x0][0x28] ;                      /* 0x00000a00ff017b82 */\n\
+                    \x20                                                                            /* 0x000fe40000000800 */\n\
+                    \x20       /*0010*/              @!P3 STS [R186], R3 ;  /* 0x00000003ba00b388 */\n";
+        assert_eq!(sass_instructions(body), ["LDC R1, c[0x0][0x28]", "@!P3 STS [R186], R3"]);
     }
 
     #[test]

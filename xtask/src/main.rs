@@ -511,21 +511,37 @@ fn ptx_diff(rev: &str) -> Result<bool, String> {
         git(&["worktree", "prune"])?;
         git(&["worktree", "add", "--quiet", "--force", "--detach", tree_arg, &commit])?;
     }
-    let ours = pb::without_path_hashes(&pb::build_raw_ptx(&root)?);
-    let theirs = pb::without_path_hashes(&pb::build_raw_ptx(&tree)?);
+    let (ours_raw, theirs_raw) = (pb::build_raw_ptx(&root)?, pb::build_raw_ptx(&tree)?);
+    let ours = pb::without_path_hashes(&ours_raw);
+    let theirs = pb::without_path_hashes(&theirs_raw);
 
     let ours_k: BTreeMap<String, &str> = pb::kernel_texts(&ours).into_iter().collect();
     let theirs_k: BTreeMap<String, &str> = pb::kernel_texts(&theirs).into_iter().collect();
     let names: BTreeSet<&String> = ours_k.keys().chain(theirs_k.keys()).collect();
+    let differing: Vec<&str> = names
+        .iter()
+        .filter(|n| matches!((ours_k.get(**n), theirs_k.get(**n)), (Some(a), Some(b)) if a != b))
+        .map(|n| n.as_str())
+        .collect();
+    // Kernels whose PTX differs may still assemble to the same machine code.
+    let same_sass = if differing.is_empty() {
+        BTreeSet::new()
+    } else {
+        same_sass(&root, &ours_raw, &theirs_raw, &differing)?
+    };
     let width = names.iter().map(|n| n.len()).max().unwrap_or(6);
     let short = &commit[..12.min(commit.len())];
     println!("{:<width$}  {short} -> this tree", "kernel");
-    let mut same = 0;
+    let (mut same, mut sass_only) = (0, 0);
     for name in &names {
         let verdict = match (theirs_k.get(*name), ours_k.get(*name)) {
             (Some(a), Some(b)) if a == b => {
                 same += 1;
                 "same".to_string()
+            }
+            (Some(_), Some(_)) if same_sass.contains(name.as_str()) => {
+                sass_only += 1;
+                "same SASS (the PTX differs)".to_string()
             }
             (Some(a), Some(b)) => format!("DIFFERS ({} -> {} lines)", a.lines().count(), b.lines().count()),
             (None, Some(_)) => "NEW in this tree".to_string(),
@@ -536,11 +552,51 @@ fn ptx_diff(rev: &str) -> Result<bool, String> {
     }
     let header_same = ours.split(".visible .entry").next() == theirs.split(".visible .entry").next();
     println!(
-        "\n{same} of {} kernels the same; the module header (before the first kernel) {}",
+        "\n{same} of {} kernels the same, {sass_only} more with the same SASS; the module header \
+         (before the first kernel) {}",
         names.len(),
         if header_same { "the same" } else { "DIFFERS" }
     );
-    Ok(same == names.len() && header_same)
+    Ok(same + sass_only == names.len() && header_same)
+}
+
+/// Of the `kernels` whose PTX differs, those whose SASS is the same instruction for instruction
+/// when both sides are assembled by this machine's ptxas as the PTX build does (the register
+/// caps of this tree's contract on both); none where ptxas or cuobjdump is missing or a side
+/// does not take the caps (another set of kernels), each with a note.
+fn same_sass(root: &Path, ours: &str, theirs: &str, kernels: &[&str]) -> Result<BTreeSet<String>, String> {
+    let (Some(ptxas), Some(cuobjdump)) = (pb::find_tool("ptxas"), pb::find_tool("cuobjdump")) else {
+        eprintln!("note: ptxas or cuobjdump not found; kernels whose PTX differs are not compared as SASS");
+        return Ok(BTreeSet::new());
+    };
+    let dir = root.join("target").join("ptx-diff");
+    let mut sass = Vec::new();
+    for (side, ptx) in [("ours", ours), ("theirs", theirs)] {
+        let Ok(capped) = pb::with_register_caps(ptx) else {
+            eprintln!("note: the {side} PTX does not take this tree's register caps; no SASS compared");
+            return Ok(BTreeSet::new());
+        };
+        let (ptx_path, cubin) = (dir.join(format!("{side}.ptx")), dir.join(format!("{side}.cubin")));
+        fs::write(&ptx_path, capped).map_err(|e| format!("writing {}: {e}", ptx_path.display()))?;
+        pb::assemble(&ptxas, &ptx_path, &cubin)?;
+        let by_fn: BTreeMap<String, String> = pb::sass_by_function(&pb::sass(&cuobjdump, &cubin)?)
+            .into_iter()
+            .collect();
+        sass.push(by_fn);
+    }
+    println!(
+        "(SASS compared as assembled by {} {})",
+        ptxas.display(),
+        tool_version(&ptxas)
+    );
+    Ok(kernels
+        .iter()
+        .filter(|k| match (sass[0].get(**k), sass[1].get(**k)) {
+            (Some(a), Some(b)) => pb::sass_instructions(a) == pb::sass_instructions(b),
+            _ => false,
+        })
+        .map(|k| k.to_string())
+        .collect())
 }
 
 #[cfg(test)]
