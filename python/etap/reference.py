@@ -195,13 +195,19 @@ OUT_TOLERANCES = {"bfloat16": (8e-4, 2.01 / 128), "float16": (1e-4, 2.01 / 1024)
 
 def max_violation(out, lse, ref_out, ref_lse, out_atol=None, out_rtol=None, lse_atol=1e-4, lse_rtol=1.3e-4):
     """The largest ratio |err| / tolerance over out and lse (<= 1 passes). out's tolerances are
-    its dtype's (`OUT_TOLERANCES`) unless given; lse's are etap's; infinite lse must match
+    its dtype's (`OUT_TOLERANCES`: bf16 and fp16, the kernels' outputs) unless given (both must
+    be, for an out of another dtype: ValueError); lse's are etap's; infinite lse must match
     exactly; any NaN fails."""
     import torch
 
-    atol, rtol = OUT_TOLERANCES[str(out.dtype).split(".")[-1]]
-    out_atol = atol if out_atol is None else out_atol
-    out_rtol = rtol if out_rtol is None else out_rtol
+    if out_atol is None or out_rtol is None:
+        name = str(out.dtype).split(".")[-1]
+        if name not in OUT_TOLERANCES:
+            raise ValueError(f"out: no default tolerance for {name} (the kernels write bfloat16 or float16): "
+                             "convert it back, or pass out_atol and out_rtol")
+        atol, rtol = OUT_TOLERANCES[name]
+        out_atol = atol if out_atol is None else out_atol
+        out_rtol = rtol if out_rtol is None else out_rtol
     o = out.double()
     if torch.isnan(o).any() or torch.isnan(lse).any():
         return float("inf")

@@ -7,6 +7,24 @@ import pytest
 from etap.reference import make_inputs, max_violation, mla_decode_fp8_reference, mla_decode_reference
 
 
+def test_max_violation_takes_tolerances_by_dtype(torch_any):
+    """max_violation holds bf16 and fp16 outputs to their own bounds, and refuses an output of
+    another dtype (float32, say: the compiled tests' doubled outputs) unless both tolerances are
+    given, rather than failing on a missing table entry."""
+    torch = torch_any
+    ref = torch.full((2, 4), 0.5, dtype=torch.float64)
+    lse, ref_lse = torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float64)
+    off = ref + 2e-3  # 2e-3 off at 0.5: within bf16's bound (8e-4 + 0.5 * 2/128), past fp16's
+    assert max_violation(off.to(torch.bfloat16), lse, ref, ref_lse) <= 1.0
+    assert max_violation(off.to(torch.float16), lse, ref, ref_lse) > 1.0
+    with pytest.raises(ValueError, match="out: no default tolerance for float32"):
+        max_violation(off.float(), lse, ref, ref_lse)
+    with pytest.raises(ValueError, match="out: no default tolerance for float32"):
+        max_violation(off.float(), lse, ref, ref_lse, out_atol=1e-3)
+    assert max_violation(off.float(), lse, ref, ref_lse, 1e-3, 4e-3) <= 1.0
+    assert max_violation(off.float(), lse, ref, ref_lse, 1e-4, 1e-3) > 1.0
+
+
 def test_custom_ops_schemas_and_fake_shapes(torch_any):
     """The ops' schemas, and their fake implementations' outputs (what torch.compile traces
     with): out [b, s_q, h_q, 512] of q's dtype, lse float32 [b, h_q, s_q], whatever the cache."""
@@ -60,8 +78,10 @@ def test_fp8_custom_op_eager_opcheck_and_compile(torch_cuda, fmt):
     check(out, lse, sl, None, "+inf", "eager")
     out_n, lse_n = torch.ops.etap.mla_decode_fp8(q, k8, bt, sl, None, True, False, s)
     assert torch.isneginf(lse_n[1]).all() and torch.isposinf(lse[1]).all()
+    # opcheck's schema test compares each input before and after with torch.allclose, which has
+    # no float8 kernel: the cache goes in as its uint8 view, which the op takes as well.
     torch.library.opcheck(
-        torch.ops.etap.mla_decode_fp8.default, (q, k8, bt, sl, None, True, True, s),
+        torch.ops.etap.mla_decode_fp8.default, (q, k8.view(torch.uint8), bt, sl, None, True, True, s),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -75,7 +95,8 @@ def test_fp8_custom_op_eager_opcheck_and_compile(torch_cuda, fmt):
         compiled = torch.compile(f, fullgraph=True, backend=backend)
         for seqlens in (sl, sl2):  # new seqlens, same compiled function: re-planned inside the op
             o, l = compiled(q, k8, bt, seqlens)
-            check(o / 2.0, l - 1.0, seqlens, 0.05, "+inf", f"{backend}, seqlens {seqlens.tolist()}")
+            # o / 2 is the op's output exactly (its bf16 values, doubled in float32): back to bf16.
+            check((o / 2.0).to(q.dtype), l - 1.0, seqlens, 0.05, "+inf", f"{backend}, seqlens {seqlens.tolist()}")
 
 
 def test_custom_op_eager_opcheck_and_compile(torch_cuda):
@@ -105,10 +126,12 @@ def test_custom_op_eager_opcheck_and_compile(torch_cuda):
         torch._dynamo.reset()
         compiled = torch.compile(f, fullgraph=True, backend=backend)
         o2, l2 = compiled(q, k, bt, sl)
-        assert max_violation(o2 / 2.0, l2 - 1.0, ref_o, ref_l) <= 1.0, backend
+        # o2 / 2 is the op's output exactly (its bf16 values, doubled in float32): back to bf16,
+        # whose tolerance max_violation applies.
+        assert max_violation((o2 / 2.0).to(q.dtype), l2 - 1.0, ref_o, ref_l) <= 1.0, backend
         # New seqlens, same compiled function: re-planned inside the op.
         o3, l3 = compiled(q, k, bt, sl2)
-        assert max_violation(o3 / 2.0, l3 - 1.0, *ref2) <= 1.0, backend
+        assert max_violation((o3 / 2.0).to(q.dtype), l3 - 1.0, *ref2) <= 1.0, backend
 
 
 def test_bench_smoke(torch_cuda, capsys):
