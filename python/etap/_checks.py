@@ -445,7 +445,7 @@ def check_outputs(out, lse, q, shape, inputs, total_q=None):
     """Check caller-given out [b, s_q, h_q, 512] (q's dtype) and lse [b, h_q, s_q] float32 (in
     the packed query layout, total_q given: out [total_q, h_q, 512], lse [total_q, h_q])."""
     out_shape, lse_shape = output_shapes(shape, total_q)
-    device = q.device.index
+    device = device_of(q)[1]
     for name, t, want_shape, want_dtype in (
         ("out", out, out_shape, dtype_name(q)),
         ("lse", lse, lse_shape, _F32),

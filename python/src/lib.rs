@@ -107,8 +107,9 @@ fn softmax_scale_of(softmax_scale: Option<f64>) -> PyResult<Option<f32>> {
 /// Check a decode shape without a GPU: raises ValueError naming the field at fault.
 /// `page_size`: the cache's rows per page (one of `PAGE_SIZES`); `total_q`: the packed query
 /// layout's token count (`s_q` is then the most tokens a request has), None for the uniform one;
-/// `kv_format`: None (a 16-bit cache), "fp8_656" or "fp8_per_tensor" (pages of 64 rows, the
-/// uniform layout).
+/// `kv_format`: None (a 16-bit cache), "fp8_656" or "fp8_per_tensor" (pages of 64 rows).
+/// Returns the kernel layout a plan of the shape picks (`etap::Layout::for_shape`: "KvOnM" or
+/// "HeadsOnM", as a plan's `layout` says it).
 #[allow(clippy::too_many_arguments)]
 #[pyfunction]
 #[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, total_q=None, kv_format=None))]
@@ -121,8 +122,9 @@ fn validate_shape(
     page_size: usize,
     total_q: Option<usize>,
     kv_format: Option<&str>,
-) -> PyResult<()> {
-    shape_of(batch, s_q, h_q, num_pages, max_pages, page_size, total_q, kv_format).map(|_| ())
+) -> PyResult<String> {
+    let shape = shape_of(batch, s_q, h_q, num_pages, max_pages, page_size, total_q, kv_format)?;
+    Ok(format!("{:?}", etap::Layout::for_shape(&shape)))
 }
 
 /// Check the buffer addresses (q, k_cache, block_table, cache_seqlens, out, lse, and the packed

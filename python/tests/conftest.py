@@ -10,6 +10,19 @@ def _require_gpu():
     return os.environ.get("ETAP_REQUIRE_GPU") == "1"
 
 
+# ETAP_DRY_RUN=1: the GPU tests' code on the CPU, the reference in place of the kernels (dry_run.py).
+_DRY_RUN = os.environ.get("ETAP_DRY_RUN") == "1"
+if _DRY_RUN:
+    if _require_gpu():
+        raise RuntimeError("ETAP_DRY_RUN=1 and ETAP_REQUIRE_GPU=1 together: a dry run uses no GPU")
+    try:
+        import dry_run
+    except ImportError as e:
+        raise RuntimeError(f"ETAP_DRY_RUN=1 needs torch and the installed etap package: {e}") from e
+
+    dry_run.install()
+
+
 @pytest.fixture(scope="session")
 def torch_cuda():
     """torch with a Hopper GPU: skips (printing why) where there is none, fails instead when
@@ -20,6 +33,8 @@ def torch_cuda():
         if _require_gpu():
             pytest.fail("ETAP_REQUIRE_GPU=1 but torch is not importable")
         pytest.skip("torch is not installed (GPU tests need torch and a CUDA GPU)")
+    if _DRY_RUN:
+        return torch
     if not torch.cuda.is_available():
         if _require_gpu():
             pytest.fail("ETAP_REQUIRE_GPU=1 but torch sees no CUDA device")

@@ -37,11 +37,15 @@ def test_constants():
 
 def test_validate_shape_fp8_accepts_every_column_count():
     """s_q 1 to 8 and h_q 1 to 128 as for a 16-bit cache: past 16 (token, head) columns the plan
-    runs the FP8 kernel of 32 columns past 16, over column groups of 32 past 32."""
+    runs the FP8 kernel of 32 columns past 16, over column groups of 32 past 32. The layout it
+    returns: KV on M over an FP8 cache at every column count; over a 16-bit cache heads on M from
+    17 columns."""
     for fmt in ("fp8_656", "fp8_per_tensor", None):  # None: a 16-bit cache
         for s_q in range(1, 9):
             for h_q in range(1, 129):
-                _etap.validate_shape(3, s_q, h_q, 10, 7, 64, kv_format=fmt)
+                layout = _etap.validate_shape(3, s_q, h_q, 10, 7, 64, kv_format=fmt)
+                want = "HeadsOnM" if fmt is None and s_q * h_q >= 17 else "KvOnM"
+                assert layout == want, (fmt, s_q, h_q, layout)
 
 
 @pytest.mark.parametrize(
