@@ -34,10 +34,16 @@ def mla_decode(
     causal: bool,
     fmla_lse: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    meta, _ = get_mla_metadata()
+    return _decode(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, fmla_lse)
+
+
+def _decode(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, fmla_lse, fp8=False, kv_scale=None):
+    """Both ops' body: FlashMLA's call, planned for this call's seqlens (no metadata crosses an
+    op boundary)."""
+    meta, _ = get_mla_metadata(is_fp8_kvcache=fp8)
     return flash_mla_with_kvcache(
-        q, k_cache, block_table, cache_seqlens, _checks.D_V, meta, None, softmax_scale, causal,
-        empty_lse="+inf" if fmla_lse else "-inf",
+        q, k_cache, block_table, cache_seqlens, _checks.D_V, meta, None, softmax_scale, causal, fp8,
+        kv_scale=kv_scale, empty_lse="+inf" if fmla_lse else "-inf",
     )
 
 
@@ -64,11 +70,7 @@ def mla_decode_fp8(
     fmla_lse: bool,
     kv_scale: Optional[float],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    meta, _ = get_mla_metadata(is_fp8_kvcache=True)
-    return flash_mla_with_kvcache(
-        q, k_cache, block_table, cache_seqlens, _checks.D_V, meta, None, softmax_scale, causal, True,
-        kv_scale=kv_scale, empty_lse="+inf" if fmla_lse else "-inf",
-    )
+    return _decode(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, fmla_lse, True, kv_scale)
 
 
 @mla_decode_fp8.register_fake
