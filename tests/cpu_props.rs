@@ -1786,13 +1786,14 @@ fn fp8_shapes() {
     }
     // The kernel the plan checks its tiling against and the decode call launches
     // (`ColumnTiling::kernel_for`): the FP8 ETAP kernel of the tiling's CTA (16 or 32 columns)
-    // for q's dtype in the layout the plan picks; none in the heads-on-M layout.
+    // for q's dtype in the layout the plan picks; heads on M, when asked for, runs the wide FP8
+    // kernel.
     use etap::plan::ColumnTiling;
     use etap::{Dtype, Layout};
     use etap_core::contract::Kernel;
     for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
         let shape = s.with_kv_format(f);
-        let tiling = ColumnTiling::for_shape(&shape, Layout::for_shape(&shape));
+        let tiling = ColumnTiling::for_shape(&shape, Layout::KvOnM);
         let row_bytes = f.fp8_row_bytes().unwrap();
         let cols = usize::from(tiling.cols_per_cta == 32);
         for (dtype, f16) in [(Dtype::Bf16, false), (Dtype::F16, true)] {
@@ -1800,10 +1801,10 @@ fn fp8_shapes() {
                 tiling.kernel_for(dtype, f),
                 Ok(Kernel::DecodeFp8 { row_bytes, f16, cols })
             );
-            assert!(matches!(
+            assert_eq!(
                 ColumnTiling::for_shape(&shape, Layout::HeadsOnM).kernel_for(dtype, f),
-                Err(EtapError::Invalid { arg: "kv_format", .. })
-            ));
+                Ok(Kernel::WideFp8 { row_bytes, f16 })
+            );
         }
     }
     let tiling = ColumnTiling::for_shape(&s, Layout::KvOnM);
@@ -1815,11 +1816,11 @@ fn fp8_shapes() {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
-    /// The plan's tiling of an FP8 cache (`Layout::for_shape`, `ColumnTiling::for_shape`): KV on
-    /// M, `s_q * h_q` rounded up to 16 columns a CTA but at most
-    /// [`etap::plan::FP8_MAX_COLS_PER_CTA`] = 32, and `ceil(s_q * h_q / cols)` column groups at
-    /// every column count, run by the FP8 kernel of that CTA for either q dtype; heads on M (what a
-    /// 16-bit cache of 17 columns or more takes) is a typed error naming `kv_format`.
+    /// The plan's tiling of an FP8 cache (`Layout::for_shape`, `ColumnTiling::for_shape`): heads
+    /// on M for the per-tensor format from 33 columns, else KV on M; KV on M is `s_q * h_q`
+    /// rounded up to 16 columns a CTA but at most [`etap::plan::FP8_MAX_COLS_PER_CTA`] = 32, and
+    /// `ceil(s_q * h_q / cols)` column groups at every column count, run by the FP8 kernel of
+    /// that CTA for either q dtype; heads on M runs the wide FP8 kernel.
     #[test]
     fn fp8_tiling_is_column_groups_of_16_or_32(
         s_q in 1..=4usize,
@@ -1836,9 +1837,12 @@ proptest! {
         prop_assert_eq!(validate_shape(&shape), Ok(()));
         let n = (s_q * h_q) as u32;
         prop_assert_eq!(FP8_MAX_COLS_PER_CTA, 32);
+        // The plan's layout: heads on M for the per-tensor format past 32 columns.
+        let wide = per_tensor && n as usize >= etap::plan::FP8_WIDE_MIN_COLS;
+        prop_assert_eq!(etap::plan::FP8_WIDE_MIN_COLS, 33);
         let layout = Layout::for_shape(&shape);
-        prop_assert_eq!(layout, Layout::KvOnM);
-        let t = ColumnTiling::for_shape(&shape, layout);
+        prop_assert_eq!(layout, if wide { Layout::HeadsOnM } else { Layout::KvOnM });
+        let t = ColumnTiling::for_shape(&shape, Layout::KvOnM);
         prop_assert_eq!(t.layout, Layout::KvOnM);
         let cols_per_cta = if n <= 16 { 16 } else { 32 };
         prop_assert_eq!(t.cols_per_cta, cols_per_cta);
@@ -1850,8 +1854,7 @@ proptest! {
         for (dtype, f16) in [(Dtype::Bf16, false), (Dtype::F16, true)] {
             prop_assert_eq!(t.kernel_for(dtype, f), Ok(Kernel::DecodeFp8 { row_bytes, f16, cols }));
             let wide = ColumnTiling::for_shape(&shape, Layout::HeadsOnM);
-            let e = wide.kernel_for(dtype, f);
-            prop_assert!(matches!(e, Err(EtapError::Invalid { arg: "kv_format", .. })), "heads on M: {:?}", e);
+            prop_assert_eq!(wide.kernel_for(dtype, f), Ok(Kernel::WideFp8 { row_bytes, f16 }));
             // The 16-bit cache's ETAP tiling of the same shape runs FP8 with the same CTA.
             let etap16 = ColumnTiling::for_shape(&sixteen, Layout::KvOnM);
             prop_assert_eq!(etap16, t);

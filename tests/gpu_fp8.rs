@@ -13,8 +13,11 @@ use etap::gpu::decoder_or_skip;
 use etap::{Bf16, DecodeShape, Decoder, Element, EtapError, KvFormat, Layout, F16};
 use etap_tests::{compare_packed, pack_q, quantize_case, read_back, Case};
 
-/// Decode `case`'s cache in `format` on the GPU with q (and out) of `T` and check every request.
-fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
+/// Decode `case`'s cache in `format` on the GPU with q (and out) of `T` and check every request:
+/// with `layout` `None` in the plan's layout (`Decoder::plan`: KV on M, the FP8 ETAP kernel, but
+/// for the per-tensor format from 33 columns, heads on M), with `Some(Layout::HeadsOnM)` heads on
+/// M (`Decoder::plan_with_layout`: the wide FP8 kernel).
+fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat, layout: Option<Layout>) {
     let shape = case.shape.with_kv_format(format);
     let (bytes, kv_scale) = quantize_case(case, format);
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
@@ -25,18 +28,34 @@ fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
     let sl = DeviceBuffer::from_slice(&case.seqlens).unwrap();
     let mut out = DeviceBuffer::from_slice(&vec![T::nan(); shape.out_len()]).unwrap();
     let mut lse = DeviceBuffer::from_slice(&vec![f32::NAN; shape.lse_len()]).unwrap();
-    let plan = dec.plan(&shape, &sl, &stream).unwrap();
-    // CTAs of 16 columns up to 16, else column groups of 32 (the FP8 kernel's CTAs).
+    let plan = match layout {
+        None => dec.plan(&shape, &sl, &stream).unwrap(),
+        Some(l) => dec.plan_with_layout(&shape, &sl, &stream, l).unwrap(),
+    };
     let t = plan.tiling();
-    let cols_per_cta = fp8_cols_per_cta(shape.cols() as u32);
-    assert_eq!(
-        (t.layout, t.cols_per_cta, t.groups),
-        (
-            Layout::KvOnM,
-            cols_per_cta,
-            (shape.cols() as u32).div_ceil(cols_per_cta)
-        )
-    );
+    match layout {
+        // The plan's rule: the per-tensor format heads on M from 33 columns (the wide FP8
+        // kernel, 64 columns a CTA); otherwise CTAs of 16 columns up to 16, else column groups
+        // of 32 (the FP8 ETAP kernel's CTAs).
+        None => {
+            let cols = shape.cols() as u32;
+            let (want, cols_per_cta) = if format == KvFormat::Fp8PerTensor && cols >= 33 {
+                (Layout::HeadsOnM, 64)
+            } else {
+                (Layout::KvOnM, fp8_cols_per_cta(cols))
+            };
+            assert_eq!(
+                (t.layout, t.cols_per_cta, t.groups),
+                (want, cols_per_cta, cols.div_ceil(cols_per_cta))
+            );
+        }
+        // The wide FP8 kernel: 64 columns a CTA.
+        Some(Layout::HeadsOnM) => assert_eq!(
+            (t.layout, t.cols_per_cta, t.groups),
+            (Layout::HeadsOnM, 64, (shape.cols() as u32).div_ceil(64))
+        ),
+        Some(l) => panic!("check_fp8 takes None or Some(Layout::HeadsOnM), not {l:?}"),
+    }
     dec.decode_fp8_into(
         &plan,
         &q,
@@ -77,13 +96,14 @@ fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat) {
     let (bo, _) = case.reference();
     let vs_bf16 = etap::metrics::rel_err(&o, &bo);
     println!(
-        "fp8 {format:?} q {:?} b={} s_q={} h_q={} groups={} parts={} row_err={:.2e} lse_diff={:.2e} (vs the unquantized bf16 reference: rel err {vs_bf16:.2e})",
-        T::DTYPE, shape.batch, shape.s_q, shape.h_q, t.groups, plan.parts(), outcome.row_err, outcome.lse_diff
+        "fp8 {format:?} q {:?} layout={:?} b={} s_q={} h_q={} groups={} parts={} row_err={:.2e} lse_diff={:.2e} (vs the unquantized bf16 reference: rel err {vs_bf16:.2e})",
+        T::DTYPE, t.layout, shape.batch, shape.s_q, shape.h_q, t.groups, plan.parts(), outcome.row_err, outcome.lse_diff
     );
     if let Some(why) = outcome.failure() {
         panic!(
-            "fp8 {format:?} q {:?}: {why} (seed {}, seqlens {:?}, s_q {}, h_q {})",
+            "fp8 {format:?} q {:?} layout {:?}: {why} (seed {}, seqlens {:?}, s_q {}, h_q {})",
             T::DTYPE,
+            t.layout,
             case.seed,
             case.seqlens,
             shape.s_q,
@@ -103,7 +123,9 @@ fn fp8_caches_match_the_reference() {
     // h16), h32, h64, h128 (DP attention), s_q 4 x h8, and padding columns in a CTA of 32 (s_q 3
     // x h6: 18 of 32; s_q 3 x h16: the second group half empty). The longest request past 16
     // columns is a few thousand rows, so that it is split over parts (the merge per column
-    // group) while the f64 CPU reference stays affordable.
+    // group) while the f64 CPU reference stays affordable. Every case past 16 columns also runs
+    // heads on M (`plan_with_layout`): the wide FP8 kernel, 64 columns a CTA, each page converted
+    // once for 64 columns.
     let cases: &[(usize, usize, &[i32])] = &[
         (1, 16, &[1, 0, 64, 65, 300, 4000]),
         (2, 8, &[129, 7, 2000]),
@@ -122,8 +144,14 @@ fn fp8_caches_match_the_reference() {
     for (k, &(s_q, h_q, seqlens)) in cases.iter().enumerate() {
         let case = Case::<Bf16>::new(s_q, h_q, seqlens, 9000 + k as u64);
         for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
-            check_fp8::<Bf16>(&dec, &case, format);
-            check_fp8::<F16>(&dec, &case, format);
+            check_fp8::<Bf16>(&dec, &case, format, None);
+            check_fp8::<F16>(&dec, &case, format, None);
+        }
+        if s_q * h_q > 16 {
+            for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
+                check_fp8::<Bf16>(&dec, &case, format, Some(Layout::HeadsOnM));
+                check_fp8::<F16>(&dec, &case, format, Some(Layout::HeadsOnM));
+            }
         }
     }
 }
@@ -306,8 +334,8 @@ fn fp8_cols_per_cta(cols: u32) -> u32 {
 
 /// Plans over an FP8 cache: KV on M at every column count, CTAs of 16 columns up to 16 and
 /// column groups of 32 past them, `num_sms / groups` parts (all CTAs resident for the
-/// cooperative launch); the heads-on-M layout is a typed error naming `kv_format`, before
-/// anything is allocated or launched.
+/// cooperative launch); heads on M, when asked for (`plan_with_layout`), runs the wide FP8
+/// kernel: 64 columns a CTA, `ceil(s_q * h_q / 64)` groups, `num_sms / groups` parts.
 #[test]
 fn fp8_plans_are_column_groups_of_16_or_32() {
     let Some(dec) = decoder_or_skip("gpu_fp8 plans") else {
@@ -345,13 +373,17 @@ fn fp8_plans_are_column_groups_of_16_or_32() {
                     "{s_q} x {h_q}: more CTAs than SMs"
                 );
             }
-            let e = dec
+            // Heads on M: the wide FP8 kernel, 64 columns a CTA.
+            let plan = dec
                 .plan_with_layout(&shape, &sl, &stream, Layout::HeadsOnM)
-                .err()
-                .expect("heads on M over an FP8 cache");
+                .unwrap_or_else(|e| panic!("{format:?} {s_q} x {h_q} heads on M: {e:?}"));
+            let t = plan.tiling();
+            let groups = ((s_q * h_q) as u32).div_ceil(64);
+            assert_eq!((t.layout, t.cols_per_cta, t.groups), (Layout::HeadsOnM, 64, groups));
+            assert_eq!(plan.parts(), (dec.num_sms() / groups).max(1));
             assert!(
-                matches!(e, EtapError::Invalid { arg: "kv_format", .. }),
-                "{format:?} {s_q} x {h_q}: {e:?}"
+                groups * plan.parts() <= dec.num_sms(),
+                "{s_q} x {h_q}: more CTAs than SMs heads on M"
             );
         }
     }

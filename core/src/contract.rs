@@ -25,6 +25,9 @@ pub const DECODE_THREADS: u32 = (CONSUMERS + 1) * WARPGROUP;
 /// warpgroup and a second warpgroup, so that the warps that turn the FP8 rows into f16 tiles
 /// are six (two on each of two SM sub-partitions, one on each other) rather than three.
 pub const FP8_THREADS: u32 = (CONSUMERS + 2) * WARPGROUP;
+/// Converter threads of the wide FP8 kernel: the whole producer warpgroup (its first thread
+/// also loads Q and prefetches the pages), 8 threads a row (the converters' chunk layout).
+pub const FP8_WIDE_CONVERTERS: u32 = WARPGROUP;
 /// 32-bit registers of an SM's register file, which a CTA's threads share (one CTA an SM).
 pub const REGISTER_FILE: u32 = 65_536;
 /// Bytes of one 128-byte swizzle row: a shared-memory tile row of 64 16-bit elements.
@@ -91,13 +94,18 @@ pub enum Kernel {
     /// cache's row bytes (`FP8_656_ROW_BYTES` or `FP8_TENSOR_ROW_BYTES`) and its q and out (fp16
     /// when `f16`, else bf16).
     DecodeFp8 { row_bytes: u32, f16: bool, cols: usize },
+    /// The wide (heads-on-M) decode kernel over an FP8 cache, by its cache's row bytes and its
+    /// q and out (fp16 when `f16`, else bf16): the wide kernel's layout and consumers, its
+    /// producer warpgroup converting the cache's rows from global memory
+    /// ([`FP8_WIDE_CONVERTERS`]).
+    WideFp8 { row_bytes: u32, f16: bool },
     /// The one-thread scheduler.
     Schedule,
 }
 
 impl Kernel {
     /// Every kernel of the decode path.
-    pub const ALL: [Kernel; 15] = [
+    pub const ALL: [Kernel; 19] = [
         Kernel::Decode { f16: false, cols: 0 },
         Kernel::Decode { f16: false, cols: 1 },
         Kernel::Decode { f16: true, cols: 0 },
@@ -112,6 +120,22 @@ impl Kernel {
         Kernel::fp8(FP8_TENSOR_ROW_BYTES, false, 1),
         Kernel::fp8(FP8_656_ROW_BYTES, true, 1),
         Kernel::fp8(FP8_TENSOR_ROW_BYTES, true, 1),
+        Kernel::WideFp8 {
+            row_bytes: FP8_656_ROW_BYTES,
+            f16: false,
+        },
+        Kernel::WideFp8 {
+            row_bytes: FP8_TENSOR_ROW_BYTES,
+            f16: false,
+        },
+        Kernel::WideFp8 {
+            row_bytes: FP8_656_ROW_BYTES,
+            f16: true,
+        },
+        Kernel::WideFp8 {
+            row_bytes: FP8_TENSOR_ROW_BYTES,
+            f16: true,
+        },
         Kernel::Schedule,
     ];
 
@@ -138,6 +162,12 @@ impl Kernel {
                 (true, true, _) => "etap_decode_fp8_656_c32_f16",
                 (false, true, _) => "etap_decode_fp8_tensor_c32_f16",
             },
+            Kernel::WideFp8 { row_bytes, f16 } => match (row_bytes == FP8_656_ROW_BYTES, f16) {
+                (true, false) => "etap_decode_fp8_656_wide",
+                (false, false) => "etap_decode_fp8_tensor_wide",
+                (true, true) => "etap_decode_fp8_656_wide_f16",
+                (false, true) => "etap_decode_fp8_tensor_wide_f16",
+            },
             Kernel::Schedule => "etap_schedule",
         }
     }
@@ -145,7 +175,7 @@ impl Kernel {
     /// Threads of a CTA.
     pub const fn threads(self) -> u32 {
         match self {
-            Kernel::Decode { .. } | Kernel::Wide { .. } => DECODE_THREADS,
+            Kernel::Decode { .. } | Kernel::Wide { .. } | Kernel::WideFp8 { .. } => DECODE_THREADS,
             Kernel::DecodeFp8 { .. } => FP8_THREADS,
             Kernel::Schedule => 1,
         }
@@ -168,7 +198,7 @@ impl Kernel {
     pub const fn smem_bytes(self) -> u32 {
         match self {
             Kernel::Decode { cols, .. } => decode_smem_bytes(KV_ON_M_COLS[cols]),
-            Kernel::Wide { .. } => wide_smem_bytes(),
+            Kernel::Wide { .. } | Kernel::WideFp8 { .. } => wide_smem_bytes(),
             Kernel::DecodeFp8 { row_bytes, cols, .. } => fp8_smem_bytes(row_bytes, KV_ON_M_COLS[cols]),
             Kernel::Schedule => 0,
         }
@@ -199,6 +229,9 @@ pub struct DecodeParams {
     pub lse_accum: *mut f32,
     /// The merge's counters, [b][column groups] (kernels/src/merge.rs).
     pub counters: *mut u32,
+    /// The cache's first byte: the wide FP8 kernel's converters read its rows themselves
+    /// (`kernels/src/decode/fp8_wide.rs`); the other kernels read the cache through `kv_map`.
+    pub kv: *const u8,
     pub batch: u32,
     /// Query tokens per request (the packed layout: at most; a request's count is clamped to it).
     pub s_q: u32,
@@ -224,8 +257,8 @@ pub struct DecodeParams {
     pub kv_scale: f32,
 }
 
-/// Twelve device addresses, then twelve 32-bit values.
-const _: () = assert!(core::mem::size_of::<DecodeParams>() == 12 * 8 + 12 * 4);
+/// Thirteen device addresses, then twelve 32-bit values.
+const _: () = assert!(core::mem::size_of::<DecodeParams>() == 13 * 8 + 12 * 4);
 
 /// FP8 cache formats the ETAP kernel of 16 columns dequantizes on load (issue 14), by their
 /// bytes a row: FlashMLA's "FP8 with scale" (512 e4m3, 4 f32 scales, 64 bf16) and per-tensor

@@ -180,9 +180,8 @@ impl Decoder {
 
     /// [`Decoder::plan`] with the layout chosen by the caller instead of by
     /// [`Layout::for_shape`] (for benchmarks and tests: both layouts handle every shape over a
-    /// 16-bit cache; over an FP8 cache only [`Layout::KvOnM`] does, in CTAs of 16 or 32 columns
-    /// and column groups of 32 past that, and [`Layout::HeadsOnM`] is
-    /// `Invalid { arg: "kv_format" }`).
+    /// 16-bit cache and over an FP8 one: [`Layout::HeadsOnM`] there runs the wide FP8 kernel,
+    /// which `plan` picks for the per-tensor format past 32 columns).
     pub fn plan_with_layout(
         &self,
         shape: &DecodeShape,
@@ -676,6 +675,7 @@ impl Decoder {
             o_accum: plan.o_accum.as_device_ptr().as_raw() as *mut f32,
             lse_accum: plan.lse_accum.as_device_ptr().as_raw() as *mut f32,
             counters: plan.counters.as_device_ptr().as_raw() as *mut u32,
+            kv: bufs.kv_cache as *const u8,
             batch: shape.batch as u32,
             s_q: shape.s_q as u32,
             h_q: shape.h_q as u32,

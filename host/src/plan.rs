@@ -45,16 +45,30 @@ pub const WIDE_MIN_COLS: usize = 17;
 /// Columns of a CTA over an FP8 cache at most: the FP8 kernel is built for CTAs of 16 and 32
 /// columns (`etap_decode_fp8_*_c{16,32}*`, docs/design.md §4d), the ETAP kernel's column counts,
 /// so a request of more than 32 columns runs as column groups of 32 (`ceil(s_q * h_q / 32)` CTAs
-/// a part, each converting its part's pages itself). Heads on M over an FP8 cache is future work.
+/// a part, each converting its part's pages itself), unless [`FP8_WIDE_MIN_COLS`] takes them
+/// heads on M.
 pub const FP8_MAX_COLS_PER_CTA: u32 = KV_ON_M_COLS[1];
+
+/// Columns from which [`Layout::for_shape`] runs the per-tensor FP8 cache heads on M: the wide
+/// FP8 kernel converts each page once for 64 columns where the column groups of 32 convert it
+/// once for each 32. Past 32 columns it is the faster (H100 serving mode, session 19:
+/// docs/perf-notes.md); at 32 the CTA of 32 converts once as well and is faster (s_q 2 h16 64K:
+/// 318 against 525 us, session 18). The 656-byte format stays KV on M: its wide kernel keeps
+/// one row of loads in flight a converter and is slower there.
+pub const FP8_WIDE_MIN_COLS: usize = FP8_MAX_COLS_PER_CTA as usize + 1;
 
 impl Layout {
     /// The layout `Decoder::plan` uses for `shape`: over a 16-bit cache heads on M from
-    /// [`WIDE_MIN_COLS`] columns; over an FP8 cache always KV on M (the only layout of the FP8
-    /// kernel, in groups of at most [`FP8_MAX_COLS_PER_CTA`] columns: [`ColumnTiling::for_shape`]).
+    /// [`WIDE_MIN_COLS`] columns; over the per-tensor FP8 cache heads on M (the wide FP8 kernel)
+    /// from [`FP8_WIDE_MIN_COLS`]; otherwise KV on M (the FP8 ETAP kernel, in groups of at most
+    /// [`FP8_MAX_COLS_PER_CTA`] columns: [`ColumnTiling::for_shape`]).
     pub fn for_shape(shape: &DecodeShape) -> Layout {
         if shape.kv_format.fp8_row_bytes().is_some() {
-            Layout::KvOnM
+            if shape.kv_format == KvFormat::Fp8PerTensor && shape.cols() >= FP8_WIDE_MIN_COLS {
+                Layout::HeadsOnM
+            } else {
+                Layout::KvOnM
+            }
         } else if shape.cols() >= WIDE_MIN_COLS {
             Layout::HeadsOnM
         } else {
@@ -109,25 +123,19 @@ impl ColumnTiling {
     /// The kernel that runs this tiling for `dtype` q over a cache of `format`: [`Self::kernel`]
     /// for a 16-bit cache; for an FP8 cache the FP8 ETAP kernel of the tiling's CTA (16 or 32
     /// columns) for `dtype` q and out, run over its column groups (any column count: a request
-    /// of more than 32 columns takes `ceil(s_q * h_q / 32)` groups); heads on M over an FP8
-    /// cache is `Invalid { arg: "kv_format" }`. The plan checks its tiling against it with
-    /// bf16, the decode call with its q's dtype.
+    /// of more than 32 columns takes `ceil(s_q * h_q / 32)` groups), or in the heads-on-M layout
+    /// (`Decoder::plan_with_layout`) the wide FP8 kernel, which converts each page once for 64
+    /// columns. The plan checks its tiling against it with bf16, the decode call with its q's
+    /// dtype.
     pub fn kernel_for(&self, dtype: Dtype, format: KvFormat) -> Result<Kernel> {
         let Some(row_bytes) = format.fp8_row_bytes() else {
             return Ok(self.kernel(dtype));
         };
-        // `kernel` gives the ETAP kernel exactly for the KvOnM layout.
-        match self.kernel(dtype) {
-            Kernel::Decode { f16, cols } => Ok(Kernel::DecodeFp8 { row_bytes, f16, cols }),
-            _ => Err(EtapError::Invalid {
-                arg: "kv_format",
-                why: format!(
-                    "an FP8 cache is read by the ETAP kernel (KvOnM, CTAs of 16 or 32 columns); \
-                     this call has {:?} of {} columns",
-                    self.layout, self.cols_per_cta
-                ),
-            }),
-        }
+        let f16 = dtype == Dtype::F16;
+        Ok(match self.kernel(dtype) {
+            Kernel::Decode { cols, .. } => Kernel::DecodeFp8 { row_bytes, f16, cols },
+            _ => Kernel::WideFp8 { row_bytes, f16 },
+        })
     }
 
     /// Dynamic shared memory of the CTAs of this tiling over a 16-bit cache (over an FP8 one:
@@ -453,10 +461,15 @@ mod tests {
             (4, 128, Layout::HeadsOnM),
         ] {
             assert_eq!(Layout::for_shape(&shape(s_q, h_q)), want, "s_q={s_q} h_q={h_q}");
-            // An FP8 cache: KV on M at every column count.
+            // An FP8 cache: KV on M, but for the per-tensor format from FP8_WIDE_MIN_COLS.
             for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
                 let sh = shape(s_q, h_q).with_kv_format(f);
-                assert_eq!(Layout::for_shape(&sh), Layout::KvOnM, "{f:?} s_q={s_q} h_q={h_q}");
+                let want = if f == KvFormat::Fp8PerTensor && s_q * h_q >= FP8_WIDE_MIN_COLS {
+                    Layout::HeadsOnM
+                } else {
+                    Layout::KvOnM
+                };
+                assert_eq!(Layout::for_shape(&sh), want, "{f:?} s_q={s_q} h_q={h_q}");
             }
         }
     }
@@ -478,7 +491,9 @@ mod tests {
                 (8, 128, 32, 32),
             ] {
                 let sh = shape(s_q, h_q).with_kv_format(f);
-                let t = ColumnTiling::for_shape(&sh, Layout::for_shape(&sh));
+                // The KV-on-M tiling (the plan's layout for these up to FP8_WIDE_MIN_COLS, and
+                // for the 656-byte format at every count).
+                let t = ColumnTiling::for_shape(&sh, Layout::KvOnM);
                 assert_eq!(
                     t,
                     ColumnTiling {
@@ -493,12 +508,17 @@ mod tests {
                     assert!(matches!(k, Kernel::DecodeFp8 { cols, .. } if KV_ON_M_COLS[cols] == cols_per_cta));
                     assert!(k.smem_bytes() <= etap_core::contract::MAX_SMEM);
                 }
-                // Heads on M (the 16-bit cache's layout from 17 columns) does not run FP8.
+                // Heads on M, when asked for, runs the wide FP8 kernel.
                 let wide = ColumnTiling::for_shape(&sh, Layout::HeadsOnM);
-                assert!(matches!(
-                    wide.kernel_for(Dtype::Bf16, f),
-                    Err(EtapError::Invalid { arg: "kv_format", .. })
-                ));
+                let k = wide.kernel_for(Dtype::F16, f).unwrap();
+                assert_eq!(
+                    k,
+                    Kernel::WideFp8 {
+                        row_bytes: f.fp8_row_bytes().unwrap(),
+                        f16: true
+                    }
+                );
+                assert_eq!(k.smem_bytes(), wide.smem_bytes());
             }
         }
     }

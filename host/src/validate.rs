@@ -36,7 +36,8 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
         });
     }
     // FP8 caches: pages of 64 rows (the FP8 kernel's tile is one page). Any column count: past
-    // 32, the plan runs the FP8 kernel of 32 columns over column groups (`plan::FP8_MAX_COLS_PER_CTA`).
+    // 32, the plan runs the FP8 kernel of 32 columns over column groups (`plan::FP8_MAX_COLS_PER_CTA`),
+    // or heads on M when asked for (the wide FP8 kernel).
     if shape.kv_format != crate::KvFormat::Elem16 && shape.page_size != 64 {
         return Err(EtapError::Invalid {
             arg: "kv_format",

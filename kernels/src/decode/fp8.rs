@@ -309,7 +309,7 @@ const _: () = assert!(
 /// 656-byte format's RoPE part (bf16 already): its third chunk (`c + 48`) for `c >= 16`. Only
 /// those hold four words, the others two.
 #[inline(always)]
-fn is_rope<const ROW: u32>(i: usize, block: u32) -> bool {
+pub(crate) fn is_rope<const ROW: u32>(i: usize, block: u32) -> bool {
     ROW == FP8_656_ROW_BYTES && i % 3 == 2 && block == (D_V / 64) as u32
 }
 
@@ -383,7 +383,7 @@ impl ConvLane {
 /// Eight e4m3 (`x`: four a word, the first in the low byte) as eight f16 in four words (the
 /// first in the low half), times the f16 pair `scale` when `scaled`.
 #[inline(always)]
-fn e4m3x8_to_f16(x: [u32; 2], scaled: bool, scale: u32) -> [u32; 4] {
+pub(crate) fn e4m3x8_to_f16(x: [u32; 2], scaled: bool, scale: u32) -> [u32; 4] {
     let mut v = [0u32; 4];
     for (w, &word) in x.iter().enumerate() {
         for h in 0..2 {

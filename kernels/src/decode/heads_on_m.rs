@@ -32,7 +32,7 @@ use etap_core::{visible_rows, WorkRange, QK_BLOCKS};
 /// hand-overs (`red`: the rows' rescale factors, `red_sum`: their 1 / l at a segment's end;
 /// 64 f32 each, in 512-byte slots sized for two warpgroups' worth), the mbarriers.
 #[inline(always)]
-fn layout() -> (Smem, u32) {
+pub(crate) fn layout() -> (Smem, u32) {
     let q = smem::base();
     let pages = q + QK_BLOCKS as u32 * WIDE_ROWS * ROW_BYTES;
     let p = pages + STAGES * TILE_BYTES;
@@ -63,8 +63,11 @@ unsafe fn decode_wide<E: Elem>(prm: &DecodeParams) {
 
 /// A consumer warpgroup. Warpgroup 0 (the scorer) computes S and the softmax of every page and
 /// hands P and the rescale factors over through shared memory; both update their half of O.
+/// Over an FP8 cache (`fp8_wide`: f16 operands) the scorer converts each request's Q to f16
+/// when q is bf16, and a per-tensor scale is folded into the scores' scale and the output's
+/// normalizer, as in the ETAP consumer.
 #[inline(always)]
-unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red_sum: u32, group: u32) {
+pub(crate) unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red_sum: u32, group: u32) {
     let t = index::thread_x();
     let wg = sync::warp_uniform(t / index::WARPGROUP);
     let tw = t % index::WARPGROUP;
@@ -74,6 +77,12 @@ unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red
     let alpha_buf = sm.red;
     // The request row of the tile's first row.
     let col0 = group * WIDE_ROWS;
+    // A per-tensor scale multiplies every score (and, in finish_segment, the output).
+    let scale_log2 = if E::FOLD_KV_SCALE {
+        prm.scale_log2 * prm.kv_scale
+    } else {
+        prm.scale_log2
+    };
     for_each_segment!(prm, range, sm, t, tw, per_stage: false;
         segment |r, rows| {
             // Visible KV rows of this thread's two rows (causal for s_q > 1). Padding rows (past
@@ -88,13 +97,21 @@ unsafe fn consume<E: Elem>(prm: &DecodeParams, range: &WorkRange, sm: &Smem, red
             let mut st = RowState::new();
             let mut o: WideAcc = [0f32; 128];
         }
+        q_ready {
+            // Only the scorer reads Q; both warpgroups convert it (the other has nothing to do
+            // before the first P).
+            if E::F16 != E::IO_F16 {
+                let all = CONSUMERS * index::WARPGROUP;
+                tile::q_to_f16::<{ WIDE_ROWS as usize }>(sm.q, WIDE_ROWS, BAR_CONSUMERS, all);
+            }
+        }
         tile |page, hi, row0, kv, _it| {
             let alpha = if scorer {
                 let mut s: Frag = [0f32; 32];
                 tile::scores::<E>(&mut s, sm.q, kv);
                 // The scorer no longer reads Q after its last page's scores.
                 mbarrier::arrive_if(page + 1 == hi && tw == 0, sm.q_empty);
-                let alpha = tile::row_softmax(&mut s, &mut st, &visible, row0, prm.scale_log2);
+                let alpha = tile::row_softmax(&mut s, &mut st, &visible, row0, scale_log2);
                 // The other warpgroup is done with the previous P (and alpha).
                 sync::bar_sync(BAR_P_FREE, CONSUMERS * index::WARPGROUP);
                 tile::store_p::<E>(sm.p, &s, alpha, alpha_buf);
@@ -152,6 +169,9 @@ unsafe fn finish_segment<E: Elem>(
             l += sync::shfl_xor_f32(l, 1);
             l += sync::shfl_xor_f32(l, 2);
             (inv[h], lse[h]) = tile::normalizer(l, st.m[h]);
+            if E::FOLD_KV_SCALE {
+                inv[h] *= prm.kv_scale;
+            }
             let (row, _) = crate::device::wgmma::frag_pos(tw, 2 * h as u32);
             smem::st_f32_if(lane.is_multiple_of(4), red_sum + row * 4, inv[h]);
         });

@@ -81,7 +81,7 @@ pub(crate) unsafe fn consume<const NW: usize, E: Elem, const SOLO: bool>(
         }
         q_ready {
             if E::F16 != E::IO_F16 {
-                tile::q_to_f16::<NW>(q_cols, cols, bar_id);
+                tile::q_to_f16::<NW>(q_cols, cols, bar_id, index::WARPGROUP);
             }
         }
         tile |page, hi, row0, kv, it| {

@@ -28,6 +28,7 @@ use crate::barriers::IDLE as BAR_IDLE;
 use crate::device::{index, mbarrier, smem, sync, tma};
 
 pub mod fp8;
+pub mod fp8_wide;
 pub mod heads_on_m;
 pub mod kv_on_m;
 use crate::merge;

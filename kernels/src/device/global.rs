@@ -138,3 +138,57 @@ pub unsafe fn st_u32x2_if(pred: bool, ptr: *mut u32, v: [u32; 2]) {
         options(nostack)
     );
 }
+
+/// Load 8 bytes that no thread writes while the kernel runs (the cache), through the
+/// non-coherent path and without allocating in L1 (each is read once per CTA).
+///
+/// # Safety
+/// `ptr` points to 8 live, 8-byte aligned bytes of global memory.
+#[inline(always)]
+pub unsafe fn ld_nc_u32x2(ptr: *const u8) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    asm!(
+        "ld.global.nc.L1::no_allocate.v2.u32 {{{0}, {1}}}, [{2}];",
+        out(reg32) a,
+        out(reg32) b,
+        in(reg64) ptr,
+        options(readonly, nostack)
+    );
+    [a, b]
+}
+
+/// [`ld_nc_u32x2`] for 16 bytes.
+///
+/// # Safety
+/// `ptr` points to 16 live, 16-byte aligned bytes of global memory, unwritten while the
+/// kernel runs.
+#[inline(always)]
+pub unsafe fn ld_nc_u32x4(ptr: *const u8) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ld.global.nc.L1::no_allocate.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+        out(reg32) a,
+        out(reg32) b,
+        out(reg32) c,
+        out(reg32) d,
+        in(reg64) ptr,
+        options(readonly, nostack)
+    );
+    [a, b, c, d]
+}
+
+/// [`ld_nc_u32x2`] for one f32.
+///
+/// # Safety
+/// `ptr` points to a live, 4-byte aligned f32 of global memory, unwritten while the kernel runs.
+#[inline(always)]
+pub unsafe fn ld_nc_f32(ptr: *const u8) -> f32 {
+    let r: f32;
+    asm!(
+        "ld.global.nc.L1::no_allocate.f32 {0}, [{1}];",
+        out(reg32) r,
+        in(reg64) ptr,
+        options(readonly, nostack)
+    );
+    r
+}

@@ -47,3 +47,20 @@ pub unsafe fn acquire_map(map: *const TensorMap) {
 pub unsafe fn prefetch_map(map: *const TensorMap) {
     asm!("prefetch.tensormap [{0}];", in(reg64) map, options(nostack));
 }
+
+/// Ask the copy engine to bring the box at (`col`, `row`) of `map` into L2, with no shared
+/// memory and no mbarrier: a hint, which the engine may drop, for loads that follow. Coordinates
+/// outside the tensor are not read.
+///
+/// # Safety
+/// `map` points to a valid tensor map in global memory, acquired by this CTA.
+#[inline(always)]
+pub unsafe fn prefetch_2d(map: *const TensorMap, col: i32, row: i32) {
+    asm!(
+        "cp.async.bulk.prefetch.tensor.2d.L2.global.tile [{0}, {{{1}, {2}}}];",
+        in(reg64) map,
+        in(reg32) col,
+        in(reg32) row,
+        options(nostack),
+    );
+}

@@ -200,22 +200,27 @@ pub unsafe fn store_p_t<const NW: usize, E: Elem>(p_tile: u32, s: &Frag, bar_id:
 /// This warpgroup's Q rows (`NW` of them at `q_cols`, in a Q tile of `q_rows` rows per block)
 /// from bf16 to f16, in place: for the FP8 kernel, whose operands are f16 under bf16 q. The
 /// conversion is per element, so each 16-byte chunk is converted where it lies, swizzle or not.
-/// Then the writes are fenced for the tensor cores and the warpgroup is synchronized.
+/// The `threads` threads that call it (a warpgroup, or the wide kernel's two consumer
+/// warpgroups, threads 0 to `threads - 1` of the CTA modulo `threads`) share the chunks; then
+/// the writes are fenced for the tensor cores and those threads synchronize on `bar_id`.
 ///
 /// # Safety
-/// The whole warpgroup calls it, with its Q rows loaded and no wgmma reading them.
+/// All `threads` threads call it, with the Q rows loaded and no wgmma reading them.
 #[inline(always)]
-pub unsafe fn q_to_f16<const NW: usize>(q_cols: u32, q_rows: u32, bar_id: u32) {
-    let t = index::thread_x() % index::WARPGROUP;
+pub unsafe fn q_to_f16<const NW: usize>(q_cols: u32, q_rows: u32, bar_id: u32, threads: u32) {
+    let t = index::thread_x() % threads;
     // 16-byte chunks: eight a 128-byte row, NW rows a block.
     let per_block = NW as u32 * (ROW_BYTES / 16);
+    // The bound hidden from the optimizer: fully unrolled (18 chunks a thread over the wide
+    // kernel's two warpgroups) the loads all went first and the wide consumers spilled.
+    let end = smem::opaque(QK_BLOCKS as u32 * per_block);
     let mut k = t;
-    while k < QK_BLOCKS as u32 * per_block {
+    while k < end {
         let at = q_cols + (k / per_block) * q_rows * ROW_BYTES + (k % per_block) * 16;
         let v = smem::ld_v4_u32(at);
         smem::st_v4_u32(at, v.map(math::bf16x2_to_f16x2));
-        k += index::WARPGROUP;
+        k += threads;
     }
     sync::fence_proxy_async_shared();
-    sync::bar_sync(bar_id, index::WARPGROUP);
+    sync::bar_sync(bar_id, threads);
 }
