@@ -1817,7 +1817,7 @@ fn fp8_shapes() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     /// The plan's tiling of an FP8 cache (`Layout::for_shape`, `ColumnTiling::for_shape`): heads
-    /// on M for the per-tensor format from 33 columns, else KV on M; KV on M is `s_q * h_q`
+    /// on M from 33 columns in both formats, else KV on M; KV on M is `s_q * h_q`
     /// rounded up to 16 columns a CTA but at most [`etap::plan::FP8_MAX_COLS_PER_CTA`] = 32, and
     /// `ceil(s_q * h_q / cols)` column groups at every column count, run by the FP8 kernel of
     /// that CTA for either q dtype; heads on M runs the wide FP8 kernel.
@@ -1837,8 +1837,8 @@ proptest! {
         prop_assert_eq!(validate_shape(&shape), Ok(()));
         let n = (s_q * h_q) as u32;
         prop_assert_eq!(FP8_MAX_COLS_PER_CTA, 32);
-        // The plan's layout: heads on M for the per-tensor format past 32 columns.
-        let wide = per_tensor && n as usize >= etap::plan::FP8_WIDE_MIN_COLS;
+        // The plan's layout: heads on M past 32 columns, in either format.
+        let wide = n as usize >= etap::plan::FP8_WIDE_MIN_COLS;
         prop_assert_eq!(etap::plan::FP8_WIDE_MIN_COLS, 33);
         let layout = Layout::for_shape(&shape);
         prop_assert_eq!(layout, if wide { Layout::HeadsOnM } else { Layout::KvOnM });

@@ -14,8 +14,8 @@ use etap::{Bf16, DecodeShape, Decoder, Element, EtapError, KvFormat, Layout, F16
 use etap_tests::{compare_packed, pack_q, quantize_case, read_back, Case};
 
 /// Decode `case`'s cache in `format` on the GPU with q (and out) of `T` and check every request:
-/// with `layout` `None` in the plan's layout (`Decoder::plan`: KV on M, the FP8 ETAP kernel, but
-/// for the per-tensor format from 33 columns, heads on M), with `Some(Layout::HeadsOnM)` heads on
+/// with `layout` `None` in the plan's layout (`Decoder::plan`: KV on M, the FP8 ETAP kernel, up to
+/// 32 columns, heads on M from 33 in either format), with `Some(Layout::HeadsOnM)` heads on
 /// M (`Decoder::plan_with_layout`: the wide FP8 kernel).
 fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat, layout: Option<Layout>) {
     let shape = case.shape.with_kv_format(format);
@@ -34,12 +34,12 @@ fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat, lay
     };
     let t = plan.tiling();
     match layout {
-        // The plan's rule: the per-tensor format heads on M from 33 columns (the wide FP8
-        // kernel, 64 columns a CTA); otherwise CTAs of 16 columns up to 16, else column groups
+        // The plan's rule: heads on M from 33 columns in either format (the wide FP8 kernel,
+        // 64 columns a CTA); otherwise CTAs of 16 columns up to 16, else column groups
         // of 32 (the FP8 ETAP kernel's CTAs).
         None => {
             let cols = shape.cols() as u32;
-            let (want, cols_per_cta) = if format == KvFormat::Fp8PerTensor && cols >= 33 {
+            let (want, cols_per_cta) = if cols >= 33 {
                 (Layout::HeadsOnM, 64)
             } else {
                 (Layout::KvOnM, fp8_cols_per_cta(cols))
@@ -332,10 +332,11 @@ fn fp8_cols_per_cta(cols: u32) -> u32 {
     }
 }
 
-/// Plans over an FP8 cache: KV on M at every column count, CTAs of 16 columns up to 16 and
-/// column groups of 32 past them, `num_sms / groups` parts (all CTAs resident for the
-/// cooperative launch); heads on M, when asked for (`plan_with_layout`), runs the wide FP8
-/// kernel: 64 columns a CTA, `ceil(s_q * h_q / 64)` groups, `num_sms / groups` parts.
+/// Plans over an FP8 cache. KV on M (`plan_with_layout`): CTAs of 16 columns up to 16 and column
+/// groups of 32 past them, `num_sms / groups` parts (all CTAs resident for the cooperative
+/// launch). Heads on M: the wide FP8 kernel, 64 columns a CTA, `ceil(s_q * h_q / 64)` groups,
+/// `num_sms / groups` parts. `Decoder::plan` takes KV on M up to 32 columns and heads on M from
+/// 33, in either format.
 #[test]
 fn fp8_plans_are_column_groups_of_16_or_32() {
     let Some(dec) = decoder_or_skip("gpu_fp8 plans") else {
@@ -350,41 +351,40 @@ fn fp8_plans_are_column_groups_of_16_or_32() {
             (2, 16),
             (4, 8),
             (1, 32),
+            (1, 33),
             (1, 64),
             (1, 128),
             (4, 128),
             (8, 128),
         ] {
             let shape = DecodeShape::new(3, s_q, h_q, 12, 6).with_kv_format(format);
-            let cols_per_cta = fp8_cols_per_cta((s_q * h_q) as u32);
-            let groups = ((s_q * h_q) as u32).div_ceil(cols_per_cta);
-            for plan in [
-                dec.plan(&shape, &sl, &stream).unwrap(),
-                dec.plan_with_layout(&shape, &sl, &stream, Layout::KvOnM).unwrap(),
+            let cols = (s_q * h_q) as u32;
+            let kv_cols = fp8_cols_per_cta(cols);
+            let kv = (Layout::KvOnM, kv_cols, cols.div_ceil(kv_cols));
+            let heads = (Layout::HeadsOnM, 64, cols.div_ceil(64));
+            let default = if cols >= 33 { heads } else { kv };
+            for (layout, want) in [
+                (None, default),
+                (Some(Layout::KvOnM), kv),
+                (Some(Layout::HeadsOnM), heads),
             ] {
+                let plan = match layout {
+                    None => dec.plan(&shape, &sl, &stream),
+                    Some(l) => dec.plan_with_layout(&shape, &sl, &stream, l),
+                }
+                .unwrap_or_else(|e| panic!("{format:?} {s_q} x {h_q} {layout:?}: {e:?}"));
                 let t = plan.tiling();
                 assert_eq!(
                     (t.layout, t.cols_per_cta, t.groups),
-                    (Layout::KvOnM, cols_per_cta, groups)
+                    want,
+                    "{format:?} {s_q} x {h_q} {layout:?}"
                 );
-                assert_eq!(plan.parts(), (dec.num_sms() / groups).max(1));
+                assert_eq!(plan.parts(), (dec.num_sms() / t.groups).max(1));
                 assert!(
-                    groups * plan.parts() <= dec.num_sms(),
-                    "{s_q} x {h_q}: more CTAs than SMs"
+                    t.groups * plan.parts() <= dec.num_sms(),
+                    "{format:?} {s_q} x {h_q} {layout:?}: more CTAs than SMs"
                 );
             }
-            // Heads on M: the wide FP8 kernel, 64 columns a CTA.
-            let plan = dec
-                .plan_with_layout(&shape, &sl, &stream, Layout::HeadsOnM)
-                .unwrap_or_else(|e| panic!("{format:?} {s_q} x {h_q} heads on M: {e:?}"));
-            let t = plan.tiling();
-            let groups = ((s_q * h_q) as u32).div_ceil(64);
-            assert_eq!((t.layout, t.cols_per_cta, t.groups), (Layout::HeadsOnM, 64, groups));
-            assert_eq!(plan.parts(), (dec.num_sms() / groups).max(1));
-            assert!(
-                groups * plan.parts() <= dec.num_sms(),
-                "{s_q} x {h_q}: more CTAs than SMs heads on M"
-            );
         }
     }
     stream.synchronize().unwrap();

@@ -24,9 +24,10 @@ options:
                      per size, named with -p<size> unless 64 (default 64)
   --kv F,G,...       cache formats: 16 (the dtype's, default), fp8-656 (FlashMLA's FP8 with
                      scale), fp8-tensor (per-tensor e4m3): every configuration once per format;
-                     FP8 runs serving mode, KV on M (CTAs of 16 or 32 columns,
-                     column groups of 32 past that) but per-tensor past 32 columns, which
-                     runs heads on M; --layout heads runs the wide FP8 kernel (64 columns a CTA)
+                     FP8 runs serving mode, KV on M up to 32 columns (CTAs of 16 or 32
+                     columns), heads on M past that (the wide FP8 kernel, 64 columns a CTA);
+                     --layout kv runs column groups of 32 there, --layout heads the wide
+                     FP8 kernel at every count
   --packed           every configuration also in the packed query layout (q_offsets, each
                      request at s_q tokens), named with -packed: the layout's cost
   --layers N         layers of the serving-mode CUDA graph, each with its own cache

@@ -49,22 +49,22 @@ pub const WIDE_MIN_COLS: usize = 17;
 /// heads on M.
 pub const FP8_MAX_COLS_PER_CTA: u32 = KV_ON_M_COLS[1];
 
-/// Columns from which [`Layout::for_shape`] runs the per-tensor FP8 cache heads on M: the wide
-/// FP8 kernel converts each page once for 64 columns where the column groups of 32 convert it
-/// once for each 32. Past 32 columns it is the faster (H100 serving mode, session 19:
-/// docs/perf-notes.md); at 32 the CTA of 32 converts once as well and is faster (s_q 2 h16 64K:
-/// 318 against 525 us, session 18). The 656-byte format stays KV on M: its wide kernel keeps
-/// one row of loads in flight a converter and is slower there.
+/// Columns from which [`Layout::for_shape`] runs an FP8 cache heads on M: the wide FP8 kernel
+/// converts each page once for 64 columns where the column groups of 32 convert it once for
+/// each 32. Past 32 columns it is the faster in both formats (H100 serving mode, session 22,
+/// docs/perf-notes.md: h128 16K per-tensor 187.5 against 323.5 us, 656 222.1 against 384.7);
+/// at 32 the CTA of 32 converts once as well and is faster (s_q 2 h16 64K: 318 against 525 us,
+/// session 18).
 pub const FP8_WIDE_MIN_COLS: usize = FP8_MAX_COLS_PER_CTA as usize + 1;
 
 impl Layout {
     /// The layout `Decoder::plan` uses for `shape`: over a 16-bit cache heads on M from
-    /// [`WIDE_MIN_COLS`] columns; over the per-tensor FP8 cache heads on M (the wide FP8 kernel)
-    /// from [`FP8_WIDE_MIN_COLS`]; otherwise KV on M (the FP8 ETAP kernel, in groups of at most
+    /// [`WIDE_MIN_COLS`] columns; over an FP8 cache heads on M (the wide FP8 kernel) from
+    /// [`FP8_WIDE_MIN_COLS`]; otherwise KV on M (the FP8 ETAP kernel, in groups of at most
     /// [`FP8_MAX_COLS_PER_CTA`] columns: [`ColumnTiling::for_shape`]).
     pub fn for_shape(shape: &DecodeShape) -> Layout {
         if shape.kv_format.fp8_row_bytes().is_some() {
-            if shape.kv_format == KvFormat::Fp8PerTensor && shape.cols() >= FP8_WIDE_MIN_COLS {
+            if shape.cols() >= FP8_WIDE_MIN_COLS {
                 Layout::HeadsOnM
             } else {
                 Layout::KvOnM
@@ -461,10 +461,10 @@ mod tests {
             (4, 128, Layout::HeadsOnM),
         ] {
             assert_eq!(Layout::for_shape(&shape(s_q, h_q)), want, "s_q={s_q} h_q={h_q}");
-            // An FP8 cache: KV on M, but for the per-tensor format from FP8_WIDE_MIN_COLS.
+            // An FP8 cache: KV on M up to 32 columns, heads on M from FP8_WIDE_MIN_COLS.
             for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
                 let sh = shape(s_q, h_q).with_kv_format(f);
-                let want = if f == KvFormat::Fp8PerTensor && s_q * h_q >= FP8_WIDE_MIN_COLS {
+                let want = if s_q * h_q >= FP8_WIDE_MIN_COLS {
                     Layout::HeadsOnM
                 } else {
                     Layout::KvOnM
@@ -491,8 +491,8 @@ mod tests {
                 (8, 128, 32, 32),
             ] {
                 let sh = shape(s_q, h_q).with_kv_format(f);
-                // The KV-on-M tiling (the plan's layout for these up to FP8_WIDE_MIN_COLS, and
-                // for the 656-byte format at every count).
+                // The KV-on-M tiling (the plan's layout for these below FP8_WIDE_MIN_COLS;
+                // `plan_with_layout` takes it at every count).
                 let t = ColumnTiling::for_shape(&sh, Layout::KvOnM);
                 assert_eq!(
                     t,

@@ -35,9 +35,9 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
             page_size: shape.page_size,
         });
     }
-    // FP8 caches: pages of 64 rows (the FP8 kernel's tile is one page). Any column count: past
-    // 32, the plan runs the FP8 kernel of 32 columns over column groups (`plan::FP8_MAX_COLS_PER_CTA`),
-    // or heads on M when asked for (the wide FP8 kernel).
+    // FP8 caches: pages of 64 rows (the FP8 kernels' tile is one page). Any column count: past
+    // 32, the plan runs heads on M (the wide FP8 kernel, `plan::FP8_WIDE_MIN_COLS`), or the FP8
+    // kernel of 32 columns over column groups when asked for (`plan::FP8_MAX_COLS_PER_CTA`).
     if shape.kv_format != crate::KvFormat::Elem16 && shape.page_size != 64 {
         return Err(EtapError::Invalid {
             arg: "kv_format",

@@ -20,8 +20,8 @@ MAX_S_Q = _etap.MAX_S_Q  # 8: s_q (query tokens per request) is 1 to MAX_S_Q
 PAGE_SIZES = tuple(_etap.PAGE_SIZES)  # (16, 32, 64, 128): rows per cache page (page_block_size)
 DEFAULT_PAGE_SIZE = _etap.DEFAULT_PAGE_SIZE  # 64: FlashMLA's page size
 
-# FP8 caches (issue 14): read by the ETAP kernel of 16 or 32 columns (a request of more columns in
-# column groups of 32), with bf16 or fp16 q and out.
+# FP8 caches (issue 14): read by the ETAP kernel of 16 or 32 columns, a request of more columns by
+# the wide (heads-on-M) FP8 kernel, with bf16 or fp16 q and out.
 FP8_656_TOKEN_BYTES = _etap.FP8_656_TOKEN_BYTES  # 656: FlashMLA's "FP8 with scale" (512 e4m3, 4 f32, 64 bf16)
 FP8_656_PAGE_STRIDE = _etap.FP8_656_PAGE_STRIDE  # 42640 bytes: pages of 64 tokens laid out 65 apart
 FP8_TENSOR_TOKEN_BYTES = _etap.FP8_TENSOR_TOKEN_BYTES  # 576: per-tensor e4m3, one float32 scale

@@ -19,8 +19,8 @@ The packed query layout (each request its own number of query tokens, through de
 ``cu_seqlens_q``) is on etap's own call only (:func:`plan` / :func:`decode`); FlashMLA's call
 keeps its uniform layout.
 
-FP8 caches (issue 14; q and out bf16 or fp16, pages of 64 rows, any ``s_q * h_q`` (past 32 in
-column groups of 32), the uniform query layout and, on etap's own call, the packed one):
+FP8 caches (issue 14; q and out bf16 or fp16, pages of 64 rows, any ``s_q * h_q`` (past 32 heads
+on M, 64 columns a CTA), the uniform query layout and, on etap's own call, the packed one):
 FlashMLA's "FP8 with scale" format (656 bytes a token: 512 float8_e4m3fn, 4 float32
 scales, one per 128 values, 64 bf16 RoPE values; ``k_cache [num_blocks, 64, 1, 656]`` as
 FlashMLA's quantizer lays it out, pages 65 token slots apart) with
@@ -323,8 +323,8 @@ def flash_mla_with_kvcache(
     (etap's extension) to write into the caller's tensors.
 
     FP8 caches (``is_fp8_kvcache=True``; q and out bf16 or fp16, s_q and h_q as above, pages of
-    64 rows; past 16 (token, head) columns a request, etap runs its FP8 kernel of 32 columns, over
-    column groups of 32 past 32, each converting the cache's pages itself):
+    64 rows; 17-32 (token, head) columns a request run etap's FP8 kernel of 32 columns, more its
+    wide FP8 kernel, 64 columns a CTA, each CTA converting the cache's pages itself):
 
     - FlashMLA's "FP8 with scale" format: k_cache ``[num_blocks, 64, 1, 656]`` float8_e4m3fn (or
       uint8) as FlashMLA's quantizer returns it (``tests/quant.py``'s ``quantize_k_cache``, or

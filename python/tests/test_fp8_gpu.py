@@ -61,11 +61,11 @@ FP8_WIDE = [
 FP8_CASES += FP8_WIDE
 
 
-def _fp8_layout(fmt, cols):
-    """The layout etap's plan picks over an FP8 cache of `fmt` for `cols` (token, head) columns a
-    request: heads on M (the wide FP8 kernel) for the per-tensor format from 33 columns, else KV
-    on M (the ETAP kernel of 16 or 32 columns, column groups past 32)."""
-    return "HeadsOnM" if fmt == "fp8_per_tensor" and cols >= 33 else "KvOnM"
+def _fp8_layout(cols):
+    """The layout etap's plan picks over an FP8 cache (either format) for `cols` (token, head)
+    columns a request: heads on M (the wide FP8 kernel) from 33 columns, else KV on M (the ETAP
+    kernel of 16 or 32 columns)."""
+    return "HeadsOnM" if cols >= 33 else "KvOnM"
 
 
 def _host_bytes(torch, t):
@@ -186,7 +186,7 @@ def test_fp8_native_plan_api(torch_cuda, fmt, s_q, h_q):
     b = 5
     q, _, k8, kv_scale, bt, sl = _fp8_inputs(torch, s_q, h_q, [2000, 0, 2, 700, 129], fmt, seed=31 + h_q)
     p = etap.plan(q, k8, bt, sl)
-    assert p.kv_format == fmt and p.layout == _fp8_layout(fmt, s_q * h_q) and p.total_q is None
+    assert p.kv_format == fmt and p.layout == _fp8_layout(s_q * h_q) and p.total_q is None
     assert p.shape == (b, s_q, h_q, k8.shape[0], bt.shape[1], 64)
     assert f"kv_format={fmt}" in repr(p), repr(p)
     for lens in (sl, torch.minimum(sl.flip(0), sl).contiguous()):
@@ -225,7 +225,7 @@ def test_fp8_packed_query_layout(torch_cuda, h_q, max_seqlen_q, counts, lens, fm
     k8, kv_scale = _quantize(torch, k, fmt)
     total_q = sum(counts)
     p = etap.plan(q, k8, bt, sl, cu_seqlens_q=cu, max_seqlen_q=max_seqlen_q)
-    assert p.kv_format == fmt and p.layout == _fp8_layout(fmt, max_seqlen_q * h_q) and p.total_q == total_q
+    assert p.kv_format == fmt and p.layout == _fp8_layout(max_seqlen_q * h_q) and p.total_q == total_q
     what = f"packed {fmt} {q_dtype} h_q={h_q} max_seqlen_q={max_seqlen_q}"
     for empty_lse in ("-inf", "+inf"):
         out = torch.full((total_q, h_q, 512), float("nan"), dtype=q.dtype, device=q.device)
