@@ -14,7 +14,8 @@
 #                                      # peers.json it brings back into perf-notes' table
 #   bash bench/gpu-session.sh shapes   # issue 13's table: page sizes, head counts, s_q, packed
 #   bash bench/gpu-session.sh fp8      # issue 14: the FP8 tests with memcheck/racecheck, the FP8
-#                                      # serving table beside bf16 on the issue's shapes
+#                                      # serving table beside bf16 on the issue's shapes and
+#                                      # either side of the switch to heads on M
 #                                      # (bench/serving_table.py --fp8 makes perf-notes' table)
 #   bash bench/gpu-session.sh candidate A [LIMIT]
 #                                      # one call for a kernel change when device time is short
@@ -120,9 +121,11 @@ fp8)
     done
     per_kernel /root/san-racecheck.log
     # Issue 14's shapes: the memory-bound ones (b16 h16 16K-64K, b64 8K, varlen) and the
-    # compute-bound ones (h128, s_q 2 x h64), each with the 16-bit cache beside the FP8 formats.
+    # compute-bound ones (h128, s_q 2 x h64), each with the 16-bit cache beside the FP8 formats;
+    # and either side of the plan's switch to heads on M at 33 columns (s_q 2 x h16 and h64 at
+    # 64K).
     target/bundle/etap-bench --out /root/f1 --iters 10 --kv 16,fp8-656,fp8-tensor \
-        --only b16-sq1-h16-sk16k,b16-sq1-h16-sk32k,b16-sq1-h16-sk64k,b64-sq1-h16-sk8k,b32-sq1-h16-varlen8k,b16-sq2-h64-sk4k,b64-sq1-h128-sk4k,b16-sq1-h128-sk16k,b16-sq1-h128-sk64k \
+        --only b16-sq1-h16-sk16k,b16-sq1-h16-sk32k,b16-sq1-h16-sk64k,b64-sq1-h16-sk8k,b32-sq1-h16-varlen8k,b16-sq2-h16-sk64k,b16-sq1-h64-sk64k,b16-sq2-h64-sk4k,b64-sq1-h128-sk4k,b16-sq1-h128-sk16k,b16-sq1-h128-sk64k \
         >"$out/fp8-bench.log" 2>&1
     echo "fp8 bench rc=$?"; cp /root/f1/results.csv "$out/fp8.csv"
     # For `python3 bench/serving_table.py --fp8 DIR/fp8 [DIR of the bench step]`.
