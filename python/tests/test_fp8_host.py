@@ -22,7 +22,7 @@ STRIDE = 65 * 656  # FlashMLA's FP8 cache: bytes between pages
 def test_constants():
     assert (_etap.FP8_656_TOKEN_BYTES, _etap.FP8_656_PAGE_STRIDE, _etap.FP8_TENSOR_TOKEN_BYTES) == (656, STRIDE, 576)
     assert etap.FP8_PAGE_SIZE == 64
-    # No column limit of its own any more: an FP8 cache takes every s_q * h_q (CTAs of 32 past 16, column groups past 32).
+    # No column limit of its own any more: an FP8 cache takes every s_q * h_q (CTAs of 32 past 16, heads on M past 32).
     assert not hasattr(etap, "FP8_MAX_COLS") and not hasattr(_checks, "FP8_MAX_COLS")
     for name in ("quantize_fp8_656", "dequantize_fp8_656", "per_tensor_scale", "quantize_e4m3_per_tensor",
                  "dequantize_e4m3_per_tensor"):
@@ -36,15 +36,15 @@ def test_constants():
 
 
 def test_validate_shape_fp8_accepts_every_column_count():
-    """s_q 1 to 8 and h_q 1 to 128 as for a 16-bit cache: past 16 (token, head) columns the plan
-    runs the FP8 kernel of 32 columns past 16, over column groups of 32 past 32. The layout it
-    returns: KV on M over an FP8 cache at every column count; over a 16-bit cache heads on M from
-    17 columns."""
+    """s_q 1 to 8 and h_q 1 to 128 as for a 16-bit cache. The layout it returns: over an FP8 cache
+    KV on M up to 32 (token, head) columns (the FP8 kernel of 16 or 32 columns) and heads on M
+    from 33 (the wide FP8 kernel); over a 16-bit cache heads on M from 17 columns."""
     for fmt in ("fp8_656", "fp8_per_tensor", None):  # None: a 16-bit cache
         for s_q in range(1, 9):
             for h_q in range(1, 129):
                 layout = _etap.validate_shape(3, s_q, h_q, 10, 7, 64, kv_format=fmt)
-                want = "HeadsOnM" if fmt is None and s_q * h_q >= 17 else "KvOnM"
+                wide_from = 17 if fmt is None else 33
+                want = "HeadsOnM" if s_q * h_q >= wide_from else "KvOnM"
                 assert layout == want, (fmt, s_q, h_q, layout)
 
 
