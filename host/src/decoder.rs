@@ -181,7 +181,8 @@ impl Decoder {
     /// [`Decoder::plan`] with the layout chosen by the caller instead of by
     /// [`Layout::for_shape`] (for benchmarks and tests: both layouts handle every shape over a
     /// 16-bit cache and over an FP8 one: [`Layout::HeadsOnM`] there runs the wide FP8 kernel,
-    /// which `plan` picks for the per-tensor format past 32 columns).
+    /// which `plan` picks past 32 columns, and [`Layout::KvOnM`] the FP8 ETAP kernel, in column
+    /// groups of 32 past 32).
     pub fn plan_with_layout(
         &self,
         shape: &DecodeShape,

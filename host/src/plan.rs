@@ -121,11 +121,11 @@ impl ColumnTiling {
     }
 
     /// The kernel that runs this tiling for `dtype` q over a cache of `format`: [`Self::kernel`]
-    /// for a 16-bit cache; for an FP8 cache the FP8 ETAP kernel of the tiling's CTA (16 or 32
-    /// columns) for `dtype` q and out, run over its column groups (any column count: a request
-    /// of more than 32 columns takes `ceil(s_q * h_q / 32)` groups), or in the heads-on-M layout
-    /// (`Decoder::plan_with_layout`) the wide FP8 kernel, which converts each page once for 64
-    /// columns. The plan checks its tiling against it with bf16, the decode call with its q's
+    /// for a 16-bit cache; for an FP8 cache, in the KV-on-M layout, the FP8 ETAP kernel of the
+    /// tiling's CTA (16 or 32 columns) for `dtype` q and out, run over its column groups (any
+    /// column count: a request of more than 32 columns takes `ceil(s_q * h_q / 32)` groups), and
+    /// in the heads-on-M layout (the plan's past 32 columns) the wide FP8 kernel, which converts
+    /// each page once for 64 columns. The plan checks its tiling against it with bf16, the decode call with its q's
     /// dtype.
     pub fn kernel_for(&self, dtype: Dtype, format: KvFormat) -> Result<Kernel> {
         let Some(row_bytes) = format.fp8_row_bytes() else {

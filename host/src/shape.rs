@@ -36,8 +36,8 @@ pub struct DecodeShape {
 }
 
 /// The KV cache's row format (issue 14). The FP8 formats are read by the ETAP kernel of 16 or 32
-/// columns, a request of more columns in column groups of 32 (`plan::FP8_MAX_COLS_PER_CTA`), or
-/// in the heads-on-M layout when a plan asks for it by the wide FP8 kernel (64 columns a CTA), with
+/// columns, a request of more columns by the wide FP8 kernel (heads on M, 64 columns a CTA,
+/// `plan::FP8_WIDE_MIN_COLS`) or, when a plan asks for KV on M, in column groups of 32, with
 /// bf16 or fp16 q and out and pages of 64 rows; they are given to `Decoder::decode_fp8_into` as
 /// bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
