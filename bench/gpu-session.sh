@@ -13,7 +13,8 @@
 #                                      # bench/serving_table.py turns the results.json and
 #                                      # peers.json it brings back into perf-notes' table
 #   bash bench/gpu-session.sh shapes   # issue 13's table: page sizes, head counts, s_q, packed
-#   bash bench/gpu-session.sh fp8      # issue 14: the FP8 tests with memcheck/racecheck, the FP8
+#   bash bench/gpu-session.sh fp8      # issue 14: the FP8 tests with memcheck/racecheck (and the
+#                                      # Python FP8 and custom-op tests if the wheel is carried), the FP8
 #                                      # serving table beside bf16 on the issue's shapes and
 #                                      # either side of the switch to heads on M
 #                                      # (bench/serving_table.py --fp8 makes perf-notes' table)
@@ -120,6 +121,15 @@ fp8)
         echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /root/san-$tool.log)"
     done
     per_kernel /root/san-racecheck.log
+    # The Python FP8 tests and the custom ops on the same kernels (the wheel, when carried).
+    wheel=$(ls target/wheels/etap-*.whl 2>/dev/null | head -1)
+    if [ -n "$wheel" ]; then
+        site=$(mktemp -d)
+        python3 -m pip install --no-deps --no-index -q --target "$site" "$wheel"
+        (cd python/tests && PYTHONPATH=$site ETAP_REQUIRE_GPU=1 timeout 120 python3 -m pytest -p no:cacheprovider -q -rs \
+            test_fp8_gpu.py test_ops.py >"$out/fp8-python.log" 2>&1)
+        echo "python fp8 rc=$? $(tail -1 "$out/fp8-python.log")"
+    fi
     # Issue 14's shapes: the memory-bound ones (b16 h16 16K-64K, b64 8K, varlen) and the
     # compute-bound ones (h128, s_q 2 x h64), each with the 16-bit cache beside the FP8 formats;
     # and either side of the plan's switch to heads on M at 33 columns (s_q 2 x h16 and h64 at
