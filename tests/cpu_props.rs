@@ -1814,6 +1814,79 @@ fn fp8_shapes() {
     );
 }
 
+/// An FP8 cache with pages another number of rows apart (`DecodeShape::with_kv_page_stride`:
+/// 64 for vLLM's contiguous `[num_blocks, 64, 656]` cache of FlashMLA's format): its length,
+/// the stride's limits (at least a page; FP8 caches only), and the reference over it equal to
+/// the reference over the same pages in the format's own layout, with the rows between pages
+/// NaN (never read).
+#[test]
+fn fp8_page_strides() {
+    use etap::{fp8, reference::mla_decode_fp8, KvFormat};
+    let s = DecodeShape::new(2, 1, 16, 10, 4);
+    for (f, own) in [(KvFormat::Fp8Flashmla656, 65), (KvFormat::Fp8PerTensor, 64)] {
+        let row = f.fp8_row_bytes().unwrap() as usize;
+        assert_eq!(s.with_kv_format(f).kv_page_stride_rows(), own);
+        for rows in [64, 65, 70] {
+            let sh = s.with_kv_format(f).with_kv_page_stride(rows);
+            assert_eq!((sh.kv_page_stride_rows(), sh.cache_len()), (rows, 10 * rows * row));
+            assert_eq!(validate_shape(&sh), Ok(()), "{f:?} {rows}");
+        }
+        assert!(matches!(
+            validate_shape(&s.with_kv_format(f).with_kv_page_stride(63)),
+            Err(EtapError::Invalid {
+                arg: "kv_page_stride",
+                ..
+            })
+        ));
+        // The kernels' row coordinates: one page past the cache must still be an i32.
+        assert!(matches!(
+            validate_shape(&s.with_kv_format(f).with_kv_page_stride(i32::MAX as usize / 10)),
+            Err(EtapError::TooLarge { arg: "num_pages", .. })
+        ));
+    }
+    assert!(matches!(
+        validate_shape(&s.with_kv_page_stride(64)),
+        Err(EtapError::Invalid {
+            arg: "kv_page_stride",
+            ..
+        })
+    ));
+    // The reference over relaid pages, the gap rows NaN in every byte (an e4m3 NaN, and NaN
+    // f32 scales and bf16 RoPE values in the 656-byte format).
+    let case = Case::<Bf16>::new(2, 8, &[300, 70, 0, 129], 93);
+    for f in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
+        let row = f.fp8_row_bytes().unwrap() as usize;
+        let shape = case.shape.with_kv_format(f);
+        let own = shape.kv_page_stride_rows();
+        let (bytes, scale) = etap_tests::quantize_case(&case, f);
+        let run = |sh: &DecodeShape, b: &[u8]| {
+            mla_decode_fp8(
+                sh,
+                &case.q,
+                b,
+                scale,
+                &case.block_table,
+                &case.seqlens,
+                case.softmax_scale,
+            )
+            .unwrap()
+        };
+        let want = run(&shape, &bytes);
+        for rows in [64, 66] {
+            let mut relaid = fp8::relayout_pages(&bytes, shape.num_pages, row, own, rows);
+            for p in 0..shape.num_pages {
+                relaid[(p * rows + 64) * row..(p + 1) * rows * row].fill(0xFF);
+            }
+            let got = run(&shape.with_kv_page_stride(rows), &relaid);
+            assert!(got == want, "{f:?}: pages {rows} rows apart read otherwise");
+            assert_eq!(
+                fp8::relayout_pages(&relaid, shape.num_pages, row, rows, own)[..],
+                bytes[..]
+            );
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     /// The plan's tiling of an FP8 cache (`Layout::for_shape`, `ColumnTiling::for_shape`): heads

@@ -16,10 +16,26 @@ use etap_tests::{compare_packed, pack_q, quantize_case, read_back, Case};
 /// Decode `case`'s cache in `format` on the GPU with q (and out) of `T` and check every request:
 /// with `layout` `None` in the plan's layout (`Decoder::plan`: KV on M, the FP8 ETAP kernel, up to
 /// 32 columns, heads on M from 33 in either format), with `Some(Layout::HeadsOnM)` heads on
-/// M (`Decoder::plan_with_layout`: the wide FP8 kernel).
-fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat, layout: Option<Layout>) {
-    let shape = case.shape.with_kv_format(format);
-    let (bytes, kv_scale) = quantize_case(case, format);
+/// M (`Decoder::plan_with_layout`: the wide FP8 kernel). With `page_stride` `Some(rows)` the
+/// cache's pages lie `rows` rows apart (`DecodeShape::with_kv_page_stride`), the rows between
+/// them NaN in every byte (read, they would poison the result).
+fn check_fp8<T: Element>(
+    dec: &Decoder,
+    case: &Case<Bf16>,
+    format: KvFormat,
+    layout: Option<Layout>,
+    page_stride: Option<usize>,
+) {
+    let mut shape = case.shape.with_kv_format(format);
+    let (mut bytes, kv_scale) = quantize_case(case, format);
+    if let Some(rows) = page_stride {
+        let row = format.fp8_row_bytes().unwrap() as usize;
+        bytes = etap::fp8::relayout_pages(&bytes, shape.num_pages, row, shape.kv_page_stride_rows(), rows);
+        for p in 0..shape.num_pages {
+            bytes[(p * rows + 64) * row..(p + 1) * rows * row].fill(0xFF);
+        }
+        shape = shape.with_kv_page_stride(rows);
+    }
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
     let q_host: Vec<T> = case.q.iter().map(|x| T::from_f32(x.to_f32())).collect();
     let q = DeviceBuffer::from_slice(&q_host).unwrap();
@@ -96,8 +112,8 @@ fn check_fp8<T: Element>(dec: &Decoder, case: &Case<Bf16>, format: KvFormat, lay
     let (bo, _) = case.reference();
     let vs_bf16 = etap::metrics::rel_err(&o, &bo);
     println!(
-        "fp8 {format:?} q {:?} layout={:?} b={} s_q={} h_q={} groups={} parts={} row_err={:.2e} lse_diff={:.2e} (vs the unquantized bf16 reference: rel err {vs_bf16:.2e})",
-        T::DTYPE, t.layout, shape.batch, shape.s_q, shape.h_q, t.groups, plan.parts(), outcome.row_err, outcome.lse_diff
+        "fp8 {format:?} q {:?} layout={:?} b={} s_q={} h_q={} groups={} parts={} page_stride={} row_err={:.2e} lse_diff={:.2e} (vs the unquantized bf16 reference: rel err {vs_bf16:.2e})",
+        T::DTYPE, t.layout, shape.batch, shape.s_q, shape.h_q, t.groups, plan.parts(), shape.kv_page_stride_rows(), outcome.row_err, outcome.lse_diff
     );
     if let Some(why) = outcome.failure() {
         panic!(
@@ -144,13 +160,43 @@ fn fp8_caches_match_the_reference() {
     for (k, &(s_q, h_q, seqlens)) in cases.iter().enumerate() {
         let case = Case::<Bf16>::new(s_q, h_q, seqlens, 9000 + k as u64);
         for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
-            check_fp8::<Bf16>(&dec, &case, format, None);
-            check_fp8::<F16>(&dec, &case, format, None);
+            check_fp8::<Bf16>(&dec, &case, format, None, None);
+            check_fp8::<F16>(&dec, &case, format, None, None);
         }
         if s_q * h_q > 16 {
             for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
-                check_fp8::<Bf16>(&dec, &case, format, Some(Layout::HeadsOnM));
-                check_fp8::<F16>(&dec, &case, format, Some(Layout::HeadsOnM));
+                check_fp8::<Bf16>(&dec, &case, format, Some(Layout::HeadsOnM), None);
+                check_fp8::<F16>(&dec, &case, format, Some(Layout::HeadsOnM), None);
+            }
+        }
+    }
+}
+
+/// Caches whose pages lie another number of rows apart than their format's own layout
+/// (`DecodeShape::with_kv_page_stride`): 64, a contiguous `[num_blocks, 64, 656]` cache of
+/// FlashMLA's format as vLLM allocates it, and 66; the rows between pages NaN. Both formats, in
+/// the kernels of 16 and 32 columns and the wide FP8 kernel (column counts 16, 32 and 64 through
+/// the plan), bf16 q, and fp16 q in the wide kernel.
+#[test]
+fn fp8_page_strides() {
+    let Some(dec) = decoder_or_skip("gpu_fp8 page strides") else {
+        return;
+    };
+    for (k, &(s_q, h_q, seqlens)) in [
+        (1, 16, &[1, 0, 65, 3000][..]),
+        (2, 16, &[700, 64, 1]),
+        (1, 64, &[2000, 0, 65]),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let case = Case::<Bf16>::new(s_q, h_q, seqlens, 9100 + k as u64);
+        for format in [KvFormat::Fp8Flashmla656, KvFormat::Fp8PerTensor] {
+            for rows in [64, 66] {
+                check_fp8::<Bf16>(&dec, &case, format, None, Some(rows));
+                if s_q * h_q > 32 {
+                    check_fp8::<F16>(&dec, &case, format, None, Some(rows));
+                }
             }
         }
     }

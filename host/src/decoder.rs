@@ -687,7 +687,7 @@ impl Decoder {
             max_rows: shape.capacity() as u32,
             max_tiles: shape.max_tiles() as u32,
             total_q: shape.packed_q.unwrap_or(0) as u32,
-            kv_stride: shape.kv_format.page_stride_rows(shape.page_size) as u32,
+            kv_stride: shape.kv_page_stride_rows() as u32,
             kv_scale,
         };
         let tiling = plan.tiling;

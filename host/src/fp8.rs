@@ -142,6 +142,28 @@ pub fn dequantize_fp8_656(bytes: &[u8], num_pages: usize) -> Vec<Bf16> {
     out
 }
 
+/// An FP8 cache's pages (64 rows of `row_bytes` each) moved from `from_rows` rows apart to
+/// `to_rows` rows apart (both at least 64), the rows between pages zero: e.g. FlashMLA's
+/// quantizer's 656-byte layout (65 rows a page) to a contiguous one (64, vLLM's), for
+/// `DecodeShape::with_kv_page_stride`.
+pub fn relayout_pages(bytes: &[u8], num_pages: usize, row_bytes: usize, from_rows: usize, to_rows: usize) -> Vec<u8> {
+    assert!(
+        from_rows >= TILE_ROWS && to_rows >= TILE_ROWS,
+        "pages of {TILE_ROWS} rows are {from_rows} and {to_rows} rows apart"
+    );
+    assert_eq!(
+        bytes.len(),
+        num_pages * from_rows * row_bytes,
+        "bytes: num_pages pages {from_rows} rows of {row_bytes} bytes apart"
+    );
+    let page = TILE_ROWS * row_bytes;
+    let mut out = vec![0u8; num_pages * to_rows * row_bytes];
+    for p in 0..num_pages {
+        out[p * to_rows * row_bytes..][..page].copy_from_slice(&bytes[p * from_rows * row_bytes..][..page]);
+    }
+    out
+}
+
 /// The per-tensor scale that maps a cache's largest magnitude to e4m3's largest: `amax / 448`
 /// (1 for an all-zero cache).
 pub fn per_tensor_scale(cache: &[Bf16]) -> f32 {

@@ -373,10 +373,11 @@ impl Plan {
                     D_QK as u64,
                     kv_box_rows(shape.page_size as u32),
                 )?,
-                // An FP8 cache: raw rows, 65 a page in the 656-byte format, half a tile a box.
+                // An FP8 cache: raw rows, `kv_page_stride_rows` a page (65 in FlashMLA's
+                // quantizer's 656-byte layout), half a tile a box.
                 Some(row_bytes) => encode_rows(
                     kv_addr,
-                    (shape.num_pages * shape.kv_format.page_stride_rows(shape.page_size)) as u64,
+                    (shape.num_pages * shape.kv_page_stride_rows()) as u64,
                     row_bytes,
                     etap_core::contract::FP8_BOX_ROWS,
                 )?,

@@ -446,6 +446,16 @@ fn fp8_values<T: Element>(shape: &DecodeShape, cache: &[u8], kv_scale: Option<f3
             got: cache.len(),
         });
     }
+    // Pages laid out `shape.kv_page_stride` rows apart: read in the format's own layout.
+    let own = shape.kv_format.page_stride_rows(shape.page_size);
+    let relaid;
+    let cache = match (shape.kv_format.fp8_row_bytes(), shape.kv_page_stride_rows()) {
+        (Some(row), rows) if rows != own => {
+            relaid = crate::fp8::relayout_pages(cache, shape.num_pages, row as usize, rows, own);
+            &relaid[..]
+        }
+        _ => cache,
+    };
     let values = match (shape.kv_format, kv_scale) {
         (crate::KvFormat::Fp8Flashmla656, None) => crate::fp8::dequantize_fp8_656(cache, shape.num_pages),
         (crate::KvFormat::Fp8PerTensor, Some(s)) if s.is_finite() && s > 0.0 => crate::fp8::e4m3_values(cache),
@@ -456,10 +466,11 @@ fn fp8_values<T: Element>(shape: &DecodeShape, cache: &[u8], kv_scale: Option<f3
             })
         }
     };
-    Ok((
-        shape.with_kv_format(crate::KvFormat::Elem16),
-        values.iter().map(|v| T::from_f32(v.to_f32())).collect(),
-    ))
+    let shape16 = DecodeShape {
+        kv_page_stride: None,
+        ..shape.with_kv_format(crate::KvFormat::Elem16)
+    };
+    Ok((shape16, values.iter().map(|v| T::from_f32(v.to_f32())).collect()))
 }
 
 /// A per-tensor FP8 cache's scale as the reference applies it, where the kernel folds it: the

@@ -33,6 +33,11 @@ pub struct DecodeShape {
     pub packed_q: Option<usize>,
     /// What the cache's rows are: 16-bit like q (the default), or one of the FP8 formats.
     pub kv_format: KvFormat,
+    /// An FP8 cache's rows from one page's first row to the next's, where they are not its
+    /// format's ([`KvFormat::page_stride_rows`]: 65 for FlashMLA's quantizer's 656-byte layout,
+    /// 64 for the per-tensor one): e.g. 64 for a contiguous `[num_pages, 64, 656]` cache, as
+    /// vLLM allocates FlashMLA's format. At least `page_size`; `None` for a 16-bit cache.
+    pub kv_page_stride: Option<usize>,
 }
 
 /// The KV cache's row format (issue 14). The FP8 formats are read by the ETAP kernel of 16 or 32
@@ -61,7 +66,8 @@ impl KvFormat {
             KvFormat::Fp8PerTensor => Some(etap_core::contract::FP8_TENSOR_ROW_BYTES),
         }
     }
-    /// Cache rows from one page's first row to the next's.
+    /// Cache rows from one page's first row to the next's in this format's own layout (a shape
+    /// may set another: [`DecodeShape::with_kv_page_stride`]).
     pub fn page_stride_rows(self, page_size: usize) -> usize {
         match self {
             KvFormat::Fp8Flashmla656 => crate::fp8::FP8_656_PAGE_STRIDE / crate::fp8::FP8_656_TOKEN_BYTES,
@@ -87,11 +93,26 @@ impl DecodeShape {
             page_size: DEFAULT_PAGE_SIZE,
             packed_q: None,
             kv_format: KvFormat::Elem16,
+            kv_page_stride: None,
         }
     }
     /// The same shape with the cache in `kv_format`.
     pub fn with_kv_format(self, kv_format: KvFormat) -> Self {
         DecodeShape { kv_format, ..self }
+    }
+    /// The same shape with an FP8 cache's pages `rows` rows apart (see the field
+    /// [`DecodeShape::kv_page_stride`]).
+    pub fn with_kv_page_stride(self, rows: usize) -> Self {
+        DecodeShape {
+            kv_page_stride: Some(rows),
+            ..self
+        }
+    }
+    /// Cache rows from one page's first row to the next's: [`DecodeShape::kv_page_stride`], or
+    /// the format's.
+    pub fn kv_page_stride_rows(&self) -> usize {
+        self.kv_page_stride
+            .unwrap_or(self.kv_format.page_stride_rows(self.page_size))
     }
     /// The same shape in the packed query layout: `total_q` tokens in all, each request at
     /// most `s_q` of them (see the type's documentation).
@@ -120,7 +141,7 @@ impl DecodeShape {
     pub fn cache_len(&self) -> usize {
         match self.kv_format.fp8_row_bytes() {
             None => self.num_pages * self.page_size * self.d_qk,
-            Some(row) => self.num_pages * self.kv_format.page_stride_rows(self.page_size) * row as usize,
+            Some(row) => self.num_pages * self.kv_page_stride_rows() * row as usize,
         }
     }
     pub fn block_table_len(&self) -> usize {

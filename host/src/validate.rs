@@ -44,6 +44,26 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
             why: format!("FP8 caches take pages of 64 rows, not {}", shape.page_size),
         });
     }
+    // Another page stride: an FP8 cache's (the kernels address its rows through the tensor map
+    // and `DecodeParams::kv_stride`; a 16-bit cache's map is pages of `page_size` rows), and
+    // pages that do not overlap.
+    if let Some(rows) = shape.kv_page_stride {
+        if shape.kv_format == crate::KvFormat::Elem16 {
+            return Err(EtapError::Invalid {
+                arg: "kv_page_stride",
+                why: format!("a 16-bit cache's pages are page_size rows apart; {rows} is for an FP8 cache"),
+            });
+        }
+        if rows < shape.page_size {
+            return Err(EtapError::Invalid {
+                arg: "kv_page_stride",
+                why: format!(
+                    "{rows} rows between pages of {} rows would overlap them",
+                    shape.page_size
+                ),
+            });
+        }
+    }
     if shape.packed_q == Some(0) {
         return Err(EtapError::Zero { arg: "total_q" });
     }
@@ -73,7 +93,7 @@ pub fn validate_shape(shape: &DecodeShape) -> Result<()> {
             shape
                 .num_pages
                 .saturating_add(1)
-                .saturating_mul(shape.kv_format.page_stride_rows(shape.page_size)),
+                .saturating_mul(shape.kv_page_stride_rows()),
         ),
         ("max_pages", shape.max_pages.saturating_mul(shape.page_size)),
         ("batch * s_q * h_q", shape.batch.saturating_mul(shape.s_q * shape.h_q)),
