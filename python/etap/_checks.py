@@ -193,35 +193,41 @@ def _check_q_shape(q, causal):
 
 def check_fp8_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v=D_V, causal=True):
     """Check a decode call's inputs over an FP8 cache (issue 14); return (device index, dtype name,
-    shape, kv_format), dtype and shape as :func:`check_decode_args`'s and kv_format ``"fp8_656"``
-    or ``"fp8_per_tensor"`` (from k_cache's last dim: 656 or 576 bytes a token).
+    shape, kv_format, kv_page_stride), dtype and shape as :func:`check_decode_args`'s, kv_format
+    ``"fp8_656"`` or ``"fp8_per_tensor"`` (from k_cache's last dim: 656 or 576 bytes a token) and
+    kv_page_stride the token rows between pages where not the format's own (else None).
 
     q ``[b, s_q, h_q, 576]`` bf16 or fp16 (any s_q and h_q, as for a 16-bit cache); k_cache float8_e4m3fn or uint8,
     ``[num_blocks, 64, 1, 656]`` laid out as FlashMLA's quantizer makes it (pages 65 token slots
     apart: strides ``(42640, 656, 656, 1)``, the allocation holding all ``num_blocks * 65``
-    slots) or ``[num_blocks, 64, 1, 576]`` contiguous (per-tensor e4m3)."""
+    slots) or ``[num_blocks, 64, 1, 576]`` contiguous (per-tensor e4m3); or either with its
+    pages another whole number of token rows apart, at least 64 (stride(0) a multiple of the
+    token's bytes: a contiguous ``[num_blocks, 64, 1, 656]`` cache, as vLLM allocates FlashMLA's
+    format, has them 64 apart), the allocation holding ``num_blocks`` such strides."""
     _check_common(q, k_cache, block_table, cache_seqlens, head_dim_v, causal)
     qd = dtype_name(q)
     if qd not in _HALF:
         raise TypeError(f"q: dtype must be torch.bfloat16 or torch.float16, got {qd}")
     device, b, s_q, h_q = _check_q_shape(q, causal)
-    num_pages, fmt = _check_fp8_cache(device, k_cache)
+    num_pages, fmt, page_stride = _check_fp8_cache(device, k_cache)
     max_pages = _check_tables(device, b, block_table, cache_seqlens)
     shape = (b, s_q, h_q, num_pages, max_pages, FP8_PAGE_SIZE)
-    _etap.validate_shape(*shape, kv_format=fmt)  # ValueError for sizes past the kernels' coordinates
-    return device, _HALF[qd], shape, fmt
+    # ValueError for sizes past the kernels' coordinates
+    _etap.validate_shape(*shape, kv_format=fmt, kv_page_stride=page_stride)
+    return device, _HALF[qd], shape, fmt, page_stride
 
 
 def check_fp8_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table, cache_seqlens, causal=True):
     """:func:`check_packed_decode_args` over an FP8 cache (the cache as :func:`check_fp8_decode_args`
-    takes it): returns (device index, dtype name, shape, total_q, kv_format)."""
+    takes it): returns (device index, dtype name, shape, total_q, kv_format, kv_page_stride)."""
     device, qd, b, s_q, h_q, total_q = _check_packed_q(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table,
                                                        cache_seqlens, causal)
-    num_pages, fmt = _check_fp8_cache(device, k_cache)
+    num_pages, fmt, page_stride = _check_fp8_cache(device, k_cache)
     max_pages = _check_tables(device, b, block_table, cache_seqlens)
     shape = (b, s_q, h_q, num_pages, max_pages, FP8_PAGE_SIZE)
-    _etap.validate_shape(*shape, total_q=total_q, kv_format=fmt)  # ValueError past the kernels' limits
-    return device, _HALF[qd], shape, total_q, fmt
+    # ValueError past the kernels' limits
+    _etap.validate_shape(*shape, total_q=total_q, kv_format=fmt, kv_page_stride=page_stride)
+    return device, _HALF[qd], shape, total_q, fmt, page_stride
 
 
 def _strides_match(t, want):
@@ -230,7 +236,9 @@ def _strides_match(t, want):
 
 
 def _check_fp8_cache(device, k_cache):
-    """An FP8 cache on cuda:`device`; returns (num_pages, kv_format)."""
+    """An FP8 cache on cuda:`device`; returns (num_pages, kv_format, kv_page_stride): the token
+    rows between pages where they are not the format's own layout's (65 for FlashMLA's
+    quantizer's, 64 for per-tensor e4m3), else None."""
     require_same_device("k_cache", k_cache, device)
     kd = dtype_name(k_cache)
     if kd not in _FP8:
@@ -260,30 +268,35 @@ def _check_fp8_cache(device, k_cache):
         raise ValueError(f"k_cache: num_heads_k must be 1 (MLA's one latent KV head), got {h_k}")
     if num_pages < 1:
         raise ValueError("k_cache: has no pages")
-    if fmt == "fp8_per_tensor":
-        require_contiguous("k_cache", k_cache)
-        return num_pages, fmt
-    # FlashMLA's layout: the quantizer allocates 65 token slots a page and returns the first 64.
-    want = (FP8_656_PAGE_STRIDE, FP8_656_TOKEN_BYTES, FP8_656_TOKEN_BYTES, 1)
-    if not _strides_match(k_cache, want):
+    # Tokens `token` bytes apart in a page; pages a whole number of token rows apart, at least a
+    # page's 64: FlashMLA's quantizer's 656-byte layout has 65 (it allocates a slot more a page
+    # and returns the first 64), a contiguous cache 64.
+    own = FP8_656_PAGE_STRIDE // token if fmt == "fp8_656" else FP8_PAGE_SIZE
+    # One page: its stride(0) still says how far apart the allocation lays pages, if it is one.
+    page = k_cache.stride()[0]
+    if num_pages == 1 and (page % token or page // token < FP8_PAGE_SIZE):
+        page = FP8_PAGE_SIZE * token
+    if not _strides_match(k_cache, (page, token, token, 1)) or page % token or page // token < FP8_PAGE_SIZE:
         raise ValueError(
-            f"k_cache: FlashMLA's FP8 cache lays its pages out 65 token slots apart: strides must be {want} "
-            f"(as FlashMLA's quantizer and etap.quant.quantize_fp8_656 return it), got {tuple(k_cache.stride())}"
+            f"k_cache: an FP8 cache's tokens lie {token} bytes apart and its pages a whole number of token rows "
+            f"apart, at least {FP8_PAGE_SIZE} (strides ({own * token}, {token}, {token}, 1) as "
+            f"{'FlashMLA' if fmt == 'fp8_656' else 'etap'}'s quantizer returns it, or ({FP8_PAGE_SIZE * token}, "
+            f"{token}, {token}, 1) contiguous), got {tuple(k_cache.stride())}"
         )
-    # The kernel's view of the cache covers every page's 65 slots (etap's contract: the 65th
-    # of the last page must be allocated too, though no row of it is read).
+    rows = page // token
+    # The kernels' view of the cache covers num_pages strides (etap's contract: the slots after
+    # the last page's 64 tokens must be allocated too, though no row of them is read).
     storage = getattr(k_cache, "untyped_storage", None)
     if storage is not None:
         st = storage()
         end = int(st.data_ptr()) + int(st.nbytes())
-        need = num_pages * FP8_656_PAGE_STRIDE
+        need = num_pages * page
         if k_cache.data_ptr() + need > end:
             raise ValueError(
                 f"k_cache: the allocation holds {end - k_cache.data_ptr()} bytes from the cache's start, "
-                f"{need} needed ({num_pages} pages of 65 token slots of {FP8_656_TOKEN_BYTES} bytes, "
-                f"as FlashMLA's quantizer allocates them)"
+                f"{need} needed ({num_pages} pages of {rows} token slots of {token} bytes)"
             )
-    return num_pages, fmt
+    return num_pages, fmt, (None if rows == own else rows)
 
 
 def check_fp8_kv_scale(kv_format, kv_scale):

@@ -231,26 +231,34 @@ def _check_metadata(meta, num_splits, device, shape, fp8=False):
         )
 
 
-def _plan_key(device, shape, kv_format=None):
-    """A plan's key: the device, the shape, and the cache's format where it is FP8."""
-    return (device,) + tuple(shape) + ((kv_format,) if kv_format is not None else ())
+def _plan_key(device, shape, kv_format=None, kv_page_stride=None):
+    """A plan's key: the device, the shape, and the cache's format where it is FP8, with its
+    page stride where that is not the format's own."""
+    fp8 = () if kv_format is None else (kv_format,) + (() if kv_page_stride is None else (kv_page_stride,))
+    return (device,) + tuple(shape) + fp8
 
 
 def _describe_key(key):
-    """A plan key as the errors show it: "(batch, ..., page_size[, kv_format] = (...))"."""
-    names = "batch, s_q, h_q, num_pages, max_pages, page_size" + (", kv_format" if len(key) == 8 else "")
-    return f"({names} = {key[1:]})"
+    """A plan key as the errors show it: "(batch, ..., page_size[, kv_format[, kv_page_stride]] = (...))"."""
+    names = ("batch", "s_q", "h_q", "num_pages", "max_pages", "page_size", "kv_format", "kv_page_stride")
+    return f"({', '.join(names[: len(key) - 1])} = {key[1:]})"
 
 
-def _scheduled_plan(meta_id, device, shape, cache_seqlens, stream, meta=None, kv_format=None):
+def _fp8_kw(kv_format, kv_page_stride):
+    """The native plan's keywords for a cache's format and page stride (none for a 16-bit cache)."""
+    return {k: v for k, v in (("kv_format", kv_format), ("kv_page_stride", kv_page_stride)) if v is not None}
+
+
+def _scheduled_plan(meta_id, device, shape, cache_seqlens, stream, meta=None, kv_format=None, kv_page_stride=None):
     """The plan for this call, scheduled for `meta` (re-planned if another step used it since,
     or if this is a new graph capture). `kv_format`: an FP8 cache's ("fp8_656" or
-    "fp8_per_tensor"), None for a 16-bit one; a plan serves one format."""
+    "fp8_per_tensor"), None for a 16-bit one, and `kv_page_stride` its token rows between pages
+    where not the format's own; a plan serves one format and stride."""
     dec = decoder(device)
     capture = _etap.stream_capture_id(dec, stream)
     # Not keyed by stream: torch.cuda.graph captures on a stream of its own, after warm-up
     # calls on another; calls must be ordered (one stream, or synchronized) across steps.
-    key = _plan_key(device, shape, kv_format)
+    key = _plan_key(device, shape, kv_format, kv_page_stride)
     if meta is not None and meta.key is not None and meta.key != key:
         raise ValueError(
             f"tile_scheduler_metadata: planned for another shape {_describe_key(meta.key)}; this call has "
@@ -260,10 +268,7 @@ def _scheduled_plan(meta_id, device, shape, cache_seqlens, stream, meta=None, kv
         slot = _plans.get(key)
         if slot is None:
             # Makes the plan and schedules it (raises if the stream is capturing).
-            if kv_format is None:
-                made = dec.plan(*shape, cache_seqlens.data_ptr(), stream)
-            else:
-                made = dec.plan(*shape, cache_seqlens.data_ptr(), stream, kv_format=kv_format)
+            made = dec.plan(*shape, cache_seqlens.data_ptr(), stream, **_fp8_kw(kv_format, kv_page_stride))
             slot = _Slot(made, device)
             _plans.put(key, slot)
         elif meta_id is None or slot.owner != meta_id or (meta is not None and meta.capture != capture):
@@ -330,10 +335,12 @@ def flash_mla_with_kvcache(
       uint8) as FlashMLA's quantizer returns it (``tests/quant.py``'s ``quantize_k_cache``, or
       :func:`etap.quant.quantize_fp8_656`): per token 512 e4m3, 4 float32 scales (one per 128
       values), 64 bf16 RoPE values; pages 65 token slots apart (strides ``(42640, 656, 656,
-      1)``). FlashMLA itself reads this format in its sparse decode only; etap decodes it
-      densely, through the block table.
+      1)``), or any other whole number of token rows of at least 64 (a contiguous cache, as vLLM
+      allocates this format: 64), every page's slots allocated. FlashMLA itself reads this
+      format in its sparse decode only; etap decodes it densely, through the block table.
     - per-tensor e4m3 (etap's extension): k_cache ``[num_blocks, 64, 1, 576]`` float8_e4m3fn (or
-      uint8), contiguous, value = e4m3 * ``kv_scale`` (keyword-only: a Python float, finite and
+      uint8), contiguous (or its pages another whole number of token rows apart, at least 64),
+      value = e4m3 * ``kv_scale`` (keyword-only: a Python float, finite and
       positive as a float32, passed to the kernel by value, so a CUDA graph replays the scale it
       captured); :func:`etap.quant.quantize_e4m3_per_tensor` makes one.
     """
@@ -354,8 +361,8 @@ def flash_mla_with_kvcache(
     if empty_lse not in ("+inf", "-inf"):
         raise ValueError(f"empty_lse: must be '+inf' (FlashMLA's) or '-inf', got {empty_lse!r}")
     if is_fp8_kvcache:
-        device, dtype, shape, kv_format = _checks.check_fp8_decode_args(q, k_cache, block_table, cache_seqlens,
-                                                                         head_dim_v, causal)
+        device, dtype, shape, kv_format, kv_page_stride = _checks.check_fp8_decode_args(
+            q, k_cache, block_table, cache_seqlens, head_dim_v, causal)
         _checks.check_fp8_kv_scale(kv_format, kv_scale)
     else:
         if kv_scale is not None:
@@ -366,13 +373,13 @@ def flash_mla_with_kvcache(
                 "(and kv_scale= for a per-tensor e4m3 cache)"
             )
         device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, causal)
-        kv_format = None
+        kv_format = kv_page_stride = None
     _check_metadata(tile_scheduler_metadata, num_splits, device, shape, is_fp8_kvcache)
     out, lse = _outputs(q, shape, out, lse, (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)))
     _checks.check_addresses(q, k_cache, block_table, cache_seqlens, out, lse)
     stream = _stream_handle(device)
     meta = tile_scheduler_metadata
-    dec, p = _scheduled_plan(meta.token, device, shape, cache_seqlens, stream, meta, kv_format)
+    dec, p = _scheduled_plan(meta.token, device, shape, cache_seqlens, stream, meta, kv_format, kv_page_stride)
     if kv_format is None:
         dec.decode(p, dtype, q.data_ptr(), k_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
                    out.data_ptr(), lse.data_ptr(), scale, stream)
@@ -409,22 +416,23 @@ def _layout_args(cu_seqlens_q, max_seqlen_q):
 
 
 def _check_args(q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q, max_seqlen_q):
-    """(device, dtype, shape, total_q, kv_format) of a native call: total_q None in the uniform
-    layout; kv_format None for a 16-bit cache, "fp8_656" or "fp8_per_tensor" for an FP8 one (a
-    cache of 8-bit dtype, read by its bytes a token)."""
+    """(device, dtype, shape, total_q, kv_format, kv_page_stride) of a native call: total_q None in
+    the uniform layout; kv_format None for a 16-bit cache, "fp8_656" or "fp8_per_tensor" for an
+    FP8 one (a cache of 8-bit dtype, read by its bytes a token), kv_page_stride its token rows
+    between pages where not the format's own (else None)."""
     packed = _layout_args(cu_seqlens_q, max_seqlen_q)
     if _checks.is_fp8_cache(k_cache):
         if packed:
             return _checks.check_fp8_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table,
                                                         cache_seqlens, causal)
-        device, dtype, shape, kv_format = _checks.check_fp8_decode_args(q, k_cache, block_table, cache_seqlens,
-                                                                         _checks.D_V, causal)
-        return device, dtype, shape, None, kv_format
+        device, dtype, shape, kv_format, kv_page_stride = _checks.check_fp8_decode_args(
+            q, k_cache, block_table, cache_seqlens, _checks.D_V, causal)
+        return device, dtype, shape, None, kv_format, kv_page_stride
     if packed:
         return _checks.check_packed_decode_args(q, cu_seqlens_q, max_seqlen_q, k_cache, block_table, cache_seqlens,
-                                                causal) + (None,)
+                                                causal) + (None, None)
     device, dtype, shape = _checks.check_decode_args(q, k_cache, block_table, cache_seqlens, _checks.D_V, causal)
-    return device, dtype, shape, None, None
+    return device, dtype, shape, None, None, None
 
 
 class Plan:
@@ -448,20 +456,24 @@ class Plan:
     64, 1, 656]`` or per-tensor e4m3 ``[num_blocks, 64, 1, 576]``, see
     :func:`flash_mla_with_kvcache`; q bf16 or fp16, either query layout) makes
     a plan for its format: ``kv_format`` is ``"fp8_656"`` or ``"fp8_per_tensor"`` (None for a 16-bit
-    cache), and :func:`decode` refuses a cache of another format.
+    cache), ``kv_page_stride`` its token rows between pages where not the format's own (e.g. 64
+    for a contiguous cache of FlashMLA's format; None otherwise), and :func:`decode` refuses a
+    cache of another format or page stride.
     """
 
     def __init__(self, q, k_cache, block_table, cache_seqlens, causal=True, *, cu_seqlens_q=None, max_seqlen_q=None):
-        device, dtype, shape, total_q, kv_format = _check_args(q, k_cache, block_table, cache_seqlens, causal,
-                                                               cu_seqlens_q, max_seqlen_q)
+        device, dtype, shape, total_q, kv_format, kv_page_stride = _check_args(
+            q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q, max_seqlen_q)
         self.device = device
         self.shape = shape
         self.total_q = total_q
         self.kv_format = kv_format
+        self.kv_page_stride = kv_page_stride
         self.stream = _stream_handle(device)
         self._dec = decoder(device)
-        kw = {k: v for k, v in (("total_q", total_q), ("kv_format", kv_format)) if v is not None}
-        self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream, **kw)
+        kw = {} if total_q is None else {"total_q": total_q}
+        self._plan = self._dec.plan(*shape, cache_seqlens.data_ptr(), self.stream, **kw,
+                                    **_fp8_kw(kv_format, kv_page_stride))
 
     def replan(self, cache_seqlens):
         """Schedule for the seqlens now in `cache_seqlens` (same batch), on the current stream."""
@@ -548,14 +560,22 @@ def decode(plan, q, k_cache, block_table, cache_seqlens, softmax_scale=None, cau
     kv_scale = _checks.check_kv_scale(kv_scale)
     if empty_lse not in ("+inf", "-inf"):
         raise ValueError(f"empty_lse: must be '+inf' or '-inf', got {empty_lse!r}")
-    device, dtype, shape, total_q, kv_format = _check_args(q, k_cache, block_table, cache_seqlens, causal,
-                                                           cu_seqlens_q, max_seqlen_q)
+    device, dtype, shape, total_q, kv_format, kv_page_stride = _check_args(
+        q, k_cache, block_table, cache_seqlens, causal, cu_seqlens_q, max_seqlen_q)
     if device != plan.device:
         raise ValueError(f"plan: made for cuda:{plan.device}, but q is on cuda:{device}")
     if kv_format != plan.kv_format:
         raise ValueError(
             f"plan: made for {_format_name(plan.kv_format)}, but k_cache is {_format_name(kv_format)}: make a plan "
             "for this cache"
+        )
+    if kv_page_stride != plan.kv_page_stride:
+        def rows(stride):
+            return "its format's own" if stride is None else str(stride)
+
+        raise ValueError(
+            f"k_cache: its pages lie {rows(kv_page_stride)} token rows apart, the plan was made for "
+            f"{rows(plan.kv_page_stride)}: make a plan for this cache"
         )
     if kv_format is None:
         if kv_scale is not None:

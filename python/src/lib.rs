@@ -68,8 +68,9 @@ fn kv_format_name(f: KvFormat) -> Option<&'static str> {
 /// The decode shape, checked; `total_q` `Some`: the packed query layout (`s_q` is then the most
 /// tokens a request may have, and `total_q` at most `batch * s_q`: more could not be split
 /// into `batch` requests of at most `s_q` tokens). `kv_format`: see [`kv_format_of`]; an FP8
-/// format takes pages of 64 rows (etap::validate; any `s_q * h_q`, past 16 in CTAs of 32,
-/// column groups past 32), in either query layout.
+/// format takes pages of 64 rows (etap::validate; any `s_q * h_q`, past 32 heads on M), in
+/// either query layout. `kv_page_stride`: an FP8 cache's rows from one page to the next where
+/// not its format's (`DecodeShape::with_kv_page_stride`; at least 64).
 #[allow(clippy::too_many_arguments)]
 fn shape_of(
     batch: usize,
@@ -80,6 +81,7 @@ fn shape_of(
     page_size: usize,
     total_q: Option<usize>,
     kv_format: Option<&str>,
+    kv_page_stride: Option<usize>,
 ) -> PyResult<DecodeShape> {
     let format = kv_format_of(kv_format)?;
     let mut shape = DecodeShape::new(batch, s_q, h_q, num_pages, max_pages)
@@ -87,6 +89,9 @@ fn shape_of(
         .with_kv_format(format);
     if let Some(total_q) = total_q {
         shape = shape.with_packed_q(total_q);
+    }
+    if let Some(rows) = kv_page_stride {
+        shape = shape.with_kv_page_stride(rows);
     }
     // Checks `total_q <= batch * s_q`, and the FP8 formats' page size, too.
     etap::validate::validate_shape(&shape).map_err(to_py)?;
@@ -107,12 +112,13 @@ fn softmax_scale_of(softmax_scale: Option<f64>) -> PyResult<Option<f32>> {
 /// Check a decode shape without a GPU: raises ValueError naming the field at fault.
 /// `page_size`: the cache's rows per page (one of `PAGE_SIZES`); `total_q`: the packed query
 /// layout's token count (`s_q` is then the most tokens a request has), None for the uniform one;
-/// `kv_format`: None (a 16-bit cache), "fp8_656" or "fp8_per_tensor" (pages of 64 rows).
+/// `kv_format`: None (a 16-bit cache), "fp8_656" or "fp8_per_tensor" (pages of 64 rows);
+/// `kv_page_stride`: an FP8 cache's rows between pages where not its format's (None).
 /// Returns the kernel layout a plan of the shape picks (`etap::Layout::for_shape`: "KvOnM" or
 /// "HeadsOnM", as a plan's `layout` says it).
 #[allow(clippy::too_many_arguments)]
 #[pyfunction]
-#[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, total_q=None, kv_format=None))]
+#[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, total_q=None, kv_format=None, kv_page_stride=None))]
 fn validate_shape(
     batch: usize,
     s_q: usize,
@@ -122,8 +128,19 @@ fn validate_shape(
     page_size: usize,
     total_q: Option<usize>,
     kv_format: Option<&str>,
+    kv_page_stride: Option<usize>,
 ) -> PyResult<String> {
-    let shape = shape_of(batch, s_q, h_q, num_pages, max_pages, page_size, total_q, kv_format)?;
+    let shape = shape_of(
+        batch,
+        s_q,
+        h_q,
+        num_pages,
+        max_pages,
+        page_size,
+        total_q,
+        kv_format,
+        kv_page_stride,
+    )?;
     Ok(format!("{:?}", etap::Layout::for_shape(&shape)))
 }
 
@@ -297,9 +314,10 @@ impl PyDecoder {
     /// `cu_seqlens_q`); None: the uniform layout, `s_q` tokens a request. `kv_format`: None for
     /// a 16-bit cache (decode it with `decode`), "fp8_656" or "fp8_per_tensor" for an FP8 one
     /// (decode it with `decode_fp8`; pages of 64 rows, either query layout; past 16 columns in
-    /// CTAs of 32, column groups past 32).
+    /// CTAs of 32, past 32 heads on M); `kv_page_stride`: its rows between pages where not its
+    /// format's (None).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, cache_seqlens, stream, total_q=None, kv_format=None))]
+    #[pyo3(signature = (batch, s_q, h_q, num_pages, max_pages, page_size, cache_seqlens, stream, total_q=None, kv_format=None, kv_page_stride=None))]
     fn plan(
         &self,
         batch: usize,
@@ -312,8 +330,19 @@ impl PyDecoder {
         stream: usize,
         total_q: Option<usize>,
         kv_format: Option<&str>,
+        kv_page_stride: Option<usize>,
     ) -> PyResult<PyPlan> {
-        let shape = shape_of(batch, s_q, h_q, num_pages, max_pages, page_size, total_q, kv_format)?;
+        let shape = shape_of(
+            batch,
+            s_q,
+            h_q,
+            num_pages,
+            max_pages,
+            page_size,
+            total_q,
+            kv_format,
+            kv_page_stride,
+        )?;
         let _guard = ContextGuard::new(&self.inner).map_err(to_py)?;
         let stream = stream_of(stream);
         // SAFETY: the Python layer passes torch's current stream of the tensors' device, a
@@ -425,7 +454,9 @@ impl PyDecoder {
     /// q `[b, s_q, h_q, 576]` of `dtype` ("bf16" or "f16"), the cache's bytes at `k_cache` (16-byte aligned): in the
     /// "fp8_656" format `num_pages` pages of 64 tokens of 656 bytes, page `p` at
     /// `p * 65 * 656` (FlashMLA's quantizer's layout: `num_pages * 65 * 656` bytes), in the
-    /// "fp8_per_tensor" format `[num_pages, 64, 576]` e4m3 bytes; block table, seqlens, out
+    /// "fp8_per_tensor" format `[num_pages, 64, 576]` e4m3 bytes, or with the plan's
+    /// `kv_page_stride` pages that many token rows apart (`num_pages * kv_page_stride` rows);
+    /// block table, seqlens, out
     /// (q's dtype) and lse as `decode`'s uniform layout. `kv_scale`: the per-tensor format's scale
     /// (finite and positive as a float32), None for the 656-byte format (its scales are in the
     /// cache). `cu_seqlens_q`: as `decode`'s, for a plan of the packed query layout (q, out and
@@ -513,6 +544,13 @@ impl PyPlan {
         Ok(kv_format_name(self.get()?.shape().kv_format))
     }
 
+    /// The FP8 cache's rows between pages the plan was made for, where not its format's
+    /// (None: 65 for "fp8_656", FlashMLA's quantizer's layout; 64 for "fp8_per_tensor").
+    #[getter]
+    fn kv_page_stride(&self) -> PyResult<Option<usize>> {
+        Ok(self.get()?.shape().kv_page_stride)
+    }
+
     #[getter]
     fn device(&self) -> u32 {
         self.decoder.device()
@@ -539,9 +577,10 @@ impl PyPlan {
                     Some(total_q) => format!("total_q={total_q}, max_seqlen_q={}", s.s_q),
                     None => format!("s_q={}", s.s_q),
                 };
-                let format = match kv_format_name(s.kv_format) {
-                    Some(f) => format!(", kv_format={f}"),
-                    None => String::new(),
+                let format = match (kv_format_name(s.kv_format), s.kv_page_stride) {
+                    (Some(f), Some(rows)) => format!(", kv_format={f}, kv_page_stride={rows}"),
+                    (Some(f), None) => format!(", kv_format={f}"),
+                    (None, _) => String::new(),
                 };
                 format!(
                     "etap.Plan(device={}, batch={}, {tokens}, h_q={}, num_pages={}, max_pages={}, page_size={}{format}, \

@@ -29,17 +29,21 @@ _seen = {}
 class DryRunPlan:
     """A plan: the shape it was made for and the layout a real one would pick."""
 
-    def __init__(self, batch, s_q, h_q, num_pages, max_pages, page_size, total_q=None, kv_format=None):
+    def __init__(self, batch, s_q, h_q, num_pages, max_pages, page_size, total_q=None, kv_format=None,
+                 kv_page_stride=None):
         self.shape = (batch, s_q, h_q, num_pages, max_pages, page_size)
         self.total_q = total_q
         self.kv_format = kv_format
-        self.layout = _etap.validate_shape(*self.shape, total_q=total_q, kv_format=kv_format)
+        self.kv_page_stride = kv_page_stride
+        self.layout = _etap.validate_shape(*self.shape, total_q=total_q, kv_format=kv_format,
+                                           kv_page_stride=kv_page_stride)
 
     def __repr__(self):
         # As etap._etap.Plan's.
         b, s_q, h_q, num_pages, max_pages, page_size = self.shape
         tokens = f"s_q={s_q}" if self.total_q is None else f"total_q={self.total_q}, max_seqlen_q={s_q}"
         fmt = "" if self.kv_format is None else f", kv_format={self.kv_format}"
+        fmt += "" if self.kv_page_stride is None else f", kv_page_stride={self.kv_page_stride}"
         return (f"etap.Plan(device=0, batch={b}, {tokens}, h_q={h_q}, num_pages={num_pages}, max_pages={max_pages}, "
                 f"page_size={page_size}{fmt}, layout={self.layout})")
 
@@ -48,8 +52,8 @@ class DryRunDecoder:
     """``etap._etap.Decoder`` with the reference for its kernels."""
 
     def plan(self, batch, s_q, h_q, num_pages, max_pages, page_size, cache_seqlens, stream, total_q=None,
-             kv_format=None):
-        return DryRunPlan(batch, s_q, h_q, num_pages, max_pages, page_size, total_q, kv_format)
+             kv_format=None, kv_page_stride=None):
+        return DryRunPlan(batch, s_q, h_q, num_pages, max_pages, page_size, total_q, kv_format, kv_page_stride)
 
     def replan(self, plan, cache_seqlens, stream):
         pass

@@ -160,6 +160,29 @@ def test_fp8_with_fp16_q(torch_cuda, s_q, h_q, lens, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("s_q, h_q, lens", [FP8_CASES[0], FP8_WIDE[2]])
+@pytest.mark.parametrize("rows", [64, 66])
+def test_fp8_page_strides(torch_cuda, s_q, h_q, lens, fmt, rows):
+    """The same pages another number of token rows apart: 64 (a contiguous cache, as vLLM lays out
+    FlashMLA's format) and 66, the slots between pages NaN in every byte (read, they would poison
+    the result), through the kernel of 16 columns and the wide FP8 kernel; each request against
+    the reference, and bit for bit the result over the format's own layout."""
+    torch = torch_cuda
+    q, _, k8, kv_scale, bt, sl = _fp8_inputs(torch, s_q, h_q, lens, fmt, seed=9200 + rows + h_q)
+    n, _, _, token = k8.shape
+    wide = torch.full((n, rows, 1, token), 0xFF, dtype=torch.uint8, device=q.device)
+    wide[:, :64] = k8.view(torch.uint8)
+    strided = wide[:, :64].view(k8.dtype)
+    assert strided.stride()[0] == rows * token
+    what = f"{fmt} pages {rows} rows apart s_q={s_q} h_q={h_q}"
+    out, lse = _decode_poisoned(torch, q, strided, bt, sl, kv_scale)
+    _check_each_request(torch, out, lse, q, strided, kv_scale, bt, sl, what)
+    own_out, own_lse = _decode_poisoned(torch, q, k8, bt, sl, kv_scale)
+    torch.cuda.synchronize()
+    assert torch.equal(out, own_out) and torch.equal(lse, own_lse), f"{what}: another result than the own layout"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fp8_softmax_scale_and_new_outputs(torch_cuda, fmt):
     """A caller's softmax_scale, outputs made by the call, the uint8 view of the cache giving the
     very same result as its float8_e4m3fn dtype."""
@@ -354,7 +377,9 @@ def test_fp8_bad_inputs_raise_and_write_nothing(torch_cuda):
     misaligned = torch.zeros(n * STRIDE + 16, dtype=torch.uint8, device=q.device)[8:].as_strided(
         (n, 64, 1, 656), (STRIDE, 656, 656, 1))
     bad = [
-        (dict(k_cache=k8.contiguous()), ValueError, "k_cache: FlashMLA's FP8 cache lays its pages out 65 token slots"),
+        (dict(k_cache=k8.contiguous().as_strided(k8.shape, (63 * 656, 656, 656, 1))), ValueError,
+         "k_cache: an FP8 cache's tokens lie 656 bytes apart and its pages a whole number of token rows apart, at "
+         "least 64"),
         (dict(k_cache=k8[:, :32]), ValueError, "k_cache: page_block_size = 32 rows is not supported with an FP8"),
         (dict(k_cache=short), ValueError, "k_cache: the allocation holds"),
         (dict(k_cache=misaligned), ValueError, "k_cache at 0x[0-9a-f]+ must be 16-byte aligned"),

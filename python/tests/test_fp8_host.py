@@ -86,8 +86,19 @@ def test_validate_shape_fp8_packed():
 def test_validate_shape_fp8_counts_65_rows_a_page():
     _etap.validate_shape(2, 1, 16, 33_100_000, 4, 64, kv_format="fp8_per_tensor")  # 64 rows a page
     _etap.validate_shape(2, 1, 16, 33_100_000, 4, 64)  # the 16-bit cache too
-    with pytest.raises(ValueError, match="num_pages"):
-        _etap.validate_shape(2, 1, 16, 33_100_000, 4, 64, kv_format="fp8_656")
+    _etap.validate_shape(2, 1, 16, 33_100_000, 4, 64, kv_format="fp8_656", kv_page_stride=64)
+    for kw in (dict(kv_format="fp8_656"), dict(kv_format="fp8_per_tensor", kv_page_stride=65)):
+        with pytest.raises(ValueError, match="num_pages"):
+            _etap.validate_shape(2, 1, 16, 33_100_000, 4, 64, **kw)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(kv_format="fp8_656", kv_page_stride=63), r"^kv_page_stride: 63 rows between pages of 64 rows would overlap"),
+    (dict(kv_page_stride=64), r"^kv_page_stride: a 16-bit cache's pages are page_size rows apart; 64 is for an FP8 "),
+])
+def test_validate_shape_page_stride_rejects(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        _etap.validate_shape(2, 1, 16, 8, 4, 64, **kw)
 
 
 # --- get_mla_metadata(is_fp8_kvcache=...) ----------------------------------------------------------
@@ -172,23 +183,27 @@ BAD_FP8 = [
     (dict(k_cache=FakeTensor((0, 64, 1, 656), FP8, strides=(STRIDE, 656, 656, 1))), ValueError, "k_cache: has no pages"),
     (dict(k_cache=FakeTensor((8, 64, 1, 576), FP8, ("cuda", 1))), ValueError, "k_cache: on cuda:1, but q is on cuda:0"),
     (dict(k_cache=fp8_656_cache(device=("cpu", None))), ValueError, "k_cache: must be on a CUDA device"),
-    # FlashMLA's cache: pages 65 token slots apart, all allocated
-    (dict(k_cache=FakeTensor((8, 64, 1, 656), FP8)), ValueError,
-     r"k_cache: FlashMLA's FP8 cache lays its pages out 65 token slots apart: strides must be \(42640, 656, 656, 1\) "
-     r"\(as FlashMLA's quantizer and etap.quant.quantize_fp8_656 return it\), got \(41984, 656, 656, 1\)"),
+    # Tokens a token's bytes apart, pages a whole number of token rows apart (at least 64), all
+    # allocated: FlashMLA's quantizer's layout (65 rows), a contiguous cache (64), other strides
     (dict(k_cache=FakeTensor((8, 64, 1, 656), FP8, strides=(STRIDE, 672, 672, 1))), ValueError,
-     r"k_cache: FlashMLA's FP8 cache lays its pages out .*got \(42640, 672, 672, 1\)"),
-    (dict(k_cache=FakeTensor((8, 64, 1, 656), FP8, strides=(2 * STRIDE, 656, 656, 1))), ValueError,
-     "k_cache: FlashMLA's FP8 cache lays its pages out 65 token slots apart"),
+     r"k_cache: an FP8 cache's tokens lie 656 bytes apart and its pages a whole number of token rows apart, at least "
+     r"64 \(strides \(42640, 656, 656, 1\) as FlashMLA's quantizer returns it, or \(41984, 656, 656, 1\) "
+     r"contiguous\), got \(42640, 672, 672, 1\)"),
+    (dict(k_cache=FakeTensor((8, 64, 1, 656), FP8, strides=(63 * 656, 656, 656, 1))), ValueError,
+     r"k_cache: an FP8 cache's tokens lie 656 bytes apart .*got \(41328, 656, 656, 1\)"),
+    (dict(k_cache=FakeTensor((8, 64, 1, 656), FP8, strides=(STRIDE + 16, 656, 656, 1))), ValueError,
+     r"k_cache: an FP8 cache's tokens lie 656 bytes apart .*got \(42656, 656, 656, 1\)"),
     (dict(k_cache=FakeTensor((8, 64, 1, 656), U8, strides=(1, 8 * 656, 8 * 656, 8))), ValueError,
-     "k_cache: FlashMLA's FP8 cache lays its pages out"),
+     "k_cache: an FP8 cache's tokens lie 656 bytes apart"),
     (dict(k_cache=fp8_656_cache(storage_nbytes=8 * STRIDE - 656)), ValueError,
      r"k_cache: the allocation holds 340464 bytes from the cache's start, 341120 needed \(8 pages of 65 token slots "
-     r"of 656 bytes, as FlashMLA's quantizer allocates them\)"),
+     r"of 656 bytes\)"),
     (dict(k_cache=fp8_656_cache(storage_nbytes=7 * STRIDE + 64 * 656)), ValueError, "k_cache: the allocation holds"),
-    (pt(k_cache=FakeTensor((8, 64, 1, 576), FP8, strides=(64 * 576 * 2, 576, 576, 1))), ValueError,
-     "k_cache: must be contiguous"),
-    (pt(k_cache=FakeTensor((8, 64, 1, 576), FP8, strides=(64 * 576, 1, 1, 64))), ValueError, "k_cache: must be contiguous"),
+    (pt(k_cache=FakeTensor((8, 64, 1, 576), FP8, strides=(64 * 576, 1, 1, 64))), ValueError,
+     r"k_cache: an FP8 cache's tokens lie 576 bytes apart .*\(strides \(36864, 576, 576, 1\) as etap's quantizer "
+     r"returns it, or \(36864, 576, 576, 1\) contiguous\), got \(36864, 1, 1, 64\)"),
+    (pt(k_cache=FakeTensor((8, 64, 1, 576), FP8, strides=(64 * 576 + 576, 576, 576, 1), storage_nbytes=8 * 64 * 576)),
+     ValueError, r"k_cache: the allocation holds 294912 bytes .*299520 needed \(8 pages of 65 token slots of 576 bytes\)"),
     # kv_scale: for the per-tensor format only, a finite positive float32
     (dict(kv_scale=1.0), ValueError,
      r"kv_scale: given, but k_cache is FlashMLA's FP8 format \(656 bytes a token\), which carries its own scales: "
@@ -374,6 +389,54 @@ def test_one_plan_per_format(fake_decoder):
     assert [c[0] for c in fake_decoder.calls] == ["replan", "decode_fp8"]
 
 
+def test_fp8_page_strides_reach_the_plan(fake_decoder):
+    """An FP8 cache whose pages lie another whole number of token rows apart than its format's
+    own layout (at least 64): a contiguous [num_blocks, 64, 1, 656] cache (vLLM's layout of
+    FlashMLA's format, 64 rows), wider strides in both formats. The plan is made with the stride
+    (kv_page_stride, rows) and keyed by it; the format's own layout passes none; the checks
+    count the allocation by the stride."""
+    out, lse = FakeTensor((2, 1, 16, 512)), FakeTensor((2, 16, 1), F32)
+    q, k65, bt, sl = fp8_inputs(kv_format="fp8_656")
+    cases = [
+        ("fp8_656", None, k65, None),
+        ("fp8_656", None, FakeTensor((8, 64, 1, 656), FP8), 64),
+        ("fp8_656", None, FakeTensor((8, 64, 1, 656), U8, strides=(2 * STRIDE, 656, 656, 1),
+                                     storage_nbytes=16 * STRIDE), 130),
+        ("fp8_per_tensor", 0.5, FakeTensor((8, 64, 1, 576), FP8), None),
+        ("fp8_per_tensor", 0.5, FakeTensor((8, 64, 1, 576), FP8, strides=(65 * 576, 576, 576, 1),
+                                           storage_nbytes=8 * 65 * 576), 65),
+    ]
+    for fmt, scale, k, rows in cases:
+        assert _checks.check_fp8_decode_args(q, k, bt, sl)[3:] == (fmt, rows)
+        fake_decoder.calls.clear()
+        etap.flash_mla_with_kvcache(q, k, bt, sl, 512, etap.get_mla_metadata()[0], None, is_fp8_kvcache=True,
+                                    kv_scale=scale, out=out, lse=lse, empty_lse="-inf")
+        want = (("kv_format", fmt),) + (() if rows is None else (("kv_page_stride", rows),))
+        assert fake_decoder.calls[0] == ("plan", 2, 1, 16, 8, 4, 64) + want
+        p = etap.plan(q, k, bt, sl)
+        assert (p.kv_format, p.kv_page_stride) == (fmt, rows)
+        assert fake_decoder.calls[-1] == ("plan", 2, 1, 16, 8, 4, 64) + want
+    # One plan a (shape, format, stride).
+    assert sorted(k[7:] for k in interface._plans.plans) == [
+        ("fp8_656",), ("fp8_656", 64), ("fp8_656", 130), ("fp8_per_tensor",), ("fp8_per_tensor", 65)]
+    # The allocation counts the pages by their stride.
+    with pytest.raises(ValueError, match=r"k_cache: the allocation holds 335216 bytes from the cache's start, 335872 "
+                                         r"needed \(8 pages of 64 token slots of 656 bytes\)"):
+        etap.flash_mla_with_kvcache(q, FakeTensor((8, 64, 1, 656), FP8, storage_nbytes=8 * 64 * 656 - 656), bt, sl,
+                                    512, etap.get_mla_metadata()[0], None, is_fp8_kvcache=True, out=out, lse=lse)
+    # A plan of one stride refuses a cache of another.
+    p = etap.plan(q, k65, bt, sl)
+    fake_decoder.calls.clear()
+    with pytest.raises(ValueError, match=r"k_cache: its pages lie 130 token rows apart, the plan was made for its "
+                                         r"format's own"):
+        etap.decode(p, q, cases[2][2], bt, sl, out=out, lse=lse)
+    p64 = etap.plan(q, cases[1][2], bt, sl)
+    with pytest.raises(ValueError, match=r"k_cache: its pages lie its format's own token rows apart, the plan was "
+                                         r"made for 64"):
+        etap.decode(p64, q, k65, bt, sl, out=out, lse=lse)
+    assert [c[0] for c in fake_decoder.calls] == ["plan"]
+
+
 def test_outputs_must_not_overlap_the_strided_cache(fake_decoder):
     """The 656-byte cache's extent is its pages' (65 slots apart), not 64 tokens a page: an out
     inside its last pages is caught."""
@@ -422,7 +485,9 @@ def test_native_plan_reads_the_format_from_the_cache(fake_decoder):
         (ppt, kpt, dict(kv_scale="1"), TypeError, "kv_scale: expected a float"),
         (p16, k16, dict(kv_scale=1.0), ValueError, r"kv_scale: given for a 16-bit cache"),
         (p656, fp8_656_cache(storage_nbytes=100), {}, ValueError, "k_cache: the allocation holds 100 bytes"),
-        (p656, FakeTensor((8, 64, 1, 656), FP8), {}, ValueError, "k_cache: FlashMLA's FP8 cache lays its pages out"),
+        (p656, FakeTensor((8, 64, 1, 656), FP8), {}, ValueError,
+         r"k_cache: its pages lie 64 token rows apart, the plan was made for its format's own: make a plan for this "
+         r"cache"),
         (p656, fp8_656_cache(9), {}, ValueError, r"plan: made for .*\(2, 1, 16, 8, 4, 64\), this call has "
                                                  r"\(2, 1, 16, 9, 4, 64\)"),
     ):
@@ -714,7 +779,8 @@ BAD_FP8_PACKED = [
     (dict(k_cache=FakeTensor((8, 32, 1, 576), U8)), ValueError,
      "k_cache: page_block_size = 32 rows is not supported with an FP8 cache"),
     (dict(k_cache=FakeTensor((8, 64, 1, 600), U8)), ValueError, "k_cache: an FP8 cache has 656 bytes a token"),
-    (dict(k_cache=FakeTensor((8, 64, 1, 656), FP8)), ValueError, "k_cache: FlashMLA's FP8 cache lays its pages out"),
+    (dict(k_cache=FakeTensor((8, 64, 1, 656), FP8, strides=(STRIDE, 672, 672, 1))), ValueError,
+     "k_cache: an FP8 cache's tokens lie 656 bytes apart"),
     (dict(k_cache=fp8_656_cache(device=("cuda", 1))), ValueError, "k_cache: on cuda:1, but q is on cuda:0"),
 ]
 
