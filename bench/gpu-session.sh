@@ -121,6 +121,10 @@ fp8)
         echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /root/san-$tool.log)"
     done
     per_kernel /root/san-racecheck.log
+    # Pages at other strides move every address the kernels read: memcheck on them too.
+    (cd target/bundle && ETAP_REQUIRE_GPU=1 "$san" --tool memcheck ./tests/gpu_fp8 --test-threads=1 fp8_page_strides \
+        >/root/san-strides.log 2>&1)
+    echo "memcheck page strides rc=$? $(grep -E 'ERROR SUMMARY' /root/san-strides.log)"
     # The Python FP8 tests and the custom ops on the same kernels (the wheel, when carried).
     wheel=$(ls target/wheels/etap-*.whl 2>/dev/null | head -1)
     if [ -n "$wheel" ]; then
