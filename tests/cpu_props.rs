@@ -1873,11 +1873,8 @@ fn fp8_page_strides() {
         };
         let want = run(&shape, &bytes);
         for rows in [64, 66] {
-            let mut relaid = fp8::relayout_pages(&bytes, shape.num_pages, row, own, rows);
-            for p in 0..shape.num_pages {
-                relaid[(p * rows + 64) * row..(p + 1) * rows * row].fill(0xFF);
-            }
-            let got = run(&shape.with_kv_page_stride(rows), &relaid);
+            let (spread, relaid) = etap_tests::spread_pages(&shape, &bytes, rows);
+            let got = run(&spread, &relaid);
             assert!(got == want, "{f:?}: pages {rows} rows apart read otherwise");
             assert_eq!(
                 fp8::relayout_pages(&relaid, shape.num_pages, row, rows, own)[..],

@@ -11,7 +11,7 @@ use cust::memory::{CopyDestination, DeviceBuffer};
 use cust::stream::{Stream, StreamFlags};
 use etap::gpu::decoder_or_skip;
 use etap::{Bf16, DecodeShape, Decoder, Element, EtapError, KvFormat, Layout, F16};
-use etap_tests::{compare_packed, pack_q, quantize_case, read_back, Case};
+use etap_tests::{compare_packed, pack_q, quantize_case, read_back, spread_pages, Case};
 
 /// Decode `case`'s cache in `format` on the GPU with q (and out) of `T` and check every request:
 /// with `layout` `None` in the plan's layout (`Decoder::plan`: KV on M, the FP8 ETAP kernel, up to
@@ -29,12 +29,7 @@ fn check_fp8<T: Element>(
     let mut shape = case.shape.with_kv_format(format);
     let (mut bytes, kv_scale) = quantize_case(case, format);
     if let Some(rows) = page_stride {
-        let row = format.fp8_row_bytes().unwrap() as usize;
-        bytes = etap::fp8::relayout_pages(&bytes, shape.num_pages, row, shape.kv_page_stride_rows(), rows);
-        for p in 0..shape.num_pages {
-            bytes[(p * rows + 64) * row..(p + 1) * rows * row].fill(0xFF);
-        }
-        shape = shape.with_kv_page_stride(rows);
+        (shape, bytes) = spread_pages(&shape, &bytes, rows);
     }
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
     let q_host: Vec<T> = case.q.iter().map(|x| T::from_f32(x.to_f32())).collect();

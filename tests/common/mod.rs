@@ -249,6 +249,20 @@ pub fn quantize_case(case: &Case<etap::Bf16>, format: etap::KvFormat) -> (Vec<u8
     }
 }
 
+/// An FP8 cache of `shape` (in its format's own layout) with its pages moved `rows` rows apart
+/// (`etap::fp8::relayout_pages`), every byte of the rows between pages 0xFF (an e4m3 NaN, and
+/// NaN scales and RoPE values in the 656-byte format): a kernel or reference that read them
+/// would give NaN. Returns the shape `with_kv_page_stride(rows)` and its bytes.
+pub fn spread_pages(shape: &DecodeShape, bytes: &[u8], rows: usize) -> (DecodeShape, Vec<u8>) {
+    let row = shape.kv_format.fp8_row_bytes().expect("spread_pages: an FP8 cache") as usize;
+    let own = shape.kv_format.page_stride_rows(shape.page_size);
+    let mut spread = etap::fp8::relayout_pages(bytes, shape.num_pages, row, own, rows);
+    for p in 0..shape.num_pages {
+        spread[(p * rows + shape.page_size) * row..(p + 1) * rows * row].fill(0xFF);
+    }
+    (shape.with_kv_page_stride(rows), spread)
+}
+
 /// The packed query layout of a uniform case's q (`[b, s_q, h_q, 576]`): request `r` keeps its
 /// last `lens[r]` tokens (so each token keeps its causal bounds). Returns the offsets
 /// (`[b + 1]`, from 0) and the packed q (`[total_q, h_q, 576]`).
